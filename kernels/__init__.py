@@ -1,0 +1,13 @@
+"""Fake-quant ops of lightning-qat: one public op family, a PyTorch reference and a CuPy backend.
+
+Example::
+
+    >>> import torch
+    >>> from qat.kernels import fake_quantize
+    >>> fake_quantize(torch.tensor([0.3, -1.0]), torch.tensor([0.25]), torch.tensor([0.0]), -8, 7)
+    tensor([ 0.2500, -1.0000])
+"""
+
+from .ops import backend_name, fake_quantize, fake_quantize_lsq, fake_quantize_pact
+
+__all__ = ["backend_name", "fake_quantize", "fake_quantize_lsq", "fake_quantize_pact"]

@@ -1,0 +1,217 @@
+"""Pure-PyTorch reference of every fake-quant op: the definition the CuPy kernels must equal.
+
+Runs on any device. The math is the one in DESIGN.md:
+
+* ``q = clamp(rnd(x * inv_s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``, ``inv_s = 1 / s`` in float32.
+* The clipped straight-through estimator passes the gradient where ``rnd(x * inv_s) + z`` lies in
+  ``[qmin, qmax]`` (the mask is taken after rounding, as PyTorch does) and blocks it elsewhere.
+* LSQ / LSQ+ (learned scale / offset) and PACT (learned clip) gradients follow PyTorch's
+  ``torch._fake_quantize_learnable_*`` ops element by element.
+
+Granularity is given the way the public op takes it: ``axis=None, group_size=None`` is per-tensor
+(``scale`` of one element); ``axis=a`` is per-channel along ``a`` (``scale`` of ``x.shape[a]``
+elements); ``group_size=g`` is per-group over ``g`` consecutive elements of the last axis (``scale``
+of shape ``x.shape[:-1] + (x.shape[-1] // g,)``). All arithmetic is float32; half-precision inputs
+are upcast for the math and the result is cast back.
+
+The clip mask saved for the backward pass is packed 32 elements to an int32 word, bit ``j`` of word
+``w`` holding element ``32 * w + j`` of the contiguous input: the layout a warp ballot produces.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "ROUND_MODES",
+    "broadcast_param",
+    "fake_quantize_forward",
+    "fake_quantize_backward",
+    "fake_quantize_lsq_forward",
+    "fake_quantize_lsq_backward",
+    "fake_quantize_pact_forward",
+    "fake_quantize_pact_backward",
+    "pack_mask",
+    "unpack_mask",
+    "round_with_mode",
+    "mask_words",
+]
+
+#: Rounding modes of ``x * inv_s``: torch.round / CUDA ``rintf`` (half to even), C ``roundf``
+#: (half away from zero, GGUF's Q8_0) and ``floor(v + 0.5)`` (half up, GGUF's Q4_0).
+ROUND_MODES = ("half_even", "half_away", "half_up")
+
+
+def mask_words(numel: int) -> int:
+    """Number of int32 words of a packed mask for ``numel`` elements."""
+    return (numel + 31) // 32
+
+
+def round_with_mode(v: torch.Tensor, round_mode: str) -> torch.Tensor:
+    """Round a float32 tensor with one of :data:`ROUND_MODES`."""
+    if round_mode == "half_even":
+        return torch.round(v)
+    if round_mode == "half_away":
+        return torch.sign(v) * torch.floor(torch.abs(v) + 0.5)
+    if round_mode == "half_up":
+        return torch.floor(v + 0.5)
+    raise ValueError(f"round_mode must be one of {ROUND_MODES}, got {round_mode!r}")
+
+
+def broadcast_param(
+    p: torch.Tensor, x: torch.Tensor, axis: Optional[int], group_size: Optional[int]
+) -> torch.Tensor:
+    """Reshape a scale / zero-point tensor so it broadcasts against ``_grouped(x)``."""
+    if group_size is not None:
+        return p.reshape(*x.shape[:-1], x.shape[-1] // group_size, 1)  # (..., G) -> (..., G, 1)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = x.shape[axis]
+        return p.reshape(shape)  # (C,) -> (1, .., C, .., 1)
+    return p.reshape([1] * x.dim()) if x.dim() else p.reshape(())
+
+
+def _grouped(x: torch.Tensor, group_size: Optional[int]) -> torch.Tensor:
+    if group_size is None:
+        return x
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)  # (..., K) -> (..., K//g, g)
+
+
+def _reduce_to_param(
+    t: torch.Tensor, x: torch.Tensor, axis: Optional[int], group_size: Optional[int]
+) -> torch.Tensor:
+    """Sum a per-element tensor (grouped like ``_grouped(x)``) down to the parameter's shape."""
+    if group_size is not None:
+        return t.sum(dim=-1)  # (..., G, g) -> (..., G)
+    if axis is not None:
+        dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+        return t.sum(dim=dims) if dims else t
+    return t.sum().reshape(1)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor into int32 words, 32 elements a word, little-endian bits."""
+    flat = mask.reshape(-1)
+    n = flat.numel()
+    pad = mask_words(n) * 32 - n
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.reshape(-1, 32).to(torch.int64)  # (W*32,) -> (W, 32)
+    shifts = torch.arange(32, device=mask.device, dtype=torch.int64)
+    words = (bits << shifts).sum(dim=1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
+    return words.to(torch.int32)
+
+
+def unpack_mask(words: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: a flat boolean tensor of ``numel`` elements."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    bits = (words.reshape(-1, 1) >> shifts) & 1  # (W,) -> (W, 32)
+    return bits.reshape(-1)[:numel].to(torch.bool)
+
+
+def _quantize(x32, scale, zero_point, qmin, qmax, axis, group_size, round_mode):
+    """Shared forward math: returns (grouped float32 x, s, z, unclamped q, clamped q)."""
+    xg = _grouped(x32, group_size)
+    s = broadcast_param(scale, x32, axis, group_size)
+    z = broadcast_param(zero_point, x32, axis, group_size)
+    inv_s = 1.0 / s
+    q_raw = round_with_mode(xg * inv_s, round_mode) + z
+    q = torch.clamp(q_raw, qmin, qmax)
+    return xg, s, z, q_raw, q
+
+
+def fake_quantize_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: Optional[int] = None,
+    group_size: Optional[int] = None,
+    round_mode: str = "half_even",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize-dequantize ``x``; returns ``(x_hat, packed_mask)``.
+
+    ``packed_mask`` holds 1 where the clipped STE passes the gradient (see module docstring).
+    """
+    x32 = x.contiguous().float()
+    _, s, z, q_raw, q = _quantize(x32, scale.float(), zero_point.float(), qmin, qmax, axis, group_size, round_mode)
+    y = ((q - z) * s).reshape(x.shape).to(x.dtype)
+    inside = (q_raw >= qmin) & (q_raw <= qmax)
+    return y, pack_mask(inside)
+
+
+def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Clipped-STE backward: ``grad`` where the saved mask bit is set, 0 elsewhere."""
+    keep = unpack_mask(mask, grad.numel()).reshape(grad.shape)
+    return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis=None, group_size=None, round_mode="half_even"):
+    """Forward of the learned-step (LSQ / LSQ+) quantizer.
+
+    The zero point is learned as a float but used rounded and clamped to ``[qmin, qmax]``, as
+    ``torch._fake_quantize_learnable_*`` does.
+    """
+    z = torch.clamp(torch.round(zero_point.float()), qmin, qmax)
+    y, _ = fake_quantize_forward(x, scale, z, qmin, qmax, axis, group_size, round_mode)
+    return y
+
+
+def fake_quantize_lsq_backward(
+    grad, x, scale, zero_point, qmin, qmax, axis=None, group_size=None, grad_factor=1.0, round_mode="half_even"
+):
+    """Gradients of the LSQ / LSQ+ quantizer: ``(dx, dscale, dzero_point)``.
+
+    Element-wise, as PyTorch's learnable fake-quant ops define them::
+
+        inside  (qmin <= rnd(x/s)+z <= qmax): dx = g,  ds = (x_hat - x) / s * g * f,  dz = 0
+        below:                                 dx = 0,  ds = (qmin - z) * g * f,       dz = -s * g * f
+        above:                                 dx = 0,  ds = (qmax - z) * g * f,       dz = -s * g * f
+
+    with ``f = grad_factor``; ``ds`` and ``dz`` are then summed per scale.
+    """
+    x32 = x.contiguous().float()
+    g32 = _grouped(grad.contiguous().float(), group_size)
+    z_used = torch.clamp(torch.round(zero_point.float()), qmin, qmax)
+    xg, s, z, q_raw, q = _quantize(x32, scale.float(), z_used, qmin, qmax, axis, group_size, round_mode)
+    below = q_raw < qmin
+    above = q_raw > qmax
+    inside = ~(below | above)
+    x_hat = (q - z) * s
+    ds_in = (x_hat - xg) / s * g32 * grad_factor
+    ds_out = torch.where(below, (qmin - z) * g32, (qmax - z) * g32) * grad_factor
+    ds = torch.where(inside, ds_in, ds_out)
+    dz = torch.where(inside, torch.zeros_like(g32), -s * g32 * grad_factor)
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    dx = torch.where(inside.reshape(x.shape), grad.reshape(x.shape), zero)
+    dscale = _reduce_to_param(ds, x32, axis, group_size).reshape(scale.shape)
+    dzp = _reduce_to_param(dz, x32, axis, group_size).reshape(zero_point.shape)
+    return dx, dscale, dzp
+
+
+def fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode="half_even"):
+    """PACT: clip activations to ``[0, alpha]`` (``alpha`` learned, one element), quantize unsigned.
+
+    ``s = alpha / (qmax - qmin)``, ``z = qmin``; equals :func:`fake_quantize_forward` with that
+    scale on ``clamp(x, 0, alpha)``.
+    """
+    a = alpha.float().reshape(())
+    s = (a / (qmax - qmin)).reshape(1)
+    z = torch.full((1,), float(qmin), device=x.device)
+    xc = torch.minimum(torch.clamp(x.float(), min=0.0), a)
+    y, _ = fake_quantize_forward(xc, s, z, qmin, qmax, None, None, round_mode)
+    return y.to(x.dtype)
+
+
+def fake_quantize_pact_backward(grad, x, alpha):
+    """PACT gradients ``(dx, dalpha)``: ``dx = g`` on ``0 <= x < alpha``, ``dalpha = sum(g[x >= alpha])``."""
+    x32 = x.float()
+    a = alpha.float().reshape(())
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    dx = torch.where((x32 >= 0) & (x32 < a), grad, zero)
+    dalpha = torch.where(x32 >= a, grad.float(), torch.zeros((), device=grad.device)).sum().reshape(alpha.shape)
+    return dx, dalpha
