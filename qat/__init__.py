@@ -1,1 +1,57 @@
-"""placeholder"""
+"""lightning-qat core: quantization specs, plans, fake quantizers, quantized layers.
+
+Plain PyTorch: this package never imports Lightning, Hydra or W&B.
+
+Example::
+
+    >>> import torch.nn as nn
+    >>> from qat import prepare
+    >>> model = prepare(nn.Sequential(nn.Linear(8, 8)), "w4a8")
+"""
+
+from .errors import QATConfigError
+from .fake_quant import FakeQuantizer
+from .modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from .observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer
+from .plan import LayerQuant, LayerRule, QuantPlan, available_presets, load_plan
+from .prepare import (
+    enable_fake_quant,
+    enable_observers,
+    freeze_bn_stats,
+    is_prepared,
+    prepare,
+    quant_layers,
+    quantizers,
+    unprepare,
+)
+from .spec import Estimator, Granularity, ObserverKind, QuantSpec, RoundMode
+
+__all__ = [
+    "QATConfigError",
+    "QuantSpec",
+    "Granularity",
+    "ObserverKind",
+    "Estimator",
+    "RoundMode",
+    "LayerRule",
+    "LayerQuant",
+    "QuantPlan",
+    "available_presets",
+    "load_plan",
+    "FakeQuantizer",
+    "Observer",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "QuantLinear",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantEmbedding",
+    "prepare",
+    "unprepare",
+    "is_prepared",
+    "quant_layers",
+    "quantizers",
+    "enable_observers",
+    "enable_fake_quant",
+    "freeze_bn_stats",
+]

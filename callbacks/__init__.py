@@ -1,0 +1,11 @@
+"""Lightning callbacks of lightning-qat.
+
+Example::
+
+    from qat.callbacks import QuantizationAwareTraining
+    trainer = Trainer(callbacks=[QuantizationAwareTraining("w4a8")])
+"""
+
+from .qat import QuantizationAwareTraining
+
+__all__ = ["QuantizationAwareTraining"]

@@ -1,0 +1,219 @@
+"""`QuantizationAwareTraining`: the Lightning callback that drives the QAT lifecycle.
+
+It owns no math: it prepares the model (``qat.prepare``) in ``setup()``, before optimizers exist,
+so learned scales are trained; optionally calibrates observers on training batches; freezes
+observers and BatchNorm statistics on a step / epoch schedule; keeps observers still during
+validation and test; and saves its schedule state in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Mapping, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from qat import QATConfigError, QuantPlan, is_prepared, load_plan, prepare, quantizers
+from qat.prepare import freeze_bn_stats
+
+__all__ = ["QuantizationAwareTraining"]
+
+log = logging.getLogger(__name__)
+
+PlanLike = Union[str, os.PathLike, Mapping, QuantPlan]
+
+
+def _default_forward(module: torch.nn.Module, batch: Any) -> Any:
+    """Run a batch through the module: ``(x, y)`` -> ``module(x)``; dict -> ``module(**batch)``."""
+    if isinstance(batch, (list, tuple)):
+        return module(batch[0])
+    if isinstance(batch, Mapping):
+        return module(**batch)
+    return module(batch)
+
+
+def _check_schedule(name: str, value: Optional[int]) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise QATConfigError(f"QuantizationAwareTraining.{name} must be a non-negative integer or None, got {value!r}")
+    return value
+
+
+class QuantizationAwareTraining(Callback):
+    """Quantization-aware training in one line.
+
+    Args:
+        plan: a preset name (``"w8a8"``, ``"w4a8"``, ``"w4a4"``, ``"w2a2"``, ...), a YAML path, a
+            dict / ``DictConfig``, or a :class:`qat.QuantPlan`.
+        module_attr: quantize ``getattr(pl_module, module_attr)`` instead of the whole
+            LightningModule (e.g. ``"student"`` when a frozen teacher must stay in float).
+        calibration_batches: run this many training batches through the model (eval mode, no
+            gradients) before the first step, so observers start from real ranges and learned
+            scales start from calibrated ones.
+        freeze_observers_step / freeze_observers_epoch: stop updating observer ranges from this
+            global step / epoch on (give at most one).
+        freeze_bn_step / freeze_bn_epoch: freeze BatchNorm running statistics from this global
+            step / epoch on (give at most one).
+        forward_fn: ``(module, batch) -> output`` for calibration; by default ``module(batch[0])``
+            for tuples, ``module(**batch)`` for dicts, ``module(batch)`` otherwise.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from qat.callbacks import QuantizationAwareTraining
+
+        trainer = Trainer(callbacks=[QuantizationAwareTraining("w4a8", freeze_observers_epoch=3)])
+        trainer.fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        plan: PlanLike = "w8a8",
+        *,
+        module_attr: Optional[str] = None,
+        calibration_batches: int = 0,
+        freeze_observers_step: Optional[int] = None,
+        freeze_observers_epoch: Optional[int] = None,
+        freeze_bn_step: Optional[int] = None,
+        freeze_bn_epoch: Optional[int] = None,
+        forward_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
+    ) -> None:
+        self.plan = load_plan(plan)
+        self.module_attr = module_attr
+        self.calibration_batches = _check_schedule("calibration_batches", calibration_batches) or 0
+        self.freeze_observers_step = _check_schedule("freeze_observers_step", freeze_observers_step)
+        self.freeze_observers_epoch = _check_schedule("freeze_observers_epoch", freeze_observers_epoch)
+        self.freeze_bn_step = _check_schedule("freeze_bn_step", freeze_bn_step)
+        self.freeze_bn_epoch = _check_schedule("freeze_bn_epoch", freeze_bn_epoch)
+        for what in ("observers", "bn"):
+            if getattr(self, f"freeze_{what}_step") is not None and getattr(self, f"freeze_{what}_epoch") is not None:
+                raise QATConfigError(
+                    f"QuantizationAwareTraining: give freeze_{what}_step or freeze_{what}_epoch, not both"
+                )
+        self.forward_fn = forward_fn or _default_forward
+        self.observers_frozen = False
+        self.bn_frozen = False
+        self.calibrated = False
+        self._observer_state: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        """The module that is quantized."""
+        if self.module_attr is None:
+            return pl_module
+        if not hasattr(pl_module, self.module_attr):
+            children = [n for n, _ in pl_module.named_children()]
+            raise QATConfigError(
+                f"QuantizationAwareTraining.module_attr={self.module_attr!r}: the LightningModule has no such attribute; "
+                f"its submodules are {children}"
+            )
+        return getattr(pl_module, self.module_attr)
+
+    def _set_observers(self, pl_module, enabled: bool) -> None:
+        for _, q in quantizers(self.target(pl_module)):
+            # a quantizer that never saw data must observe once, or it has no range at all
+            q.enable_observer(enabled or not bool(q.initialized))
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        target = self.target(pl_module)
+        if is_prepared(target):
+            return  # fit twice, or validate after fit: already prepared
+        prepare(target, self.plan)
+        n = sum(1 for _ in quantizers(target))
+        log.info("QAT: prepared %d layers with %d quantizers (plan %r)", len(target.qat_layers), n, self.plan.name)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._apply_schedule(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.calibration_batches and not self.calibrated:
+            self.calibrate(trainer, pl_module)
+
+    @torch.no_grad()
+    def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Observe ``calibration_batches`` training batches, then load learned scales from them."""
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise QATConfigError("QuantizationAwareTraining.calibration_batches needs a training dataloader")
+        target = self.target(pl_module)
+        was_training = target.training
+        target.eval()
+        for _, q in quantizers(target):
+            q.enable_observer(True)
+        seen = 0
+        for batch in loader:
+            if seen >= self.calibration_batches:
+                break
+            batch = trainer.strategy.batch_to_device(batch)
+            self.forward_fn(target if self.module_attr else pl_module, batch)
+            seen += 1
+        for _, q in quantizers(target):
+            q.load_from_observer()
+        target.train(was_training)
+        self.calibrated = True
+        log.info("QAT: calibrated observers on %d batches", seen)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._apply_schedule(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._apply_schedule(trainer, pl_module)
+        if self.bn_frozen:
+            freeze_bn_stats(self.target(pl_module))  # Module.train() at epoch start undoes it
+
+    def _apply_schedule(self, trainer, pl_module) -> None:
+        step, epoch = trainer.global_step, trainer.current_epoch
+        if not self.observers_frozen and (
+            (self.freeze_observers_step is not None and step >= self.freeze_observers_step)
+            or (self.freeze_observers_epoch is not None and epoch >= self.freeze_observers_epoch)
+        ):
+            self.observers_frozen = True
+            log.info("QAT: observers frozen at step %d, epoch %d", step, epoch)
+        if not self.bn_frozen and (
+            (self.freeze_bn_step is not None and step >= self.freeze_bn_step)
+            or (self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch)
+        ):
+            self.bn_frozen = True
+            log.info("QAT: BatchNorm statistics frozen at step %d, epoch %d", step, epoch)
+        self._set_observers(pl_module, not self.observers_frozen)
+        if self.bn_frozen:
+            freeze_bn_stats(self.target(pl_module))
+
+    # evaluation never moves the ranges learned in training
+    def _eval_start(self, trainer, pl_module) -> None:
+        self._set_observers(pl_module, False)
+
+    def _eval_end(self, trainer, pl_module) -> None:
+        self._set_observers(pl_module, not self.observers_frozen)
+
+    on_validation_start = _eval_start
+    on_test_start = _eval_start
+    on_predict_start = _eval_start
+    on_validation_end = _eval_end
+    on_test_end = _eval_end
+    on_predict_end = _eval_end
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan.to_dict(),
+            "observers_frozen": self.observers_frozen,
+            "bn_frozen": self.bn_frozen,
+            "calibrated": self.calibrated,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = QuantPlan.from_dict(state_dict["plan"])
+        if saved != self.plan:
+            raise QATConfigError(
+                f"QuantizationAwareTraining: the checkpoint was trained with plan {saved.name!r} "
+                f"but this callback has plan {self.plan.name!r}; pass the same plan to resume"
+            )
+        self.observers_frozen = bool(state_dict["observers_frozen"])
+        self.bn_frozen = bool(state_dict["bn_frozen"])
+        self.calibrated = bool(state_dict.get("calibrated", False))

@@ -1,0 +1,161 @@
+// Shared device helpers of the fake-quant kernels (included textually by cupy_backend.py).
+//
+// Compile-time configuration, one module per (dtype, vector width):
+//   QAT_DTYPE  0 = float32, 1 = float16, 2 = bfloat16 (storage of x, y, grad, dx);
+//   QAT_VEC    elements per thread per access: 16 bytes' worth (4 fp32 / 8 half) when every
+//              pointer is 16-byte aligned, else 1.
+// Scales, zero points and all arithmetic are float32. The half types are carried as their raw 16
+// bits and converted with PTX `cvt` (round to nearest even, as torch's .to()), so no CUDA header
+// is needed and NVRTC compiles these sources without a GPU.
+//
+// Index rule of every kernel: element i of the contiguous tensor uses parameter
+//   key = (i / inner) % C
+// per-tensor: C = 1; per-channel along axis a: C = shape[a], inner = prod(shape[a+1:]);
+// per-group of g along the last axis: C = numel / g, inner = g. Indices are 64-bit.
+#pragma once
+
+#ifndef QAT_DTYPE
+#define QAT_DTYPE 0
+#endif
+#ifndef QAT_VEC
+#define QAT_VEC 1
+#endif
+
+#if QAT_DTYPE == 0
+typedef float scalar_t;
+#define QAT_ESIZE 4
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float from_f(float v) { return v; }
+__device__ __forceinline__ float scalar_zero() { return 0.0f; }
+#elif QAT_DTYPE == 1
+typedef unsigned short scalar_t;
+#define QAT_ESIZE 2
+__device__ __forceinline__ float to_f(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+__device__ __forceinline__ unsigned short from_f(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+__device__ __forceinline__ unsigned short scalar_zero() { return 0; }
+#elif QAT_DTYPE == 2
+typedef unsigned short scalar_t;
+#define QAT_ESIZE 2
+__device__ __forceinline__ float to_f(unsigned short h) { return __uint_as_float(((unsigned)h) << 16); }
+__device__ __forceinline__ unsigned short from_f(float f) {
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+__device__ __forceinline__ unsigned short scalar_zero() { return 0; }
+#else
+#error "QAT_DTYPE must be 0 (float32), 1 (float16) or 2 (bfloat16)"
+#endif
+
+#define QAT_VEC_BYTES (QAT_VEC * QAT_ESIZE)
+#if QAT_VEC_BYTES != 16 && QAT_VEC != 1
+#error "QAT_VEC must be 1 or 16 / sizeof(scalar_t)"
+#endif
+
+#define QAT_THREADS 256
+#define QAT_FULL 0xffffffffu
+
+// One thread's slice: QAT_VEC consecutive elements, loaded with one 16-byte access when vectorized.
+union RawVec {
+#if QAT_VEC_BYTES == 16
+  uint4 u;
+#endif
+  scalar_t s[QAT_VEC];
+};
+
+// Load the vector starting at element e; `nvalid` < QAT_VEC only at the tail (elements past the end
+// read as 0 and must be ignored by the caller).
+__device__ __forceinline__ RawVec load_vec(const scalar_t* __restrict__ p, long long e, int nvalid) {
+  RawVec r;
+#if QAT_VEC_BYTES == 16
+  if (nvalid == QAT_VEC) {
+    r.u = __ldcs(reinterpret_cast<const uint4*>(p + e));  // streamed once: evict first
+    return r;
+  }
+#endif
+#pragma unroll
+  for (int j = 0; j < QAT_VEC; ++j) r.s[j] = j < nvalid ? p[e + j] : scalar_zero();
+  return r;
+}
+
+__device__ __forceinline__ void store_vec(scalar_t* __restrict__ p, long long e, int nvalid, const RawVec& r) {
+#if QAT_VEC_BYTES == 16
+  if (nvalid == QAT_VEC) {
+    __stcs(reinterpret_cast<uint4*>(p + e), r.u);
+    return;
+  }
+#endif
+#pragma unroll
+  for (int j = 0; j < QAT_VEC; ++j)
+    if (j < nvalid) p[e + j] = r.s[j];
+}
+
+// 64-bit divide with a 32-bit fast path (the common case: both operands below 2^32).
+__device__ __forceinline__ void divmod64(long long a, long long b, long long& q, long long& r) {
+  if ((((unsigned long long)a) | ((unsigned long long)b)) >> 32 == 0) {
+    unsigned qa = (unsigned)a / (unsigned)b;
+    q = qa;
+    r = (long long)((unsigned)a - qa * (unsigned)b);
+  } else {
+    q = a / b;
+    r = a - q * b;
+  }
+}
+
+// Walks the parameter index key = (i / inner) % C along consecutive elements without dividing.
+struct KeyIter {
+  long long r, key, inner, C;
+  __device__ __forceinline__ void init(long long e, long long inner_, long long C_) {
+    inner = inner_;
+    C = C_;
+    long long q;
+    divmod64(e, inner, q, r);
+    long long qq;
+    divmod64(q, C, qq, key);
+  }
+  __device__ __forceinline__ void next() {
+    if (++r == inner) {
+      r = 0;
+      if (++key == C) key = 0;
+    }
+  }
+};
+
+// Rounding of v = x * inv_s, exactly as reference.round_with_mode (torch ops, float32):
+//   0 half_even: torch.round       -> rintf
+//   1 half_away: sign(v) * floor(|v| + 0.5)
+//   2 half_up:   floor(v + 0.5)
+// Sources are compiled with --fmad=false, so v + 0.5f is a rounded add, as in PyTorch.
+__device__ __forceinline__ float qround(float v, int mode) {
+  if (mode == 0) return rintf(v);
+  if (mode == 1) {
+    const float sg = (float)((v > 0.0f) - (v < 0.0f));
+    return sg * floorf(fabsf(v) + 0.5f);
+  }
+  return floorf(v + 0.5f);
+}
+
+// torch.clamp(q, qmin, qmax): NaN stays NaN (fminf/fmaxf would drop it).
+__device__ __forceinline__ float qclamp(float q, float qmin, float qmax) {
+  return q < qmin ? qmin : (q > qmax ? qmax : q);
+}
+
+// Float atomics for min/max (the observer): order-preserving integer views of float32.
+__device__ __forceinline__ void atomic_min_f(float* addr, float v) {
+  if (v != v) return;
+  if (__float_as_int(v) >= 0) atomicMin(reinterpret_cast<int*>(addr), __float_as_int(v));
+  else atomicMax(reinterpret_cast<unsigned*>(addr), __float_as_uint(v));
+}
+__device__ __forceinline__ void atomic_max_f(float* addr, float v) {
+  if (v != v) return;
+  if (__float_as_int(v) >= 0) atomicMax(reinterpret_cast<int*>(addr), __float_as_int(v));
+  else atomicMin(reinterpret_cast<unsigned*>(addr), __float_as_uint(v));
+}

@@ -1,0 +1,210 @@
+"""`FakeQuantizer`: observer + scale / zero-point state + estimator, for one tensor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from qat.kernels import fake_quantize, fake_quantize_lsq, fake_quantize_pact
+
+from .observers import make_observer, param_shape, qparams_from_range, reduce_minmax
+from .spec import Estimator, Granularity, QuantSpec
+
+__all__ = ["FakeQuantizer"]
+
+
+def _sync_mean(t: torch.Tensor, sync: bool) -> torch.Tensor:
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+class FakeQuantizer(nn.Module):
+    """Fake-quantizes one tensor per a :class:`~qat.QuantSpec`.
+
+    State (all in ``state_dict``): ``scale`` and ``zero_point`` (buffers, or parameters for the
+    learned estimators), the observer's statistics, and three flags: ``fake_quant_enabled``,
+    ``observer_enabled`` and ``initialized``.
+
+    * ``ste``: the observer updates the range on every forward while ``observer_enabled``; the
+      range is frozen once it is disabled. The gradient is the clipped straight-through estimate.
+    * ``lsq`` / ``lsq_plus``: the scale (and, for LSQ+, the zero point) is a parameter, initialized
+      once from calibration statistics if the observer has seen data, else from the first batch
+      (``2 * mean|x| / sqrt(qmax)`` per scale, as in the LSQ paper), then learned with gradient
+      scale ``1 / sqrt(N * qmax)``, ``N`` the elements per scale.
+    * ``pact``: a learned clip ``alpha`` (initialized to the observed max) for unsigned activations.
+    * ``dynamic``: the range of each batch (per tensor, per token or per group), nothing stored.
+
+    Args:
+        spec: how to quantize.
+        shape: the tensor's shape (for activations: of one sample, feature axis where
+            ``spec.axis`` points), which fixes the scale's shape.
+        sync: all-reduce observer statistics across ranks (activations under DDP / FSDP).
+        track_history: observers accumulate statistics over batches (activations). ``False`` for
+            weights: the range is that of the current weights on each step, since the weights
+            themselves are the statistic and they move as they train.
+
+    Example::
+
+        >>> fq = FakeQuantizer(QuantSpec(bits=4, granularity="per_channel", axis=0), (16, 8))
+        >>> w = torch.randn(16, 8)
+        >>> y = fq(w)                       # observes, then fake-quantizes
+        >>> bool((y - w).abs().max() <= fq.scale.max() / 2 + 1e-6)
+        True
+    """
+
+    def __init__(self, spec: QuantSpec, shape: tuple[int, ...], sync: bool = False, track_history: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.sync = sync
+        self.track_history = track_history
+        pshape = (1,) if spec.dynamic else param_shape(spec, tuple(shape))
+        self.observer = make_observer(spec, pshape, sync=sync)
+        scale, zp = torch.ones(pshape), torch.zeros(pshape)
+        if spec.estimator in (Estimator.LSQ, Estimator.LSQ_PLUS):
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        if spec.estimator is Estimator.LSQ_PLUS:
+            self.zero_point = nn.Parameter(zp)
+        else:
+            self.register_buffer("zero_point", zp)
+        if spec.estimator is Estimator.PACT:
+            self.alpha = nn.Parameter(torch.ones(1))
+        self.register_buffer("fake_quant_enabled", torch.tensor(True))
+        self.register_buffer("observer_enabled", torch.tensor(True))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    # ------------------------------------------------------------------ lifecycle switches
+    def enable_observer(self, enabled: bool = True) -> "FakeQuantizer":
+        self.observer_enabled.fill_(enabled)
+        return self
+
+    def enable_fake_quant(self, enabled: bool = True) -> "FakeQuantizer":
+        self.fake_quant_enabled.fill_(enabled)
+        return self
+
+    @property
+    def axis(self):
+        return self.spec.axis if self.spec.granularity is Granularity.PER_CHANNEL else None
+
+    @property
+    def group_size(self):
+        return self.spec.group_size if self.spec.granularity is Granularity.PER_GROUP else None
+
+    def grad_factor(self, x: torch.Tensor) -> float:
+        """LSQ gradient scale ``1 / sqrt(N * qmax)``, ``N`` the elements of ``x`` per scale."""
+        n = max(x.numel() // self.scale.numel(), 1)
+        return 1.0 / math.sqrt(n * max(self.spec.qmax, 1))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.fake_quant_enabled):
+            return x
+        spec = self.spec
+        rm = spec.round_mode.value
+        if spec.dynamic:
+            return self._dynamic(x)
+        observing = bool(self.observer_enabled) and self.observer is not None
+        if spec.estimator is Estimator.STE:
+            if observing:
+                if not self.track_history:
+                    self.observer.reset()
+                self.observer(x)
+                s, z = self.observer.qparams()
+                self.scale.copy_(s)
+                self.zero_point.copy_(z)
+                self.initialized.fill_(True)
+            elif not bool(self.initialized):
+                raise RuntimeError(
+                    "FakeQuantizer: observer disabled before it saw any data; calibrate or enable the observer first"
+                )
+            return fake_quantize(x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, rm)
+        if not bool(self.initialized):
+            self._init_learned(x)
+        elif observing and not self.training:
+            self.observer(x)  # calibration statistics; the learned values stay as they are
+        if spec.estimator is Estimator.PACT:
+            return fake_quantize_pact(x, self.alpha, spec.qmin, spec.qmax, rm)
+        return fake_quantize_lsq(
+            x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, self.grad_factor(x), rm
+        )
+
+    @torch.no_grad()
+    def _init_learned(self, x: torch.Tensor) -> None:
+        spec = self.spec
+        if self.observer is not None:
+            self.observer(x)
+        if spec.estimator is Estimator.PACT:
+            self.alpha.copy_(torch.clamp(self.observer.max_val.max().reshape(1), min=1e-3))
+        else:
+            s_obs, z_obs = self.observer.qparams()
+            if spec.estimator is Estimator.LSQ:
+                # LSQ paper init: 2 <|x|> / sqrt(qmax), per scale
+                absx = x.detach().float().abs()
+                mean_abs = reduce_mean_abs(absx, spec, self.scale.shape)
+                s = _sync_mean(2.0 * mean_abs / math.sqrt(max(spec.qmax, 1)), self.sync)
+                self.scale.copy_(torch.clamp(s, min=torch.finfo(torch.float32).eps))
+                self.zero_point.copy_(z_obs)
+            else:  # LSQ+: start from the observed affine range
+                self.scale.copy_(s_obs)
+                self.zero_point.copy_(z_obs)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def load_from_observer(self) -> None:
+        """Set scale / zero point (or PACT's alpha) from the observer's statistics (after calibration)."""
+        if self.observer is None or not bool(self.observer.initialized):
+            return
+        if self.spec.estimator is Estimator.PACT:
+            self.alpha.copy_(torch.clamp(self.observer.max_val.max().reshape(1), min=1e-3))
+        else:
+            s, z = self.observer.qparams()
+            self.scale.copy_(s)
+            self.zero_point.copy_(z)
+        self.initialized.fill_(True)
+
+    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        with torch.no_grad():
+            mn, mx = reduce_minmax(x, spec)
+            s, z = qparams_from_range(mn, mx, spec)
+        if spec.granularity is Granularity.PER_TOKEN:
+            # one scale per row: per-group with the whole last axis as the group
+            return fake_quantize(x, s, z, spec.qmin, spec.qmax, None, x.shape[-1], spec.round_mode.value)
+        return fake_quantize(x, s, z, spec.qmin, spec.qmax, self.axis, self.group_size, spec.round_mode.value)
+
+    def current_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` as the forward pass uses them (detached; PACT's derived from alpha)."""
+        if self.spec.estimator is Estimator.PACT:
+            s = (self.alpha.detach().float() / (self.spec.qmax - self.spec.qmin)).reshape(1)
+            return s, torch.full_like(s, float(self.spec.qmin))
+        z = self.zero_point.detach()
+        if self.spec.estimator is Estimator.LSQ_PLUS:
+            z = torch.clamp(torch.round(z), self.spec.qmin, self.spec.qmax)
+        return self.scale.detach(), z
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        g = s.granularity.value + (f"(axis={s.axis})" if self.axis is not None else "") + (
+            f"(g={s.group_size})" if self.group_size is not None else ""
+        )
+        return f"bits={s.bits}, {'signed' if s.signed else 'unsigned'}, {g}, estimator={s.estimator.value}" + (
+            ", dynamic" if s.dynamic else f", observer={s.observer.value}"
+        )
+
+
+def reduce_mean_abs(absx: torch.Tensor, spec: QuantSpec, shape: torch.Size) -> torch.Tensor:
+    """Mean of ``|x|`` per scale (same granularity rule as the observers)."""
+    g = spec.granularity
+    if g is Granularity.PER_CHANNEL:
+        axis = spec.axis % absx.dim()
+        return absx.movedim(axis, 0).reshape(absx.shape[axis], -1).mean(dim=1).reshape(shape)
+    if g is Granularity.PER_GROUP:
+        return absx.reshape(*absx.shape[:-1], absx.shape[-1] // spec.group_size, spec.group_size).mean(dim=-1).reshape(shape)
+    return absx.mean().reshape(shape)

@@ -1,0 +1,181 @@
+"""Fake-quantized twins of ``nn.Linear``, ``nn.Conv1d/2d`` and ``nn.Embedding``.
+
+Each subclasses its float layer (so ``isinstance`` checks, hooks and ``state_dict`` keys for
+``weight`` / ``bias`` stay the same), adds ``weight_quantizer`` and ``input_quantizer``
+(:class:`~qat.FakeQuantizer` or ``None``), and shares its parameters with the float layer it came
+from, so an optimizer built afterwards trains the same tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fake_quant import FakeQuantizer
+from .plan import LayerQuant
+from .spec import Granularity, QuantSpec
+
+__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QUANT_MODULES", "QuantModuleMixin"]
+
+
+class QuantModuleMixin:
+    """Shared machinery: building quantizers from a :class:`LayerQuant`, weight fake-quant."""
+
+    _FLOAT: type[nn.Module]
+    layer_quant: LayerQuant
+
+    def _build_quantizers(self, lq: LayerQuant, input_shape: Optional[tuple[int, ...]]) -> None:
+        self.layer_quant = lq
+        self.weight_quantizer = None if lq.weight is None else FakeQuantizer(
+            lq.weight, self._weight_view_shape(lq.weight), track_history=False
+        )
+        self.input_quantizer = (
+            None if lq.input is None or input_shape is None else FakeQuantizer(lq.input, input_shape, sync=True)
+        )
+
+    def _weight_view_shape(self, spec: QuantSpec) -> tuple[int, ...]:
+        shape = tuple(self.weight.shape)
+        if spec.granularity is Granularity.PER_GROUP and len(shape) > 2:
+            return (shape[0], int(torch.Size(shape[1:]).numel()))  # (O, I, *k) -> (O, I*k)
+        return shape
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the forward pass sees it (fake-quantized when a weight spec is set)."""
+        w = self.weight
+        if self.weight_quantizer is None:
+            return w
+        if self.weight_quantizer.spec.granularity is Granularity.PER_GROUP and w.dim() > 2:
+            return self.weight_quantizer(w.flatten(1)).view_as(w)  # groups run along I*k
+        return self.weight_quantizer(w)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def quantizers(self):
+        """``(name, FakeQuantizer)`` pairs of this layer: ``weight`` and / or ``input``."""
+        for name in ("weight", "input"):
+            q = getattr(self, f"{name}_quantizer")
+            if q is not None:
+                yield name, q
+
+    def to_float(self) -> nn.Module:
+        """The float layer (same parameter tensors, no quantizers)."""
+        float_mod = self._FLOAT.__new__(self._FLOAT)
+        nn.Module.__init__(float_mod)
+        for k, v in self.__dict__.items():
+            if k not in ("_modules", "layer_quant", "_parameters", "_buffers", "weight_quantizer", "input_quantizer"):
+                float_mod.__dict__[k] = v
+        float_mod._parameters = dict(self._parameters)
+        float_mod._buffers = dict(self._buffers)
+        float_mod._modules = {k: m for k, m in self._modules.items() if k not in ("weight_quantizer", "input_quantizer")}
+        return float_mod
+
+    @classmethod
+    def _adopt(cls, float_mod: nn.Module, lq: LayerQuant, input_shape) -> "QuantModuleMixin":
+        if type(float_mod) is not cls._FLOAT:
+            raise TypeError(f"{cls.__name__}.from_float expects an {cls._FLOAT.__name__}, got {type(float_mod).__name__}")
+        mod = cls.__new__(cls)
+        mod.__dict__.update({k: v for k, v in float_mod.__dict__.items()})
+        mod._parameters = dict(float_mod._parameters)
+        mod._buffers = dict(float_mod._buffers)
+        mod._modules = dict(float_mod._modules)
+        # quantizer state lives on the weight's device
+        mod._build_quantizers(lq, input_shape)
+        mod.to(float_mod.weight.device)
+        return mod
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        lq = self.layer_quant
+        w = "float" if lq.weight is None else f"{lq.weight.bits}b"
+        a = "float" if lq.input is None else f"{lq.input.bits}b"
+        return f"{base}, W{w} A{a}"
+
+
+class QuantLinear(QuantModuleMixin, nn.Linear):
+    """``nn.Linear`` with fake-quantized weight and input.
+
+    Example::
+
+        >>> from qat.plan import LayerQuant
+        >>> lin = QuantLinear.from_float(nn.Linear(8, 4), LayerQuant(QuantSpec(bits=4), QuantSpec(bits=8)))
+        >>> lin(torch.randn(2, 8)).shape
+        torch.Size([2, 4])
+        >>> type(lin.to_float()).__name__
+        'Linear'
+    """
+
+    _FLOAT = nn.Linear
+
+    @classmethod
+    def from_float(cls, mod: nn.Linear, lq: LayerQuant) -> "QuantLinear":
+        return cls._adopt(mod, lq, (mod.in_features,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class _QuantConvNd(QuantModuleMixin):
+    @classmethod
+    def from_float(cls, mod, lq: LayerQuant):
+        # activation scales are per tensor or per channel (axis 1): one sample's shape with C first
+        return cls._adopt(mod, lq, (1, mod.in_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv1d(_QuantConvNd, nn.Conv1d):
+    """``nn.Conv1d`` with fake-quantized weight and input (see :class:`QuantLinear`)."""
+
+    _FLOAT = nn.Conv1d
+
+
+class QuantConv2d(_QuantConvNd, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight and input.
+
+    Example::
+
+        >>> from qat.plan import LayerQuant
+        >>> conv = QuantConv2d.from_float(nn.Conv2d(3, 8, 3), LayerQuant(QuantSpec(bits=4, granularity="per_channel")))
+        >>> conv(torch.randn(1, 3, 8, 8)).shape
+        torch.Size([1, 8, 6, 6])
+    """
+
+    _FLOAT = nn.Conv2d
+
+
+class QuantEmbedding(QuantModuleMixin, nn.Embedding):
+    """``nn.Embedding`` with a fake-quantized table (its integer input is not quantized).
+
+    Example::
+
+        >>> from qat.plan import LayerQuant
+        >>> spec = QuantSpec(bits=4, granularity="per_group", group_size=8)
+        >>> emb = QuantEmbedding.from_float(nn.Embedding(10, 16), LayerQuant(spec))
+        >>> emb(torch.tensor([1, 2])).shape
+        torch.Size([2, 16])
+    """
+
+    _FLOAT = nn.Embedding
+
+    @classmethod
+    def from_float(cls, mod: nn.Embedding, lq: LayerQuant) -> "QuantEmbedding":
+        return cls._adopt(mod, LayerQuant(lq.weight, None), None)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            idx, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+
+
+#: float type -> quantized twin; the one dispatch table ``prepare`` uses.
+QUANT_MODULES: dict[type[nn.Module], type[QuantModuleMixin]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Embedding: QuantEmbedding,
+}

@@ -1,0 +1,189 @@
+"""Observers: statistics of a tensor, turned into a scale and zero point.
+
+Every observer reduces a tensor to per-parameter ``(min, max)`` with the same granularity rule as
+the fake-quant op (per-tensor, per-channel along an axis, per-group along the last axis), keeps
+its state in buffers (so it checkpoints and moves with the module), and, under
+``torch.distributed``, makes that state identical on every rank with one coalesced all-reduce per
+update.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .errors import QATConfigError
+from .spec import Granularity, ObserverKind, QuantSpec, ScaleDtype
+
+__all__ = [
+    "Observer",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "OBSERVERS",
+    "make_observer",
+    "reduce_minmax",
+    "qparams_from_range",
+    "param_shape",
+]
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def param_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the scale / zero point for a tensor of ``shape`` quantized per ``spec``.
+
+    For activations (whose batch dimensions vary) pass the shape of one sample with the feature
+    axis where ``spec.axis`` points; dynamic specs have no stored parameters.
+    """
+    g = spec.granularity
+    if g is Granularity.PER_CHANNEL:
+        return (shape[spec.axis],)
+    if g is Granularity.PER_GROUP:
+        return tuple(shape[:-1]) + (shape[-1] // spec.group_size,)
+    return (1,)
+
+
+def reduce_minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-parameter ``(min, max)`` of ``x`` in float32, shaped like the scale."""
+    x = x.detach().float()
+    g = spec.granularity
+    if g is Granularity.PER_CHANNEL:
+        axis = spec.axis % x.dim()
+        xt = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (.., C, ..) -> (C, rest)
+        return torch.aminmax(xt, dim=1)
+    if g is Granularity.PER_GROUP:
+        xg = x.reshape(*x.shape[:-1], x.shape[-1] // spec.group_size, spec.group_size)  # (.., K) -> (.., K/g, g)
+        return torch.aminmax(xg, dim=-1)
+    if g is Granularity.PER_TOKEN:
+        return torch.aminmax(x, dim=-1, keepdim=True)  # (.., K) -> (.., 1)
+    mn, mx = torch.aminmax(x)
+    return mn.reshape(1), mx.reshape(1)
+
+
+def qparams_from_range(mn: torch.Tensor, mx: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (float32, integer-valued) that cover ``[mn, mx]`` (always including 0).
+
+    Symmetric signed ranges use ``s = max(|mn|, |mx|) / ((qmax - qmin) / 2)`` and ``z = 0`` (as
+    PyTorch's observers do); symmetric unsigned ranges use ``s = mx / qmax`` and ``z = 0``;
+    asymmetric ranges fit ``[mn, mx]`` onto ``[qmin, qmax]`` with an integer zero point. Scales never
+    fall below float32's epsilon, so a constant or all-zero tensor gives a tiny positive scale,
+    never NaN or inf.
+    """
+    mn = torch.clamp(mn.float(), max=0.0)
+    mx = torch.clamp(mx.float(), min=0.0)
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric:
+        if spec.signed:
+            scale = torch.maximum(-mn, mx) / ((qmax - qmin) / 2)
+        else:
+            scale = mx / (qmax - qmin)
+        scale = _finish_scale(scale, spec)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = _finish_scale((mx - mn) / (qmax - qmin), spec)
+        zp = torch.clamp(qmin - torch.round(mn / scale), qmin, qmax)
+    return scale, zp
+
+
+def _finish_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    scale = torch.nan_to_num(scale, nan=_EPS, posinf=torch.finfo(torch.float32).max)
+    scale = torch.clamp(scale, min=_EPS)
+    if spec.scale_dtype is ScaleDtype.FLOAT16:
+        # stored as float16 by the target format: train with exactly the value it will hold
+        scale = torch.clamp(scale, min=2.0**-14, max=65504.0).half().float()
+    return scale
+
+
+def _sync_minmax(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global min / max across ranks with one all-reduce (``max`` of ``[-min, max]``)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mn, mx
+    buf = torch.cat([-mn.reshape(-1), mx.reshape(-1)])
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    n = mn.numel()
+    return (-buf[:n]).reshape(mn.shape), buf[n:].reshape(mx.shape)
+
+
+class Observer(nn.Module):
+    """Base observer: buffers ``min_val``, ``max_val`` and ``initialized``.
+
+    Subclasses implement :meth:`_combine` (how a new batch's range merges into the state).
+
+    Args:
+        spec: the quantization spec (granularity, bits, ...).
+        shape: the scale's shape (see :func:`param_shape`).
+        sync: all-reduce statistics across ranks (set for activations; weights are identical anyway).
+    """
+
+    def __init__(self, spec: QuantSpec, shape: tuple[int, ...], sync: bool = False):
+        super().__init__()
+        self.spec = spec
+        self.sync = sync
+        self.register_buffer("min_val", torch.zeros(shape))
+        self.register_buffer("max_val", torch.zeros(shape))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's per-parameter range (subclasses may replace min/max by another statistic)."""
+        return reduce_minmax(x, self.spec)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mn, mx = self.batch_range(x)
+        if self.sync:
+            mn, mx = _sync_minmax(mn, mx)
+        mn, mx = mn.reshape(self.min_val.shape), mx.reshape(self.max_val.shape)
+        if not bool(self.initialized):
+            self.min_val.copy_(mn)
+            self.max_val.copy_(mx)
+            self.initialized.fill_(True)
+        else:
+            self._combine(mn, mx)
+        return x
+
+    def _combine(self, mn: torch.Tensor, mx: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` for the range seen so far."""
+        return qparams_from_range(self.min_val, self.max_val, self.spec)
+
+    def reset(self) -> None:
+        self.initialized.fill_(False)
+
+
+class MinMaxObserver(Observer):
+    """Running min / max over every batch seen (PyTorch's ``MinMaxObserver``)."""
+
+    def _combine(self, mn, mx):
+        torch.minimum(self.min_val, mn, out=self.min_val)
+        torch.maximum(self.max_val, mx, out=self.max_val)
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of each batch's min / max, weight ``spec.averaging_constant``."""
+
+    def _combine(self, mn, mx):
+        c = self.spec.averaging_constant
+        self.min_val.add_(c * (mn - self.min_val))
+        self.max_val.add_(c * (mx - self.max_val))
+
+
+#: One explicit table from observer kind to class; extended by later observers.
+OBSERVERS: dict[ObserverKind, type[Observer]] = {
+    ObserverKind.MINMAX: MinMaxObserver,
+    ObserverKind.MOVING_AVERAGE: MovingAverageMinMaxObserver,
+}
+
+
+def make_observer(spec: QuantSpec, shape: tuple[int, ...], sync: bool = False) -> Optional[Observer]:
+    """The observer ``spec`` asks for, or ``None`` for dynamic specs (ranges from each batch)."""
+    if spec.dynamic:
+        return None
+    cls = OBSERVERS.get(spec.observer)
+    if cls is None:
+        raise QATConfigError(f"QuantSpec.observer {spec.observer.value!r} is not available; valid choices: {[k.value for k in OBSERVERS]}")
+    return cls(spec, shape, sync=sync)

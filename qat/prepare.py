@@ -1,0 +1,113 @@
+"""`prepare`: swap a model's layers for their fake-quantized twins, per a plan; and the switches
+the lifecycle uses (observers, fake quant, BatchNorm statistics)."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Mapping, Union
+
+import torch.nn as nn
+
+from .errors import QATConfigError
+from .fake_quant import FakeQuantizer
+from .modules import QUANT_MODULES, QuantModuleMixin
+from .plan import LayerQuant, QuantPlan, load_plan
+
+__all__ = [
+    "prepare",
+    "unprepare",
+    "is_prepared",
+    "quant_layers",
+    "quantizers",
+    "enable_observers",
+    "enable_fake_quant",
+    "freeze_bn_stats",
+]
+
+PlanLike = Union[str, os.PathLike, Mapping, QuantPlan]
+
+
+def prepare(model: nn.Module, plan: PlanLike) -> nn.Module:
+    """Replace each layer the plan names by its fake-quantized twin, in place.
+
+    Args:
+        model: any ``nn.Module``.
+        plan: a preset name (``"w4a8"``), a YAML path, a dict / DictConfig, or a :class:`QuantPlan`.
+
+    Returns:
+        ``model`` itself, with ``model.qat_plan`` (the :class:`QuantPlan`) and ``model.qat_layers``
+        (qualified name -> :class:`LayerQuant`) set.
+
+    Raises:
+        QATConfigError: the plan is invalid for this model, or the model is already prepared.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> prepare(model, "w4a8")[0].__class__.__name__
+        'QuantLinear'
+    """
+    if is_prepared(model):
+        raise QATConfigError("model is already prepared for QAT (it holds quantized layers); prepare it once")
+    plan = load_plan(plan)
+    resolved = plan.resolve(model)
+    for name, lq in resolved.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        float_mod = getattr(parent, child)
+        setattr(parent, child, QUANT_MODULES[type(float_mod)].from_float(float_mod, lq))
+    model.qat_plan = plan
+    model.qat_layers = resolved
+    return model
+
+
+def unprepare(model: nn.Module) -> nn.Module:
+    """Undo :func:`prepare`: every quantized layer back to its float layer (same parameters)."""
+    for name, mod in list(quant_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, mod.to_float())
+    for attr in ("qat_plan", "qat_layers"):
+        model.__dict__.pop(attr, None)
+    return model
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantModuleMixin) for m in model.modules())
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantModuleMixin]]:
+    """``(qualified name, layer)`` for every fake-quantized layer."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantModuleMixin):
+            yield name, mod
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
+    """``(qualified name, FakeQuantizer)`` for every quantizer in the model."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, FakeQuantizer):
+            yield name, mod
+
+
+def enable_observers(model: nn.Module, enabled: bool = True) -> None:
+    for _, q in quantizers(model):
+        q.enable_observer(enabled)
+
+
+def enable_fake_quant(model: nn.Module, enabled: bool = True) -> None:
+    for _, q in quantizers(model):
+        q.enable_fake_quant(enabled)
+
+
+def freeze_bn_stats(model: nn.Module) -> int:
+    """Put every BatchNorm layer in eval mode (running statistics frozen); returns how many.
+
+    ``Module.train()`` undoes this, so a training loop calls it again after each ``train()``.
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            n += 1
+    return n

@@ -1,0 +1,84 @@
+"""Post-training quantization: calibrate a prepared model's observers on data, without training."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from .prepare import quantizers
+
+__all__ = ["calibrate", "default_forward"]
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``(x, y)`` -> ``model(x)``; a dict -> ``model(**batch)``; anything else -> ``model(batch)``."""
+    if isinstance(batch, (list, tuple)):
+        return model(batch[0])
+    if isinstance(batch, dict):
+        return model(**batch)
+    return model(batch)
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: Optional[int] = None,
+    forward_fn: Callable[[nn.Module, Any], Any] = default_forward,
+    device: Optional[torch.device] = None,
+) -> int:
+    """Static PTQ calibration: run batches through a prepared model with observers on.
+
+    The model runs in eval mode (BatchNorm statistics untouched) without gradients; afterwards
+    every quantizer takes its scale / zero point (or PACT clip) from what its observer saw, and
+    observers are switched off, so the model is a fixed post-training-quantized model.
+
+    Args:
+        model: a model returned by :func:`qat.prepare`.
+        batches: an iterable of batches (a DataLoader).
+        num_batches: stop after this many (all if None).
+        forward_fn: how a batch runs through the model.
+        device: move tensor batches here first (default: the model's device).
+
+    Returns:
+        the number of batches seen.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from qat import prepare
+        >>> model = prepare(nn.Sequential(nn.Linear(4, 4)), "w8a8")
+        >>> calibrate(model, [(torch.randn(8, 4), None)] * 3)
+        3
+    """
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    qs = [q for _, q in quantizers(model)]
+    for q in qs:
+        q.enable_observer(True)
+    seen = 0
+    for batch in batches:
+        if num_batches is not None and seen >= num_batches:
+            break
+        forward_fn(model, _to(batch, device))
+        seen += 1
+    for q in qs:
+        q.load_from_observer()
+        q.enable_observer(False)
+    model.train(was_training)
+    return seen
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch

@@ -1,0 +1,202 @@
+"""`QuantSpec`: how one tensor is quantized. A frozen dataclass of primitives and enums, so the
+same class is the Python API and the Hydra schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+from .errors import QATConfigError
+
+__all__ = ["Granularity", "ObserverKind", "Estimator", "RoundMode", "ScaleDtype", "QuantSpec"]
+
+
+class _ChoiceEnum(str, enum.Enum):
+    @classmethod
+    def parse(cls, value: Any, field: str) -> "_ChoiceEnum":
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise QATConfigError(f"{field} must be one of [{choices}], got {value!r}") from None
+
+
+class Granularity(_ChoiceEnum):
+    """Which elements share one scale."""
+
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"  # along ``axis``
+    PER_GROUP = "per_group"  # ``group_size`` consecutive elements of the last axis
+    PER_TOKEN = "per_token"  # dynamic activations: one scale per row (all but the last axis)
+
+
+class ObserverKind(_ChoiceEnum):
+    """How statistics become a range."""
+
+    MINMAX = "minmax"
+    MOVING_AVERAGE = "moving_average"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+class Estimator(_ChoiceEnum):
+    """The gradient estimator of the rounding step."""
+
+    STE = "ste"  # clipped straight-through; scale from the observer
+    LSQ = "lsq"  # learned step size (Esser et al. 2019)
+    LSQ_PLUS = "lsq_plus"  # learned step size and offset (Bhalgat et al. 2020)
+    PACT = "pact"  # learned activation clip (Choi et al. 2018), unsigned activations only
+
+
+class RoundMode(_ChoiceEnum):
+    HALF_EVEN = "half_even"
+    HALF_AWAY = "half_away"
+    HALF_UP = "half_up"
+
+
+class ScaleDtype(_ChoiceEnum):
+    """The precision scales are stored in (GGUF blocks store float16 scales)."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+_ENUM_FIELDS = {
+    "granularity": Granularity,
+    "observer": ObserverKind,
+    "estimator": Estimator,
+    "round_mode": RoundMode,
+    "scale_dtype": ScaleDtype,
+}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor (a weight, or a layer's input activation) is fake-quantized.
+
+    Args:
+        bits: integer bit-width, 2..16.
+        signed: signed range ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
+        symmetric: zero point fixed at 0 (signed) or mid-range (unsigned); else fitted (affine).
+        narrow_range: drop the most negative code (``[-(2^(b-1)-1), 2^(b-1)-1]``), signed only.
+        granularity: ``per_tensor``, ``per_channel`` (along ``axis``), ``per_group`` (``group_size``
+            consecutive elements of the last axis) or ``per_token`` (dynamic activations only).
+        axis: channel axis for ``per_channel``.
+        group_size: elements per group for ``per_group``.
+        observer: ``minmax``, ``moving_average``, ``percentile`` or ``mse``.
+        averaging_constant: moving-average weight of a new batch, in (0, 1].
+        percentile: for ``percentile``, the kept fraction in percent, in (50, 100].
+        estimator: ``ste``, ``lsq``, ``lsq_plus`` or ``pact``.
+        round_mode: ``half_even`` (torch.round), ``half_away`` or ``half_up``.
+        scale_dtype: ``float32``, or ``float16`` to round scales to float16 (GGUF).
+        dynamic: compute the range from each batch (no observer state), for activations.
+
+    Example::
+
+        >>> spec = QuantSpec(bits=4, granularity="per_channel", axis=0)
+        >>> spec.qmin, spec.qmax
+        (-8, 7)
+        >>> QuantSpec(bits=8, signed=False, symmetric=False).qmax
+        255
+    """
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    narrow_range: bool = False
+    granularity: Granularity = Granularity.PER_TENSOR
+    axis: int = 0
+    group_size: Optional[int] = None
+    observer: ObserverKind = ObserverKind.MINMAX
+    averaging_constant: float = 0.01
+    percentile: float = 99.99
+    estimator: Estimator = Estimator.STE
+    round_mode: RoundMode = RoundMode.HALF_EVEN
+    scale_dtype: ScaleDtype = ScaleDtype.FLOAT32
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        for name, enum_cls in _ENUM_FIELDS.items():
+            object.__setattr__(self, name, enum_cls.parse(getattr(self, name), f"QuantSpec.{name}"))
+        for name in ("bits", "axis"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise QATConfigError(f"QuantSpec.{name} must be an integer, got {v!r}")
+        if not 2 <= self.bits <= 16:
+            raise QATConfigError(f"QuantSpec.bits must be in 2..16, got {self.bits}")
+        if self.narrow_range and not self.signed:
+            raise QATConfigError("QuantSpec.narrow_range applies to signed ranges only; set signed: true or narrow_range: false")
+        if self.granularity is Granularity.PER_GROUP:
+            if self.group_size is None or isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise QATConfigError(
+                    f"QuantSpec.group_size must be a positive integer when granularity is per_group, got {self.group_size!r}"
+                )
+        elif self.group_size is not None:
+            raise QATConfigError(
+                f"QuantSpec.group_size={self.group_size} is only valid with granularity per_group, got {self.granularity.value}"
+            )
+        if self.granularity is Granularity.PER_TOKEN and not self.dynamic:
+            raise QATConfigError("QuantSpec.granularity per_token needs dynamic: true (per-token scales come from each batch)")
+        if not 0.0 < self.averaging_constant <= 1.0:
+            raise QATConfigError(f"QuantSpec.averaging_constant must be in (0, 1], got {self.averaging_constant}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise QATConfigError(f"QuantSpec.percentile must be in (50, 100], got {self.percentile}")
+        if self.estimator is Estimator.PACT:
+            if self.signed:
+                raise QATConfigError("QuantSpec.estimator pact clips to [0, alpha]: it needs signed: false")
+            if self.granularity is not Granularity.PER_TENSOR:
+                raise QATConfigError("QuantSpec.estimator pact learns one clip per tensor: it needs granularity per_tensor")
+        if self.dynamic and self.estimator is not Estimator.STE:
+            raise QATConfigError(
+                f"QuantSpec.dynamic ranges come from each batch and cannot be learned: estimator must be ste, got {self.estimator.value}"
+            )
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def learned(self) -> bool:
+        return self.estimator is not Estimator.STE
+
+    def replace(self, **changes: Any) -> "QuantSpec":
+        """A copy with some fields changed (validated)."""
+        return QuantSpec.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-primitive dict (enums as their string values), for YAML / checkpoints / W&B."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.value if isinstance(v, enum.Enum) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "QuantSpec") -> "QuantSpec":
+        """Build from a mapping, rejecting unknown keys with the list of valid ones."""
+        if not isinstance(data, Mapping):
+            raise QATConfigError(f"{where} must be a mapping of QuantSpec fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise QATConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+        try:
+            return cls(**dict(data))
+        except QATConfigError as exc:
+            if where != "QuantSpec":
+                raise QATConfigError(f"{where}: {exc}") from None
+            raise
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,55 @@
+"""The Hydra schema of ``qat-train``, registered in the ConfigStore by :func:`register_configs`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from qat.spec import QuantSpec
+
+__all__ = ["TrainConfig", "FPStage", "PTQStage", "QATStage", "register_configs"]
+
+
+@dataclass
+class FPStage:
+    epochs: int = 15
+    lr: float = 3e-3
+
+
+@dataclass
+class PTQStage:
+    calibration_batches: int = 8
+
+
+@dataclass
+class QATStage:
+    epochs: int = 10
+    lr: float = 1e-3
+    calibration_batches: int = 8
+    freeze_observers_epoch: Optional[int] = None
+    freeze_bn_epoch: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    quant: Any = None  # a plan: {name, rules}; validated by qat.QuantPlan.from_dict
+    model: Any = None
+    data: Any = None
+    trainer: Any = None
+    logger: Any = None
+    seed: int = 0
+    fp: FPStage = field(default_factory=FPStage)
+    ptq: PTQStage = field(default_factory=PTQStage)
+    qat: QATStage = field(default_factory=QATStage)
+
+
+def register_configs() -> None:
+    """Register the schemas: ``train_schema`` (the top level) and ``schema/quant_spec``.
+
+    Called by the entry points before Hydra composes; never at import time.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="schema", name="quant_spec", node=QuantSpec)
