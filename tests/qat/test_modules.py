@@ -1,0 +1,198 @@
+"""Quantized layers, observers and prepare: behaviour on real small tensors."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qat import (
+    FakeQuantizer,
+    QuantConv1d,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    QuantSpec,
+    enable_observers,
+    is_prepared,
+    prepare,
+    quantizers,
+    unprepare,
+)
+from qat.kernels import fake_quantize
+from qat.observers import MinMaxObserver, MovingAverageMinMaxObserver, qparams_from_range
+from qat.plan import LayerQuant
+
+
+def test_quant_linear_equals_manual_fake_quant():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    w_spec = QuantSpec(bits=4, granularity="per_channel", axis=0)
+    a_spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    q = QuantLinear.from_float(lin, LayerQuant(w_spec, a_spec))
+    assert q.weight is lin.weight and q.bias is lin.bias  # shares parameters
+    x = torch.randn(5, 16)
+    y = q(x)
+    s_w, z_w = qparams_from_range(*torch.aminmax(lin.weight.detach(), dim=1), w_spec)
+    mn, mx = torch.aminmax(x)
+    s_a, z_a = qparams_from_range(mn.reshape(1), mx.reshape(1), a_spec)
+    ref = F.linear(fake_quantize(x, s_a, z_a, 0, 255), fake_quantize(lin.weight, s_w, z_w, -8, 7, axis=0), lin.bias)
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    back = q.to_float()
+    assert type(back) is nn.Linear and back.weight is lin.weight
+    torch.testing.assert_close(back(x), lin(x))
+
+
+@pytest.mark.parametrize("cls,float_mod,shape", [
+    (QuantConv2d, nn.Conv2d(4, 6, 3, padding=1), (2, 4, 7, 7)),
+    (QuantConv1d, nn.Conv1d(4, 6, 3), (2, 4, 9)),
+])
+def test_conv_per_group_weights(cls, float_mod, shape):
+    spec = QuantSpec(bits=4, granularity="per_group", group_size=12)  # groups over I*k
+    q = cls.from_float(float_mod, LayerQuant(spec, QuantSpec(bits=8)))
+    y = q(torch.randn(shape))
+    assert y.shape == float_mod(torch.randn(shape)).shape
+    assert q.weight_quantizer.scale.shape == (6, float_mod.weight[0].numel() // 12)
+    w_hat = q.quantized_weight()
+    # each group of 12 has at most 16 distinct levels
+    groups = w_hat.detach().flatten(1).reshape(6, -1, 12)
+    assert max(len(torch.unique(g)) for g in groups.reshape(-1, 12)) <= 16
+
+
+def test_embedding_quantizes_table_not_indices():
+    emb = nn.Embedding(20, 32)
+    q = QuantEmbedding.from_float(emb, LayerQuant(QuantSpec(bits=4, granularity="per_group", group_size=8), QuantSpec(bits=8)))
+    assert q.input_quantizer is None
+    out = q(torch.tensor([[1, 5], [7, 19]]))
+    assert out.shape == (2, 2, 32)
+    assert len(torch.unique(out[0, 0, :8].detach())) <= 16
+
+
+def test_prepare_unprepare_roundtrip():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 8)
+    ref = model(x)
+    prepare(model, "w8a8")
+    assert is_prepared(model) and isinstance(model[0], QuantLinear)
+    assert set(model.qat_layers) == {"0", "2"}
+    unprepare(model)
+    assert not is_prepared(model) and type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), ref)
+
+
+def test_prepared_model_trains_and_state_dict_roundtrips():
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), "w4a4")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    sd = model.state_dict()
+    assert "0.input_quantizer.scale" in sd and "0.input_quantizer.observer.min_val" in sd
+    fresh = prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), "w4a4")
+    fresh.load_state_dict(sd)
+    enable_observers(model, False)
+    enable_observers(fresh, False)
+    torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+
+
+def test_zero_and_constant_ranges_never_give_nan():
+    for spec in (QuantSpec(bits=4), QuantSpec(bits=8, signed=False, symmetric=False), QuantSpec(bits=2, signed=False)):
+        fq = FakeQuantizer(spec, (8,))
+        for x in (torch.zeros(4, 8), torch.full((4, 8), 3.0), torch.full((4, 8), -2.0)):
+            fq.observer.reset()
+            y = fq(x)
+            assert torch.isfinite(y).all() and torch.isfinite(fq.scale).all() and (fq.scale > 0).all()
+            if x.abs().max() == 0:
+                assert (y == 0).all()
+
+
+def test_minmax_and_moving_average_observers():
+    spec = QuantSpec(bits=8, granularity="per_channel", axis=1)
+    mm = MinMaxObserver(spec, (3,))
+    ma = MovingAverageMinMaxObserver(QuantSpec(bits=8, granularity="per_channel", axis=1, averaging_constant=0.5), (3,))
+    a = torch.tensor([[0.0, -1.0, 2.0], [1.0, 1.0, -2.0]])
+    b = torch.tensor([[4.0, -3.0, 0.0], [4.0, -3.0, 0.0]])
+    for obs in (mm, ma):
+        obs(a)
+        obs(b)
+    assert mm.min_val.tolist() == [0.0, -3.0, -2.0] and mm.max_val.tolist() == [4.0, 1.0, 2.0]
+    assert ma.min_val.tolist() == [2.0, -2.0, -1.0] and ma.max_val.tolist() == [2.5, -1.0, 1.0]
+
+
+def test_weight_quantizer_tracks_current_weights():
+    lin = QuantLinear.from_float(nn.Linear(4, 4), LayerQuant(QuantSpec(bits=8)))
+    lin(torch.randn(2, 4))
+    with torch.no_grad():
+        lin.weight.mul_(0.01)
+    lin(torch.randn(2, 4))
+    expected = lin.weight.detach().abs().max() / 127.5
+    torch.testing.assert_close(lin.weight_quantizer.scale, expected.reshape(1))
+
+
+def test_dynamic_per_token_activation():
+    spec = QuantSpec(bits=8, dynamic=True, granularity="per_token")
+    fq = FakeQuantizer(spec, (16,))
+    x = torch.randn(3, 5, 16) * torch.arange(1, 6).reshape(1, 5, 1)
+    y = fq(x)
+    # each token's max |x| is representable within half a step of its own scale
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    assert ((y - x).abs() <= amax / 127.5 / 2 + 1e-6).all()
+
+
+def test_learned_estimators_give_scale_gradients():
+    for est, signed in (("lsq", True), ("lsq_plus", True), ("pact", False)):
+        spec = QuantSpec(bits=4, estimator=est, signed=signed, symmetric=est != "lsq_plus")
+        fq = FakeQuantizer(spec, (8,))
+        x = torch.randn(16, 8)
+        fq(x).pow(2).sum().backward()
+        learned = fq.alpha if est == "pact" else fq.scale
+        assert learned.grad is not None and torch.isfinite(learned.grad).all()
+        if est == "lsq":
+            expected = 2 * x.abs().mean() / math.sqrt(7)
+            torch.testing.assert_close(fq.scale.detach(), expected.reshape(1))
+
+
+def test_quantizers_iterates_all():
+    model = prepare(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), "w8a8")
+    assert [n for n, _ in quantizers(model)] == ["0.weight_quantizer", "0.input_quantizer", "1.weight_quantizer", "1.input_quantizer"]
+
+
+def test_core_never_imports_lightning_hydra_or_wandb():
+    code = (
+        "import sys, qat, qat.kernels, qat.ptq, qat.size\n"
+        "import torch.nn as nn\n"
+        "qat.prepare(nn.Sequential(nn.Linear(4, 4)), 'w4a8')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning', 'hydra', 'wandb', 'omegaconf'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_core_sources_have_no_forbidden_imports():
+    import ast
+    import pathlib
+
+    import qat
+
+    root = pathlib.Path(qat.__file__).parent
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for n in names:
+                assert n.split(".")[0] not in ("pytorch_lightning", "lightning", "hydra", "wandb"), f"{path}: imports {n}"
