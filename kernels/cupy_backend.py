@@ -1,0 +1,460 @@
+"""Fused CuPy fake-quant kernels: the CUDA backend of :mod:`qat.kernels.ops`.
+
+Same functions, signatures and return conventions as :mod:`qat.kernels.reference` (contiguous
+outputs, the packed int32 STE mask, float32 parameter gradients), computed by the CUDA sources in
+``csrc/``:
+
+* ``fake_quant.cu``: the forward quantize-dequantize (STE, LSQ and PACT variants), which also writes
+  the 1-bit clip mask with warp shuffles, and the clipped-STE backward that reads it;
+* ``reduce.cu``: LSQ/LSQ+ and PACT backward passes that write ``dx`` and reduce ``dscale``/``dzero_point``
+  (``dalpha``) in the same pass, and the observer's per-tensor/channel/group min/max.
+
+Each source is compiled by NVRTC once per (dtype, vector width) and cached (in memory here, on disk by
+CuPy). Kernels run on PyTorch's current stream, take raw device pointers, and index with 64-bit
+integers. Inputs this backend does not cover (float64, mixed dtypes, CPU parameters) go to the
+reference, so every call returns the reference's answer.
+
+:func:`compile_all` compiles every instantiation through NVRTC without touching a GPU (the CPU test).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import reference
+
+try:  # CuPy is optional: without it ops.py keeps every tensor on the reference.
+    import cupy
+    import numpy as np
+except ImportError:  # pragma: no cover - exercised where CuPy is absent
+    cupy = None
+    np = None
+
+__all__ = [
+    "available",
+    "compile_all",
+    "aminmax",
+    "fake_quantize_forward",
+    "fake_quantize_backward",
+    "fake_quantize_lsq_forward",
+    "fake_quantize_lsq_backward",
+    "fake_quantize_pact_forward",
+    "fake_quantize_pact_backward",
+]
+
+_CSRC = Path(__file__).resolve().parent / "csrc"
+#: source file -> its extern "C" kernels
+_KERNELS = {
+    "fake_quant.cu": ("fq_forward", "fq_backward"),
+    "reduce.cu": ("lsq_backward_seg", "lsq_backward_cols", "pact_backward_seg", "minmax_seg", "minmax_cols"),
+}
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ESIZE = {0: 4, 1: 2, 2: 2}
+_ROUND = {mode: i for i, mode in enumerate(reference.ROUND_MODES)}
+_THREADS = 256
+#: a (C, inner) layout whose rows are at most this wide uses the column kernel (see reduce.cu)
+_COLS_MAX_WIDTH = 1024
+#: which granularities :func:`aminmax` runs on the kernel (elsewhere torch.aminmax was faster on an
+#: H100, benchmarks/results/kernels_h100.md)
+_AMINMAX_KERNEL = {"tensor": False, "channel": True, "group": True}
+
+
+# ----------------------------------------------------------------------------- compilation
+
+
+def _source(name: str) -> str:
+    """A kernel source with ``common.cuh`` pasted in, so CuPy's cache key covers the header too."""
+    text = (_CSRC / name).read_text()
+    header = (_CSRC / "common.cuh").read_text()
+    return text.replace('#include "common.cuh"', header)
+
+
+def _options(dtype_code: int, vec: int) -> tuple[str, ...]:
+    # --fmad=false: no a*b+c contraction, so every float op rounds like PyTorch's (bit-exact parity).
+    return ("-std=c++17", "--fmad=false", f"-DQAT_DTYPE={dtype_code}", f"-DQAT_VEC={vec}")
+
+
+def _variants():
+    """Every (source, dtype code, vector width) this backend can launch."""
+    for name in _KERNELS:
+        for code, esize in _ESIZE.items():
+            for vec in (1, 16 // esize):
+                yield name, code, vec
+
+
+def compile_all(arch: str = "sm_90") -> dict[tuple[str, int, int], int]:
+    """Compile every kernel instantiation with NVRTC for ``arch``, without a GPU.
+
+    Args:
+        arch: a real architecture (``"sm_90"``): NVRTC compiles down to its machine code, so
+            assembler errors surface too.
+
+    Returns:
+        ``{(source, dtype_code, vec): cubin size in bytes}``.
+
+    Raises:
+        ImportError: CuPy or its NVRTC library is missing.
+        RuntimeError: a source failed to compile or lacks one of its kernels; the message holds the
+            NVRTC log.
+    """
+    if cupy is None:
+        raise ImportError("compile_all needs CuPy")
+    from cupy.cuda import nvrtc
+
+    sizes = {}
+    for name, code, vec in _variants():
+        prog = nvrtc.createProgram(_source(name), name, [], [])
+        try:
+            try:
+                nvrtc.compileProgram(prog, [*_options(code, vec), f"--gpu-architecture={arch}"])
+            except nvrtc.NVRTCError as exc:
+                log = nvrtc.getProgramLog(prog)
+                raise RuntimeError(f"NVRTC failed on {name} (dtype {code}, vec {vec}): {exc}\n{log}") from exc
+            ptx = nvrtc.getPTX(prog)
+            ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+            missing = [k for k in _KERNELS[name] if f".entry {k}(" not in ptx]
+            if missing:
+                raise RuntimeError(f"{name} (dtype {code}, vec {vec}) compiled without kernels {missing}")
+            sizes[(name, code, vec)] = len(nvrtc.getCUBIN(prog))
+        finally:
+            nvrtc.destroyProgram(prog)
+    return sizes
+
+
+_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str, dtype_code: int, vec: int, device: int):
+    with cupy.cuda.Device(device):
+        return cupy.RawModule(code=_source(name), options=_options(dtype_code, vec))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, kernel: str, dtype_code: int, vec: int, device: int):
+    with _lock, cupy.cuda.Device(device):
+        return _module(name, dtype_code, vec, device).get_function(kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _blocks_per_sm(kern, shared_mem: int) -> int:
+    try:
+        from cupy.cuda import driver
+
+        return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(kern.kernel.ptr, _THREADS, shared_mem)))
+    except Exception:  # noqa: BLE001 - occupancy is a tuning hint only
+        return 4
+
+
+def _wave(kern, device: int, shared_mem: int = 0) -> int:
+    """Blocks of one full wave: every block resident at once, grid-stride loops do the rest."""
+    return _num_sms(device) * _blocks_per_sm(kern, shared_mem)
+
+
+_streams: dict[tuple[int, int], object] = {}
+
+
+def _stream(device: int):
+    """PyTorch's current stream on ``device`` as a CuPy stream (cached by handle)."""
+    ptr = torch.cuda.current_stream(device).cuda_stream
+    s = _streams.get((device, ptr))
+    if s is None:
+        with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14, still the plain way
+            warnings.simplefilter("ignore")
+            s = cupy.cuda.ExternalStream(ptr, device)
+        _streams[(device, ptr)] = s
+    return s
+
+
+def _launch(kern, grid, args, device: int, shared_mem: int = 0) -> None:
+    if isinstance(grid, int):
+        grid = (grid,)
+    with cupy.cuda.Device(device), _stream(device):
+        kern(grid, (_THREADS,), args, shared_mem=shared_mem)
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """True when CuPy is importable and sees a GPU (NVRTC is then used to build the kernels)."""
+    if cupy is None or not torch.cuda.is_available():
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no driver, no device, wrong CUDA
+        return False
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _aligned(*ts: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in ts)
+
+
+def _layout(x: torch.Tensor, axis: Optional[int], group_size: Optional[int]) -> tuple[int, int]:
+    """``(inner, C)`` of the index rule ``key = (i // inner) % C`` on the contiguous tensor."""
+    n = x.numel()
+    if group_size is not None:
+        inner, c = group_size, n // group_size
+    elif axis is not None:
+        axis = axis % x.dim()
+        c = x.shape[axis]
+        inner = math.prod(x.shape[axis + 1 :])
+    else:
+        inner, c = n, 1
+    if c <= 1:
+        inner, c = max(n, 1), 1
+    return max(inner, 1), max(c, 1)
+
+
+def _supported(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether the kernels cover these inputs (else the reference answers)."""
+    if not (available() and x.is_cuda and x.dtype in _DTYPE_CODE):
+        return False
+    for t in others:
+        if t is not None and t.device != x.device:
+            return False
+    return True
+
+
+def _params(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def _use_cols(inner: int, c: int) -> bool:
+    return c > 1 and (inner == 1 or c * inner <= _COLS_MAX_WIDTH)
+
+
+def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tuple, device: int) -> None:
+    """Launch ``{kind}_seg`` or ``{kind}_cols`` (reduce.cu) for the layout ``(inner, C)``."""
+    code = _DTYPE_CODE[x.dtype]
+    vec_full = 16 // _ESIZE[code]
+    tensors = [t for t in (x, g, dx) if t is not None]
+    aligned = _aligned(*tensors)
+    if _use_cols(inner, c):
+        wd = c * inner
+        rows = n // wd
+        vec = vec_full if aligned and wd % vec_full == 0 else 1
+        kern = _kernel("reduce.cu", f"{kind}_cols", code, vec, device)
+        wdv = wd // vec
+        colsv = min(wdv, 32)
+        r = _THREADS // colsv
+        shared = 2 * _THREADS * vec * 4
+        gx = -(-wdv // colsv)
+        gy = max(1, min(-(-rows // r), -(-_wave(kern, device, shared) // gx)))
+        args = (*ptrs, np.int64(rows), np.int64(wd), np.int64(inner), np.int32(colsv), np.int32(r), *tail_args)
+        _launch(kern, (gx, gy), args, device, shared)
+    else:
+        vec = vec_full if aligned and (c == 1 or inner % vec_full == 0) else 1
+        kern = _kernel("reduce.cu", f"{kind}_seg", code, vec, device)
+        nsteps = -(-n // (32 * vec))
+        grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device)))
+        if kind == "pact_backward":
+            args = (*ptrs, np.int64(n))
+        else:
+            args = (*ptrs, np.int64(n), np.int64(inner), np.int64(c), *tail_args)
+        _launch(kern, grid, args, device)
+
+
+def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask):
+    xc = x.contiguous()
+    n = xc.numel()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mask = torch.empty((reference.mask_words(n),), dtype=torch.int32, device=x.device) if with_mask else None
+    if n == 0:
+        return y, mask
+    device = x.device.index
+    code = _DTYPE_CODE[x.dtype]
+    vec = 16 // _ESIZE[code] if _aligned(xc, y) else 1
+    kern = _kernel("fake_quant.cu", "fq_forward", code, vec, device)
+    if variant == 2:
+        inner, c = max(n, 1), 1
+        s = z = None
+        a = _params(alpha)
+    else:
+        inner, c = _layout(xc, axis, group_size)
+        s, z, a = _params(scale), _params(zero_point), None
+    nsteps = -(-n // (32 * vec))
+    grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device)))
+    args = (
+        _ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a),
+        np.int64(n), np.int64(inner), np.int64(c),
+        np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]), np.int32(variant),
+    )  # fmt: skip
+    _launch(kern, grid, args, device)
+    return y, mask
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def fake_quantize_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: Optional[int] = None,
+    group_size: Optional[int] = None,
+    round_mode: str = "half_even",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize-dequantize ``x``; returns ``(x_hat, packed_mask)`` (see reference)."""
+    if not _supported(x, scale, zero_point):
+        return reference.fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    return _forward(x, scale, zero_point, None, qmin, qmax, axis, group_size, round_mode, 0, True)
+
+
+def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Clipped-STE backward: ``grad`` where the saved mask bit is set, 0 elsewhere."""
+    if not _supported(grad, mask) or mask.dtype != torch.int32:
+        return reference.fake_quantize_backward(grad, mask)
+    g = grad.contiguous()
+    n = g.numel()
+    dx = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    if n == 0:
+        return dx
+    m = mask.contiguous()
+    device = grad.device.index
+    code = _DTYPE_CODE[grad.dtype]
+    vec = 16 // _ESIZE[code] if _aligned(g, dx) else 1
+    kern = _kernel("fake_quant.cu", "fq_backward", code, vec, device)
+    nvec = -(-n // vec)
+    grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device)))
+    _launch(kern, grid, (_ptr(g), _ptr(m), _ptr(dx), np.int64(n)), device)
+    return dx
+
+
+def fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis=None, group_size=None, round_mode="half_even"):
+    """Forward of the learned-step (LSQ / LSQ+) quantizer (zero point used as clamp(rint(z)))."""
+    if not _supported(x, scale, zero_point):
+        return reference.fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    y, _ = _forward(x, scale, zero_point, None, qmin, qmax, axis, group_size, round_mode, 1, False)
+    return y
+
+
+def fake_quantize_lsq_backward(
+    grad, x, scale, zero_point, qmin, qmax, axis=None, group_size=None, grad_factor=1.0, round_mode="half_even"
+):
+    """Gradients of the LSQ / LSQ+ quantizer, ``(dx, dscale, dzero_point)``, in one pass over x and grad."""
+    if not _supported(x, grad, scale, zero_point) or grad.dtype != x.dtype:
+        return reference.fake_quantize_lsq_backward(
+            grad, x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode
+        )
+    xc, g = x.contiguous(), grad.reshape(x.shape).contiguous()
+    n = xc.numel()
+    dx = torch.empty(x.shape, dtype=grad.dtype, device=x.device)
+    inner, c = _layout(xc, axis, group_size)
+    ds = torch.zeros(c, dtype=torch.float32, device=x.device)
+    dz = torch.zeros(c, dtype=torch.float32, device=x.device)
+    if n:
+        s, z = _params(scale), _params(zero_point)
+        tail = (np.float32(qmin), np.float32(qmax), np.float32(grad_factor), np.int32(_ROUND[round_mode]))
+        ptrs = (_ptr(xc), _ptr(g), _ptr(dx), _ptr(s), _ptr(z), _ptr(ds), _ptr(dz))
+        _launch_reduce("lsq_backward", xc, g, dx, n, inner, c, tail, ptrs, x.device.index)
+    return dx, ds.reshape(scale.shape), dz.reshape(zero_point.shape)
+
+
+def fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode="half_even"):
+    """PACT forward: clip to ``[0, alpha]``, quantize with ``s = alpha / (qmax - qmin)``, ``z = qmin``."""
+    if not _supported(x, alpha):
+        return reference.fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode)
+    y, _ = _forward(x, None, None, alpha, qmin, qmax, None, None, round_mode, 2, False)
+    return y
+
+
+def fake_quantize_pact_backward(grad, x, alpha):
+    """PACT gradients ``(dx, dalpha)`` in one pass."""
+    if not _supported(x, grad, alpha) or grad.dtype != x.dtype:
+        return reference.fake_quantize_pact_backward(grad, x, alpha)
+    xc, g = x.contiguous(), grad.reshape(x.shape).contiguous()
+    n = xc.numel()
+    dx = torch.empty(x.shape, dtype=grad.dtype, device=x.device)
+    da = torch.zeros(1, dtype=torch.float32, device=x.device)
+    if n:
+        a = _params(alpha)
+        ptrs = (_ptr(xc), _ptr(g), _ptr(dx), _ptr(a), _ptr(da))
+        _launch_reduce("pact_backward", xc, g, dx, n, n, 1, (), ptrs, x.device.index)
+    return dx, da.reshape(alpha.shape)
+
+
+# ----------------------------------------------------------------------------- observer
+
+
+def _param_shape(x: torch.Tensor, axis: Optional[int], group_size: Optional[int]) -> tuple[int, ...]:
+    if group_size is not None:
+        return tuple(x.shape[:-1]) + (x.shape[-1] // group_size,)
+    if axis is not None:
+        return (x.shape[axis % x.dim()],)
+    return (1,)
+
+
+def _granularity(axis: Optional[int], group_size: Optional[int]) -> str:
+    return "group" if group_size is not None else ("channel" if axis is not None else "tensor")
+
+
+def _aminmax_torch(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):
+    """The same statistics through PyTorch's reductions (the fastest formulation we found)."""
+    shape = _param_shape(x, axis, group_size)
+    if group_size is not None:
+        mn, mx = torch.aminmax(x.reshape(-1, group_size), dim=1)  # (..., K) -> (N*K/g, g)
+    elif axis is not None:
+        axis = axis % x.dim()
+        if axis == 0:
+            mn, mx = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)  # (C, ...) -> (C, rest)
+        else:
+            dims = [d for d in range(x.dim()) if d != axis]
+            mn, mx = torch.amin(x, dim=dims), torch.amax(x, dim=dims)
+    else:
+        mn, mx = torch.aminmax(x)
+    return mn.float().reshape(shape), mx.float().reshape(shape)
+
+
+def _aminmax_kernel(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):
+    """Min/max per parameter with the fused kernel (NaN ignored)."""
+    xc = x.contiguous()
+    n = xc.numel()
+    inner, c = _layout(xc, axis, group_size)
+    mn = torch.full((c,), math.inf, dtype=torch.float32, device=x.device)
+    mx = torch.full((c,), -math.inf, dtype=torch.float32, device=x.device)
+    if n:
+        _launch_reduce("minmax", xc, None, None, n, inner, c, (), (_ptr(xc), _ptr(mn), _ptr(mx)), x.device.index)
+    shape = _param_shape(x, axis, group_size)
+    return mn.reshape(shape), mx.reshape(shape)
+
+
+def aminmax(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):
+    """Per-tensor / per-channel / per-group ``(min, max)`` of ``x`` as float32, parameter-shaped.
+
+    Shapes follow the parameters of :func:`qat.kernels.fake_quantize`: ``(1,)`` per tensor,
+    ``(x.shape[axis],)`` per channel, ``x.shape[:-1] + (x.shape[-1] // group_size,)`` per group.
+    Runs the fused kernel where it beat ``torch.aminmax`` on an H100 (``_AMINMAX_KERNEL``), PyTorch's
+    reductions elsewhere and off the GPU.
+
+    Example::
+
+        >>> mn, mx = aminmax(torch.tensor([[1.0, -2.0], [3.0, 0.5]]), axis=0)
+        >>> mn, mx
+        (tensor([-2.0000,  0.5000]), tensor([1., 3.]))
+    """
+    if _supported(x) and _AMINMAX_KERNEL[_granularity(axis, group_size)]:
+        return _aminmax_kernel(x, axis, group_size)
+    return _aminmax_torch(x, axis, group_size)
