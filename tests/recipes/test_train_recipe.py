@@ -1,0 +1,77 @@
+"""qat-train: the real Hydra composition of train.yaml, the console script, a multirun, W&B offline."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import qat.recipes.train as train_mod
+from qat import QATConfigError
+from qat.recipes.config import register_configs
+
+CONFIG_DIR = str(pathlib.Path(train_mod.__file__).resolve().parent.parent / "configs")
+FAST = ["fp.epochs=2", "qat.epochs=1", "ptq.calibration_batches=2", "qat.calibration_batches=2", "model.net.channels=8"]
+
+
+def _compose(overrides):
+    GlobalHydra.instance().clear()
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_compose_defaults():
+    cfg = _compose(["logger=none"])
+    assert cfg.quant.name == "w4a4" and cfg.logger is None
+    assert cfg.model.net._target_ == "qat.recipes.digits.DigitsCNN"
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w2a2"])
+def test_run_writes_results(tmp_path, preset):
+    cfg = _compose([f"quant={preset}", "logger=none", *FAST])
+    res = train_mod.run(cfg, str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["plan"] == preset and saved == res
+    assert res["fp"]["test_acc"] > 0.5  # far above the 0.1 of chance even after 2 epochs
+    assert res["qat"]["bytes"] < res["fp"]["bytes"] / 3
+    assert (tmp_path / "qat_model.pt").exists()
+
+
+def test_bad_plan_fails_before_training(tmp_path):
+    cfg = _compose(["logger=none", "+quant.extra=1"])
+    with pytest.raises(QATConfigError, match=r"plan: unknown field\(s\) \['extra'\]"):
+        train_mod.run(cfg, str(tmp_path))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unknown_stage_key_is_rejected_by_the_schema():
+    with pytest.raises(Exception, match="epochz"):
+        _compose(["logger=none", "qat.epochz=3"])
+
+
+def _cli(args, cwd, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "qat.recipes.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_with_wandb_offline(tmp_path):
+    proc = _cli([*FAST, f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "full precision vs PTQ vs QAT" in proc.stdout
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_cli_multirun_summary(tmp_path):
+    proc = _cli(["-m", "quant=w8a8,w4a4", "logger=none", *FAST, f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sweep summary (2 runs)" in proc.stdout
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert [r["plan"] for r in summary] == ["w8a8", "w4a4"]
