@@ -1,0 +1,53 @@
+"""CPU checks of the CuPy backend (run in CI): every CUDA source compiles with NVRTC for every dtype
+and vector width, without a GPU; and off the GPU every function answers with the reference."""
+
+import pytest
+import torch
+
+from qat.kernels import cupy_backend, reference
+
+
+def _nvrtc_version():
+    pytest.importorskip("cupy", reason="CuPy is not installed")
+    try:
+        from cupy.cuda import nvrtc
+
+        return nvrtc.getVersion()
+    except Exception as exc:  # noqa: BLE001 - the library is missing or cannot be loaded
+        pytest.skip(f"NVRTC is not installed ({exc}); install nvidia-cuda-nvrtc-cu12")
+
+
+def test_every_kernel_compiles_with_nvrtc():
+    _nvrtc_version()
+    # A failure here is a real compile error (the RuntimeError carries NVRTC's log): it must fail, not skip.
+    sizes = cupy_backend.compile_all(arch="sm_90")
+    expected = {(name, code, vec) for name, code, vec in cupy_backend._variants()}
+    assert set(sizes) == expected
+    assert len(expected) == 2 * 3 * 2  # 2 sources x {fp32, fp16, bf16} x {scalar, 16-byte vector}
+    assert all(size > 0 for size in sizes.values())
+
+
+def test_compile_error_is_reported(monkeypatch):
+    _nvrtc_version()
+    monkeypatch.setattr(cupy_backend, "_source", lambda name: "this is not CUDA;")
+    monkeypatch.setattr(cupy_backend, "_KERNELS", {"broken.cu": ("k",)})
+    with pytest.raises(RuntimeError, match="NVRTC failed on broken.cu"):
+        cupy_backend.compile_all()
+
+
+def test_cpu_tensors_use_the_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g)
+    s = torch.rand(5, generator=g) * 0.1 + 0.01
+    z = torch.zeros(5)
+    y, m = cupy_backend.fake_quantize_forward(x, s, z, -8, 7, axis=0)
+    y_ref, m_ref = reference.fake_quantize_forward(x, s, z, -8, 7, axis=0)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    torch.testing.assert_close(m, m_ref, atol=0, rtol=0)
+    mn, mx = cupy_backend.aminmax(x, axis=0)
+    torch.testing.assert_close(mn, x.amin(dim=1), atol=0, rtol=0)
+    torch.testing.assert_close(mx, x.amax(dim=1), atol=0, rtol=0)
+    mn, mx = cupy_backend.aminmax(x, group_size=16)
+    assert mn.shape == (5, 4)
+    mn, mx = cupy_backend.aminmax(x)
+    assert mn.shape == (1,) and mn.item() == x.min().item()
