@@ -27,12 +27,14 @@ __all__ = [
 PlanLike = Union[str, os.PathLike, Mapping, QuantPlan]
 
 
-def prepare(model: nn.Module, plan: PlanLike) -> nn.Module:
+def prepare(model: nn.Module, plan: PlanLike, fold_bn: bool = False) -> nn.Module:
     """Replace each layer the plan names by its fake-quantized twin, in place.
 
     Args:
         model: any ``nn.Module``.
         plan: a preset name (``"w4a8"``), a YAML path, a dict / DictConfig, or a :class:`QuantPlan`.
+        fold_bn: fold each BatchNorm2d that directly follows a quantized Conv2d into its weight
+            before weight fake-quant (:func:`qat.bn_fold.fuse_conv_bn`).
 
     Returns:
         ``model`` itself, with ``model.qat_plan`` (the :class:`QuantPlan`) and ``model.qat_layers``
@@ -58,6 +60,10 @@ def prepare(model: nn.Module, plan: PlanLike) -> nn.Module:
         setattr(parent, child, QUANT_MODULES[type(float_mod)].from_float(float_mod, lq))
     model.qat_plan = plan
     model.qat_layers = resolved
+    if fold_bn:
+        from .bn_fold import fuse_conv_bn  # bn_fold imports modules; keep this module's imports acyclic
+
+        fuse_conv_bn(model)
     return model
 
 
