@@ -148,14 +148,20 @@ def _num_sms(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
-def _blocks_per_sm(kern, shared_mem: int) -> int:
-    try:
-        from cupy.cuda import driver
+_occupancy: dict[tuple[int, int], int] = {}
 
-        return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(kern.kernel.ptr, _THREADS, shared_mem)))
-    except Exception:  # noqa: BLE001 - occupancy is a tuning hint only
-        return 4
+
+def _blocks_per_sm(kern, shared_mem: int) -> int:
+    key = (id(kern), shared_mem)  # kernels are cached for the process's life, so ids are stable
+    if key not in _occupancy:
+        try:
+            from cupy.cuda import driver
+
+            blocks = driver.occupancyMaxActiveBlocksPerMultiprocessor(kern.kernel.ptr, _THREADS, shared_mem)
+            _occupancy[key] = max(1, int(blocks))
+        except Exception:  # noqa: BLE001 - occupancy is a tuning hint only
+            _occupancy[key] = 4
+    return _occupancy[key]
 
 
 def _wave(kern, device: int, shared_mem: int = 0) -> int:

@@ -1,0 +1,450 @@
+"""Benchmark of the fused CuPy fake-quant kernels against the memory-bandwidth ceiling and PyTorch.
+
+One command, on a CUDA GPU::
+
+    python benchmarks/kernels.py            # writes benchmarks/results/kernels_<gpu>.{md,json}
+
+For every op x dtype x granularity on 64M elements (a (4096, 16384) tensor), forward + backward:
+
+* ``ours``: the CuPy kernels (``qat.kernels.cupy_backend``), median time (``triton.testing.do_bench``,
+  CUDA events; a plain event loop when Triton is missing);
+* ``bytes``: the fewest bytes the op must move (each input read once, each output written once:
+  x, y, grad, dx, the 1-bit mask, the parameters and their gradients);
+* ``copy``: a same-run device-to-device copy moving those bytes (read + write), the ceiling;
+  ``ours/copy`` is the gap to it (1.00 = at the ceiling);
+* ``torch``: PyTorch's own op (``torch.fake_quantize_per_{tensor,channel}_affine``,
+  ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``; per-group as per-channel on a
+  ``(-1, group)`` view), and ``compile``: ``torch.compile`` of the eager formula (round / clamp with
+  a detach straight-through estimator), each with the speed-up of ours over it;
+* the observer's min/max (``aminmax``) against PyTorch's reductions;
+* the memory the STE forward keeps for backward, in bits per element (``torch.cuda.memory_allocated``).
+
+Options: ``--numel``, ``--out DIR``, ``--no-compile`` (skip the torch.compile baselines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qat.kernels import cupy_backend, fake_quantize, reference
+
+GRANULARITIES = {
+    "tensor": dict(axis=None, group_size=None),
+    "channel0": dict(axis=0, group_size=None),
+    "channel1": dict(axis=1, group_size=None),
+    "group128": dict(axis=None, group_size=128),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QMIN, QMAX = -8, 7  # signed int4
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def bench(fn) -> float:
+    """Median time of ``fn`` in microseconds."""
+    try:
+        from triton.testing import do_bench
+
+        return 1000.0 * do_bench(fn, warmup=25, rep=150, return_mode="median")
+    except ImportError:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(50):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(1000.0 * a.elapsed_time(b))
+        return statistics.median(times)
+
+
+_copy_cache: dict[int, float] = {}
+
+
+def copy_time(nbytes: int) -> float:
+    """A device-to-device copy that moves ``nbytes`` in all (half read, half written)."""
+    half = nbytes // 2
+    if half not in _copy_cache:
+        src = torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        _copy_cache[half] = bench(lambda: dst.copy_(src))
+        del src, dst
+    return _copy_cache[half]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def param_shape(shape, axis, group_size):
+    if group_size is not None:
+        return tuple(shape[:-1]) + (shape[-1] // group_size,)
+    if axis is not None:
+        return (shape[axis],)
+    return (1,)
+
+
+def make_inputs(shape, dtype, axis, group_size, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+    g = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+    ps = param_shape(shape, axis, group_size)
+    s = torch.rand(ps, generator=gen, device="cuda") * 0.3 + 0.2  # about 6% of values clip at int4
+    z = torch.randint(-2, 3, ps, generator=gen, device="cuda").float()
+    return x, g, s, z
+
+
+def minimal_bytes(op, n, esize, nparams):
+    if op == "ste":  # fwd: x -> y, mask; bwd: grad, mask -> dx
+        return 4 * n * esize + 2 * (n // 8) + 8 * nparams
+    if op == "lsq":  # fwd: x -> y; bwd: x, grad -> dx, dscale, dzero_point
+        return 5 * n * esize + 8 * nparams + 16 * nparams
+    if op == "pact":  # fwd: x -> y; bwd: x, grad -> dx
+        return 5 * n * esize + 8
+    if op == "aminmax":  # x -> min, max
+        return n * esize + 8 * nparams
+    raise ValueError(op)
+
+
+# ----------------------------------------------------------------------------- the three contenders
+
+
+def ours_fn(op, x, g, s, z, axis, gs):
+    be = cupy_backend
+    if op == "ste":
+
+        def fn():
+            _, m = be.fake_quantize_forward(x, s, z, QMIN, QMAX, axis, gs)
+            be.fake_quantize_backward(g, m)
+
+    elif op == "lsq":
+
+        def fn():
+            be.fake_quantize_lsq_forward(x, s, z, QMIN, QMAX, axis, gs)
+            be.fake_quantize_lsq_backward(g, x, s, z, QMIN, QMAX, axis, gs, 0.01)
+
+    elif op == "pact":
+        alpha = torch.tensor([2.0], device="cuda")
+
+        def fn():
+            be.fake_quantize_pact_forward(x, alpha, 0, 15)
+            be.fake_quantize_pact_backward(g, x, alpha)
+
+    else:
+
+        def fn():
+            be._aminmax_kernel(x, axis, gs)
+
+    return fn
+
+
+def ours_op_fn(op, x, g, s, z, axis, gs):
+    """The public ops (custom-op dispatch + autograd) around the same kernels, forward + backward."""
+    from qat.kernels import fake_quantize_lsq, fake_quantize_pact
+
+    if op == "aminmax":
+        return lambda: cupy_backend.aminmax(x, axis, gs)
+    xr = x.detach().requires_grad_()
+    if op == "ste":
+        f, params = (lambda: fake_quantize(xr, s, z, QMIN, QMAX, axis, gs)), [xr]
+    elif op == "lsq":
+        sr, zr = s.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+        f, params = (lambda: fake_quantize_lsq(xr, sr, zr, QMIN, QMAX, axis, gs, 0.01)), [xr, sr, zr]
+    else:
+        alpha = torch.tensor([2.0], device="cuda", requires_grad=True)
+        f, params = (lambda: fake_quantize_pact(xr, alpha, 0, 15)), [xr, alpha]
+    return lambda: torch.autograd.grad(f(), params, g)
+
+
+def torch_fn(op, x, g, s, z, axis, gs):
+    """PyTorch's own op, forward + backward through autograd (None where it has none)."""
+    if op == "aminmax":
+        return lambda: cupy_backend._aminmax_torch(x, axis, gs)
+    if op == "pact":
+        return None
+    xv, sv, zv, ax = x, s, z, axis
+    if gs is not None:  # per-group = per-channel on a (rows, group) view
+        xv, sv, zv, ax = x.reshape(-1, gs), s.reshape(-1), z.reshape(-1), 0
+    xr = xv.detach().requires_grad_()
+    gv = g.reshape(xv.shape)
+    if op == "ste":
+        if ax is None:
+            sc, zi = float(sv), int(zv)
+            f = lambda: torch.fake_quantize_per_tensor_affine(xr, sc, zi, QMIN, QMAX)  # noqa: E731
+        else:
+            zi = zv.to(torch.int32)
+            f = lambda: torch.fake_quantize_per_channel_affine(xr, sv, zi, ax, QMIN, QMAX)  # noqa: E731
+        params = [xr]
+    else:
+        sr, zr = sv.detach().clone().requires_grad_(), zv.detach().clone().requires_grad_()
+        if ax is None:
+            f = lambda: torch._fake_quantize_learnable_per_tensor_affine(xr, sr, zr, QMIN, QMAX, 0.01)  # noqa: E731
+        else:
+            f = lambda: torch._fake_quantize_learnable_per_channel_affine(xr, sr, zr, ax, QMIN, QMAX, 0.01)  # noqa: E731
+        params = [xr, sr, zr]
+
+    def fn():
+        torch.autograd.grad(f(), params, gv)
+
+    fn()  # raises here if the op does not take this dtype
+    return fn
+
+
+def _bcast(p, x, axis, gs):
+    return reference.broadcast_param(p, x, axis, gs)
+
+
+def eager_ste(x, s, z, axis, gs):
+    xf = x.float()
+    if gs is not None:
+        xf = xf.reshape(*x.shape[:-1], x.shape[-1] // gs, gs)  # (..., K) -> (..., K//g, g)
+    sb, zb = _bcast(s, x, axis, gs), _bcast(z, x, axis, gs)
+    v = xf * (1.0 / sb)
+    q = torch.clamp(v + (torch.round(v) - v).detach() + zb, QMIN, QMAX)
+    return ((q - zb) * sb).reshape(x.shape).to(x.dtype)
+
+
+def eager_lsq(x, s, z, axis, gs, f=0.01):
+    s = s * f + (s - s * f).detach()  # LSQ gradient scale
+    z = z * f + (z - z * f).detach()
+    z = torch.clamp(z + (torch.round(z) - z).detach(), QMIN, QMAX)
+    xf = x.float()
+    if gs is not None:
+        xf = xf.reshape(*x.shape[:-1], x.shape[-1] // gs, gs)
+    sb, zb = _bcast(s, x, axis, gs), _bcast(z, x, axis, gs)
+    v = xf / sb
+    q = torch.clamp(v + (torch.round(v) - v).detach() + zb, QMIN, QMAX)
+    return ((q - zb) * sb).reshape(x.shape).to(x.dtype)
+
+
+def eager_pact(x, alpha, qmin=0, qmax=15):
+    xc = torch.minimum(torch.relu(x.float()), alpha)
+    s = (alpha / (qmax - qmin)).detach()
+    v = xc * (1.0 / s)
+    q = torch.clamp(v + (torch.round(v) - v).detach() + qmin, qmin, qmax)
+    return ((q - qmin) * s).to(x.dtype)
+
+
+def compiled_fn(op, x, g, s, z, axis, gs):
+    if op == "aminmax":
+        return None
+    xr = x.detach().requires_grad_()
+    if op == "ste":
+        c = torch.compile(lambda x_, s_, z_: eager_ste(x_, s_, z_, axis, gs), dynamic=False)
+        params, args = [xr], (xr, s, z)
+    elif op == "lsq":
+        sr, zr = s.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+        c = torch.compile(lambda x_, s_, z_: eager_lsq(x_, s_, z_, axis, gs), dynamic=False)
+        params, args = [xr, sr, zr], (xr, sr, zr)
+    else:
+        alpha = torch.tensor([2.0], device="cuda", requires_grad=True)
+        c = torch.compile(eager_pact, dynamic=False)
+        params, args = [xr, alpha], (xr, alpha)
+
+    def fn():
+        torch.autograd.grad(c(*args), params, g)
+
+    fn()  # compile outside the timing
+    return fn
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def saved_bits_per_element(n=2**24):
+    """Memory held for backward after the forward of the STE, in bits per element."""
+    x = torch.randn(4096, n // 4096, device="cuda").requires_grad_()
+    s = torch.rand(4096, device="cuda") * 0.3 + 0.2
+    z = torch.zeros(4096, device="cuda")
+    out = {}
+
+    def measure(name, f):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        y = f()
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
+        out[name] = 8.0 * held / x.numel()
+        del y
+
+    measure("ours (qat.kernels.fake_quantize)", lambda: fake_quantize(x, s, z, QMIN, QMAX, axis=0))
+    zi = z.to(torch.int32)
+    measure("torch.fake_quantize_per_channel_affine", lambda: torch.fake_quantize_per_channel_affine(x, s, zi, 0, QMIN, QMAX))
+    try:
+        c = torch.compile(lambda x_, s_, z_: eager_ste(x_, s_, z_, 0, None), dynamic=False)
+        c(x, s, z)
+        measure("torch.compile(eager formula)", lambda: c(x, s, z))
+    except Exception as exc:  # noqa: BLE001
+        print(f"compile memory measurement failed: {exc}", file=sys.stderr)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(numel: int, with_compile: bool):
+    rows = []
+    k = 16384 if numel % 16384 == 0 else 128
+    shape = (numel // k, k)
+    for op in ("ste", "lsq", "pact", "aminmax"):
+        for dname, dtype in DTYPES.items():
+            for gname, gran in GRANULARITIES.items():
+                if op == "pact" and gname != "tensor":
+                    continue
+                axis, gs = gran["axis"], gran["group_size"]
+                torch.cuda.empty_cache()
+                x, g, s, z = make_inputs(shape, dtype, axis, gs)
+                nparams = s.numel()
+                esize = x.element_size()
+                nbytes = minimal_bytes(op, numel, esize, nparams)
+                row = dict(op=op, dtype=dname, granularity=gname, numel=numel, bytes=nbytes)
+                row["ours_us"] = bench(ours_fn(op, x, g, s, z, axis, gs))
+                row["ours_op_us"] = bench(ours_op_fn(op, x, g, s, z, axis, gs))
+                row["copy_us"] = copy_time(nbytes)
+                row["ratio_copy"] = row["ours_us"] / row["copy_us"]
+                row["ours_TBps"] = nbytes / row["ours_us"] / 1e6
+                for name, maker in (("torch", torch_fn), ("compile", compiled_fn)):
+                    row[f"{name}_us"] = None
+                    if name == "compile" and not with_compile:
+                        continue
+                    try:
+                        fn = maker(op, x, g, s, z, axis, gs)
+                        if fn is not None:
+                            row[f"{name}_us"] = bench(fn)
+                    except Exception as exc:  # noqa: BLE001 - an op that does not take this dtype
+                        row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    torch.cuda.empty_cache()
+                for name in ("torch", "compile"):
+                    t = row[f"{name}_us"]
+                    row[f"speedup_{name}"] = t / row["ours_us"] if t else None
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
+                del x, g, s, z
+    return rows
+
+
+def _f(v, fmt):
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _x(v):
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+HEADER = (
+    "| op | dtype | granularity | ours us | via op us | copy us | ours/copy | TB/s | torch us | vs torch | compile us | vs compile |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def _fmt_row(r):
+    return (
+        f"| {r['op']} | {r['dtype']} | {r['granularity']} | {r['ours_us']:.1f} | {r['ours_op_us']:.1f} | {r['copy_us']:.1f} | "
+        f"{r['ratio_copy']:.3f} | {r['ours_TBps']:.2f} | {_f(r['torch_us'], '.1f')} | {_x(r['speedup_torch'])} | "
+        f"{_f(r['compile_us'], '.1f')} | {_x(r['speedup_compile'])} |"
+    )
+
+
+def targets(rows, bits):
+    def pick(op, dtype, gran):
+        return next((r for r in rows if (r["op"], r["dtype"], r["granularity"]) == (op, dtype, gran)), None)
+
+    out = []
+    worst = max(rows, key=lambda r: r["ratio_copy"])
+    out.append(("every variant within 10% of the copy ceiling", worst["ratio_copy"] <= 1.10,
+                f"worst {worst['op']}/{worst['dtype']}/{worst['granularity']}: {worst['ratio_copy']:.3f}"))
+    for dtype, need in (("fp32", 3.0), ("bf16", 5.0)):
+        r = pick("ste", dtype, "channel0")
+        sp = r and r["speedup_torch"]
+        out.append((f">= {need}x torch.fake_quantize_per_channel_affine ({dtype})", bool(sp and sp >= need), _x(sp)))
+    r = pick("lsq", "fp32", "channel0")
+    sp = r and r["speedup_torch"]
+    out.append((">= 3.5x torch._fake_quantize_learnable_per_channel_affine (fp32)", bool(sp and sp >= 3.5), _x(sp)))
+    sps = [r["speedup_compile"] for r in rows if r["speedup_compile"] is not None]
+    out.append(("faster than torch.compile of the eager formula (every variant)", bool(sps) and min(sps) > 1.0,
+                f"min {_x(min(sps) if sps else None)} over {len(sps)} variants"))
+    b = bits.get("ours (qat.kernels.fake_quantize)")
+    out.append(("STE forward keeps 1 bit/element for backward", b is not None and abs(b - 1.0) < 0.01, f"{_f(b, '.3f')} bits"))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--numel", type=int, default=64 * 2**20)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args(argv)
+    if not (torch.cuda.is_available() and cupy_backend.available()):
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU and CuPy")
+    import cupy
+
+    t0 = time.time()
+    gpu = torch.cuda.get_device_name()
+    meta = dict(
+        gpu=gpu,
+        torch=torch.__version__,
+        cupy=cupy.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        numel=args.numel,
+        qrange=[QMIN, QMAX],
+        timing="median of triton.testing.do_bench (CUDA events)",
+    )
+    print(HEADER, flush=True)
+    rows = run(args.numel, not args.no_compile)
+    bits = saved_bits_per_element()
+    checks = targets(rows, bits)
+    meta["seconds"] = round(time.time() - t0, 1)
+
+    tag = re.sub(r"[^a-z0-9]+", "_", gpu.lower())
+    tag = "h100" if "h100" in tag else ("h200" if "h200" in tag else tag.strip("_"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# Fake-quant kernels on {gpu}",
+        "",
+        f"{meta['date']}; torch {meta['torch']} (CUDA {meta['cuda']}), CuPy {meta['cupy']}; "
+        f"{args.numel:,} elements, int4 [{QMIN}, {QMAX}], forward + backward; median times (us).",
+        "`ours`: the CuPy kernels called directly; `via op`: the same through the public ops and autograd.",
+        "`copy`: a device-to-device copy moving the op's minimal bytes; `ours/copy` 1.00 = at that ceiling.",
+        "`torch`: PyTorch's fake-quant op (learnable op for lsq; torch.aminmax for aminmax);",
+        "`compile`: torch.compile of the eager round/clamp formula with a detach STE.",
+        "granularity: tensor; channel0 = axis 0 (4096 channels); channel1 = last axis (16384 channels); group128.",
+        "",
+        HEADER,
+        *(_fmt_row(r) for r in rows),
+        "",
+        "## Memory kept for backward by the STE forward (bits per element)",
+        "",
+        *(f"- {k}: {v:.3f}" for k, v in bits.items()),
+        "",
+        "## Targets",
+        "",
+        *(f"- [{'x' if ok else ' '}] {name}: {detail}" for name, ok, detail in checks),
+        "",
+    ]
+    (out / f"kernels_{tag}.md").write_text("\n".join(lines))
+    (out / f"kernels_{tag}.json").write_text(
+        json.dumps(dict(meta=meta, rows=rows, saved_bits_per_element=bits,
+                        targets=[dict(name=n, met=ok, detail=d) for n, ok, d in checks]), indent=1)
+    )
+    print("\n".join(lines[-(len(bits) + len(checks) + 7):]))
+    print(f"wrote {out / f'kernels_{tag}.md'} and .json in {meta['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
