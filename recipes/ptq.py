@@ -1,0 +1,190 @@
+"""``qat-ptq``: post-training quantization as a first-class path.
+
+Full-precision weights (trained here, or loaded from ``checkpoint``) -> ``qat.prepare`` ->
+static calibration of the observers (``qat.ptq.calibrate``) -> test accuracy and size; optionally
+QAT fine-tuning that starts from the calibrated model (``qat_epochs > 0``). Dynamic activations
+(``QuantSpec(dynamic=True, granularity="per_token")`` in a preset) need no calibration: their
+ranges come from each batch.
+
+    qat-ptq                                       # digits CNN, W8A8, static calibration
+    qat-ptq quant=w4a8 ptq.observer=mse           # MSE-optimal ranges for every quantizer
+    qat-ptq quant=w4a4 ptq.fold_bn=true qat_epochs=3   # fold BN, calibrate, then QAT from there
+    qat-ptq checkpoint=fp.pt                      # calibrate given float weights, no FP training
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from qat import QATConfigError, QuantPlan, load_plan, prepare
+from qat.callbacks import QuantizationAwareTraining
+from qat.ptq import calibrate
+from qat.size import float_size_bytes, model_size_bytes
+
+from .config import FPStage
+
+__all__ = ["PTQConfig", "PTQStage", "main", "run", "register_ptq_configs", "with_observer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PTQStage:
+    calibration_batches: int = 8
+    observer: Optional[str] = None  # override every quantizer's observer (minmax, moving_average, percentile, mse)
+    fold_bn: bool = False
+
+
+@dataclass
+class PTQConfig:
+    quant: Any = None
+    model: Any = None
+    data: Any = None
+    trainer: Any = None
+    logger: Any = None
+    seed: int = 0
+    checkpoint: Optional[str] = None  # a float state_dict (.pt) of the LightningModule; else train fp.epochs
+    fp: FPStage = field(default_factory=FPStage)
+    ptq: PTQStage = field(default_factory=PTQStage)
+    qat_epochs: int = 0  # > 0: QAT fine-tuning from the calibrated model
+    qat_lr: float = 1e-3
+
+
+def register_ptq_configs() -> None:
+    """Register ``ptq_schema`` (and the shared schemas of ``qat-train``) in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    from .config import register_configs
+
+    register_configs()
+    ConfigStore.instance().store(name="ptq_schema", node=PTQConfig)
+
+
+def with_observer(plan: QuantPlan, observer: Optional[str]) -> QuantPlan:
+    """The plan with every weight / input spec's observer set to ``observer`` (unchanged if None).
+
+    Raises:
+        QATConfigError: an unknown observer name.
+    """
+    if observer is None:
+        return plan
+    from qat.spec import ObserverKind
+
+    ObserverKind.parse(observer, "ptq.observer")
+    rules = []
+    for r in plan.to_dict()["rules"]:
+        r = dict(r)
+        for key in ("weight", "input"):
+            if isinstance(r.get(key), dict):
+                r[key] = {**r[key], "observer": observer}
+        rules.append(r)
+    return QuantPlan.from_dict({"name": f"{plan.name}_{observer}", "rules": rules})
+
+
+def _trainer(cfg: DictConfig, epochs: int, logger: Any, callbacks: list, root: str) -> pl.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) or {}
+    return pl.Trainer(max_epochs=epochs, logger=logger, callbacks=callbacks, default_root_dir=root, **kwargs)
+
+
+def _test_acc(trainer: pl.Trainer, module: pl.LightningModule, dm) -> float:
+    return float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
+
+
+def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
+    """FP -> PTQ (-> QAT from the calibrated model); returns (and writes ``results.json``) the results."""
+    output_dir = output_dir or os.getcwd()
+    os.makedirs(output_dir, exist_ok=True)
+    plan = with_observer(load_plan(cfg.quant), cfg.ptq.observer)  # a bad plan fails here, before any work
+    if cfg.checkpoint is not None and not os.path.isfile(cfg.checkpoint):
+        raise QATConfigError(f"checkpoint {cfg.checkpoint!r} does not exist; give a float state_dict (.pt) or checkpoint=null")
+    pl.seed_everything(cfg.seed, workers=True)
+    t0 = time.time()
+    dm = instantiate(cfg.data)
+    dm.setup()
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    fp = instantiate(cfg.model)
+    if cfg.checkpoint is not None:
+        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
+        fp.load_state_dict(state.get("state_dict", state))
+    else:
+        fp.lr = cfg.fp.lr
+        _trainer(cfg, cfg.fp.epochs, logger, [], output_dir).fit(fp, datamodule=dm)
+        torch.save(fp.state_dict(), os.path.join(output_dir, "fp_model.pt"))
+    fp_acc = _test_acc(_trainer(cfg, 1, False, [], output_dir), fp, dm)
+    fp_bytes = float_size_bytes(fp.net)
+
+    # post-training quantization: static calibration of every observer, no gradient step
+    prepare(fp.net, plan, fold_bn=cfg.ptq.fold_bn)
+    seen = calibrate(fp.net, dm.train_dataloader(), num_batches=cfg.ptq.calibration_batches)
+    ptq_acc = _test_acc(_trainer(cfg, 1, False, [], output_dir), fp, dm)
+    q_bytes = model_size_bytes(fp.net)
+    torch.save({"plan": plan.to_dict(), "state_dict": fp.net.state_dict()}, os.path.join(output_dir, "ptq_model.pt"))
+    results: dict[str, Any] = {
+        "plan": plan.name,
+        "fp": {"test_acc": fp_acc, "bytes": fp_bytes},
+        "ptq": {"test_acc": ptq_acc, "bytes": q_bytes, "calibration_batches": seen},
+    }
+
+    if cfg.qat_epochs > 0:
+        # QAT from the calibrated model: the callback finds it prepared and keeps its calibrated ranges
+        fp.lr = cfg.qat_lr
+        cb = QuantizationAwareTraining(plan, module_attr="net")
+        trainer = _trainer(cfg, cfg.qat_epochs, logger, [cb], output_dir)
+        trainer.fit(fp, datamodule=dm)
+        results["qat"] = {"test_acc": _test_acc(trainer, fp, dm), "bytes": model_size_bytes(fp.net)}
+
+    results["seconds"] = round(time.time() - t0, 1)
+    results["output_dir"] = output_dir
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    if logger:
+        logger.log_metrics({f"{k}/test_acc_final": results[k]["test_acc"] for k in ("fp", "ptq", "qat") if k in results})
+        if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+            logger.experiment.finish()
+    _print(results)
+    return results
+
+
+def _print(res: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lightning-qat PTQ: {res['plan']}")
+    for col in ("method", "test acc (%)", "vs FP (pts)", "size (KiB)"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for key in ("fp", "ptq", "qat"):
+        if key in res:
+            r = res[key]
+            diff = "" if key == "fp" else f"{100 * (r['test_acc'] - res['fp']['test_acc']):+.2f}"
+            table.add_row(key.upper(), f"{100 * r['test_acc']:.2f}", diff, f"{r['bytes'] / 1024:.1f}")
+    Console(width=100).print(table)
+
+
+def _task(cfg: DictConfig) -> None:
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def main() -> None:
+    """Console entry point ``qat-ptq`` (Hydra app over ``configs/ptq.yaml``)."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    register_ptq_configs()
+    hydra.main(version_base="1.3", config_path="../configs", config_name="ptq")(_task)()
+
+
+if __name__ == "__main__":
+    main()
