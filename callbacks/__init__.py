@@ -7,5 +7,6 @@ Example::
 """
 
 from .qat import QuantizationAwareTraining
+from .telemetry import QuantizationTelemetry
 
-__all__ = ["QuantizationAwareTraining"]
+__all__ = ["QuantizationAwareTraining", "QuantizationTelemetry"]

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qat import load_plan, prepare
-from qat.callbacks import QuantizationAwareTraining
+from qat.callbacks import QuantizationAwareTraining, QuantizationTelemetry
 from qat.ptq import calibrate
 from qat.size import float_size_bytes, model_size_bytes
 
@@ -78,7 +78,10 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         freeze_observers_epoch=cfg.qat.freeze_observers_epoch,
         freeze_bn_epoch=cfg.qat.freeze_bn_epoch,
     )
-    trainer = _trainer(cfg, cfg.qat.epochs, logger, [callback], output_dir)
+    callbacks = [callback]
+    if cfg.qat.telemetry_every_n_steps and logger:
+        callbacks.append(QuantizationTelemetry(cfg.qat.telemetry_every_n_steps, module_attr="net"))
+    trainer = _trainer(cfg, cfg.qat.epochs, logger, callbacks, output_dir)
     trainer.fit(qat_module, datamodule=dm)
     qat_acc = _test_acc(trainer, qat_module, dm)
     torch.save({"plan": plan.to_dict(), "state_dict": qat_module.net.state_dict()}, os.path.join(output_dir, "qat_model.pt"))

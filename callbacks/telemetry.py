@@ -1,0 +1,81 @@
+"""`QuantizationTelemetry`: per-layer quantization health, sent to whatever logger the Trainer has."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+from qat import QATConfigError, quant_layers
+from qat.size import float_size_bytes, model_size_bytes
+from qat.telemetry import quantizer_stats
+
+__all__ = ["QuantizationTelemetry"]
+
+
+class QuantizationTelemetry(Callback):
+    """Logs, every ``every_n_steps`` training steps, for each quantized layer and quantizer
+    (``weight`` / ``input``): bits, mean scale, clip rate and SQNR (dB); and the model's size as its
+    bit-widths say and its compression against float32.
+
+    Keys look like ``qat/net.0/weight/sqnr_db`` and ``qat/model_bytes``. Statistics are measured on
+    the batch passing through at that step with the parameters the forward pass used; nothing is
+    updated, and on other steps the callback costs nothing.
+
+    Args:
+        every_n_steps: measure on global steps that are multiples of this.
+        module_attr: the quantized submodule of the LightningModule (as in
+            :class:`QuantizationAwareTraining`); the whole module if None.
+
+    Example::
+
+        trainer = Trainer(callbacks=[QuantizationAwareTraining("w4a8"), QuantizationTelemetry(every_n_steps=50)],
+                          logger=WandbLogger(offline=True))
+    """
+
+    def __init__(self, every_n_steps: int = 50, module_attr: Optional[str] = None) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise QATConfigError(f"QuantizationTelemetry.every_n_steps must be a positive integer, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.module_attr = module_attr
+        self._handles: list = []
+        self._metrics: dict[str, float] = {}
+
+    def _target(self, pl_module):
+        return pl_module if self.module_attr is None else getattr(pl_module, self.module_attr)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps:
+            return
+        self._metrics = {}
+        self._step = trainer.global_step
+        for name, layer in quant_layers(self._target(pl_module)):
+            for kind, fq in layer.quantizers():
+                self._handles.append(fq.register_forward_hook(self._hook(f"qat/{name}/{kind}", fq)))
+
+    def _hook(self, prefix: str, fq):
+        def hook(module, args, output):
+            if prefix + "/sqnr_db" in self._metrics:
+                return None  # first call of this step only (a layer run twice keeps its first)
+            for k, v in quantizer_stats(fq, args[0], output).items():
+                if math.isfinite(v):
+                    self._metrics[f"{prefix}/{k}"] = v
+            return None
+
+        return hook
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._handles:
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        target = self._target(pl_module)
+        q_bytes = model_size_bytes(target)
+        self._metrics["qat/model_bytes"] = float(q_bytes)
+        self._metrics["qat/compression"] = float_size_bytes(target) / max(q_bytes, 1)
+        # straight to the loggers, at the step measured (self.log would re-send stale step values)
+        for logger in trainer.loggers:
+            logger.log_metrics(self._metrics, step=self._step)

@@ -1,0 +1,79 @@
+"""Quantization telemetry: how well each quantizer represents its tensor (plain PyTorch)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .fake_quant import FakeQuantizer
+from .spec import Estimator
+
+__all__ = ["quantizer_stats", "sqnr_db"]
+
+
+def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum x^2 / sum (x - x_hat)^2)`` in dB
+    (``inf`` when the two are equal).
+
+    Example::
+
+        >>> round(sqnr_db(torch.tensor([1.0, -1.0]), torch.tensor([0.9, -1.1])), 1)
+        20.0
+    """
+    x, x_hat = x.detach().float(), x_hat.detach().float()
+    noise = (x - x_hat).pow(2).sum().item()
+    signal = x.pow(2).sum().item()
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+
+
+@torch.no_grad()
+def quantizer_stats(fq: FakeQuantizer, x: torch.Tensor, x_hat: torch.Tensor | None = None) -> dict[str, float]:
+    """Statistics of ``fq`` applied to ``x`` with its current parameters (nothing is updated).
+
+    ``x_hat``, if given, is ``fq``'s output for ``x`` already computed (from a forward hook).
+
+    Returns ``bits``, ``scale_mean``, ``clip_rate`` (fraction of elements outside the
+    representable range) and ``sqnr_db``.
+
+    Example::
+
+        >>> from qat import QuantSpec
+        >>> fq = FakeQuantizer(QuantSpec(bits=8), (16,))
+        >>> _ = fq(torch.randn(4, 16))
+        >>> sorted(quantizer_stats(fq, torch.randn(4, 16)))
+        ['bits', 'clip_rate', 'scale_mean', 'sqnr_db']
+    """
+    if not bool(fq.initialized) and not fq.spec.dynamic:
+        return {"bits": float(fq.spec.bits), "scale_mean": float("nan"), "clip_rate": float("nan"), "sqnr_db": float("nan")}
+    if x_hat is None:
+        was_obs = bool(fq.observer_enabled)
+        fq.enable_observer(False)
+        try:
+            x_hat = fq.forward(x)  # not fq(x): skips hooks
+        finally:
+            fq.enable_observer(was_obs)
+    s, z = fq.current_qparams()
+    spec = fq.spec
+    if spec.estimator is Estimator.PACT:
+        clipped = (x < 0) | (x > fq.alpha.detach())
+    elif spec.dynamic:
+        clipped = torch.zeros((), dtype=torch.bool)  # dynamic ranges cover each batch
+    else:
+        from qat.kernels.reference import broadcast_param, round_with_mode
+
+        xg = x.float()
+        if fq.group_size is not None:
+            xg = xg.reshape(*x.shape[:-1], x.shape[-1] // fq.group_size, fq.group_size)
+        sb = broadcast_param(s, x, fq.axis, fq.group_size)
+        zb = broadcast_param(z, x, fq.axis, fq.group_size)
+        q = round_with_mode(xg * (1.0 / sb), spec.round_mode.value) + zb
+        clipped = (q < spec.qmin) | (q > spec.qmax)
+    return {
+        "bits": float(spec.bits),
+        "scale_mean": float(s.float().mean()),
+        "clip_rate": float(clipped.float().mean()),
+        "sqnr_db": sqnr_db(x, x_hat),
+    }
