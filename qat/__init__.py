@@ -9,6 +9,7 @@ Example::
     >>> model = prepare(nn.Sequential(nn.Linear(8, 8)), "w4a8")
 """
 
+from .convert import convert, is_converted
 from .errors import QATConfigError
 from .fake_quant import FakeQuantizer
 from .modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
@@ -47,6 +48,8 @@ __all__ = [
     "QuantConv2d",
     "QuantEmbedding",
     "prepare",
+    "convert",
+    "is_converted",
     "unprepare",
     "is_prepared",
     "quant_layers",
