@@ -104,22 +104,19 @@ class FakeQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.fake_quant_enabled):
-            return x
         spec = self.spec
         rm = spec.round_mode.value
+        observing = bool(self.observer_enabled) and self.observer is not None
+        if not bool(self.fake_quant_enabled):
+            # observers still observe (as PyTorch's FakeQuantize): calibration on float values
+            if observing:
+                self._observe(x)
+            return x
         if spec.dynamic:
             return self._dynamic(x)
-        observing = bool(self.observer_enabled) and self.observer is not None
         if spec.estimator is Estimator.STE:
             if observing:
-                if not self.track_history:
-                    self.observer.reset()
-                self.observer(x)
-                s, z = self.observer.qparams()
-                self.scale.copy_(s)
-                self.zero_point.copy_(z)
-                self.initialized.fill_(True)
+                self._observe(x)
             elif not bool(self.initialized):
                 raise RuntimeError(
                     "FakeQuantizer: observer disabled before it saw any data; calibrate or enable the observer first"
@@ -134,6 +131,18 @@ class FakeQuantizer(nn.Module):
         return fake_quantize_lsq(
             x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, self.grad_factor(x), rm
         )
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        """Update the observer; an STE quantizer also takes its scale / zero point from it."""
+        if not self.track_history:
+            self.observer.reset()
+        self.observer(x)
+        if self.spec.estimator is Estimator.STE:
+            s, z = self.observer.qparams()
+            self.scale.copy_(s)
+            self.zero_point.copy_(z)
+            self.initialized.fill_(True)
 
     @torch.no_grad()
     def _init_learned(self, x: torch.Tensor) -> None:
