@@ -72,6 +72,31 @@ def bench(fn) -> float:
         return statistics.median(times)
 
 
+def bench_graph(fn, reps: int = 30) -> float:
+    """Median GPU time of ``fn`` replayed from a CUDA graph, in microseconds: no launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(1000.0 * a.elapsed_time(b))
+    del graph
+    return statistics.median(times)
+
+
 _copy_cache: dict[int, float] = {}
 
 
@@ -120,6 +145,23 @@ def minimal_bytes(op, n, esize, nparams):
 
 
 # ----------------------------------------------------------------------------- the three contenders
+
+
+def ours_parts(op, x, g, s, z, axis, gs):
+    """(forward, backward) callables of the kernels alone (inputs of the backward made once)."""
+    be = cupy_backend
+    if op == "ste":
+        _, m = be.fake_quantize_forward(x, s, z, QMIN, QMAX, axis, gs)
+        return (lambda: be.fake_quantize_forward(x, s, z, QMIN, QMAX, axis, gs), lambda: be.fake_quantize_backward(g, m))
+    if op == "lsq":
+        return (
+            lambda: be.fake_quantize_lsq_forward(x, s, z, QMIN, QMAX, axis, gs),
+            lambda: be.fake_quantize_lsq_backward(g, x, s, z, QMIN, QMAX, axis, gs, 0.01),
+        )
+    if op == "pact":
+        alpha = torch.tensor([2.0], device="cuda")
+        return (lambda: be.fake_quantize_pact_forward(x, alpha, 0, 15), lambda: be.fake_quantize_pact_backward(g, x, alpha))
+    return (lambda: be._aminmax_kernel(x, axis, gs), None)
 
 
 def ours_fn(op, x, g, s, z, axis, gs):
@@ -311,11 +353,16 @@ def run(numel: int, with_compile: bool):
                 esize = x.element_size()
                 nbytes = minimal_bytes(op, numel, esize, nparams)
                 row = dict(op=op, dtype=dname, granularity=gname, numel=numel, bytes=nbytes)
-                row["ours_us"] = bench(ours_fn(op, x, g, s, z, axis, gs))
+                fn = ours_fn(op, x, g, s, z, axis, gs)
+                row["ours_eager_us"] = bench(fn)
+                row["ours_us"] = bench_graph(fn)  # GPU time of the kernels (graph replay)
                 row["ours_op_us"] = bench(ours_op_fn(op, x, g, s, z, axis, gs))
                 row["copy_us"] = copy_time(nbytes)
                 row["ratio_copy"] = row["ours_us"] / row["copy_us"]
                 row["ours_TBps"] = nbytes / row["ours_us"] / 1e6
+                fwd, bwd = ours_parts(op, x, g, s, z, axis, gs)
+                row["fwd_us"] = bench_graph(fwd)
+                row["bwd_us"] = bench_graph(bwd) if bwd is not None else None
                 for name, maker in (("torch", torch_fn), ("compile", compiled_fn)):
                     row[f"{name}_us"] = None
                     if name == "compile" and not with_compile:
@@ -327,9 +374,9 @@ def run(numel: int, with_compile: bool):
                     except Exception as exc:  # noqa: BLE001 - an op that does not take this dtype
                         row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                     torch.cuda.empty_cache()
-                for name in ("torch", "compile"):
+                for name in ("torch", "compile"):  # eager against eager
                     t = row[f"{name}_us"]
-                    row[f"speedup_{name}"] = t / row["ours_us"] if t else None
+                    row[f"speedup_{name}"] = t / row["ours_eager_us"] if t else None
                 rows.append(row)
                 print(_fmt_row(row), flush=True)
                 del x, g, s, z
@@ -345,15 +392,17 @@ def _x(v):
 
 
 HEADER = (
-    "| op | dtype | granularity | ours us | via op us | copy us | ours/copy | TB/s | torch us | vs torch | compile us | vs compile |\n"
-    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| op | dtype | granularity | kernels us | fwd / bwd us | copy us | kernels/copy | TB/s | eager us | via op us "
+    "| torch us | vs torch | compile us | vs compile |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
 def _fmt_row(r):
     return (
-        f"| {r['op']} | {r['dtype']} | {r['granularity']} | {r['ours_us']:.1f} | {r['ours_op_us']:.1f} | {r['copy_us']:.1f} | "
-        f"{r['ratio_copy']:.3f} | {r['ours_TBps']:.2f} | {_f(r['torch_us'], '.1f')} | {_x(r['speedup_torch'])} | "
+        f"| {r['op']} | {r['dtype']} | {r['granularity']} | {r['ours_us']:.1f} | {r['fwd_us']:.1f} / {_f(r['bwd_us'], '.1f')} "
+        f"| {r['copy_us']:.1f} | {r['ratio_copy']:.3f} | {r['ours_TBps']:.2f} | {r['ours_eager_us']:.1f} | {r['ours_op_us']:.1f} "
+        f"| {_f(r['torch_us'], '.1f')} | {_x(r['speedup_torch'])} | "
         f"{_f(r['compile_us'], '.1f')} | {_x(r['speedup_compile'])} |"
     )
 
@@ -381,14 +430,83 @@ def targets(rows, bits):
     return out
 
 
+def explore(numel: int):
+    """Kernel-only times (graph replay) of forward and backward under several grid sizes."""
+    shape = (numel // 16384, 16384)
+    print("| op | dtype | gran | waves | fwd us | fwd/copy | bwd us | bwd/copy |")
+    for op, dname, gname in (
+        ("ste", "fp32", "tensor"), ("ste", "fp32", "channel0"), ("ste", "bf16", "channel0"), ("ste", "bf16", "group128"),
+        ("lsq", "fp32", "channel0"), ("lsq", "bf16", "channel0"), ("lsq", "bf16", "channel1"), ("lsq", "fp32", "group128"),
+        ("aminmax", "fp32", "channel0"), ("aminmax", "bf16", "group128"),
+    ):  # fmt: skip
+        gran = GRANULARITIES[gname]
+        x, g, s, z = make_inputs(shape, DTYPES[dname], gran["axis"], gran["group_size"])
+        e = x.element_size()
+        fwd_bytes = {"ste": 2 * numel * e + numel // 8, "lsq": 2 * numel * e, "aminmax": numel * e}[op]
+        bwd_bytes = {"ste": 2 * numel * e + numel // 8, "lsq": 3 * numel * e, "aminmax": 0}[op]
+        for waves in (1, 2, 4, 16):
+            cupy_backend._GRID_WAVES = waves
+            fwd, bwd = ours_parts(op, x, g, s, z, gran["axis"], gran["group_size"])
+            tf = bench_graph(fwd)
+            tb = bench_graph(bwd) if bwd else float("nan")
+            cf = copy_time(fwd_bytes)
+            cb = copy_time(bwd_bytes) if bwd_bytes else float("nan")
+            print(f"| {op} | {dname} | {gname} | {waves} | {tf:.1f} | {tf / cf:.3f} | {tb:.1f} | {tb / cb:.3f} |", flush=True)
+        cupy_backend._GRID_WAVES = 1
+        del x, g, s, z
+
+
+def launch_overhead():
+    """CPU cost of one call (small tensor, so the GPU waits on the CPU), and a profile of the forward."""
+    import cProfile
+    import pstats
+
+    from qat.kernels import fake_quantize
+
+    x = torch.randn(64, 1024, device="cuda")
+    s = torch.rand(64, device="cuda") * 0.3 + 0.2
+    z = torch.zeros(64, device="cuda")
+    xr = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    cases = {
+        "backend fwd": lambda: cupy_backend.fake_quantize_forward(x, s, z, QMIN, QMAX, 0),
+        "torch.fake_quantize_per_channel_affine fwd": lambda: torch.fake_quantize_per_channel_affine(
+            x, s, z.int(), 0, QMIN, QMAX
+        ),
+        "public op fwd+bwd (autograd)": lambda: torch.autograd.grad(fake_quantize(xr, s, z, QMIN, QMAX, 0), [xr], g),
+        "x.add(1) (a bare PyTorch launch)": lambda: x.add(1),
+    }
+    for name, f in cases.items():
+        for _ in range(20):
+            f()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            f()
+        torch.cuda.synchronize()
+        print(f"launch overhead: {name}: {(time.perf_counter() - t0) / 500 * 1e6:.1f} us/call")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        cupy_backend.fake_quantize_forward(x, s, z, QMIN, QMAX, 0)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--numel", type=int, default=64 * 2**20)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--explore", action="store_true", help="grid-size sweep and launch overhead, then exit")
     args = ap.parse_args(argv)
     if not (torch.cuda.is_available() and cupy_backend.available()):
         sys.exit("benchmarks/kernels.py needs a CUDA GPU and CuPy")
+    if args.explore:
+        launch_overhead()
+        explore(args.numel)
+        return
     import cupy
 
     t0 = time.time()
@@ -419,8 +537,10 @@ def main(argv=None):
         "",
         f"{meta['date']}; torch {meta['torch']} (CUDA {meta['cuda']}), CuPy {meta['cupy']}; "
         f"{args.numel:,} elements, int4 [{QMIN}, {QMAX}], forward + backward; median times (us).",
-        "`ours`: the CuPy kernels called directly; `via op`: the same through the public ops and autograd.",
-        "`copy`: a device-to-device copy moving the op's minimal bytes; `ours/copy` 1.00 = at that ceiling.",
+        "`kernels`: GPU time of the CuPy kernels (forward + backward replayed from a CUDA graph, so no launch",
+        "overhead); `fwd / bwd`: each alone; `eager`: the same calls timed eagerly with CUDA events; `via op`:",
+        "through the public ops and autograd (eager). `copy`: a device-to-device copy moving the op's minimal",
+        "bytes; `kernels/copy` 1.00 = at that ceiling. Speed-ups compare eager with eager.",
         "`torch`: PyTorch's fake-quant op (learnable op for lsq; torch.aminmax for aminmax);",
         "`compile`: torch.compile of the eager round/clamp formula with a detach STE.",
         "granularity: tensor; channel0 = axis 0 (4096 channels); channel1 = last axis (16384 channels); group128.",

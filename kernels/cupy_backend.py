@@ -165,11 +165,14 @@ def _blocks_per_sm(kern, shared_mem: int) -> int:
 
 
 def _wave(kern, device: int, shared_mem: int = 0) -> int:
-    """Blocks of one full wave: every block resident at once, grid-stride loops do the rest."""
-    return _num_sms(device) * _blocks_per_sm(kern, shared_mem)
+    """Blocks of ``_GRID_WAVES`` full waves (every block resident at once); loops stride over the rest."""
+    return max(1, int(_num_sms(device) * _blocks_per_sm(kern, shared_mem) * _GRID_WAVES))
 
 
 _streams: dict[tuple[int, int], object] = {}
+#: grid size in full waves (every block resident once); the kernels stride over the rest
+_GRID_WAVES = 1
+_direct_launch = True  # Function(grid, block, args, shared_mem, stream): no context managers
 
 
 def _stream(device: int):
@@ -185,9 +188,17 @@ def _stream(device: int):
 
 
 def _launch(kern, grid, args, device: int, shared_mem: int = 0) -> None:
+    global _direct_launch
     if isinstance(grid, int):
         grid = (grid,)
-    with cupy.cuda.Device(device), _stream(device):
+    stream = _stream(device)
+    if _direct_launch and device == torch.cuda.current_device():
+        try:  # the cheapest path: CuPy's Function takes the stream as an argument
+            kern.kernel(grid, (_THREADS,), args, shared_mem, stream)
+            return
+        except TypeError:  # another CuPy signature: use the context managers from now on
+            _direct_launch = False
+    with cupy.cuda.Device(device), stream:
         kern(grid, (_THREADS,), args, shared_mem=shared_mem)
 
 
@@ -243,6 +254,8 @@ def _supported(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
 
 
 def _params(p: torch.Tensor) -> torch.Tensor:
+    if p.dtype == torch.float32 and p.is_contiguous():
+        return p  # only its pointer is used
     return p.detach().reshape(-1).to(torch.float32).contiguous()
 
 
@@ -299,12 +312,14 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
     else:
         inner, c = _layout(xc, axis, group_size)
         s, z, a = _params(scale), _params(zero_point), None
+    # 0: one parameter; 1: one key per vector (one divide per vector); 2: a key per element
+    keymode = 0 if c == 1 else (1 if inner % vec == 0 else 2)
     nsteps = -(-n // (32 * vec))
     grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device)))
     args = (
         _ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a),
         np.int64(n), np.int64(inner), np.int64(c),
-        np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]), np.int32(variant),
+        np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]), np.int32(variant), np.int32(keymode),
     )  # fmt: skip
     _launch(kern, grid, args, device)
     return y, mask

@@ -5,59 +5,45 @@
 // Forward quantize-dequantize, one pass:
 //   q_raw = rnd(x * inv_s) + z,  q = clamp(q_raw, qmin, qmax),  y = (q - z) * s,  inv_s = 1 / s
 //   mask bit = qmin <= q_raw <= qmax  (the clipped STE passes the gradient)
-// variant 0: z as given (fake_quantize); 1: LSQ, z used as clamp(rint(z), qmin, qmax);
-// 2: PACT, s = alpha / (qmax - qmin), z = qmin, x clipped to [0, alpha] first (no mask).
+// VARIANT 0: z as given (fake_quantize); 1: LSQ, z used as clamp(rint(z), qmin, qmax);
+//         2: PACT, s = alpha / (qmax - qmin), z = qmin, x clipped to [0, alpha] first (no mask).
+// KEYMODE 0: one parameter (per tensor); 1: one key per vector (inner % QAT_VEC == 0), found with
+//         one divide per vector; 2: a key per element, walked without dividing (KeyIter).
 // Indexing: warp-uniform grid-stride loop over warp steps of 32 * QAT_VEC contiguous elements, so
 // the mask of one step is QAT_VEC whole 32-bit words: each lane ORs its QAT_VEC bits with the
 // 32/QAT_VEC - 1 neighbours that share its word (xor shuffles; a ballot when QAT_VEC == 1).
 // Bytes: reads x (and the parameters, cached), writes y and numel/8 bytes of mask.
-struct FwdParams {
-  const float* scale;
-  const float* zp;
-  const float* alpha;
-  long long inner, C;
-  float qmin, qmax;
-  int round_mode, variant;
-  // cached parameter of the current key
-  long long key;
+template <int VARIANT>
+struct FwdParam {
   float s, z, inv_s, a;
-
-  __device__ __forceinline__ void load(long long k) {
+  long long key;
+  __device__ __forceinline__ void load(long long k, const float* __restrict__ scale, const float* __restrict__ zp,
+                                       const float* __restrict__ alpha, float qmin, float qmax) {
     if (k == key) return;
     key = k;
-    if (variant == 2) {
-      a = alpha[0];
+    if (VARIANT == 2) {
+      a = __ldg(alpha);
       s = a / (qmax - qmin);
       z = qmin;
     } else {
-      s = scale[k];
-      z = zp[k];
-      if (variant == 1) z = qclamp(rintf(z), qmin, qmax);
+      s = __ldg(scale + k);
+      z = __ldg(zp + k);
+      if (VARIANT == 1) z = qclamp(rintf(z), qmin, qmax);
     }
     inv_s = 1.0f / s;
   }
 };
 
-__device__ __forceinline__ void fwd_step(FwdParams& p, const RawVec& xv, RawVec& yv, long long e0, int nvalid,
-                                         unsigned& bits) {
-  KeyIter it;
-  it.init(e0, p.inner, p.C);
-  bits = 0;
-#pragma unroll
-  for (int j = 0; j < QAT_VEC; ++j) {
-    if (j) it.next();
-    p.load(it.key);
-    float xf = to_f(xv.s[j]);
-    if (p.variant == 2) {
-      xf = xf < 0.0f ? 0.0f : xf;  // torch.clamp(x, min=0), NaN kept
-      xf = xf > p.a ? p.a : xf;  // torch.minimum(., alpha)
-    }
-    const float qr = qround(xf * p.inv_s, p.round_mode) + p.z;
-    const float q = qclamp(qr, p.qmin, p.qmax);
-    yv.s[j] = from_f((q - p.z) * p.s);
-    const bool inside = (qr >= p.qmin) && (qr <= p.qmax) && (j < nvalid);
-    bits |= (unsigned)inside << j;
+template <int VARIANT>
+__device__ __forceinline__ float fwd_elem(const FwdParam<VARIANT>& p, float xf, float qmin, float qmax, int mode,
+                                          bool& inside) {
+  if (VARIANT == 2) {
+    xf = xf < 0.0f ? 0.0f : xf;  // torch.clamp(x, min=0), NaN kept
+    xf = xf > p.a ? p.a : xf;    // torch.minimum(., alpha)
   }
+  const float qr = qround(xf * p.inv_s, mode) + p.z;
+  inside = (qr >= qmin) && (qr <= qmax);
+  return (qclamp(qr, qmin, qmax) - p.z) * p.s;
 }
 
 __device__ __forceinline__ void write_mask(unsigned* __restrict__ mask, long long step, unsigned bits, long long nwords) {
@@ -75,22 +61,48 @@ __device__ __forceinline__ void write_mask(unsigned* __restrict__ mask, long lon
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
-fq_forward(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,
-           const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha,
-           long long n, long long inner, long long C, float qmin, float qmax, int round_mode, int variant) {
-  FwdParams p;
-  p.scale = scale;
-  p.zp = zp;
-  p.alpha = alpha;
-  p.inner = inner;
-  p.C = C;
-  p.qmin = qmin;
-  p.qmax = qmax;
-  p.round_mode = round_mode;
-  p.variant = variant;
+template <int VARIANT, int KEYMODE>
+__device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, RawVec& yv, long long e0, int nvalid,
+                                        unsigned& bits, const float* __restrict__ scale, const float* __restrict__ zp,
+                                        const float* __restrict__ alpha, long long inner, long long C, float qmin,
+                                        float qmax, int mode) {
+  bits = 0;
+  if (KEYMODE == 2) {
+    KeyIter it;
+    it.init(e0, inner, C);
+#pragma unroll
+    for (int j = 0; j < QAT_VEC; ++j) {
+      if (j) it.next();
+      p.load(it.key, scale, zp, alpha, qmin, qmax);
+      bool inside;
+      yv.s[j] = from_f(fwd_elem(p, to_f(xv.s[j]), qmin, qmax, mode, inside));
+      bits |= (unsigned)(inside && j < nvalid) << j;
+    }
+  } else {
+    if (KEYMODE == 1) {
+      long long q, r, k;
+      divmod64(e0, inner, q, r);
+      divmod64(q, C, r, k);
+      p.load(k, scale, zp, alpha, qmin, qmax);
+    }
+#pragma unroll
+    for (int j = 0; j < QAT_VEC; ++j) {
+      bool inside;
+      yv.s[j] = from_f(fwd_elem(p, to_f(xv.s[j]), qmin, qmax, mode, inside));
+      bits |= (unsigned)(inside && j < nvalid) << j;
+    }
+  }
+}
+
+template <int VARIANT, int KEYMODE>
+__device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                         unsigned* __restrict__ mask, const float* __restrict__ scale,
+                                         const float* __restrict__ zp, const float* __restrict__ alpha, long long n,
+                                         long long inner, long long C, float qmin, float qmax, int mode) {
+  FwdParam<VARIANT> p;
   p.key = -1;
   p.s = p.z = p.inv_s = p.a = 0.0f;
+  if (KEYMODE == 0) p.load(0, scale, zp, alpha, qmin, qmax);
 
   const int lane = threadIdx.x & 31;
   const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
@@ -113,17 +125,38 @@ fq_forward(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* _
 
     RawVec y0;
     unsigned b0;
-    fwd_step(p, x0, y0, e0, nv0, b0);
+    fwd_vec<VARIANT, KEYMODE>(p, x0, y0, e0, nv0, b0, scale, zp, alpha, inner, C, qmin, qmax, mode);
     store_vec(y, e0, nv0, y0);
-    if (mask) write_mask(mask, st0, b0, nwords);
+    if (VARIANT == 0) write_mask(mask, st0, b0, nwords);
     if (has1) {
       RawVec y1;
       unsigned b1;
-      fwd_step(p, x1, y1, e1, nv1, b1);
+      fwd_vec<VARIANT, KEYMODE>(p, x1, y1, e1, nv1, b1, scale, zp, alpha, inner, C, qmin, qmax, mode);
       store_vec(y, e1, nv1, y1);
-      if (mask) write_mask(mask, st1, b1, nwords);
+      if (VARIANT == 0) write_mask(mask, st1, b1, nwords);
     }
   }
+}
+
+// variant: 0 STE (writes the mask), 1 LSQ, 2 PACT; keymode: see above (PACT: 0).
+extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+fq_forward(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,
+           const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha,
+           long long n, long long inner, long long C, float qmin, float qmax, int round_mode, int variant,
+           int keymode) {
+#define QAT_FWD(V, K) fwd_body<V, K>(x, y, mask, scale, zp, alpha, n, inner, C, qmin, qmax, round_mode)
+  if (variant == 2) {
+    QAT_FWD(2, 0);
+  } else if (variant == 1) {
+    if (keymode == 0) QAT_FWD(1, 0);
+    else if (keymode == 1) QAT_FWD(1, 1);
+    else QAT_FWD(1, 2);
+  } else {
+    if (keymode == 0) QAT_FWD(0, 0);
+    else if (keymode == 1) QAT_FWD(0, 1);
+    else QAT_FWD(0, 2);
+  }
+#undef QAT_FWD
 }
 
 // Clipped-STE backward: dx = grad where the saved mask bit is set, else 0. A lane's QAT_VEC

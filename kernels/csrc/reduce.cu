@@ -137,9 +137,13 @@ __device__ __forceinline__ void seg_step(const Op& op, const RawVec& xv, const R
   float a = Op::ida(), b = Op::idb();
   long long key = -1;
   if (nv > 0) {
-    long long q, r;
-    divmod64(e0, inner, q, r);
-    divmod64(q, C, r, key);
+    if (C == 1) {
+      key = 0;
+    } else {
+      long long q, r;
+      divmod64(e0, inner, q, r);
+      divmod64(q, C, r, key);
+    }
     const typename Op::P p = op.param(key);
     RawVec d;
 #pragma unroll
@@ -223,22 +227,19 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
   const long long r0 = (long long)blockIdx.y * rows_per;
   const long long r1 = min(r0 + rows_per, rows);
   float a[QAT_VEC], b[QAT_VEC];
-  long long keys[QAT_VEC];
 #pragma unroll
   for (int j = 0; j < QAT_VEC; ++j) {
     a[j] = Op::ida();
     b[j] = Op::idb();
-    keys[j] = 0;
   }
   if (active) {
     typename Op::P p[QAT_VEC];
 #pragma unroll
-    for (int j = 0; j < QAT_VEC; ++j) {
-      keys[j] = (colv * QAT_VEC + j) / inner;
-      p[j] = op.param(keys[j]);
-    }
-    for (long long r = r0 + rr; r < r1; r += 2LL * R) {
-      const bool has1 = r + R < r1;
+    for (int j = 0; j < QAT_VEC; ++j) p[j] = op.param((colv * QAT_VEC + j) / inner);
+    // two rows in flight per thread; one for 8-wide vectors (register pressure: 8 columns' parameters)
+    constexpr int U = QAT_VEC >= 8 ? 1 : 2;
+    for (long long r = r0 + rr; r < r1; r += (long long)U * R) {
+      const bool has1 = U == 2 && r + R < r1;
       const long long e0 = r * Wd + colv * QAT_VEC;
       const long long e1 = e0 + (long long)R * Wd;
       RawVec x0, g0, x1, g1;
@@ -280,7 +281,7 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
     for (int j = 0; j < QAT_VEC; ++j) {
       float aa = a[j], bb = b[j];
       for (int k = 1; k < R; ++k) Op::comb(aa, bb, sa[(k * colsv + cv) * QAT_VEC + j], sb[(k * colsv + cv) * QAT_VEC + j]);
-      op.flush(keys[j], aa, bb);
+      op.flush((colv * QAT_VEC + j) / inner, aa, bb);
     }
   }
 }

@@ -48,7 +48,9 @@ def _grads(model, x, y):
     model.zero_grad(set_to_none=True)
     out = model(x)
     F.cross_entropy(out, y).backward()
-    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    return out.detach(), grads
 
 
 def test_torch_compile_fullgraph_no_graph_break():
