@@ -24,6 +24,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "PercentileObserver",
     "MSEObserver",
+    "GGUFQ4_0Observer",
     "OBSERVERS",
     "make_observer",
     "reduce_minmax",
@@ -287,12 +288,60 @@ class MSEObserver(_AveragedRangeObserver):
         return best_a * mn, best_a * mx
 
 
+class GGUFQ4_0Observer(Observer):
+    """GGUF Q4_0's scale rule (ggml's ``quantize_row_q4_0_ref``), for weights trained to be written
+    into Q4_0 blocks as they are.
+
+    Per scale (a 32-element block), ``m`` is the signed element of largest magnitude (the first one on
+    ties, as ggml's strict ``amax < |v|`` scan keeps) and ``d = m / qmin`` (``m / -8`` at 4 bits):
+    the extreme element maps to ``qmin`` exactly and ``d`` is negative when ``m`` is positive, so the
+    whole of ``[qmin, qmax]`` is used on the side away from ``m``. The zero point is 0; the scale is
+    rounded to float16 when ``spec.scale_dtype`` is ``float16`` (a block of zeros gets ``2^-14``). With
+    ``round_mode: half_up`` the fake-quant op then computes ggml's ``(int)(x * id + 8.5) - 8`` codes.
+
+    Raises:
+        QATConfigError: the spec is not signed and symmetric.
+
+    Example::
+
+        >>> spec = QuantSpec(bits=4, granularity="per_group", group_size=4, observer="gguf_q4_0")
+        >>> obs = GGUFQ4_0Observer(spec, (1, 1))
+        >>> _ = obs(torch.tensor([[0.5, -1.0, 2.0, 0.1]]))
+        >>> obs.qparams()[0]
+        tensor([[-0.2500]])
+    """
+
+    def __init__(self, spec: QuantSpec, shape: tuple[int, ...], sync: bool = False):
+        if not (spec.signed and spec.symmetric):
+            raise QATConfigError("QuantSpec.observer gguf_q4_0 needs signed: true and symmetric: true (GGUF blocks have no zero point)")
+        super().__init__(spec, shape, sync=sync)
+
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = _param_rows(x, self.spec)  # (P, n)
+        idx = rows.abs().argmax(dim=1, keepdim=True)  # first index of the largest magnitude
+        m = rows.gather(1, idx).squeeze(1)  # (P,) signed extreme
+        return m, m
+
+    def _combine(self, mn, mx):
+        keep = self.max_val.abs() >= mx.abs()
+        self.max_val.copy_(torch.where(keep, self.max_val, mx))
+        self.min_val.copy_(self.max_val)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.max_val.float() / float(self.spec.qmin)
+        if self.spec.scale_dtype is ScaleDtype.FLOAT16:
+            d = torch.clamp(d, min=-65504.0, max=65504.0).half().float()
+        d = torch.where(d.abs() < 2.0**-14, torch.full_like(d, 2.0**-14), d)  # no zero / subnormal scales
+        return d, torch.zeros_like(d)
+
+
 #: One explicit table from observer kind to class.
 OBSERVERS: dict[ObserverKind, type[Observer]] = {
     ObserverKind.MINMAX: MinMaxObserver,
     ObserverKind.MOVING_AVERAGE: MovingAverageMinMaxObserver,
     ObserverKind.PERCENTILE: PercentileObserver,
     ObserverKind.MSE: MSEObserver,
+    ObserverKind.GGUF_Q4_0: GGUFQ4_0Observer,
 }
 
 

@@ -41,6 +41,7 @@ class ObserverKind(_ChoiceEnum):
     MOVING_AVERAGE = "moving_average"
     PERCENTILE = "percentile"
     MSE = "mse"
+    GGUF_Q4_0 = "gguf_q4_0"  # GGUF Q4_0 scale: signed extreme / qmin (see observers.GGUFQ4_0Observer)
 
 
 class Estimator(_ChoiceEnum):
