@@ -1,0 +1,224 @@
+"""GGUF export for llama.cpp: BERT-architecture sentence encoders (e.g. all-MiniLM-L6-v2).
+
+Weights trained with the ``gguf_q8_0`` / ``gguf_q4_0`` presets are written into Q8_0 / Q4_0 blocks
+*as trained*: the integer codes and float16 block scales of the converted model go into the file
+unchanged, so llama.cpp dequantizes exactly the weights the fake-quantized model used.
+
+Block layouts (ggml, 32 weights a block along a row):
+
+* Q8_0, 34 bytes: ``d`` (float16) then 32 ``int8`` codes; ``w = q * d``.
+* Q4_0, 18 bytes: ``d`` (float16) then 16 bytes; byte ``j`` holds code ``j`` in its low nibble and
+  code ``j + 16`` in its high nibble, each stored as ``q + 8``; ``w = q * d``.
+
+Any signed, symmetric, per-group-32 weight spec with float16-exact scales maps onto one of them
+(up to 4 bits -> Q4_0, 5..8 bits -> Q8_0). Float weights are written as F32 (or quantized with
+gguf-py's port of ggml's reference quantizer when ``float_to`` asks: the "float model straight to
+Q4_0" baseline). The model metadata and tokenizer follow llama.cpp's ``convert_hf_to_gguf.py`` for
+``BertModel``: architecture ``bert``, WordPiece vocabulary as tokenizer model ``bert`` with
+llama.cpp's phantom-space token spelling, token types, mean pooling, non-causal attention.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..convert import IntModuleMixin
+from ..errors import QATConfigError
+from ..spec import Granularity
+
+__all__ = ["export_gguf", "gguf_blocks", "gguf_type_for"]
+
+QK = 32  # weights per Q8_0 / Q4_0 block
+
+_INT_BUFFERS = ("qweight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+
+
+def gguf_type_for(mod: IntModuleMixin, name: str = "") -> str:
+    """``"Q4_0"`` or ``"Q8_0"``: the block format an integer layer's weight is written in.
+
+    Raises:
+        QATConfigError: the weight's spec has no GGUF block form (granularity, group size, zero
+            point, or scales that are not float16), naming the layer and the presets that fit.
+    """
+    spec = mod.weight_spec
+    where = f"layer {name!r}" if name else type(mod).__name__
+    hint = "train with the gguf_q8_0 or gguf_q4_0 preset (configs/quant/)"
+    if spec is None:
+        raise QATConfigError(f"{where}: weight is not quantized; {hint}")
+    if spec.granularity is not Granularity.PER_GROUP or spec.group_size != QK or len(mod.view_shape) != 2:
+        raise QATConfigError(
+            f"{where}: GGUF Q8_0 / Q4_0 need per_group weights with group_size {QK} along the last axis, "
+            f"got {spec.granularity.value} (group_size={spec.group_size}); {hint}"
+        )
+    if not spec.signed or mod.weight_zero_point is not None:
+        raise QATConfigError(f"{where}: GGUF Q8_0 / Q4_0 blocks are signed and symmetric (no zero point); {hint}")
+    if mod.weight_scale.dtype != torch.float16:
+        raise QATConfigError(
+            f"{where}: GGUF blocks store float16 scales, this layer's trained scales are not float16-exact "
+            f"(scale_dtype={spec.scale_dtype.value}, estimator={spec.estimator.value}); {hint}"
+        )
+    if spec.bits <= 4:
+        return "Q4_0"
+    if spec.bits <= 8:
+        return "Q8_0"
+    raise QATConfigError(f"{where}: {spec.bits}-bit weights have no GGUF Q8_0 / Q4_0 form (at most 8 bits); {hint}")
+
+
+def gguf_blocks(mod: IntModuleMixin, name: str = "") -> tuple[np.ndarray, str]:
+    """The layer's weight as GGUF block bytes: ``(uint8 array (rows, bytes_per_row), "Q4_0" | "Q8_0")``."""
+    qtype = gguf_type_for(mod, name)
+    q = mod.codes().cpu().numpy().astype(np.int32)  # (O, K)
+    rows, k = q.shape
+    d = mod.weight_scale.detach().cpu().numpy().astype(np.float16).reshape(rows, k // QK, 1)  # (O, K/32, 1)
+    d_bytes = d.view(np.uint8)  # (O, K/32, 2), little-endian float16
+    qb = q.reshape(rows, k // QK, QK)  # (O, K) -> (O, K/32, 32)
+    if qtype == "Q8_0":
+        payload = qb.astype(np.int8).view(np.uint8)  # (O, K/32, 32)
+    else:
+        u = (qb + 8).astype(np.uint8)  # [-8, 7] -> [0, 15]
+        payload = u[..., : QK // 2] | (u[..., QK // 2 :] << 4)  # (O, K/32, 16)
+    blocks = np.concatenate([d_bytes, payload], axis=-1)  # (O, K/32, 34 | 18)
+    return np.ascontiguousarray(blocks.reshape(rows, -1)), qtype
+
+
+def _vocab(writer, tokenizer_dir: str, type_vocab_size: int) -> None:
+    import gguf
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    n = max(by_id) + 1
+    special = set(tok.all_special_ids)
+    tokens, types = [], []
+    for i in range(n):
+        t = by_id.get(i, f"[PAD{i}]")
+        if i in special:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL)
+            continue
+        types.append(gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED)
+        tokens.append(t[2:] if t.startswith("##") else "\u2581" + t)  # llama.cpp's phantom-space WordPiece
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_type_count(type_vocab_size)
+    gguf.SpecialVocab(tokenizer_dir, n_vocab=n).add_to_gguf(writer)
+
+
+def export_gguf(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    tokenizer_dir: Optional[Union[str, os.PathLike]] = None,
+    name: Optional[str] = None,
+    float_to: Optional[str] = None,
+) -> str:
+    """Write a (converted) transformers ``BertModel`` as a GGUF file llama.cpp runs for embeddings.
+
+    Args:
+        model: a ``BertModel`` converted with :func:`qat.convert` after training with a GGUF preset
+            (its integer Linear weights become Q8_0 / Q4_0 blocks as trained), or a float one.
+        path: the ``.gguf`` file to write.
+        tokenizer_dir: the directory of the model's tokenizer files (``vocab.txt``,
+            ``tokenizer_config.json``, ...); default ``model.config.name_or_path``.
+        name: ``general.name`` (default: the tokenizer directory's name).
+        float_to: ``"q4_0"`` / ``"q8_0"``: quantize the *float* Linear weights with ggml's reference
+            quantizer (gguf-py) instead of writing them as F32: the post-training baseline.
+
+    Returns:
+        the path written.
+
+    Raises:
+        QATConfigError: not a BERT model, a quantized weight with no GGUF block form, or an unknown ``float_to``.
+
+    Example::
+
+        from qat.recipes.minilm import load_minilm
+        model, tok = load_minilm()
+        prepare(model, "gguf_q4_0"); ...train...; export_gguf(convert(model), "minilm-q4_0.gguf")
+    """
+    import gguf
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) != "bert":
+        raise QATConfigError(
+            f"export_gguf() writes BERT encoders (a transformers BertModel with config.model_type 'bert'); "
+            f"got {type(model).__name__} with model_type {getattr(config, 'model_type', None)!r}"
+        )
+    qtypes = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    if float_to is not None and float_to.lower() not in qtypes:
+        raise QATConfigError(f"export_gguf(float_to={float_to!r}): valid choices are {sorted(qtypes)} or None")
+    tokenizer_dir = os.fspath(tokenizer_dir or config.name_or_path)
+    if not os.path.isdir(tokenizer_dir):
+        raise QATConfigError(f"export_gguf(): tokenizer_dir {tokenizer_dir!r} is not a directory with the model's tokenizer files")
+    path = os.fspath(path)
+    n_layers = int(config.num_hidden_layers)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layers)
+
+    # the tensors to write: integer layers as blocks, everything else as stored
+    entries: list[tuple[str, Any]] = []
+    int_mods = {n: m for n, m in model.named_modules() if isinstance(m, IntModuleMixin)}
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    skip = {f"{n}.{b}" for n in int_mods for b in _INT_BUFFERS}
+    for key, value in model.state_dict().items():
+        if key in skip:
+            if key.endswith(".qweight"):
+                layer = key[: -len(".qweight")]
+                entries.append((f"{layer}.weight", int_mods[layer]))
+            continue
+        entries.append((key, value))
+
+    n_q4 = n_q8 = 0
+    writer = gguf.GGUFWriter(path, "bert")
+    tensors: list[tuple[str, np.ndarray, Optional[Any]]] = []
+    for key, value in entries:
+        if key.startswith("pooler.") or key == "embeddings.position_ids":
+            continue  # llama.cpp pools itself (mean); the BERT pooler head is not used
+        base, _, suffix = key.rpartition(".")
+        gname = tmap.get_name(base)
+        if gname is None:
+            raise QATConfigError(f"export_gguf(): tensor {key!r} has no llama.cpp BERT name")
+        gname = f"{gname}.{suffix}"
+        if isinstance(value, IntModuleMixin):
+            blocks, qtype = gguf_blocks(value, base)
+            n_q4 += qtype == "Q4_0"
+            n_q8 += qtype == "Q8_0"
+            tensors.append((gname, blocks, getattr(gguf.GGMLQuantizationType, qtype)))
+            continue
+        data = value.detach().float().cpu().numpy()
+        if float_to is not None and key in linear_weights and data.ndim == 2:
+            qt = qtypes[float_to.lower()]
+            n_q4 += qt == gguf.GGMLQuantizationType.Q4_0
+            n_q8 += qt == gguf.GGMLQuantizationType.Q8_0
+            tensors.append((gname, gguf.quants.quantize(data, qt), qt))
+            continue
+        tensors.append((gname, np.ascontiguousarray(data, dtype=np.float32), None))
+
+    writer.add_name(name or os.path.basename(os.path.normpath(tokenizer_dir)))
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_block_count(n_layers)
+    writer.add_head_count(int(config.num_attention_heads))
+    writer.add_layer_norm_eps(float(config.layer_norm_eps))
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(gguf.PoolingType.MEAN)
+    ftype = gguf.LlamaFileType.MOSTLY_Q4_0 if n_q4 else gguf.LlamaFileType.MOSTLY_Q8_0 if n_q8 else gguf.LlamaFileType.ALL_F32
+    writer.add_file_type(ftype)
+    _vocab(writer, tokenizer_dir, int(getattr(config, "type_vocab_size", 1)))
+    for gname, data, raw in tensors:
+        if raw is None:
+            writer.add_tensor(gname, data)
+        else:
+            writer.add_tensor(gname, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
