@@ -312,8 +312,16 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
     else:
         inner, c = _layout(xc, axis, group_size)
         s, z, a = _params(scale), _params(zero_point), None
-    # 0: one parameter; 1: one key per vector (one divide per vector); 2: a key per element
-    keymode = 0 if c == 1 else (1 if inner % vec == 0 else 2)
+    # 0: one parameter; 1: one key per vector (one divide per vector); 2: a key per element;
+    # 3: channels on the last axis, parameters read as vectors (see fake_quant.cu)
+    if c == 1:
+        keymode = 0
+    elif inner % vec == 0:
+        keymode = 1
+    elif inner == 1 and vec > 1 and c % vec == 0 and _aligned(s, z):
+        keymode = 3
+    else:
+        keymode = 2
     nsteps = -(-n // (32 * vec))
     grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device)))
     args = (

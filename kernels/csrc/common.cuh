@@ -98,6 +98,22 @@ __device__ __forceinline__ void store_vec(scalar_t* __restrict__ p, long long e,
     if (j < nvalid) p[e + j] = r.s[j];
 }
 
+// QAT_VEC float32 parameters starting at p (16-byte aligned when QAT_VEC > 1).
+__device__ __forceinline__ void load_params(const float* __restrict__ p, float (&out)[QAT_VEC]) {
+#if QAT_VEC == 1
+  out[0] = __ldg(p);
+#else
+#pragma unroll
+  for (int i = 0; i < QAT_VEC / 4; ++i) {
+    const float4 t = __ldg(reinterpret_cast<const float4*>(p) + i);
+    out[4 * i] = t.x;
+    out[4 * i + 1] = t.y;
+    out[4 * i + 2] = t.z;
+    out[4 * i + 3] = t.w;
+  }
+#endif
+}
+
 // 64-bit divide with a 32-bit fast path (the common case: both operands below 2^32).
 __device__ __forceinline__ void divmod64(long long a, long long b, long long& q, long long& r) {
   if ((((unsigned long long)a) | ((unsigned long long)b)) >> 32 == 0) {
@@ -158,4 +174,30 @@ __device__ __forceinline__ void atomic_max_f(float* addr, float v) {
   if (v != v) return;
   if (__float_as_int(v) >= 0) atomicMax(reinterpret_cast<int*>(addr), __float_as_int(v));
   else atomicMin(reinterpret_cast<unsigned*>(addr), __float_as_uint(v));
+}
+
+// Software pipeline over a strided sequence of steps first, first + stride, ... < nsteps, two steps a
+// stage: the loads of the next stage are issued before the current stage is worked on, so a thread
+// always has memory requests in flight. `load(step)` returns what `work(step, loaded)` consumes.
+// The loop conditions depend only on (first, stride), so they are warp-uniform when first is a
+// warp index (the warp shuffles inside `work` need that).
+template <class Load, class Work>
+__device__ __forceinline__ void pipelined(long long first, long long stride, long long nsteps, const Load& load,
+                                          const Work& work) {
+  using V = decltype(load(0LL));
+  V a0, a1;
+  long long st = first;
+  if (st < nsteps) a0 = load(st);
+  if (st + stride < nsteps) a1 = load(st + stride);
+  while (st < nsteps) {
+    const long long nx = st + 2 * stride;
+    V b0, b1;
+    if (nx < nsteps) b0 = load(nx);
+    if (nx + stride < nsteps) b1 = load(nx + stride);
+    work(st, a0);
+    if (st + stride < nsteps) work(st + stride, a1);
+    a0 = b0;
+    a1 = b1;
+    st = nx;
+  }
 }

@@ -8,7 +8,8 @@
 // VARIANT 0: z as given (fake_quantize); 1: LSQ, z used as clamp(rint(z), qmin, qmax);
 //         2: PACT, s = alpha / (qmax - qmin), z = qmin, x clipped to [0, alpha] first (no mask).
 // KEYMODE 0: one parameter (per tensor); 1: one key per vector (inner % QAT_VEC == 0), found with
-//         one divide per vector; 2: a key per element, walked without dividing (KeyIter).
+//         one divide per vector; 2: a key per element, walked without dividing (KeyIter);
+//         3: channels on the last axis (inner == 1, C % QAT_VEC == 0): parameters read as vectors.
 // Indexing: warp-uniform grid-stride loop over warp steps of 32 * QAT_VEC contiguous elements, so
 // the mask of one step is QAT_VEC whole 32-bit words: each lane ORs its QAT_VEC bits with the
 // 32/QAT_VEC - 1 neighbours that share its word (xor shuffles; a ballot when QAT_VEC == 1).
@@ -78,6 +79,24 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
       yv.s[j] = from_f(fwd_elem(p, to_f(xv.s[j]), qmin, qmax, mode, inside));
       bits |= (unsigned)(inside && j < nvalid) << j;
     }
+  } else if (KEYMODE == 3) {
+    // channels on the last axis (inner == 1, C % QAT_VEC == 0): the vector's QAT_VEC consecutive
+    // channels' parameters are themselves read as 16-byte vectors
+    long long q, k0;
+    divmod64(e0, C, q, k0);
+    float sv[QAT_VEC], zv[QAT_VEC];
+    load_params(scale + k0, sv);
+    load_params(zp + k0, zv);
+#pragma unroll
+    for (int j = 0; j < QAT_VEC; ++j) {
+      FwdParam<VARIANT> pj;
+      pj.s = sv[j];
+      pj.z = VARIANT == 1 ? qclamp(rintf(zv[j]), qmin, qmax) : zv[j];
+      pj.inv_s = 1.0f / pj.s;
+      bool inside;
+      yv.s[j] = from_f(fwd_elem(pj, to_f(xv.s[j]), qmin, qmax, mode, inside));
+      bits |= (unsigned)(inside && j < nvalid) << j;
+    }
   } else {
     if (KEYMODE == 1) {
       long long q, r, k;
@@ -110,32 +129,20 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
   const long long step_elems = 32LL * QAT_VEC;
   const long long nsteps = (n + step_elems - 1) / step_elems;
   const long long nwords = (n + 31) >> 5;
-
-  // Two warp steps per iteration: both loads are issued before either is used.
-  for (long long st0 = warp; st0 < nsteps; st0 += 2 * nwarps) {
-    const long long st1 = st0 + nwarps;
-    const bool has1 = st1 < nsteps;  // warp-uniform
-    const long long e0 = st0 * step_elems + (long long)lane * QAT_VEC;
-    const long long e1 = st1 * step_elems + (long long)lane * QAT_VEC;
-    const int nv0 = (int)max(0LL, min((long long)QAT_VEC, n - e0));
-    const int nv1 = has1 ? (int)max(0LL, min((long long)QAT_VEC, n - e1)) : 0;
-    const RawVec x0 = load_vec(x, e0, nv0);
-    RawVec x1;
-    if (has1) x1 = load_vec(x, e1, nv1);
-
-    RawVec y0;
-    unsigned b0;
-    fwd_vec<VARIANT, KEYMODE>(p, x0, y0, e0, nv0, b0, scale, zp, alpha, inner, C, qmin, qmax, mode);
-    store_vec(y, e0, nv0, y0);
-    if (VARIANT == 0) write_mask(mask, st0, b0, nwords);
-    if (has1) {
-      RawVec y1;
-      unsigned b1;
-      fwd_vec<VARIANT, KEYMODE>(p, x1, y1, e1, nv1, b1, scale, zp, alpha, inner, C, qmin, qmax, mode);
-      store_vec(y, e1, nv1, y1);
-      if (VARIANT == 0) write_mask(mask, st1, b1, nwords);
-    }
-  }
+  auto load = [&](long long st) {
+    const long long e = st * step_elems + (long long)lane * QAT_VEC;
+    return load_vec(x, e, (int)max(0LL, min((long long)QAT_VEC, n - e)));
+  };
+  auto work = [&](long long st, const RawVec& xv) {
+    const long long e = st * step_elems + (long long)lane * QAT_VEC;
+    const int nv = (int)max(0LL, min((long long)QAT_VEC, n - e));
+    RawVec yv;
+    unsigned bits;
+    fwd_vec<VARIANT, KEYMODE>(p, xv, yv, e, nv, bits, scale, zp, alpha, inner, C, qmin, qmax, mode);
+    store_vec(y, e, nv, yv);
+    if (VARIANT == 0) write_mask(mask, st, bits, nwords);
+  };
+  pipelined(warp, nwarps, nsteps, load, work);  // grid-stride over warp steps
 }
 
 // variant: 0 STE (writes the mask), 1 LSQ, 2 PACT; keymode: see above (PACT: 0).
@@ -150,10 +157,12 @@ fq_forward(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* _
   } else if (variant == 1) {
     if (keymode == 0) QAT_FWD(1, 0);
     else if (keymode == 1) QAT_FWD(1, 1);
+    else if (keymode == 3) QAT_FWD(1, 3);
     else QAT_FWD(1, 2);
   } else {
     if (keymode == 0) QAT_FWD(0, 0);
     else if (keymode == 1) QAT_FWD(0, 1);
+    else if (keymode == 3) QAT_FWD(0, 3);
     else QAT_FWD(0, 2);
   }
 #undef QAT_FWD
@@ -162,34 +171,30 @@ fq_forward(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* _
 // Clipped-STE backward: dx = grad where the saved mask bit is set, else 0. A lane's QAT_VEC
 // elements lie in one mask word (QAT_VEC divides 32 and e0 is a multiple of QAT_VEC).
 // Bytes: reads grad and numel/8 bytes of mask, writes dx.
+struct GradMask {
+  RawVec g;
+  unsigned w;
+};
+
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 fq_backward(const scalar_t* __restrict__ g, const unsigned* __restrict__ mask, scalar_t* __restrict__ dx, long long n) {
   const long long nthreads = (long long)gridDim.x * blockDim.x;
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long nvec = (n + QAT_VEC - 1) / QAT_VEC;
-  for (long long v0 = tid; v0 < nvec; v0 += 2 * nthreads) {
-    const long long v1 = v0 + nthreads;
-    const bool has1 = v1 < nvec;
-    const long long e0 = v0 * QAT_VEC, e1 = v1 * QAT_VEC;
-    const int nv0 = (int)min((long long)QAT_VEC, n - e0);
-    const int nv1 = has1 ? (int)min((long long)QAT_VEC, n - e1) : 0;
-    RawVec g0 = load_vec(g, e0, nv0);
-    const unsigned w0 = __ldg(mask + (e0 >> 5)) >> (e0 & 31);
-    RawVec g1;
-    unsigned w1 = 0;
-    if (has1) {
-      g1 = load_vec(g, e1, nv1);
-      w1 = __ldg(mask + (e1 >> 5)) >> (e1 & 31);
-    }
+  auto load = [&](long long v) {
+    const long long e = v * QAT_VEC;
+    GradMask r;
+    r.g = load_vec(g, e, (int)min((long long)QAT_VEC, n - e));
+    r.w = __ldg(mask + (e >> 5)) >> (e & 31);
+    return r;
+  };
+  auto work = [&](long long v, const GradMask& gm) {
+    const long long e = v * QAT_VEC;
+    RawVec d = gm.g;
 #pragma unroll
     for (int j = 0; j < QAT_VEC; ++j)
-      if (!((w0 >> j) & 1u)) g0.s[j] = scalar_zero();
-    store_vec(dx, e0, nv0, g0);
-    if (has1) {
-#pragma unroll
-      for (int j = 0; j < QAT_VEC; ++j)
-        if (!((w1 >> j) & 1u)) g1.s[j] = scalar_zero();
-      store_vec(dx, e1, nv1, g1);
-    }
-  }
+      if (!((gm.w >> j) & 1u)) d.s[j] = scalar_zero();
+    store_vec(dx, e, (int)min((long long)QAT_VEC, n - e), d);
+  };
+  pipelined(tid, nthreads, nvec, load, work);
 }

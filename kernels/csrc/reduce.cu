@@ -4,12 +4,12 @@
 //   the observer's min/max per tensor / channel / group.
 // Included after common.cuh. Two launch shapes share each operation (an `Op` below):
 //
-// seg:  each warp owns a contiguous run of warp steps (32 * QAT_VEC elements each). A lane's
+// seg:  warps take warp steps (32 * QAT_VEC contiguous elements) grid-stride. A lane's
 //       vector has one key (the host guarantees inner % QAT_VEC == 0, or C == 1), keys form
 //       contiguous runs within a step (C == 1 or C * inner >= 32 * QAT_VEC), so a segmented
 //       suffix reduction by key (5 shuffle rounds) leaves each run's total in its first lane. The
-//       last run of a step is carried in registers into the next step, so a long run (per-tensor,
-//       per-channel on axis 0) costs one atomic per warp, a group one atomic per group.
+//       last run of a step is carried in registers into the warp's next step and merged when the key
+//       is the same, so per-tensor costs one atomic per warp, a group one atomic per group.
 // cols: the tensor seen as (rows, Wd = C * inner) with key = col / inner (inner == 1: channels on
 //       the last axis, or tiny C * inner). A thread owns QAT_VEC columns of a slab of `colsv`
 //       vectors and walks rows; the R threads of a block that share a column are summed in shared
@@ -178,6 +178,10 @@ __device__ __forceinline__ void seg_step(const Op& op, const RawVec& xv, const R
   carry_key = __shfl_sync(QAT_FULL, key, last);
 }
 
+struct XG {
+  RawVec x, g;
+};
+
 template <class Op>
 __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                          scalar_t* __restrict__ dx, long long n, long long inner, long long C) {
@@ -186,27 +190,24 @@ __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restric
   const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const long long step_elems = 32LL * QAT_VEC;
   const long long nsteps = (n + step_elems - 1) / step_elems;
-  const long long per = (nsteps + nwarps - 1) / nwarps;
-  const long long s_begin = warp * per;
-  const long long s_end = min(s_begin + per, nsteps);
   long long carry_key = -1;
   float ca = Op::ida(), cb = Op::idb();
-  for (long long st = s_begin; st < s_end; st += 2) {
-    const bool has1 = st + 1 < s_end;  // warp-uniform
-    const long long e0 = st * step_elems + (long long)lane * QAT_VEC;
-    const long long e1 = e0 + step_elems;
-    const int nv0 = (int)max(0LL, min((long long)QAT_VEC, n - e0));
-    const int nv1 = has1 ? (int)max(0LL, min((long long)QAT_VEC, n - e1)) : 0;
-    RawVec x0, g0, x1, g1;
-    x0 = load_vec(x, e0, nv0);
-    if (Op::kGrad) g0 = load_vec(g, e0, nv0);
-    if (has1) {
-      x1 = load_vec(x, e1, nv1);
-      if (Op::kGrad) g1 = load_vec(g, e1, nv1);
-    }
-    seg_step(op, x0, g0, dx, e0, nv0, inner, C, carry_key, ca, cb);
-    if (has1) seg_step(op, x1, g1, dx, e1, nv1, inner, C, carry_key, ca, cb);
-  }
+  auto load = [&](long long st) {
+    const long long e = st * step_elems + (long long)lane * QAT_VEC;
+    const int nv = (int)max(0LL, min((long long)QAT_VEC, n - e));
+    XG r;
+    r.x = load_vec(x, e, nv);
+    if (Op::kGrad) r.g = load_vec(g, e, nv);
+    return r;
+  };
+  auto work = [&](long long st, const XG& v) {
+    const long long e = st * step_elems + (long long)lane * QAT_VEC;
+    const int nv = (int)max(0LL, min((long long)QAT_VEC, n - e));
+    seg_step(op, v.x, v.g, dx, e, nv, inner, C, carry_key, ca, cb);
+  };
+  // Grid-stride over warp steps (all warps sweep the tensor together); a warp's partial sums for
+  // one key are carried from step to step while the key stays the same.
+  pipelined(warp, nwarps, nsteps, load, work);
   if (lane == 0 && carry_key >= 0) op.flush(carry_key, ca, cb);
 }
 
@@ -236,35 +237,24 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
     typename Op::P p[QAT_VEC];
 #pragma unroll
     for (int j = 0; j < QAT_VEC; ++j) p[j] = op.param((colv * QAT_VEC + j) / inner);
-    // two rows in flight per thread; one for 8-wide vectors (register pressure: 8 columns' parameters)
-    constexpr int U = QAT_VEC >= 8 ? 1 : 2;
-    for (long long r = r0 + rr; r < r1; r += (long long)U * R) {
-      const bool has1 = U == 2 && r + R < r1;
-      const long long e0 = r * Wd + colv * QAT_VEC;
-      const long long e1 = e0 + (long long)R * Wd;
-      RawVec x0, g0, x1, g1;
-      x0 = load_vec(x, e0, QAT_VEC);
-      if (Op::kGrad) g0 = load_vec(g, e0, QAT_VEC);
-      if (has1) {
-        x1 = load_vec(x, e1, QAT_VEC);
-        if (Op::kGrad) g1 = load_vec(g, e1, QAT_VEC);
-      }
+    auto load = [&](long long r) {
+      const long long e = r * Wd + colv * QAT_VEC;
+      XG v;
+      v.x = load_vec(x, e, QAT_VEC);
+      if (Op::kGrad) v.g = load_vec(g, e, QAT_VEC);
+      return v;
+    };
+    auto work = [&](long long r, const XG& v) {
+      const long long e = r * Wd + colv * QAT_VEC;
       RawVec d;
 #pragma unroll
       for (int j = 0; j < QAT_VEC; ++j) {
-        const bool keep = op.elem(p[j], to_f(x0.s[j]), Op::kGrad ? to_f(g0.s[j]) : 0.0f, a[j], b[j]);
-        d.s[j] = (Op::kDx && keep) ? g0.s[j] : scalar_zero();
+        const bool keep = op.elem(p[j], to_f(v.x.s[j]), Op::kGrad ? to_f(v.g.s[j]) : 0.0f, a[j], b[j]);
+        d.s[j] = (Op::kDx && keep) ? v.g.s[j] : scalar_zero();
       }
-      if (Op::kDx) store_vec(dx, e0, QAT_VEC, d);
-      if (has1) {
-#pragma unroll
-        for (int j = 0; j < QAT_VEC; ++j) {
-          const bool keep = op.elem(p[j], to_f(x1.s[j]), Op::kGrad ? to_f(g1.s[j]) : 0.0f, a[j], b[j]);
-          d.s[j] = (Op::kDx && keep) ? g1.s[j] : scalar_zero();
-        }
-        if (Op::kDx) store_vec(dx, e1, QAT_VEC, d);
-      }
-    }
+      if (Op::kDx) store_vec(dx, e, QAT_VEC, d);
+    };
+    pipelined(r0 + rr, (long long)R, r1, load, work);
   }
   float* sa = sh;
   float* sb = sh + blockDim.x * QAT_VEC;
