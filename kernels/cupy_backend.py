@@ -52,8 +52,18 @@ __all__ = [
 _CSRC = Path(__file__).resolve().parent / "csrc"
 #: source file -> its extern "C" kernels
 _KERNELS = {
-    "fake_quant.cu": ("fq_forward", "fq_backward"),
-    "reduce.cu": ("lsq_backward_seg", "lsq_backward_cols", "pact_backward_seg", "minmax_seg", "minmax_cols"),
+    "fake_quant.cu": (
+        *(f"fq_forward_{v}_{k}" for v in (0, 1) for k in (0, 1, 2, 3)),
+        "fq_forward_2_0",
+        "fq_backward",
+    ),
+    "reduce.cu": (
+        *(f"lsq_backward_seg{m}" for m in (0, 1, 2)),
+        "lsq_backward_cols",
+        "pact_backward_seg",
+        *(f"minmax_seg{m}" for m in (0, 1, 2)),
+        "minmax_cols",
+    ),
 }
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ESIZE = {0: 4, 1: 2, 2: 2}
@@ -284,7 +294,15 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         _launch(kern, (gx, gy), args, device, shared)
     else:
         vec = vec_full if aligned and (c == 1 or inner % vec_full == 0) else 1
-        kern = _kernel("reduce.cu", f"{kind}_seg", code, vec, device)
+        run_lanes = inner // vec
+        if c == 1 or inner >= 4 * 32 * vec:
+            mode = 0  # long runs: accumulate in registers
+        elif inner % vec == 0 and run_lanes <= 32 and run_lanes & (run_lanes - 1) == 0:
+            mode = 1  # short aligned runs: butterflies
+        else:
+            mode = 2  # general: segmented scan
+        name = "pact_backward_seg" if kind == "pact_backward" else f"{kind}_seg{mode}"
+        kern = _kernel("reduce.cu", name, code, vec, device)
         nsteps = -(-n // (32 * vec))
         grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device)))
         if kind == "pact_backward":
@@ -304,7 +322,6 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
     device = x.device.index
     code = _DTYPE_CODE[x.dtype]
     vec = 16 // _ESIZE[code] if _aligned(xc, y) else 1
-    kern = _kernel("fake_quant.cu", "fq_forward", code, vec, device)
     if variant == 2:
         inner, c = max(n, 1), 1
         s = z = None
@@ -322,12 +339,13 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
         keymode = 3
     else:
         keymode = 2
+    kern = _kernel("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device)
     nsteps = -(-n // (32 * vec))
     grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device)))
     args = (
         _ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a),
         np.int64(n), np.int64(inner), np.int64(c),
-        np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]), np.int32(variant), np.int32(keymode),
+        np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]),
     )  # fmt: skip
     _launch(kern, grid, args, device)
     return y, mask

@@ -4,12 +4,11 @@
 //   the observer's min/max per tensor / channel / group.
 // Included after common.cuh. Two launch shapes share each operation (an `Op` below):
 //
-// seg:  warps take warp steps (32 * QAT_VEC contiguous elements) grid-stride. A lane's
-//       vector has one key (the host guarantees inner % QAT_VEC == 0, or C == 1), keys form
-//       contiguous runs within a step (C == 1 or C * inner >= 32 * QAT_VEC), so a segmented
-//       suffix reduction by key (5 shuffle rounds) leaves each run's total in its first lane. The
-//       last run of a step is carried in registers into the warp's next step and merged when the key
-//       is the same, so per-tensor costs one atomic per warp, a group one atomic per group.
+// seg:  each warp owns a contiguous range of warp steps (32 * QAT_VEC contiguous elements). A
+//       lane's vector has one key (the host guarantees inner % QAT_VEC == 0, or C == 1) and keys form
+//       contiguous runs within a step (C == 1 or C * inner >= 32 * QAT_VEC); see seg_body's three
+//       modes (register accumulation for long runs, butterflies for short aligned runs, a segmented
+//       scan otherwise).
 // cols: the tensor seen as (rows, Wd = C * inner) with key = col / inner (inner == 1: channels on
 //       the last axis, or tiny C * inner). A thread owns QAT_VEC columns of a slab of `colsv`
 //       vectors and walks rows; the R threads of a block that share a column are summed in shared
@@ -129,34 +128,49 @@ struct MinMaxOp {
 
 // ---------------------------------------------------------------- seg: runs of keys
 
+// Work of one lane on one vector: dx, and the vector's partial (a, b); returns its key (-1 past the end).
 template <class Op>
-__device__ __forceinline__ void seg_step(const Op& op, const RawVec& xv, const RawVec& gv, scalar_t* __restrict__ dx,
-                                         long long e0, int nv, long long inner, long long C, long long& carry_key,
-                                         float& ca, float& cb) {
-  const int lane = threadIdx.x & 31;
-  float a = Op::ida(), b = Op::idb();
-  long long key = -1;
-  if (nv > 0) {
-    if (C == 1) {
-      key = 0;
-    } else {
-      long long q, r;
-      divmod64(e0, inner, q, r);
-      divmod64(q, C, r, key);
-    }
-    const typename Op::P p = op.param(key);
-    RawVec d;
-#pragma unroll
-    for (int j = 0; j < QAT_VEC; ++j) {
-      d.s[j] = scalar_zero();
-      if (j < nv) {
-        const bool keep = op.elem(p, to_f(xv.s[j]), Op::kGrad ? to_f(gv.s[j]) : 0.0f, a, b);
-        if (Op::kDx && keep) d.s[j] = gv.s[j];
-      }
-    }
-    if (Op::kDx) store_vec(dx, e0, nv, d);
+__device__ __forceinline__ long long seg_vec(const Op& op, const RawVec& xv, const RawVec& gv, scalar_t* __restrict__ dx,
+                                             long long e0, int nv, long long inner, long long C, float& a, float& b) {
+  a = Op::ida();
+  b = Op::idb();
+  if (nv <= 0) return -1;
+  long long key = 0;
+  if (C != 1) {
+    long long q, r;
+    divmod64(e0, inner, q, r);
+    divmod64(q, C, r, key);
   }
-  // Segmented suffix reduction: afterwards the first lane of each run holds the run's total.
+  const typename Op::P p = op.param(key);
+  RawVec d;
+#pragma unroll
+  for (int j = 0; j < QAT_VEC; ++j) {
+    d.s[j] = scalar_zero();
+    if (j < nv) {
+      const bool keep = op.elem(p, to_f(xv.s[j]), Op::kGrad ? to_f(gv.s[j]) : 0.0f, a, b);
+      if (Op::kDx && keep) d.s[j] = gv.s[j];
+    }
+  }
+  if (Op::kDx) store_vec(dx, e0, nv, d);
+  return key;
+}
+
+// Butterfly reduction within aligned groups of `width` lanes (a power of two): every lane gets its
+// group's total.
+template <class Op>
+__device__ __forceinline__ void group_allreduce(float& a, float& b, int width) {
+  for (int off = width >> 1; off > 0; off >>= 1) {
+    const float oa = __shfl_xor_sync(QAT_FULL, a, off);
+    const float ob = __shfl_xor_sync(QAT_FULL, b, off);
+    Op::comb(a, b, oa, ob);
+  }
+}
+
+// Segmented suffix reduction by key over the warp; the first lane of each run flushes the run's
+// total, except runs whose key is `skip` (or < 0).
+template <class Op>
+__device__ __forceinline__ void seg_scan_flush(const Op& op, long long key, float a, float b, long long skip) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
     const float oa = __shfl_down_sync(QAT_FULL, a, off);
@@ -166,23 +180,18 @@ __device__ __forceinline__ void seg_step(const Op& op, const RawVec& xv, const R
   }
   const long long prev = __shfl_up_sync(QAT_FULL, key, 1);
   const bool head = lane == 0 || prev != key;
-  if (lane == 0) {
-    if (key == carry_key) Op::comb(a, b, ca, cb);
-    else if (carry_key >= 0) op.flush(carry_key, ca, cb);
-  }
-  const unsigned heads = __ballot_sync(QAT_FULL, head);
-  const int last = 31 - __clz(heads);
-  if (head && lane != last && key >= 0) op.flush(key, a, b);
-  ca = __shfl_sync(QAT_FULL, a, last);
-  cb = __shfl_sync(QAT_FULL, b, last);
-  carry_key = __shfl_sync(QAT_FULL, key, last);
+  if (head && key >= 0 && key != skip) op.flush(key, a, b);
 }
 
-struct XG {
-  RawVec x, g;
-};
-
-template <class Op>
+// Three ways to reduce a warp step, chosen by the host from the layout:
+//   MODE 0 (long runs: per-tensor, or a key spans >= 4 steps): each lane accumulates in registers
+//          while the whole warp stays on the current key (one vote a step); a step that crosses a
+//          key boundary flushes the old key (butterfly + one atomic) and scans the step by key.
+//   MODE 1 (short aligned runs: inner / QAT_VEC lanes, a power of two <= 32, e.g. groups of 32..256):
+//          butterfly within each run, its first lane flushes (one atomic per run).
+//   MODE 2 (anything else): segmented scan of every step, the last run carried to the next step.
+// The warp's leftover (MODE 0 / 2) is combined across the block before its atomics.
+template <class Op, int MODE>
 __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                          scalar_t* __restrict__ dx, long long n, long long inner, long long C) {
   const int lane = threadIdx.x & 31;
@@ -190,28 +199,119 @@ __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restric
   const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const long long step_elems = 32LL * QAT_VEC;
   const long long nsteps = (n + step_elems - 1) / step_elems;
-  long long carry_key = -1;
-  float ca = Op::ida(), cb = Op::idb();
-  auto load = [&](long long st) {
-    const long long e = st * step_elems + (long long)lane * QAT_VEC;
-    const int nv = (int)max(0LL, min((long long)QAT_VEC, n - e));
-    XG r;
-    r.x = load_vec(x, e, nv);
-    if (Op::kGrad) r.g = load_vec(g, e, nv);
-    return r;
+  // each warp owns a contiguous range of steps, so a key's run stays in one warp for long
+  const long long per = (nsteps + nwarps - 1) / nwarps;
+  const long long s_begin = min(warp * per, nsteps);
+  const long long s_end = min(s_begin + per, nsteps);
+  const int run_lanes = (int)(inner / QAT_VEC);  // MODE 1 only
+
+  long long tkey = -1;  // MODE 0: the warp's current key, MODE 2: the carried run's key
+  float ta = Op::ida(), tb = Op::idb();
+
+  auto step = [&](const RawVec& xv, const RawVec& gv, long long e0, int nv) {
+    float a, b;
+    const long long key = seg_vec(op, xv, gv, dx, e0, nv, inner, C, a, b);
+    if (MODE == 0) {
+      if (__all_sync(QAT_FULL, key == tkey)) {
+        Op::comb(ta, tb, a, b);
+        return;
+      }
+      if (tkey >= 0) {
+        float ra = ta, rb = tb;
+        group_allreduce<Op>(ra, rb, 32);
+        if (lane == 0) op.flush(tkey, ra, rb);
+      }
+      const long long last = __shfl_sync(QAT_FULL, key, 31);
+      if (key == last) {
+        ta = a;
+        tb = b;
+        a = Op::ida();
+        b = Op::idb();
+      } else {
+        ta = Op::ida();
+        tb = Op::idb();
+      }
+      tkey = last;
+      seg_scan_flush(op, key, a, b, last);
+    } else if (MODE == 1) {
+      group_allreduce<Op>(a, b, run_lanes);
+      if ((lane & (run_lanes - 1)) == 0 && key >= 0) op.flush(key, a, b);
+    } else {
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float oa = __shfl_down_sync(QAT_FULL, a, off);
+        const float ob = __shfl_down_sync(QAT_FULL, b, off);
+        const long long ok = __shfl_down_sync(QAT_FULL, key, off);
+        if (lane + off < 32 && ok == key) Op::comb(a, b, oa, ob);
+      }
+      const long long prev = __shfl_up_sync(QAT_FULL, key, 1);
+      const bool head = lane == 0 || prev != key;
+      if (lane == 0) {
+        if (key == tkey) Op::comb(a, b, ta, tb);
+        else if (tkey >= 0) op.flush(tkey, ta, tb);
+      }
+      const unsigned heads = __ballot_sync(QAT_FULL, head);
+      const int last = 31 - __clz(heads);
+      if (head && lane != last && key >= 0) op.flush(key, a, b);
+      ta = __shfl_sync(QAT_FULL, a, last);
+      tb = __shfl_sync(QAT_FULL, b, last);
+      tkey = __shfl_sync(QAT_FULL, key, last);
+    }
   };
-  auto work = [&](long long st, const XG& v) {
-    const long long e = st * step_elems + (long long)lane * QAT_VEC;
-    const int nv = (int)max(0LL, min((long long)QAT_VEC, n - e));
-    seg_step(op, v.x, v.g, dx, e, nv, inner, C, carry_key, ca, cb);
-  };
-  // Grid-stride over warp steps (all warps sweep the tensor together); a warp's partial sums for
-  // one key are carried from step to step while the key stays the same.
-  pipelined(warp, nwarps, nsteps, load, work);
-  if (lane == 0 && carry_key >= 0) op.flush(carry_key, ca, cb);
+
+  for (long long st = s_begin; st < s_end; st += 2) {
+    const bool has1 = st + 1 < s_end;  // warp-uniform
+    const long long e0 = st * step_elems + (long long)lane * QAT_VEC;
+    const long long e1 = e0 + step_elems;
+    const int nv0 = (int)max(0LL, min((long long)QAT_VEC, n - e0));
+    const int nv1 = has1 ? (int)max(0LL, min((long long)QAT_VEC, n - e1)) : 0;
+    RawVec x0, g0, x1, g1;
+    x0 = load_vec(x, e0, nv0);
+    if (Op::kGrad) g0 = load_vec(g, e0, nv0);
+    if (has1) {
+      x1 = load_vec(x, e1, nv1);
+      if (Op::kGrad) g1 = load_vec(g, e1, nv1);
+    }
+    step(x0, g0, e0, nv0);
+    if (has1) step(x1, g1, e1, nv1);
+  }
+
+  if (MODE == 1) return;
+  // the warp's leftover: MODE 0 holds per-lane partials, MODE 2 the carried total (same in all lanes)
+  if (MODE == 0 && tkey >= 0) group_allreduce<Op>(ta, tb, 32);
+  __shared__ long long s_key[QAT_THREADS / 32];
+  __shared__ float s_a[QAT_THREADS / 32], s_b[QAT_THREADS / 32];
+  const int w = threadIdx.x >> 5;
+  if (lane == 0) {
+    s_key[w] = tkey;
+    s_a[w] = ta;
+    s_b[w] = tb;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // neighbouring warps often share the key (per-tensor: always)
+    long long ck = -1;
+    float ca = Op::ida(), cb = Op::idb();
+    for (int i = 0; i < (int)(blockDim.x >> 5); ++i) {
+      const long long k = s_key[i];
+      if (k < 0) continue;
+      if (k == ck) {
+        Op::comb(ca, cb, s_a[i], s_b[i]);
+      } else {
+        if (ck >= 0) op.flush(ck, ca, cb);
+        ck = k;
+        ca = s_a[i];
+        cb = s_b[i];
+      }
+    }
+    if (ck >= 0) op.flush(ck, ca, cb);
+  }
 }
 
 // ---------------------------------------------------------------- cols: (rows, Wd), key = col / inner
+
+struct XG {
+  RawVec x, g;
+};
 
 template <class Op>
 __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
@@ -254,7 +354,13 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
       }
       if (Op::kDx) store_vec(dx, e, QAT_VEC, d);
     };
+#if QAT_VEC >= 8
+    // 8 columns' parameters already fill the registers: one row at a time (the software pipeline
+    // pushed this to 121 registers and ran slower)
+    for (long long r = r0 + rr; r < r1; r += R) work(r, load(r));
+#else
     pipelined(r0 + rr, (long long)R, r1, load, work);
+#endif
   }
   float* sa = sh;
   float* sb = sh + blockDim.x * QAT_VEC;
@@ -278,13 +384,19 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
 
 // ---------------------------------------------------------------- entry points
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
-lsq_backward_seg(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
-                 const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long n,
-                 long long inner, long long C, float qmin, float qmax, float f, int round_mode) {
-  const LsqOp op{scale, zp, ds, dz, qmin, qmax, f, round_mode};
-  seg_body(op, x, g, dx, n, inner, C);
-}
+// lsq_backward_seg<mode> / minmax_seg<mode>: one entry point per seg_body mode (own registers).
+#define QAT_LSQ_SEG(M)                                                                                          \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS) lsq_backward_seg##M(                                \
+      const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,                \
+      const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long n,         \
+      long long inner, long long C, float qmin, float qmax, float f, int round_mode) {                          \
+    const LsqOp op{scale, zp, ds, dz, qmin, qmax, f, round_mode};                                              \
+    seg_body<LsqOp, M>(op, x, g, dx, n, inner, C);                                                             \
+  }
+QAT_LSQ_SEG(0)
+QAT_LSQ_SEG(1)
+QAT_LSQ_SEG(2)
+#undef QAT_LSQ_SEG
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 lsq_backward_cols(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
@@ -298,14 +410,19 @@ extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 pact_backward_seg(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ alpha, float* dalpha, long long n) {
   const PactOp op{alpha, dalpha};
-  seg_body(op, x, g, dx, n, n > 0 ? n : 1, 1);
+  seg_body<PactOp, 0>(op, x, g, dx, n, n > 0 ? n : 1, 1);
 }
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
-minmax_seg(const scalar_t* __restrict__ x, float* mn, float* mx, long long n, long long inner, long long C) {
-  const MinMaxOp op{mn, mx};
-  seg_body(op, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C);
-}
+#define QAT_MINMAX_SEG(M)                                                                                       \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS)                                                    \
+      minmax_seg##M(const scalar_t* __restrict__ x, float* mn, float* mx, long long n, long long inner, long long C) { \
+    const MinMaxOp op{mn, mx};                                                                                  \
+    seg_body<MinMaxOp, M>(op, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C);                  \
+  }
+QAT_MINMAX_SEG(0)
+QAT_MINMAX_SEG(1)
+QAT_MINMAX_SEG(2)
+#undef QAT_MINMAX_SEG
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 minmax_cols(const scalar_t* __restrict__ x, float* mn, float* mx, long long rows, long long Wd, long long inner,
