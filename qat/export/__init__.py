@@ -13,6 +13,20 @@ Example::
     export_onnx(int_model, example_input, "model.onnx")
 """
 
+from .gguf import export_gguf, gguf_blocks, gguf_type_for
+from .onnx import export_float_onnx, export_onnx
 from .packed import FORMAT, PackedCheckpoint, PackedFormatError, load_packed, read_packed, save_packed
 
-__all__ = ["FORMAT", "PackedCheckpoint", "PackedFormatError", "load_packed", "read_packed", "save_packed"]
+__all__ = [
+    "FORMAT",
+    "PackedCheckpoint",
+    "PackedFormatError",
+    "load_packed",
+    "read_packed",
+    "save_packed",
+    "export_onnx",
+    "export_float_onnx",
+    "export_gguf",
+    "gguf_blocks",
+    "gguf_type_for",
+]

@@ -31,7 +31,7 @@ from ..convert import IntModuleMixin
 from ..errors import QATConfigError
 from ..spec import Granularity
 
-__all__ = ["export_gguf", "gguf_blocks", "gguf_type_for"]
+__all__ = ["export_gguf", "gguf_blocks", "gguf_type_for", "llama_embed"]
 
 QK = 32  # weights per Q8_0 / Q4_0 block
 
@@ -222,3 +222,34 @@ def export_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def llama_embed(path: Union[str, os.PathLike], sentences, n_threads: int = 2, extra_buffers: bool = False) -> torch.Tensor:
+    """Mean-pooled, L2-normalized sentence embeddings of a GGUF file, computed by llama.cpp
+    (llama-cpp-python), one sentence at a time: the check that llama.cpp runs what we wrote.
+
+    Args:
+        extra_buffers: let llama.cpp use its extra CPU buffer types (AMX / repacked weights). Off by
+            default: on CPUs that report AMX inside some VMs and sandboxes, the AMX path of ggml-cpu
+            faults on Q8_0 / Q4_0 weights (seen with llama-cpp-python 0.3.36).
+    """
+    import llama_cpp.llama_cpp as _C
+    from llama_cpp import Llama
+
+    default = _C.llama_model_default_params
+
+    def _params():
+        p = default()
+        p.use_extra_bufts = extra_buffers
+        return p
+
+    _C.llama_model_default_params = _params
+    try:
+        llm = Llama(os.fspath(path), embedding=True, verbose=False, n_ctx=512, n_threads=n_threads)
+    finally:
+        _C.llama_model_default_params = default
+    try:
+        e = torch.tensor([llm.embed(s) for s in sentences], dtype=torch.float32)
+    finally:
+        llm.close() if hasattr(llm, "close") else None
+    return torch.nn.functional.normalize(e, dim=-1)

@@ -37,6 +37,7 @@ from ..spec import Granularity, RoundMode
 __all__ = ["export_onnx", "export_float_onnx", "OPSET", "IR_VERSION"]
 
 OPSET = 21
+_NATIVE_QDQ = True  # False: every input quantizer in float ops (debugging)
 IR_VERSION = 10
 
 
@@ -193,7 +194,8 @@ def _input_nodes(prefix: str, mod: IntModuleMixin, in_name: str, out_name: str, 
     # QuantizeLinear across MaxPool and then rejects its own graph; 4-bit inputs use the float form
     full = {(8, True): (-128, 127), (8, False): (0, 255)}
     native = (
-        spec.round_mode is RoundMode.HALF_EVEN
+        _NATIVE_QDQ
+        and spec.round_mode is RoundMode.HALF_EVEN
         and full.get((spec.bits, spec.signed)) == (spec.qmin, spec.qmax)
         and spec.granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
     )
