@@ -103,11 +103,12 @@ def compile_all(arch: str = "sm_90") -> dict[tuple[str, int, int], int]:
     """Compile every kernel instantiation with NVRTC for ``arch``, without a GPU.
 
     Args:
-        arch: a real architecture (``"sm_90"``): NVRTC compiles down to its machine code, so
-            assembler errors surface too.
+        arch: a real architecture (``"sm_90"``): NVRTC compiles down to machine code, so assembler
+            errors (inline PTX) surface too; or a virtual one (``"compute_90"``): PTX only, about
+            three times faster.
 
     Returns:
-        ``{(source, dtype_code, vec): cubin size in bytes}``.
+        ``{(source, dtype_code, vec): size in bytes of the cubin (or the PTX)}``.
 
     Raises:
         ImportError: CuPy or its NVRTC library is missing.
@@ -132,7 +133,7 @@ def compile_all(arch: str = "sm_90") -> dict[tuple[str, int, int], int]:
             missing = [k for k in _KERNELS[name] if f".entry {k}(" not in ptx]
             if missing:
                 raise RuntimeError(f"{name} (dtype {code}, vec {vec}) compiled without kernels {missing}")
-            sizes[(name, code, vec)] = len(nvrtc.getCUBIN(prog))
+            sizes[(name, code, vec)] = len(ptx) if arch.startswith("compute_") else len(nvrtc.getCUBIN(prog))
         finally:
             nvrtc.destroyProgram(prog)
     return sizes
@@ -174,14 +175,17 @@ def _blocks_per_sm(kern, shared_mem: int) -> int:
     return _occupancy[key]
 
 
-def _wave(kern, device: int, shared_mem: int = 0) -> int:
-    """Blocks of ``_GRID_WAVES`` full waves (every block resident at once); loops stride over the rest."""
-    return max(1, int(_num_sms(device) * _blocks_per_sm(kern, shared_mem) * _GRID_WAVES))
+def _wave(kern, device: int, shared_mem: int = 0, waves: Optional[float] = None) -> int:
+    """Blocks of ``waves`` full waves (every block resident at once); loops stride over the rest."""
+    waves = _GRID_WAVES if waves is None else waves
+    return max(1, int(_num_sms(device) * _blocks_per_sm(kern, shared_mem) * waves))
 
 
 _streams: dict[tuple[int, int], object] = {}
 #: grid size in full waves (every block resident once); the kernels stride over the rest
 _GRID_WAVES = 1
+#: the element-wise kernels (no atomics) take more waves: measured 2-4% faster on an H100
+_ELEMENTWISE_WAVES = 8
 _direct_launch = True  # Function(grid, block, args, shared_mem, stream): no context managers
 
 
@@ -341,7 +345,7 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
         keymode = 2
     kern = _kernel("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device)
     nsteps = -(-n // (32 * vec))
-    grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device)))
+    grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, waves=_ELEMENTWISE_WAVES)))
     args = (
         _ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a),
         np.int64(n), np.int64(inner), np.int64(c),
@@ -385,7 +389,7 @@ def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     vec = 16 // _ESIZE[code] if _aligned(g, dx) else 1
     kern = _kernel("fake_quant.cu", "fq_backward", code, vec, device)
     nvec = -(-n // vec)
-    grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device)))
+    grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, waves=_ELEMENTWISE_WAVES)))
     _launch(kern, grid, (_ptr(g), _ptr(m), _ptr(dx), np.int64(n)), device)
     return dx
 

@@ -159,9 +159,24 @@ __device__ __forceinline__ float qround(float v, int mode) {
   return floorf(v + 0.5f);
 }
 
-// torch.clamp(q, qmin, qmax): NaN stays NaN (fminf/fmaxf would drop it).
+// Compile-time rounding mode (same three modes), so the element loops carry no mode switch.
+template <int MODE>
+__device__ __forceinline__ float qround_t(float v) {
+  if (MODE == 0) return rintf(v);
+  if (MODE == 1) {
+    const float sg = (float)((v > 0.0f) - (v < 0.0f));
+    return sg * floorf(fabsf(v) + 0.5f);
+  }
+  return floorf(v + 0.5f);
+}
+
+// torch.clamp(q, qmin, qmax): NaN stays NaN (fminf/fmaxf would drop it); PTX max/min.NaN (sm_80+)
+// do it in two instructions.
 __device__ __forceinline__ float qclamp(float q, float qmin, float qmax) {
-  return q < qmin ? qmin : (q > qmax ? qmax : q);
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(q), "f"(qmin));
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(r), "f"(qmax));
+  return r;
 }
 
 // Float atomics for min/max (the observer): order-preserving integer views of float32.

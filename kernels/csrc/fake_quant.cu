@@ -35,14 +35,10 @@ struct FwdParam {
   }
 };
 
-template <int VARIANT>
-__device__ __forceinline__ float fwd_elem(const FwdParam<VARIANT>& p, float xf, float qmin, float qmax, int mode,
-                                          bool& inside) {
-  if (VARIANT == 2) {
-    xf = xf < 0.0f ? 0.0f : xf;  // torch.clamp(x, min=0), NaN kept
-    xf = xf > p.a ? p.a : xf;    // torch.minimum(., alpha)
-  }
-  const float qr = qround(xf * p.inv_s, mode) + p.z;
+template <int VARIANT, int RMODE>
+__device__ __forceinline__ float fwd_elem(const FwdParam<VARIANT>& p, float xf, float qmin, float qmax, bool& inside) {
+  if (VARIANT == 2) xf = qclamp(xf, 0.0f, p.a);  // torch.minimum(torch.clamp(x, min=0), alpha), NaN kept
+  const float qr = qround_t<RMODE>(xf * p.inv_s) + p.z;
   inside = (qr >= qmin) && (qr <= qmax);
   return (qclamp(qr, qmin, qmax) - p.z) * p.s;
 }
@@ -62,11 +58,12 @@ __device__ __forceinline__ void write_mask(unsigned* __restrict__ mask, long lon
 #endif
 }
 
-template <int VARIANT, int KEYMODE>
+// One lane's vector. FULL: all QAT_VEC elements are inside the tensor (every step but the last).
+template <int VARIANT, int KEYMODE, int RMODE, bool FULL>
 __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, RawVec& yv, long long e0, int nvalid,
                                         unsigned& bits, const float* __restrict__ scale, const float* __restrict__ zp,
                                         const float* __restrict__ alpha, long long inner, long long C, float qmin,
-                                        float qmax, int mode) {
+                                        float qmax) {
   bits = 0;
   if (KEYMODE == 2) {
     KeyIter it;
@@ -76,8 +73,8 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
       if (j) it.next();
       p.load(it.key, scale, zp, alpha, qmin, qmax);
       bool inside;
-      yv.s[j] = from_f(fwd_elem(p, to_f(xv.s[j]), qmin, qmax, mode, inside));
-      bits |= (unsigned)(inside && j < nvalid) << j;
+      yv.s[j] = from_f(fwd_elem<VARIANT, RMODE>(p, to_f(xv.s[j]), qmin, qmax, inside));
+      bits |= (unsigned)(inside && (FULL || j < nvalid)) << j;
     }
   } else if (KEYMODE == 3) {
     // channels on the last axis (inner == 1, C % QAT_VEC == 0): the vector's QAT_VEC consecutive
@@ -94,8 +91,8 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
       pj.z = VARIANT == 1 ? qclamp(rintf(zv[j]), qmin, qmax) : zv[j];
       pj.inv_s = 1.0f / pj.s;
       bool inside;
-      yv.s[j] = from_f(fwd_elem(pj, to_f(xv.s[j]), qmin, qmax, mode, inside));
-      bits |= (unsigned)(inside && j < nvalid) << j;
+      yv.s[j] = from_f(fwd_elem<VARIANT, RMODE>(pj, to_f(xv.s[j]), qmin, qmax, inside));
+      bits |= (unsigned)(inside && (FULL || j < nvalid)) << j;
     }
   } else {
     if (KEYMODE == 1) {
@@ -107,17 +104,39 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
 #pragma unroll
     for (int j = 0; j < QAT_VEC; ++j) {
       bool inside;
-      yv.s[j] = from_f(fwd_elem(p, to_f(xv.s[j]), qmin, qmax, mode, inside));
-      bits |= (unsigned)(inside && j < nvalid) << j;
+      yv.s[j] = from_f(fwd_elem<VARIANT, RMODE>(p, to_f(xv.s[j]), qmin, qmax, inside));
+      bits |= (unsigned)(inside && (FULL || j < nvalid)) << j;
     }
   }
 }
 
-template <int VARIANT, int KEYMODE>
+template <int VARIANT, int KEYMODE, int RMODE>
+__device__ __forceinline__ void fwd_one(FwdParam<VARIANT>& p, const RawVec& xv, scalar_t* __restrict__ y,
+                                        unsigned* __restrict__ mask, long long st, long long e, int nv, long long nwords,
+                                        const float* __restrict__ scale, const float* __restrict__ zp,
+                                        const float* __restrict__ alpha, long long inner, long long C, float qmin,
+                                        float qmax) {
+  RawVec yv;
+  unsigned bits;
+  if (nv == QAT_VEC) {
+    fwd_vec<VARIANT, KEYMODE, RMODE, true>(p, xv, yv, e, nv, bits, scale, zp, alpha, inner, C, qmin, qmax);
+#if QAT_VEC_BYTES == 16
+    __stcs(reinterpret_cast<uint4*>(y + e), yv.u);
+#else
+    y[e] = yv.s[0];
+#endif
+  } else {
+    fwd_vec<VARIANT, KEYMODE, RMODE, false>(p, xv, yv, e, nv, bits, scale, zp, alpha, inner, C, qmin, qmax);
+    store_vec(y, e, nv, yv);
+  }
+  if (VARIANT == 0) write_mask(mask, st, bits, nwords);
+}
+
+template <int VARIANT, int KEYMODE, int RMODE>
 __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                          unsigned* __restrict__ mask, const float* __restrict__ scale,
                                          const float* __restrict__ zp, const float* __restrict__ alpha, long long n,
-                                         long long inner, long long C, float qmin, float qmax, int mode) {
+                                         long long inner, long long C, float qmin, float qmax) {
   FwdParam<VARIANT> p;
   p.key = -1;
   p.s = p.z = p.inv_s = p.a = 0.0f;
@@ -141,18 +160,9 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
     const RawVec x0 = load_vec(x, e0, nv0);
     RawVec x1;
     if (has1) x1 = load_vec(x, e1, nv1);
-    RawVec y0;
-    unsigned b0;
-    fwd_vec<VARIANT, KEYMODE>(p, x0, y0, e0, nv0, b0, scale, zp, alpha, inner, C, qmin, qmax, mode);
-    store_vec(y, e0, nv0, y0);
-    if (VARIANT == 0) write_mask(mask, st0, b0, nwords);
-    if (has1) {
-      RawVec y1;
-      unsigned b1;
-      fwd_vec<VARIANT, KEYMODE>(p, x1, y1, e1, nv1, b1, scale, zp, alpha, inner, C, qmin, qmax, mode);
-      store_vec(y, e1, nv1, y1);
-      if (VARIANT == 0) write_mask(mask, st1, b1, nwords);
-    }
+    fwd_one<VARIANT, KEYMODE, RMODE>(p, x0, y, mask, st0, e0, nv0, nwords, scale, zp, alpha, inner, C, qmin, qmax);
+    if (has1)
+      fwd_one<VARIANT, KEYMODE, RMODE>(p, x1, y, mask, st1, e1, nv1, nwords, scale, zp, alpha, inner, C, qmin, qmax);
   }
 }
 
@@ -163,7 +173,9 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
       const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
       long long inner, long long C, float qmin, float qmax, int round_mode) {                                    \
-    fwd_body<V, K>(x, y, mask, scale, zp, alpha, n, inner, C, qmin, qmax, round_mode);                         \
+    if (round_mode == 0) fwd_body<V, K, 0>(x, y, mask, scale, zp, alpha, n, inner, C, qmin, qmax);              \
+    else if (round_mode == 1) fwd_body<V, K, 1>(x, y, mask, scale, zp, alpha, n, inner, C, qmin, qmax);         \
+    else fwd_body<V, K, 2>(x, y, mask, scale, zp, alpha, n, inner, C, qmin, qmax);                              \
   }
 QAT_FWD_KERNEL(0, 0)
 QAT_FWD_KERNEL(0, 1)

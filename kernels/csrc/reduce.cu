@@ -22,6 +22,7 @@
 //   inside (qmin <= rnd(x/s)+z <= qmax): dx = g, ds = (x_hat - x) / s * g * f, dz = 0
 //   below: dx = 0, ds = (qmin - z) * g * f, dz = -s * g * f;  above: qmax in place of qmin.
 // z is used as clamp(rint(zero_point), qmin, qmax).
+template <int RMODE>
 struct LsqOp {
   static constexpr bool kGrad = true;
   static constexpr bool kDx = true;
@@ -33,7 +34,6 @@ struct LsqOp {
   float* ds;
   float* dz;
   float qmin, qmax, f;
-  int round_mode;
 
   __device__ __forceinline__ P param(long long k) const {
     P p;
@@ -49,7 +49,7 @@ struct LsqOp {
     b += ob;
   }
   __device__ __forceinline__ bool elem(const P& p, float x, float g, float& a, float& b) const {
-    const float qr = qround(x * p.inv_s, round_mode) + p.z;
+    const float qr = qround_t<RMODE>(x * p.inv_s) + p.z;
     const bool below = qr < qmin;
     const bool above = qr > qmax;
     const bool inside = !(below || above);
@@ -386,12 +386,13 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
 
 // lsq_backward_seg<mode> / minmax_seg<mode>: one entry point per seg_body mode (own registers).
 #define QAT_LSQ_SEG(M)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS) lsq_backward_seg##M(                                \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS, 4) lsq_backward_seg##M(                                \
       const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,                \
       const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long n,         \
       long long inner, long long C, float qmin, float qmax, float f, int round_mode) {                          \
-    const LsqOp op{scale, zp, ds, dz, qmin, qmax, f, round_mode};                                              \
-    seg_body<LsqOp, M>(op, x, g, dx, n, inner, C);                                                             \
+    if (round_mode == 0) seg_body<LsqOp<0>, M>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C); \
+    else if (round_mode == 1) seg_body<LsqOp<1>, M>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C); \
+    else seg_body<LsqOp<2>, M>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C);            \
   }
 QAT_LSQ_SEG(0)
 QAT_LSQ_SEG(1)
@@ -402,8 +403,9 @@ extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 lsq_backward_cols(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long rows,
                   long long Wd, long long inner, int colsv, int R, float qmin, float qmax, float f, int round_mode) {
-  const LsqOp op{scale, zp, ds, dz, qmin, qmax, f, round_mode};
-  cols_body(op, x, g, dx, rows, Wd, inner, colsv, R);
+  if (round_mode == 0) cols_body(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
+  else if (round_mode == 1) cols_body(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
+  else cols_body(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
 }
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)

@@ -17,14 +17,25 @@ def _nvrtc_version():
         pytest.skip(f"NVRTC is not installed ({exc}); install nvidia-cuda-nvrtc-cu12")
 
 
-def test_every_kernel_compiles_with_nvrtc():
+def _check_all(arch):
     _nvrtc_version()
     # A failure here is a real compile error (the RuntimeError carries NVRTC's log): it must fail, not skip.
-    sizes = cupy_backend.compile_all(arch="sm_90")
+    sizes = cupy_backend.compile_all(arch=arch)
     expected = {(name, code, vec) for name, code, vec in cupy_backend._variants()}
     assert set(sizes) == expected
     assert len(expected) == 2 * 3 * 2  # 2 sources x {fp32, fp16, bf16} x {scalar, 16-byte vector}
     assert all(size > 0 for size in sizes.values())
+
+
+def test_every_kernel_compiles_with_nvrtc():
+    """Every source x dtype x vector width through NVRTC to PTX (about 20 s on 2 cores)."""
+    _check_all("compute_90")
+
+
+@pytest.mark.slow
+def test_every_kernel_assembles_for_sm90():
+    """The same down to sm_90 machine code, so the inline PTX is assembled too (about 60 s)."""
+    _check_all("sm_90")
 
 
 def test_compile_error_is_reported(monkeypatch):
