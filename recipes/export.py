@@ -1,0 +1,160 @@
+"""``qat-export``: a trained quantized model -> packed safetensors / ONNX / GGUF.
+
+Nothing is trained: the float architecture comes from the ``model`` config group, the weights and
+the plan from ``checkpoint`` (the ``qat_model.pt`` that ``qat-train`` writes: ``{plan, state_dict}``
+of the quantized network), then ``qat.convert`` and the writers of :mod:`qat.export`.
+
+    qat-export checkpoint=outputs/2026-11-22/14-41-39/qat_model.pt
+    qat-export checkpoint=... formats=[safetensors,onnx,gguf] output_dir=exported
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from qat import QATConfigError, convert, prepare, quantizers
+from qat.size import float_size_bytes
+
+__all__ = ["ExportConfig", "FORMATS", "freeze_input_observers", "main", "run", "load_qat_checkpoint", "export_formats", "register_export_configs"]
+
+log = logging.getLogger(__name__)
+
+#: format name -> file suffix
+FORMATS = {"safetensors": "safetensors", "onnx": "onnx", "gguf": "gguf"}
+
+
+@dataclass
+class ExportConfig:
+    model: Any = None
+    checkpoint: str = "???"
+    formats: list = field(default_factory=lambda: ["safetensors", "onnx"])
+    output_dir: Optional[str] = None
+    module_attr: Optional[str] = "net"  # the quantized network inside the instantiated model; null: the model itself
+    fold_bn: bool = False  # the checkpoint was trained with prepare(..., fold_bn=True)
+    example_input_shape: list = field(default_factory=lambda: [1, 1, 8, 8])  # ONNX tracing input (float)
+    gguf_tokenizer_dir: Optional[str] = None
+
+
+def register_export_configs() -> None:
+    """Register ``export_schema`` in Hydra's ConfigStore (called by :func:`main`, never at import)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+def check_formats(formats) -> list[str]:
+    formats = [str(f).lower() for f in (formats or [])]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise QATConfigError(f"export formats must be a non-empty list of {sorted(FORMATS)}, got {list(formats)}")
+    return formats
+
+
+def freeze_input_observers(net: torch.nn.Module) -> None:
+    """Stop activation observers (a deployed model's input ranges are fixed); weight observers
+    keep tracking the weights, as the fake-quantized forward and ``convert`` both do."""
+    for name, q in quantizers(net):
+        if name.endswith("input_quantizer"):
+            q.enable_observer(False)
+
+
+def load_qat_checkpoint(path: str) -> dict[str, Any]:
+    """``{plan, state_dict}`` from a ``qat_model.pt``, with clear errors for anything else."""
+    if not os.path.isfile(path):
+        raise QATConfigError(f"checkpoint {path!r} does not exist (give the qat_model.pt that qat-train wrote)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle / zip errors of a file that is not a torch checkpoint
+        raise QATConfigError(f"checkpoint {path!r} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or not {"plan", "state_dict"} <= set(ckpt):
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise QATConfigError(f"checkpoint {path!r} is not a qat-train checkpoint: expected keys ['plan', 'state_dict'], got {keys}")
+    return ckpt
+
+
+def export_formats(int_model: torch.nn.Module, formats, out_dir: str, example_input=None, tokenizer_dir=None,
+                   stem: str = "model") -> dict[str, str]:
+    """Write a converted model in each format; returns format -> path."""
+    from qat.export import export_gguf, export_onnx, save_packed
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths: dict[str, str] = {}
+    for fmt in check_formats(formats):
+        path = os.path.join(out_dir, f"{stem}.{FORMATS[fmt]}")
+        if fmt == "safetensors":
+            save_packed(int_model, path)
+        elif fmt == "onnx":
+            if example_input is None:
+                raise QATConfigError("ONNX export needs an example input to trace (example_input_shape)")
+            dyn = {"input": {0: "batch"}}
+            export_onnx(int_model, example_input, path, input_names=["input"], output_names=["output"], dynamic_axes=dyn)
+        else:
+            export_gguf(int_model, path, tokenizer_dir=tokenizer_dir)
+        paths[fmt] = path
+        log.info("wrote %s", path)
+    return paths
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Load, convert, export; returns (and writes as ``export.json``) paths and sizes."""
+    formats = check_formats(cfg.formats)
+    ckpt = load_qat_checkpoint(str(cfg.checkpoint))
+    model = instantiate(cfg.model)
+    net = model
+    if cfg.module_attr:
+        if not hasattr(model, cfg.module_attr):
+            raise QATConfigError(f"module_attr={cfg.module_attr!r}: the instantiated model ({type(model).__name__}) has no such attribute")
+        net = getattr(model, cfg.module_attr)
+    float_bytes = float_size_bytes(net)
+    kwargs = {"fold_bn": True} if cfg.fold_bn else {}
+    prepare(net, ckpt["plan"], **kwargs)
+    missing, unexpected = net.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise QATConfigError(
+            f"checkpoint {cfg.checkpoint!r} does not fit the model config: missing {missing[:6]}, unexpected {unexpected[:6]} "
+            "(another model config, or fold_bn?)"
+        )
+    net.eval()
+    freeze_input_observers(net)
+    int_model = convert(net)
+    out_dir = cfg.output_dir or os.path.dirname(os.path.abspath(str(cfg.checkpoint)))
+    example = torch.rand(*cfg.example_input_shape) if cfg.example_input_shape else None
+    paths = export_formats(int_model, formats, out_dir, example, cfg.gguf_tokenizer_dir)
+    int_bytes = sum(t.numel() * t.element_size() for t in int_model.state_dict().values())
+    result = {
+        "checkpoint": str(cfg.checkpoint),
+        "plan": ckpt["plan"].get("name") if isinstance(ckpt["plan"], dict) else str(ckpt["plan"]),
+        "files": {f: {"path": p, "bytes": os.path.getsize(p)} for f, p in paths.items()},
+        "float_bytes": float_bytes,
+        "converted_state_bytes": int_bytes,
+    }
+    if example is not None:
+        with torch.no_grad():
+            result["max_abs_diff_converted_vs_fake_quant"] = float((int_model(example) - net(example)).abs().max())
+    with open(os.path.join(out_dir, "export.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _task(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """Console entry point ``qat-export`` (Hydra app over ``configs/export.yaml``)."""
+    register_export_configs()
+    hydra.main(version_base="1.3", config_path="../configs", config_name="export")(_task)()
+
+
+if __name__ == "__main__":
+    main()
