@@ -9,11 +9,12 @@ Example::
     >>> model = prepare(nn.Sequential(nn.Linear(8, 8)), "w4a8")
 """
 
+from .bn_fold import QuantConvBn2d, fold_bn, fuse_conv_bn
 from .convert import convert, is_converted
 from .errors import QATConfigError
 from .fake_quant import FakeQuantizer
 from .modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
-from .observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer
+from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, Observer, PercentileObserver
 from .plan import LayerQuant, LayerRule, QuantPlan, available_presets, load_plan
 from .prepare import (
     enable_fake_quant,
@@ -25,6 +26,7 @@ from .prepare import (
     quantizers,
     unprepare,
 )
+from .ptq import calibrate
 from .spec import Estimator, Granularity, ObserverKind, QuantSpec, RoundMode
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
     "Observer",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
+    "PercentileObserver",
+    "MSEObserver",
     "QuantLinear",
     "QuantConv1d",
     "QuantConv2d",
@@ -57,4 +61,8 @@ __all__ = [
     "enable_observers",
     "enable_fake_quant",
     "freeze_bn_stats",
+    "calibrate",
+    "QuantConvBn2d",
+    "fuse_conv_bn",
+    "fold_bn",
 ]
