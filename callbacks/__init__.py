@@ -6,7 +6,8 @@ Example::
     trainer = Trainer(callbacks=[QuantizationAwareTraining("w4a8")])
 """
 
+from .export import QuantizedExport
 from .qat import QuantizationAwareTraining
 from .telemetry import QuantizationTelemetry
 
-__all__ = ["QuantizationAwareTraining", "QuantizationTelemetry"]
+__all__ = ["QuantizationAwareTraining", "QuantizationTelemetry", "QuantizedExport"]

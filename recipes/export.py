@@ -19,18 +19,15 @@ from typing import Any, Optional
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from qat import QATConfigError, convert, prepare, quantizers
+from qat.export.formats import FORMATS, check_formats, export_formats
 from qat.size import float_size_bytes
 
 __all__ = ["ExportConfig", "FORMATS", "freeze_input_observers", "main", "run", "load_qat_checkpoint", "export_formats", "register_export_configs"]
 
 log = logging.getLogger(__name__)
-
-#: format name -> file suffix
-FORMATS = {"safetensors": "safetensors", "onnx": "onnx", "gguf": "gguf"}
-
 
 @dataclass
 class ExportConfig:
@@ -49,14 +46,6 @@ def register_export_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="export_schema", node=ExportConfig)
-
-
-def check_formats(formats) -> list[str]:
-    formats = [str(f).lower() for f in (formats or [])]
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise QATConfigError(f"export formats must be a non-empty list of {sorted(FORMATS)}, got {list(formats)}")
-    return formats
 
 
 def freeze_input_observers(net: torch.nn.Module) -> None:
@@ -79,29 +68,6 @@ def load_qat_checkpoint(path: str) -> dict[str, Any]:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise QATConfigError(f"checkpoint {path!r} is not a qat-train checkpoint: expected keys ['plan', 'state_dict'], got {keys}")
     return ckpt
-
-
-def export_formats(int_model: torch.nn.Module, formats, out_dir: str, example_input=None, tokenizer_dir=None,
-                   stem: str = "model") -> dict[str, str]:
-    """Write a converted model in each format; returns format -> path."""
-    from qat.export import export_gguf, export_onnx, save_packed
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths: dict[str, str] = {}
-    for fmt in check_formats(formats):
-        path = os.path.join(out_dir, f"{stem}.{FORMATS[fmt]}")
-        if fmt == "safetensors":
-            save_packed(int_model, path)
-        elif fmt == "onnx":
-            if example_input is None:
-                raise QATConfigError("ONNX export needs an example input to trace (example_input_shape)")
-            dyn = {"input": {0: "batch"}}
-            export_onnx(int_model, example_input, path, input_names=["input"], output_names=["output"], dynamic_axes=dyn)
-        else:
-            export_gguf(int_model, path, tokenizer_dir=tokenizer_dir)
-        paths[fmt] = path
-        log.info("wrote %s", path)
-    return paths
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -13,6 +13,7 @@ Example::
     export_onnx(int_model, example_input, "model.onnx")
 """
 
+from .formats import FORMATS as EXPORT_FORMATS, check_formats, export_formats
 from .gguf import export_gguf, gguf_blocks, gguf_type_for
 from .onnx import export_float_onnx, export_onnx
 from .packed import FORMAT, PackedCheckpoint, PackedFormatError, load_packed, read_packed, save_packed
@@ -29,4 +30,7 @@ __all__ = [
     "export_gguf",
     "gguf_blocks",
     "gguf_type_for",
+    "EXPORT_FORMATS",
+    "check_formats",
+    "export_formats",
 ]

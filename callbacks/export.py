@@ -1,0 +1,91 @@
+"""`QuantizedExport`: write the trained quantized model as real integer files when ``fit`` ends."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from qat import QATConfigError, convert, is_prepared
+from qat.export.formats import check_formats, export_formats
+
+__all__ = ["QuantizedExport"]
+
+log = logging.getLogger(__name__)
+
+class QuantizedExport(Callback):
+    """Convert the fake-quantized model (``qat.convert``) at the end of ``fit`` and export it.
+
+    Use it after :class:`~qat.callbacks.QuantizationAwareTraining` in the callback list. The
+    LightningModule itself is left as it is (a converted copy is written).
+
+    Args:
+        dirpath: the directory to write ``<filename>.safetensors`` / ``.onnx`` / ``.gguf`` to
+            (default: ``<trainer.default_root_dir>/quantized``).
+        formats: any of ``"safetensors"`` (packed checkpoint), ``"onnx"``, ``"gguf"`` (BERT models).
+        module_attr: export ``getattr(pl_module, module_attr)`` (the quantized network), as in
+            ``QuantizationAwareTraining(module_attr=...)``; default the LightningModule.
+        example_input: a tensor to trace for ONNX; default the first tensor of the first training
+            batch (one sample).
+        filename: the files' stem.
+        gguf_tokenizer_dir: the tokenizer directory for GGUF.
+
+    Example::
+
+        trainer = Trainer(callbacks=[QuantizationAwareTraining("w8a8", module_attr="net"),
+                                     QuantizedExport("exported", formats=["safetensors", "onnx"], module_attr="net")])
+    """
+
+    def __init__(
+        self,
+        dirpath: Optional[str] = None,
+        formats: Sequence[str] = ("safetensors", "onnx"),
+        *,
+        module_attr: Optional[str] = None,
+        example_input: Optional[torch.Tensor] = None,
+        filename: str = "model",
+        gguf_tokenizer_dir: Optional[str] = None,
+    ) -> None:
+        formats = check_formats(formats)
+        self.dirpath = dirpath
+        self.formats = formats
+        self.module_attr = module_attr
+        self.example_input = example_input
+        self.filename = filename
+        self.gguf_tokenizer_dir = gguf_tokenizer_dir
+        self.paths: dict[str, str] = {}
+
+    def _target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        if self.module_attr is None:
+            return pl_module
+        if not hasattr(pl_module, self.module_attr):
+            raise QATConfigError(f"QuantizedExport.module_attr={self.module_attr!r}: the LightningModule has no such attribute")
+        return getattr(pl_module, self.module_attr)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.example_input is None and "onnx" in self.formats:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if isinstance(x, torch.Tensor):
+                self.example_input = x[:1].detach().cpu().clone()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        target = self._target(pl_module)
+        if not is_prepared(target):
+            raise QATConfigError(
+                "QuantizedExport: the model is not prepared for QAT at the end of fit; add QuantizationAwareTraining "
+                "(with the same module_attr) before QuantizedExport in the callback list"
+            )
+        if not trainer.is_global_zero:
+            return
+        was_training = target.training
+        target.eval()
+        int_model = convert(target)  # a converted copy; the trained module is untouched
+        int_model = int_model.eval().cpu()
+        dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "quantized")
+        self.paths = export_formats(int_model, self.formats, dirpath, self.example_input, self.gguf_tokenizer_dir, self.filename)
+        target.train(was_training)
+        log.info("QuantizedExport wrote %s", self.paths)
