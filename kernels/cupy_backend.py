@@ -273,6 +273,16 @@ def _params(p: torch.Tensor) -> torch.Tensor:
     return p.detach().reshape(-1).to(torch.float32).contiguous()
 
 
+@functools.lru_cache(maxsize=1024)
+def _fastdiv(d: int) -> tuple:
+    """Kernel arguments ``(d, mul, shr)`` of common.cuh's FastDiv: ``n // d == umulhi(n, mul) >> shr``
+    for ``0 <= n < 2**31`` (the magic-number division of CUTLASS's FastDivmod)."""
+    if d == 1 or d >= 2**31:
+        return np.int64(d), np.uint32(0), np.int32(0)
+    p = 31 + (d - 1).bit_length()  # 31 + ceil(log2(d))
+    return np.int64(d), np.uint32(((1 << p) + d - 1) // d), np.int32(p - 32)
+
+
 def _use_cols(inner: int, c: int) -> bool:
     return c > 1 and (inner == 1 or c * inner <= _COLS_MAX_WIDTH)
 
@@ -312,7 +322,8 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         if kind == "pact_backward":
             args = (*ptrs, np.int64(n))
         else:
-            args = (*ptrs, np.int64(n), np.int64(inner), np.int64(c), *tail_args)
+            unique = np.int32(c * inner == n)  # every key is one run (per-group): plain stores
+            args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), unique, *tail_args)
         _launch(kern, grid, args, device)
 
 
@@ -348,7 +359,7 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
     grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, waves=_ELEMENTWISE_WAVES)))
     args = (
         _ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a),
-        np.int64(n), np.int64(inner), np.int64(c),
+        np.int64(n), *_fastdiv(inner), *_fastdiv(c),
         np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]),
     )  # fmt: skip
     _launch(kern, grid, args, device)

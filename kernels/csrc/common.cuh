@@ -126,16 +126,36 @@ __device__ __forceinline__ void divmod64(long long a, long long b, long long& q,
   }
 }
 
+// Division by a run-time constant d with a host-computed magic number (mul, shr): for n < 2^31,
+// n / d = umulhi(n, mul) >> shr (two instructions instead of a ~20-instruction integer divide);
+// larger n take the 64-bit path. mul == 0 means d == 1 (or no magic number).
+struct FastDiv {
+  long long d;
+  unsigned mul;
+  int shr;
+  __device__ __forceinline__ long long div(long long n) const {
+    if (d == 1) return n;
+    if (mul != 0u && n < 2147483648LL) return (long long)(__umulhi((unsigned)n, mul) >> shr);
+    long long q, r;
+    divmod64(n, d, q, r);
+    return q;
+  }
+};
+
+// key = (e / inner) % C, and r = e % inner
+__device__ __forceinline__ long long key_of(long long e, const FastDiv& inner, const FastDiv& C, long long& r) {
+  const long long q = inner.div(e);
+  r = e - q * inner.d;
+  return q - C.div(q) * C.d;
+}
+
 // Walks the parameter index key = (i / inner) % C along consecutive elements without dividing.
 struct KeyIter {
   long long r, key, inner, C;
-  __device__ __forceinline__ void init(long long e, long long inner_, long long C_) {
-    inner = inner_;
-    C = C_;
-    long long q;
-    divmod64(e, inner, q, r);
-    long long qq;
-    divmod64(q, C, qq, key);
+  __device__ __forceinline__ void init(long long e, const FastDiv& inner_, const FastDiv& C_) {
+    inner = inner_.d;
+    C = C_.d;
+    key = key_of(e, inner_, C_, r);
   }
   __device__ __forceinline__ void next() {
     if (++r == inner) {

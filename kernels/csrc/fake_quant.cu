@@ -62,8 +62,8 @@ __device__ __forceinline__ void write_mask(unsigned* __restrict__ mask, long lon
 template <int VARIANT, int KEYMODE, int RMODE, bool FULL>
 __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, RawVec& yv, long long e0, int nvalid,
                                         unsigned& bits, const float* __restrict__ scale, const float* __restrict__ zp,
-                                        const float* __restrict__ alpha, long long inner, long long C, float qmin,
-                                        float qmax) {
+                                        const float* __restrict__ alpha, const FastDiv& inner, const FastDiv& C,
+                                        float qmin, float qmax) {
   bits = 0;
   if (KEYMODE == 2) {
     KeyIter it;
@@ -79,8 +79,7 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
   } else if (KEYMODE == 3) {
     // channels on the last axis (inner == 1, C % QAT_VEC == 0): the vector's QAT_VEC consecutive
     // channels' parameters are themselves read as 16-byte vectors
-    long long q, k0;
-    divmod64(e0, C, q, k0);
+    const long long k0 = e0 - C.div(e0) * C.d;  // inner == 1
     float sv[QAT_VEC], zv[QAT_VEC];
     load_params(scale + k0, sv);
     load_params(zp + k0, zv);
@@ -96,10 +95,8 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
     }
   } else {
     if (KEYMODE == 1) {
-      long long q, r, k;
-      divmod64(e0, inner, q, r);
-      divmod64(q, C, r, k);
-      p.load(k, scale, zp, alpha, qmin, qmax);
+      long long r;
+      p.load(key_of(e0, inner, C, r), scale, zp, alpha, qmin, qmax);
     }
 #pragma unroll
     for (int j = 0; j < QAT_VEC; ++j) {
@@ -114,8 +111,8 @@ template <int VARIANT, int KEYMODE, int RMODE>
 __device__ __forceinline__ void fwd_one(FwdParam<VARIANT>& p, const RawVec& xv, scalar_t* __restrict__ y,
                                         unsigned* __restrict__ mask, long long st, long long e, int nv, long long nwords,
                                         const float* __restrict__ scale, const float* __restrict__ zp,
-                                        const float* __restrict__ alpha, long long inner, long long C, float qmin,
-                                        float qmax) {
+                                        const float* __restrict__ alpha, const FastDiv& inner, const FastDiv& C,
+                                        float qmin, float qmax) {
   RawVec yv;
   unsigned bits;
   if (nv == QAT_VEC) {
@@ -136,7 +133,7 @@ template <int VARIANT, int KEYMODE, int RMODE>
 __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                          unsigned* __restrict__ mask, const float* __restrict__ scale,
                                          const float* __restrict__ zp, const float* __restrict__ alpha, long long n,
-                                         long long inner, long long C, float qmin, float qmax) {
+                                         const FastDiv& inner, const FastDiv& C, float qmin, float qmax) {
   FwdParam<VARIANT> p;
   p.key = -1;
   p.s = p.z = p.inv_s = p.a = 0.0f;
@@ -172,7 +169,9 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
   extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_forward_##V##_##K(                              \
       const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
-      long long inner, long long C, float qmin, float qmax, int round_mode) {                                    \
+      long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \
+      float qmax, int round_mode) {                                                                             \
+    const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
     if (round_mode == 0) fwd_body<V, K, 0>(x, y, mask, scale, zp, alpha, n, inner, C, qmin, qmax);              \
     else if (round_mode == 1) fwd_body<V, K, 1>(x, y, mask, scale, zp, alpha, n, inner, C, qmin, qmax);         \
     else fwd_body<V, K, 2>(x, y, mask, scale, zp, alpha, n, inner, C, qmin, qmax);                              \

@@ -70,6 +70,10 @@ struct LsqOp {
     atomicAdd(ds + k, a);
     atomicAdd(dz + k, b);
   }
+  __device__ __forceinline__ void store(long long k, float a, float b) const {
+    ds[k] = a;
+    dz[k] = b;
+  }
 };
 
 // PACT: dx = g on 0 <= x < alpha, dalpha = sum of g over x >= alpha (one alpha: C == 1).
@@ -98,6 +102,7 @@ struct PactOp {
     return (x >= 0.0f) && (x < p.a);
   }
   __device__ __forceinline__ void flush(long long, float a, float) const { atomicAdd(dalpha, a); }
+  __device__ __forceinline__ void store(long long, float a, float) const { atomicAdd(dalpha, a); }
 };
 
 // Observer statistics: min and max per parameter (NaN ignored, as fminf / fmaxf do).
@@ -124,6 +129,10 @@ struct MinMaxOp {
     atomic_min_f(mn + k, a);
     atomic_max_f(mx + k, b);
   }
+  __device__ __forceinline__ void store(long long k, float a, float b) const {
+    mn[k] = a;
+    mx[k] = b;
+  }
 };
 
 // ---------------------------------------------------------------- seg: runs of keys
@@ -131,15 +140,15 @@ struct MinMaxOp {
 // Work of one lane on one vector: dx, and the vector's partial (a, b); returns its key (-1 past the end).
 template <class Op>
 __device__ __forceinline__ long long seg_vec(const Op& op, const RawVec& xv, const RawVec& gv, scalar_t* __restrict__ dx,
-                                             long long e0, int nv, long long inner, long long C, float& a, float& b) {
+                                             long long e0, int nv, const FastDiv& inner, const FastDiv& C, float& a,
+                                             float& b) {
   a = Op::ida();
   b = Op::idb();
   if (nv <= 0) return -1;
   long long key = 0;
-  if (C != 1) {
-    long long q, r;
-    divmod64(e0, inner, q, r);
-    divmod64(q, C, r, key);
+  if (C.d != 1) {
+    long long r;
+    key = key_of(e0, inner, C, r);
   }
   const typename Op::P p = op.param(key);
   RawVec d;
@@ -193,7 +202,8 @@ __device__ __forceinline__ void seg_scan_flush(const Op& op, long long key, floa
 // The warp's leftover (MODE 0 / 2) is combined across the block before its atomics.
 template <class Op, int MODE>
 __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                                         scalar_t* __restrict__ dx, long long n, long long inner, long long C) {
+                                         scalar_t* __restrict__ dx, long long n, const FastDiv& inner, const FastDiv& C,
+                                         bool unique) {
   const int lane = threadIdx.x & 31;
   const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
   const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -203,7 +213,7 @@ __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restric
   const long long per = (nsteps + nwarps - 1) / nwarps;
   const long long s_begin = min(warp * per, nsteps);
   const long long s_end = min(s_begin + per, nsteps);
-  const int run_lanes = (int)(inner / QAT_VEC);  // MODE 1 only
+  const int run_lanes = (int)(inner.d / QAT_VEC);  // MODE 1 only
 
   long long tkey = -1;  // MODE 0: the warp's current key, MODE 2: the carried run's key
   float ta = Op::ida(), tb = Op::idb();
@@ -235,7 +245,10 @@ __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restric
       seg_scan_flush(op, key, a, b, last);
     } else if (MODE == 1) {
       group_allreduce<Op>(a, b, run_lanes);
-      if ((lane & (run_lanes - 1)) == 0 && key >= 0) op.flush(key, a, b);
+      if ((lane & (run_lanes - 1)) == 0 && key >= 0) {
+        if (unique) op.store(key, a, b);  // the only run of this key (no wrap): a plain store
+        else op.flush(key, a, b);
+      }
     } else {
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
@@ -389,10 +402,15 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
   extern "C" __global__ void __launch_bounds__(QAT_THREADS, 4) lsq_backward_seg##M(                                \
       const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,                \
       const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long n,         \
-      long long inner, long long C, float qmin, float qmax, float f, int round_mode) {                          \
-    if (round_mode == 0) seg_body<LsqOp<0>, M>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C); \
-    else if (round_mode == 1) seg_body<LsqOp<1>, M>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C); \
-    else seg_body<LsqOp<2>, M>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C);            \
+      long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, int unique, \
+      float qmin, float qmax, float f, int round_mode) {                                                        \
+    const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
+    if (round_mode == 0)                                                                                        \
+      seg_body<LsqOp<0>, M>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C, unique);       \
+    else if (round_mode == 1)                                                                                   \
+      seg_body<LsqOp<1>, M>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C, unique);       \
+    else                                                                                                        \
+      seg_body<LsqOp<2>, M>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C, unique);       \
   }
 QAT_LSQ_SEG(0)
 QAT_LSQ_SEG(1)
@@ -412,14 +430,17 @@ extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 pact_backward_seg(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ alpha, float* dalpha, long long n) {
   const PactOp op{alpha, dalpha};
-  seg_body<PactOp, 0>(op, x, g, dx, n, n > 0 ? n : 1, 1);
+  const FastDiv inner{n > 0 ? n : 1, 0u, 0}, C{1, 0u, 0};
+  seg_body<PactOp, 0>(op, x, g, dx, n, inner, C, false);
 }
 
 #define QAT_MINMAX_SEG(M)                                                                                       \
   extern "C" __global__ void __launch_bounds__(QAT_THREADS)                                                    \
-      minmax_seg##M(const scalar_t* __restrict__ x, float* mn, float* mx, long long n, long long inner, long long C) { \
+      minmax_seg##M(const scalar_t* __restrict__ x, float* mn, float* mx, long long n, long long inner_d,       \
+                    unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, int unique) {   \
     const MinMaxOp op{mn, mx};                                                                                  \
-    seg_body<MinMaxOp, M>(op, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C);                  \
+    const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
+    seg_body<MinMaxOp, M>(op, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C, unique);          \
   }
 QAT_MINMAX_SEG(0)
 QAT_MINMAX_SEG(1)
