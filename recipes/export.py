@@ -83,7 +83,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     float_bytes = float_size_bytes(net)
     kwargs = {"fold_bn": True} if cfg.fold_bn else {}
     prepare(net, ckpt["plan"], **kwargs)
-    missing, unexpected = net.load_state_dict(ckpt["state_dict"], strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise QATConfigError(f"checkpoint {cfg.checkpoint!r} does not fit the model config: {str(exc)[:400]}") from None
     if missing or unexpected:
         raise QATConfigError(
             f"checkpoint {cfg.checkpoint!r} does not fit the model config: missing {missing[:6]}, unexpected {unexpected[:6]} "
