@@ -71,9 +71,6 @@ _ROUND = {mode: i for i, mode in enumerate(reference.ROUND_MODES)}
 _THREADS = 256
 #: a (C, inner) layout whose rows are at most this wide uses the column kernel (see reduce.cu)
 _COLS_MAX_WIDTH = 1024
-#: which granularities :func:`aminmax` runs on the kernel (elsewhere torch.aminmax was faster on an
-#: H100, benchmarks/results/kernels_h100.md)
-_AMINMAX_KERNEL = {"tensor": False, "channel": True, "group": True}
 
 
 # ----------------------------------------------------------------------------- compilation
@@ -469,8 +466,13 @@ def _param_shape(x: torch.Tensor, axis: Optional[int], group_size: Optional[int]
     return (1,)
 
 
-def _granularity(axis: Optional[int], group_size: Optional[int]) -> str:
-    return "group" if group_size is not None else ("channel" if axis is not None else "tensor")
+def _aminmax_use_kernel(x: torch.Tensor, axis: Optional[int], group_size: Optional[int]) -> bool:
+    """Where the kernel beat PyTorch's reductions on an H100 (benchmarks/results/kernels_h100.md, 64M
+    elements): per-group and per-channel on a non-leading axis always (1.3-3x), and float16 / bfloat16
+    everywhere (1.2-1.4x); float32 per-tensor and per-channel on axis 0 stay with torch.aminmax (0.9x)."""
+    if group_size is not None or x.dtype != torch.float32:
+        return True
+    return axis is not None and axis % x.dim() != 0
 
 
 def _aminmax_torch(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):
@@ -508,8 +510,9 @@ def aminmax(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[in
 
     Shapes follow the parameters of :func:`qat.kernels.fake_quantize`: ``(1,)`` per tensor,
     ``(x.shape[axis],)`` per channel, ``x.shape[:-1] + (x.shape[-1] // group_size,)`` per group.
-    Runs the fused kernel where it beat ``torch.aminmax`` on an H100 (``_AMINMAX_KERNEL``), PyTorch's
-    reductions elsewhere and off the GPU.
+    Runs the fused kernel where it beat ``torch.aminmax`` on an H100 (:func:`_aminmax_use_kernel`),
+    PyTorch's reductions elsewhere and off the GPU. NaN is ignored by the kernel (``fminf``) but
+    propagated by PyTorch.
 
     Example::
 
@@ -517,6 +520,6 @@ def aminmax(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[in
         >>> mn, mx
         (tensor([-2.0000,  0.5000]), tensor([1., 3.]))
     """
-    if _supported(x) and _AMINMAX_KERNEL[_granularity(axis, group_size)]:
+    if _supported(x) and _aminmax_use_kernel(x, axis, group_size):
         return _aminmax_kernel(x, axis, group_size)
     return _aminmax_torch(x, axis, group_size)
