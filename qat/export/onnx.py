@@ -299,7 +299,6 @@ def export_onnx(
                     input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "batch"}})
     """
     import onnx
-    from onnx import helper
 
     if not is_converted(model):
         raise QATConfigError("export_onnx() needs a converted model (integer layers): call qat.convert(model) first")
@@ -341,7 +340,6 @@ def export_onnx(
     nodes = [graph.node[i] for i in order]
     del graph.node[:]
     graph.node.extend(nodes)
-    helper  # noqa: B018 (imported for the helpers above)
     return _finish(proto, path)
 
 
