@@ -9,6 +9,10 @@ Example::
     >>> model = prepare(nn.Sequential(nn.Linear(8, 8)), "w4a8")
 """
 
+from . import _layout
+
+_layout.install()  # before anything imports qat.kernels (see qat/_layout.py)
+
 from .bn_fold import QuantConvBn2d, fold_bn, fuse_conv_bn
 from .convert import convert, is_converted
 from .errors import QATConfigError
