@@ -158,8 +158,15 @@ class FakeQuantizer(nn.Module):
                 absx = x.detach().float().abs()
                 mean_abs = reduce_mean_abs(absx, spec, self.scale.shape)
                 s = _sync_mean(2.0 * mean_abs / math.sqrt(max(spec.qmax, 1)), self.sync)
-                self.scale.copy_(torch.clamp(s, min=torch.finfo(torch.float32).eps))
-                self.zero_point.copy_(z_obs)
+                s = torch.clamp(s, min=torch.finfo(torch.float32).eps)
+                self.scale.copy_(s)
+                if spec.symmetric:
+                    self.zero_point.copy_(z_obs)
+                else:
+                    # the observer's zero point belongs to its own scale: re-anchor the observed
+                    # minimum at qmin for the LSQ scale, or the range shifts by (s_obs - s) * z
+                    mn = torch.clamp(self.observer.min_val.reshape(s.shape), max=0.0)
+                    self.zero_point.copy_(torch.clamp(spec.qmin - torch.round(mn / s), spec.qmin, spec.qmax))
             else:  # LSQ+: start from the observed affine range
                 self.scale.copy_(s_obs)
                 self.zero_point.copy_(z_obs)

@@ -194,3 +194,18 @@ def test_estimator_config_errors():
     plan = QuantPlan.from_dict({"rules": [{"match": "*", "weight": {"bits": 4, "signed": False, "estimator": "pact"}}]})
     with pytest.raises(QATConfigError, match="estimator pact is for activations"):
         plan.resolve(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_lsq_asymmetric_init_anchors_the_minimum_at_qmin():
+    # affine LSQ: the zero point must match the LSQ scale, not the observer's own scale
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, signed=False, symmetric=False, estimator="lsq")
+    fq = FakeQuantizer(spec, (32,))
+    x = torch.randn(256, 32) - 1.0  # mostly negative
+    y = fq(x)
+    s, z = fq.scale.detach(), fq.zero_point
+    torch.testing.assert_close(s, (2 * x.abs().mean() / math.sqrt(15)).reshape(1))
+    torch.testing.assert_close(z, torch.clamp(-torch.round(x.min() / s), 0, 15))
+    # the representable range starts at (or just below) the observed minimum, not far above it
+    assert float((0 - z) * s) <= float(x.min()) + float(s)
+    assert float((y - x).abs().median()) <= float(s) / 2 + 1e-6
