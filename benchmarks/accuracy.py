@@ -197,7 +197,7 @@ def run_digits(epochs_fp: int = 15, epochs_qat: int = 10, lr_qat: float = 1e-3, 
         m.load_state_dict(fp_state)
         return m
 
-    methods = methods or ["ptq_minmax", "ptq_mse", "qat_ste", "qat_lsq", "torchao", "brevitas"]
+    methods = methods or ["ptq_minmax", "ptq_mse", "qat_ste", "qat_lsq", "qat_lsq_bnfold", "torchao", "brevitas"]
     rows = []
     for wb, ab in bits or DIGITS_BITS:
         row = {"bits": f"W{wb}A{ab}", "fp": fp_acc}
@@ -220,6 +220,22 @@ def run_digits(epochs_fp: int = 15, epochs_qat: int = 10, lr_qat: float = 1e-3, 
                     m = prepare(fresh(), _digits_plan(wb, ab, "lsq", "mse", "mse"))
                     calibrate(m, dm.train_dataloader(), num_batches=calib)
                     m = _fit(m, dm, epochs_qat, lr_qat, seed)
+                elif method == "qat_lsq_bnfold":
+                    # BN folded into the conv weights before weight fake-quant, BN statistics frozen
+                    # for the last 30% of the steps, scored after converting to the folded model
+                    from qat import fold_bn
+                    from qat.prepare import freeze_bn_stats
+
+                    m = prepare(fresh(), _digits_plan(wb, ab, "lsq", "mse", "mse"), fold_bn=True)
+                    calibrate(m, dm.train_dataloader(), num_batches=calib)
+                    freeze_at = int(0.7 * epochs_qat * len(dm.train_dataloader()))
+                    m = _fit(m, dm, epochs_qat, lr_qat, seed, hook=lambda mod, step: step >= freeze_at and freeze_bn_stats(mod))
+                    for _, q in quantizers(m):
+                        q.enable_observer(False)
+                    unfolded = _accuracy(m, dm.test_dataloader())
+                    m = fold_bn(m)
+                    assert not any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+                    row["qat_lsq_bnfold_before_fold"] = unfolded
                 elif method == "torchao":
                     m = _fit(_torchao_prepare(fresh(), wb, ab), dm, epochs_qat, lr_qat, seed)
                 elif method == "brevitas":
@@ -258,6 +274,7 @@ DIGITS_LABELS = {
     "ptq_mse": "PTQ (MSE)",
     "qat_ste": "QAT STE (ours)",
     "qat_lsq": "QAT LSQ (ours)",
+    "qat_lsq_bnfold": "QAT LSQ + BN fold (ours, folded model)",
     "torchao": "torchao QAT",
     "brevitas": "Brevitas QAT",
 }
@@ -282,10 +299,15 @@ def write_digits(res: dict[str, Any], out: str) -> None:
         "|---|" + "---|" * (len(methods) + 1),
     ]
     for r in res["rows"]:
-        ours = max((r[m] for m in ("ptq_minmax", "ptq_mse", "qat_ste", "qat_lsq") if r.get(m) is not None), default=None)
+        ours = max((r[m] for m in ("ptq_minmax", "ptq_mse", "qat_ste", "qat_lsq", "qat_lsq_bnfold") if r.get(m) is not None), default=None)
         other = max((r[m] for m in ("torchao", "brevitas") if r.get(m) is not None), default=None)
         diff = "-" if ours is None or other is None else f"{100 * (ours - other):+.2f}"
         lines.append(f"| {r['bits']} | " + " | ".join(_fmt(r.get(m)) for m in methods) + f" | {diff} |")
+    folds = [(r["bits"], r.get("qat_lsq_bnfold_before_fold"), r.get("qat_lsq_bnfold")) for r in res["rows"]]
+    if any(b is not None for _, b, _ in folds):
+        lines += ["", "BN folding: accuracy of the QuantConvBn2d model (frozen BN statistics) -> after `qat.fold_bn` "
+                  "(plain QuantConv2d, no BatchNorm left): "
+                  + ", ".join(f"{k} {_fmt(b)} -> {_fmt(a)}" for k, b, a in folds if b is not None) + "."]
     lines += ["", f"Command: `python benchmarks/accuracy.py digits` ({res['seconds']:.0f} s on this machine's CPU)."]
     with open(os.path.join(out, "accuracy_digits.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -356,30 +378,40 @@ def _torchao_minilm(model: nn.Module, wb: int, ab: Optional[int]) -> nn.Module:
     return model
 
 
-def _distill(student: nn.Module, teacher: nn.Module, tok, sentences: list, steps: int, batch: int, lr: float,
-             seed: int, scale_lr: float = 1e-5, max_length: int = 32, cos_weight: float = 10.0) -> None:
-    """Distillation: MSE of the last hidden states (real tokens) + (1 - cosine) of the mean-pooled
-    sentence embeddings, student vs the full-precision teacher. Dropout off in both (eval mode):
-    the target is the teacher's deterministic output."""
+def _teacher_batches(teacher: nn.Module, tok, sentences: list, steps: int, batch: int, seed: int,
+                     max_length: int = 32) -> list:
+    """The distillation batches and the teacher's targets, computed once and shared by every method
+    (so each sees the very same data, and the teacher runs once)."""
     from qat.recipes.minilm import mean_pool, tokenize
 
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(sentences), generator=g).tolist()
-    scales = [p for n, p in student.named_parameters() if p.requires_grad and ("quantizer" in n)]
+    out = []
+    teacher.eval()
+    with torch.no_grad():
+        for step in range(steps):
+            i0 = (step * batch) % len(order)
+            enc = tokenize(tok, [sentences[order[(i0 + j) % len(order)]] for j in range(batch)], max_length)
+            t_hidden = teacher(**enc).last_hidden_state
+            out.append((enc, t_hidden, F.normalize(mean_pool(t_hidden, enc["attention_mask"]), dim=-1)))
+    return out
+
+
+def _distill(student: nn.Module, batches: list, lr: float, scale_lr: float = 1e-5, cos_weight: float = 10.0) -> None:
+    """Distillation on precomputed teacher targets: MSE of the last hidden states (real tokens) +
+    ``cos_weight * (1 - cosine)`` of the mean-pooled sentence embeddings. Dropout off (eval mode):
+    the target is the teacher's deterministic output. AdamW, cosine decay to 0."""
+    from qat.recipes.minilm import mean_pool
+
+    steps = len(batches)
+    scales = [p for n, p in student.named_parameters() if p.requires_grad and "quantizer" in n]
     ids = {id(p) for p in scales}
     weights = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": weights, "lr": lr}] + ([{"params": scales, "lr": scale_lr}] if scales else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     student.eval()
-    teacher.eval()
-    for step in range(steps):
-        i0 = (step * batch) % len(order)
-        sents = [sentences[order[(i0 + j) % len(order)]] for j in range(batch)]
-        enc = tokenize(tok, sents, max_length)
-        with torch.no_grad():
-            t_hidden = teacher(**enc).last_hidden_state
-            t_emb = F.normalize(mean_pool(t_hidden, enc["attention_mask"]), dim=-1)
+    for step, (enc, t_hidden, t_emb) in enumerate(batches):
         s_hidden = student(**enc).last_hidden_state
         s_emb = F.normalize(mean_pool(s_hidden, enc["attention_mask"]), dim=-1)
         m = enc["attention_mask"].unsqueeze(-1).to(s_hidden.dtype)  # (B, T) -> (B, T, 1)
@@ -406,6 +438,7 @@ def run_minilm(steps: Optional[int] = None, batch: int = 16, lr: float = 1e-4, s
     train, held = load_sentences(seed=seed)
     ref = embed(teacher, tok, held)
     calib = [dict(_tok_batch(tok, train[i : i + 16])) for i in range(0, n_calib, 16)]
+    batches = _teacher_batches(teacher, tok, train, steps, batch, seed)
 
     def fresh():
         m = copy.deepcopy(teacher)
@@ -426,13 +459,13 @@ def run_minilm(steps: Optional[int] = None, batch: int = 16, lr: float = 1e-4, s
         # ours: learned step size and offset (LSQ+) per group, started from the MSE ranges, distilled
         m = prepare(fresh(), _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
         calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
-        _distill(m, teacher, tok, train, steps, batch, lr, seed)
+        _distill(m, batches, lr)
         row["qat_lsq"] = cosine_to(ref, embed(m, tok, held))
         print(f"  {name} qat_lsq+  cos {row['qat_lsq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
         # torchao QAT, same loop / data / steps / optimizer
         try:
             m = _torchao_minilm(fresh(), wb, ab)
-            _distill(m, teacher, tok, train, steps, batch, lr, seed)
+            _distill(m, batches, lr)
             row["torchao"] = cosine_to(ref, embed(m, tok, held))
         except Exception as exc:
             print(f"  torchao {name} failed: {type(exc).__name__}: {exc}", flush=True)
