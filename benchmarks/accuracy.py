@@ -366,13 +366,13 @@ def _minilm_plan(name: str, wb: int, ab: Optional[int], estimator: str, observer
     return QuantPlan.from_dict({"name": f"{name}_{estimator}_{observer}", "rules": [rule]})
 
 
-def _torchao_minilm(model: nn.Module, wb: int, ab: Optional[int]) -> nn.Module:
+def _torchao_minilm(model: nn.Module, wb: int, ab: Optional[int], symmetric: bool = MINILM_SYMMETRIC) -> nn.Module:
     """torchao QAT in the same format: per-group-32 affine weights, int8 dynamic per-token asymmetric
     activations (or none), ``quantize_(model, QATConfig(...))`` on the encoder's Linear layers."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
 
-    wcfg = IntxFakeQuantizeConfig(_torchao_dtype(wb), group_size=MINILM_GROUP, is_symmetric=MINILM_SYMMETRIC)
+    wcfg = IntxFakeQuantizeConfig(_torchao_dtype(wb), group_size=MINILM_GROUP, is_symmetric=symmetric)
     acfg = None if ab is None else IntxFakeQuantizeConfig(_torchao_dtype(ab), "per_token", is_symmetric=False)
     quantize_(
         model, QATConfig(activation_config=acfg, weight_config=wcfg, step="prepare"),
@@ -429,7 +429,7 @@ def _distill(student: nn.Module, batches: list, lr: float, scale_lr: float = 1e-
 
 
 def run_minilm(steps: Optional[int] = None, batch: int = 16, lr: Optional[float] = None, seed: int = 0, n_calib: int = 32,
-               configs: Optional[list] = None) -> dict[str, Any]:
+               configs: Optional[list] = None, methods: Optional[list] = None) -> dict[str, Any]:
     from qat.recipes.minilm import cosine_to, embed, load_minilm, load_sentences
 
     steps = steps or 150
@@ -453,27 +453,38 @@ def run_minilm(steps: Optional[int] = None, batch: int = 16, lr: Optional[float]
     for name, wb, ab in configs or MINILM_CONFIGS:
         row: dict[str, Any] = {"bits": f"{name} (g{MINILM_GROUP})", "lr": lr or MINILM_LR[wb]}
         t1 = time.time()
+        methods = methods or list(MINILM_LABELS)
         # PTQ: round-to-nearest (per-group min/max), and MSE-optimal per-group ranges
         for key, obs in (("ptq_rtn", "minmax"), ("ptq_mse", "mse")):
-            m = prepare(fresh(), _minilm_plan(name, wb, ab, "ste", obs))
+            if key in methods:
+                m = prepare(fresh(), _minilm_plan(name, wb, ab, "ste", obs))
+                calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
+                row[key] = cosine_to(ref, embed(m, tok, held))
+                print(f"  {name} {key:9s} cos {row[key]:.5f}", flush=True)
+        if "qat_lsq" in methods:
+            # ours: learned step size and offset (LSQ+) per group, started from the MSE ranges, distilled
+            m = prepare(fresh(), _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
             calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
-            row[key] = cosine_to(ref, embed(m, tok, held))
-            print(f"  {name} {key:9s} cos {row[key]:.5f}", flush=True)
-        # ours: learned step size and offset (LSQ+) per group, started from the MSE ranges, distilled
-        m = prepare(fresh(), _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
-        calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
-        _distill(m, batches, lr or MINILM_LR[wb])
-        row["qat_lsq"] = cosine_to(ref, embed(m, tok, held))
-        print(f"  {name} qat_lsq+  cos {row['qat_lsq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
-        # torchao QAT, same loop / data / steps / optimizer
-        try:
-            m = _torchao_minilm(fresh(), wb, ab)
             _distill(m, batches, lr or MINILM_LR[wb])
-            row["torchao"] = cosine_to(ref, embed(m, tok, held))
-        except Exception as exc:
-            print(f"  torchao {name} failed: {type(exc).__name__}: {exc}", flush=True)
-            row["torchao"] = None
-        print(f"  {name} torchao   cos {row['torchao']}  ({time.time() - t1:.0f}s)", flush=True)
+            row["qat_lsq"] = cosine_to(ref, embed(m, tok, held))
+            print(f"  {name} qat_lsq+  cos {row['qat_lsq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
+        # torchao QAT, same loop / data / steps / optimizer: affine weights (as ours), and symmetric
+        # weights (torchao's default; its affine int8 groups start far from the float model)
+        for key, sym in (("torchao", MINILM_SYMMETRIC), ("torchao_sym", True)):
+            if key not in methods:
+                continue
+            try:
+                m = _torchao_minilm(fresh(), wb, ab, symmetric=sym)
+                row[key + "_step0"] = cosine_to(ref, embed(m, tok, held))
+                _distill(m, batches, lr or MINILM_LR[wb])
+                row[key] = cosine_to(ref, embed(m, tok, held))
+            except Exception as exc:
+                print(f"  {key} {name} failed: {type(exc).__name__}: {exc}", flush=True)
+                row[key] = None
+            print(f"  {name} {key} step0 {row.get(key + '_step0')} -> cos {row[key]}  ({time.time() - t1:.0f}s)", flush=True)
+        if "ptq_rtn" not in row or "qat_lsq" not in row:
+            rows.append(row)
+            continue
         gap = 1 - row["ptq_rtn"]
         row["qat_closes_gap"] = None if gap <= 0 else (row["qat_lsq"] - row["ptq_rtn"]) / gap
         rows.append(row)
@@ -497,7 +508,13 @@ def _tok_batch(tok, sents):
     return tokenize(tok, sents)
 
 
-MINILM_LABELS = {"ptq_rtn": "PTQ RTN (min/max)", "ptq_mse": "PTQ (MSE ranges)", "qat_lsq": "QAT LSQ+ distill (ours)", "torchao": "torchao QAT distill"}
+MINILM_LABELS = {
+    "ptq_rtn": "PTQ RTN (min/max)",
+    "ptq_mse": "PTQ (MSE ranges)",
+    "qat_lsq": "QAT LSQ+ distill (ours)",
+    "torchao": "torchao QAT distill (affine)",
+    "torchao_sym": "torchao QAT distill (symmetric)",
+}
 
 
 def write_minilm(res: dict[str, Any], out: str) -> None:
@@ -557,6 +574,8 @@ def main(argv: Optional[list] = None) -> None:
         kw = {"steps": args.steps}
         if args.bits:
             kw["configs"] = [c for c in MINILM_CONFIGS if c[0] in args.bits.split(",")]
+        if args.methods:
+            kw["methods"] = args.methods.split(",")
         write_minilm(run_minilm(**kw), args.out)
 
 
