@@ -29,6 +29,7 @@ __all__ = ["ExportConfig", "FORMATS", "freeze_input_observers", "main", "run", "
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class ExportConfig:
     model: Any = None
@@ -98,6 +99,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = cfg.output_dir or os.path.dirname(os.path.abspath(str(cfg.checkpoint)))
     example = torch.rand(*cfg.example_input_shape) if cfg.example_input_shape else None
     paths = export_formats(int_model, formats, out_dir, example, cfg.gguf_tokenizer_dir)
+    for fmt, path in paths.items():
+        log.info("wrote %s (%s)", path, fmt)
     int_bytes = sum(t.numel() * t.element_size() for t in int_model.state_dict().values())
     result = {
         "checkpoint": str(cfg.checkpoint),
