@@ -536,6 +536,11 @@ def write_minilm(res: dict[str, Any], out: str) -> None:
     for r in res["rows"]:
         gap = "-" if r.get("qat_closes_gap") is None else f"{100 * r['qat_closes_gap']:.0f}%"
         lines.append(f"| {r['bits']} | " + " | ".join(_fmt(r.get(m), 1.0, 5) for m in methods) + f" | {gap} |")
+    step0 = [f"{r['bits']} {k[:-6]} {r[k]:.5f}" for r in res["rows"] for k in sorted(r) if k.endswith("_step0") and r[k] is not None]
+    if step0:
+        lines += ["", "torchao before training (step 0): " + ", ".join(step0) + "."]
+    for note in res.get("notes", []):
+        lines += ["", note]
     lines += ["", f"Command: `python benchmarks/accuracy.py minilm` ({res['seconds']:.0f} s on this machine's CPU)."]
     with open(os.path.join(out, "accuracy_minilm.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
