@@ -60,6 +60,10 @@ class QuantizationAwareTraining(Callback):
             step / epoch on (give at most one).
         forward_fn: ``(module, batch) -> output`` for calibration; by default ``module(batch[0])``
             for tuples, ``module(**batch)`` for dicts, ``module(batch)`` otherwise.
+        fold_bn: fold each BatchNorm2d that follows a quantized Conv2d into the conv weight before
+            weight fake-quant (``QuantConvBn2d``), so the quantized weights are the ones a folded
+            deployment model holds; pair it with ``freeze_bn_epoch`` / ``freeze_bn_step`` and
+            convert with ``qat.fold_bn`` after training.
 
     Example::
 
@@ -81,8 +85,12 @@ class QuantizationAwareTraining(Callback):
         freeze_bn_step: Optional[int] = None,
         freeze_bn_epoch: Optional[int] = None,
         forward_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
+        fold_bn: bool = False,
     ) -> None:
         self.plan = load_plan(plan)
+        if not isinstance(fold_bn, bool):
+            raise QATConfigError(f"QuantizationAwareTraining.fold_bn must be true or false, got {fold_bn!r}")
+        self.fold_bn = fold_bn
         self.module_attr = module_attr
         self.calibration_batches = _check_schedule("calibration_batches", calibration_batches) or 0
         self.freeze_observers_step = _check_schedule("freeze_observers_step", freeze_observers_step)
@@ -123,7 +131,7 @@ class QuantizationAwareTraining(Callback):
         target = self.target(pl_module)
         if is_prepared(target):
             return  # fit twice, or validate after fit: already prepared
-        prepare(target, self.plan)
+        prepare(target, self.plan, fold_bn=self.fold_bn)
         n = sum(1 for _ in quantizers(target))
         log.info("QAT: prepared %d layers with %d quantizers (plan %r)", len(target.qat_layers), n, self.plan.name)
 

@@ -28,6 +28,7 @@ class QATStage:
     calibration_batches: int = 8
     freeze_observers_epoch: Optional[int] = None
     freeze_bn_epoch: Optional[int] = None
+    fold_bn: bool = False  # fold BatchNorm into the conv weights before weight fake-quant
     telemetry_every_n_steps: int = 20  # 0: no per-layer telemetry
 
 

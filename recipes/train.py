@@ -77,6 +77,7 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         calibration_batches=cfg.qat.calibration_batches,
         freeze_observers_epoch=cfg.qat.freeze_observers_epoch,
         freeze_bn_epoch=cfg.qat.freeze_bn_epoch,
+        fold_bn=cfg.qat.fold_bn,
     )
     callbacks = [callback]
     if cfg.qat.telemetry_every_n_steps and logger:

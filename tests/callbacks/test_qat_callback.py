@@ -231,3 +231,20 @@ def test_resume_with_other_plan_is_an_error(tmp_path):
     t.save_checkpoint(ckpt)
     with pytest.raises(Exception, match=r"trained with plan 'w4a8' but this callback has plan 'w8a8'"):
         _trainer(tmp_path, [QuantizationAwareTraining("w8a8")], max_steps=2).fit(Tiny(), _loader(), ckpt_path=ckpt)
+
+
+def test_fold_bn_option(tmp_path):
+    from qat.bn_fold import QuantConvBn2d
+
+    class ConvNet(Tiny):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(32, 2, 6, 6, generator=g), torch.randint(0, 3, (32,), generator=g)), batch_size=8)
+    model = ConvNet()
+    _trainer(tmp_path, [QuantizationAwareTraining("w8a8", fold_bn=True, freeze_bn_step=2)], max_steps=4).fit(model, loader)
+    assert isinstance(model.net[0], QuantConvBn2d)
+    with pytest.raises(QATConfigError, match="fold_bn must be true or false"):
+        QuantizationAwareTraining("w8a8", fold_bn="yes")
