@@ -468,6 +468,21 @@ def run_minilm(steps: Optional[int] = None, batch: int = 16, lr: Optional[float]
             _distill(m, batches, lr or MINILM_LR[wb])
             row["qat_lsq"] = cosine_to(ref, embed(m, tok, held))
             print(f"  {name} qat_lsq+  cos {row['qat_lsq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
+        if "ptq_gptq" in methods or "qat_gptq" in methods:
+            # GPTQ (second-order rounding, qat.gptq) on the same groups, min/max ranges; then QAT
+            # (STE, GPTQ's scales kept) distilled from there with the same loop as the others
+            from qat.gptq import gptq
+
+            m = prepare(fresh(), _minilm_plan(name, wb, ab, "ste", "minmax"))
+            gptq(m, calib, forward_fn=lambda mod, b: mod(**b))
+            if ab is not None:
+                calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))  # dynamic inputs: a no-op pass
+            row["ptq_gptq"] = cosine_to(ref, embed(m, tok, held))
+            print(f"  {name} ptq_gptq  cos {row['ptq_gptq']:.5f}", flush=True)
+            if "qat_gptq" in methods:
+                _distill(m, batches, lr or MINILM_LR[wb])
+                row["qat_gptq"] = cosine_to(ref, embed(m, tok, held))
+                print(f"  {name} qat_gptq  cos {row['qat_gptq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
         # torchao QAT, same loop / data / steps / optimizer: affine weights (as ours), and symmetric
         # weights (torchao's default; its affine int8 groups start far from the float model)
         for key, sym in (("torchao", MINILM_SYMMETRIC), ("torchao_sym", True)):
@@ -511,7 +526,9 @@ def _tok_batch(tok, sents):
 MINILM_LABELS = {
     "ptq_rtn": "PTQ RTN (min/max)",
     "ptq_mse": "PTQ (MSE ranges)",
+    "ptq_gptq": "PTQ GPTQ (ours)",
     "qat_lsq": "QAT LSQ+ distill (ours)",
+    "qat_gptq": "QAT from GPTQ distill (ours)",
     "torchao": "torchao QAT distill (affine)",
     "torchao_sym": "torchao QAT distill (symmetric)",
 }
