@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
-import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from qat import QATConfigError, quant_layers

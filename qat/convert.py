@@ -47,7 +47,6 @@ from qat.kernels.reference import broadcast_param, round_with_mode
 from .errors import QATConfigError
 from .modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, QuantModuleMixin
 from .observers import qparams_from_range, reduce_minmax
-from .plan import LayerQuant
 from .spec import Estimator, Granularity, QuantSpec, ScaleDtype
 
 __all__ = [

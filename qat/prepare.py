@@ -11,7 +11,7 @@ import torch.nn as nn
 from .errors import QATConfigError
 from .fake_quant import FakeQuantizer
 from .modules import QUANT_MODULES, QuantModuleMixin
-from .plan import LayerQuant, QuantPlan, load_plan
+from .plan import QuantPlan, load_plan
 
 __all__ = [
     "prepare",

@@ -34,6 +34,7 @@ from qat.ptq import calibrate
 from qat.size import float_size_bytes, model_size_bytes
 
 from .config import FPStage
+from .train import _test_acc, _trainer
 
 __all__ = ["PTQConfig", "PTQStage", "main", "run", "register_ptq_configs", "with_observer"]
 
@@ -91,15 +92,6 @@ def with_observer(plan: QuantPlan, observer: Optional[str]) -> QuantPlan:
                 r[key] = {**r[key], "observer": observer}
         rules.append(r)
     return QuantPlan.from_dict({"name": f"{plan.name}_{observer}", "rules": rules})
-
-
-def _trainer(cfg: DictConfig, epochs: int, logger: Any, callbacks: list, root: str) -> pl.Trainer:
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) or {}
-    return pl.Trainer(max_epochs=epochs, logger=logger, callbacks=callbacks, default_root_dir=root, **kwargs)
-
-
-def _test_acc(trainer: pl.Trainer, module: pl.LightningModule, dm) -> float:
-    return float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
 
 
 def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:

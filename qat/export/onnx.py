@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..convert import IntConv1d, IntConv2d, IntEmbedding, IntModuleMixin, is_converted
+from ..convert import IntConv1d, IntConv2d, IntModuleMixin, is_converted
 from ..errors import QATConfigError
 from ..spec import Granularity, RoundMode
 
