@@ -124,7 +124,7 @@ class QuantizationAwareTraining(Callback):
     def _set_observers(self, pl_module, enabled: bool) -> None:
         for _, q in quantizers(self.target(pl_module)):
             # a quantizer that never saw data must observe once, or it has no range at all
-            q.enable_observer(enabled or not bool(q.initialized))
+            q.enable_observer(enabled or not q.is_initialized)
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

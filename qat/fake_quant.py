@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from qat.kernels import fake_quantize, fake_quantize_lsq, fake_quantize_pact
 
-from .observers import make_observer, param_shape, qparams_from_range, reduce_minmax
+from .observers import FlagBuffers, make_observer, param_shape, qparams_from_range, reduce_minmax
 from .spec import Estimator, Granularity, QuantSpec
 
 __all__ = ["FakeQuantizer"]
@@ -24,7 +24,7 @@ def _sync_mean(t: torch.Tensor, sync: bool) -> torch.Tensor:
     return t
 
 
-class FakeQuantizer(nn.Module):
+class FakeQuantizer(FlagBuffers):
     """Fake-quantizes one tensor per a :class:`~qat.QuantSpec`.
 
     State (all in ``state_dict``): ``scale`` and ``zero_point`` (buffers, or parameters for the
@@ -76,18 +76,28 @@ class FakeQuantizer(nn.Module):
             self.register_buffer("zero_point", zp)
         if spec.estimator is Estimator.PACT:
             self.alpha = nn.Parameter(torch.ones(1))
-        self.register_buffer("fake_quant_enabled", torch.tensor(True))
-        self.register_buffer("observer_enabled", torch.tensor(True))
-        self.register_buffer("initialized", torch.tensor(False))
+        self._register_flag("fake_quant_enabled", True)
+        self._register_flag("observer_enabled", True)
+        self._register_flag("initialized", False)
 
     # ------------------------------------------------------------------ lifecycle switches
     def enable_observer(self, enabled: bool = True) -> "FakeQuantizer":
-        self.observer_enabled.fill_(enabled)
+        self._set_flag("observer_enabled", enabled)
         return self
 
     def enable_fake_quant(self, enabled: bool = True) -> "FakeQuantizer":
-        self.fake_quant_enabled.fill_(enabled)
+        self._set_flag("fake_quant_enabled", enabled)
         return self
+
+    def mark_initialized(self) -> "FakeQuantizer":
+        """Declare scale / zero point set from outside (e.g. by GPTQ)."""
+        self._set_flag("initialized", True)
+        return self
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether scale / zero point hold a range yet (read without a device sync)."""
+        return self._flags["initialized"]
 
     @property
     def axis(self):
@@ -106,8 +116,9 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         rm = spec.round_mode.value
-        observing = bool(self.observer_enabled) and self.observer is not None
-        if not bool(self.fake_quant_enabled):
+        flags = self._flags  # Python mirrors of the flag buffers: no device sync per step
+        observing = flags["observer_enabled"] and self.observer is not None
+        if not flags["fake_quant_enabled"]:
             # observers still observe (as PyTorch's FakeQuantize): calibration on float values
             if observing:
                 self._observe(x)
@@ -117,12 +128,12 @@ class FakeQuantizer(nn.Module):
         if spec.estimator is Estimator.STE:
             if observing:
                 self._observe(x)
-            elif not bool(self.initialized):
+            elif not flags["initialized"]:
                 raise RuntimeError(
                     "FakeQuantizer: observer disabled before it saw any data; calibrate or enable the observer first"
                 )
             return fake_quantize(x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, rm)
-        if not bool(self.initialized):
+        if not flags["initialized"]:
             self._init_learned(x)
         elif observing and not self.training:
             self.observer(x)  # calibration statistics; the learned values stay as they are
@@ -142,7 +153,7 @@ class FakeQuantizer(nn.Module):
             s, z = self.observer.qparams()
             self.scale.copy_(s)
             self.zero_point.copy_(z)
-            self.initialized.fill_(True)
+            self._set_flag("initialized", True)
 
     @torch.no_grad()
     def _init_learned(self, x: torch.Tensor) -> None:
@@ -170,12 +181,12 @@ class FakeQuantizer(nn.Module):
             else:  # LSQ+: start from the observed affine range
                 self.scale.copy_(s_obs)
                 self.zero_point.copy_(z_obs)
-        self.initialized.fill_(True)
+        self._set_flag("initialized", True)
 
     @torch.no_grad()
     def load_from_observer(self) -> None:
         """Set scale / zero point (or PACT's alpha) from the observer's statistics (after calibration)."""
-        if self.observer is None or not bool(self.observer.initialized):
+        if self.observer is None or not self.observer.is_initialized:
             return
         if self.spec.estimator is Estimator.PACT:
             self.alpha.copy_(torch.clamp(self.observer.max_val.max().reshape(1), min=1e-3))
@@ -183,7 +194,7 @@ class FakeQuantizer(nn.Module):
             s, z = self.observer.qparams()
             self.scale.copy_(s)
             self.zero_point.copy_(z)
-        self.initialized.fill_(True)
+        self._set_flag("initialized", True)
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec

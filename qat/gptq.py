@@ -95,7 +95,7 @@ def _gptq_layer(layer: QuantLinear, H: torch.Tensor, damp: float, block_size: in
     layer.weight.data.copy_(Q.to(layer.weight.dtype))
     fq.scale.data.copy_(s_final.reshape(fq.scale.shape))
     fq.zero_point.data.copy_(z_final.reshape(fq.zero_point.shape))
-    fq.initialized.fill_(True)
+    fq.mark_initialized()
     fq.enable_observer(False)  # keep GPTQ's scales: the weight is already on their grid
     return loss
 
@@ -165,7 +165,7 @@ def gptq(
 
     p = next(model.parameters())
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers]
-    states = [(q, bool(q.fake_quant_enabled), bool(q.observer_enabled)) for _, l in layers for _, q in l.quantizers()]
+    states = [(q, q._flags["fake_quant_enabled"], q._flags["observer_enabled"]) for _, l in layers for _, q in l.quantizers()]
     was_training = model.training
     model.eval()
     try:

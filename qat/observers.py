@@ -19,6 +19,7 @@ from .errors import QATConfigError
 from .spec import Granularity, ObserverKind, QuantSpec, ScaleDtype
 
 __all__ = [
+    "FlagBuffers",
     "Observer",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
@@ -110,7 +111,30 @@ def _sync_minmax(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torc
     return (-buf[:n]).reshape(mn.shape), buf[n:].reshape(mx.shape)
 
 
-class Observer(nn.Module):
+class FlagBuffers(nn.Module):
+    """Boolean state kept twice: as buffers (so it checkpoints and loads with the model) and as
+    Python bools that the forward pass reads. Reading a CUDA buffer with ``bool()`` synchronizes
+    the device, several times per layer per training step; the mirror never does. Write flags
+    only through :meth:`_set_flag`; loading a state dict refreshes the mirror."""
+
+    def _register_flag(self, name: str, value: bool) -> None:
+        if "_flags" not in self.__dict__:
+            self._flags: dict[str, bool] = {}
+        self.register_buffer(name, torch.tensor(value))
+        self._flags[name] = value
+
+    def _set_flag(self, name: str, value: bool) -> None:
+        value = bool(value)
+        if self._flags[name] != value:
+            getattr(self, name).fill_(value)
+            self._flags[name] = value
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._flags = {name: bool(getattr(self, name)) for name in self._flags}
+
+
+class Observer(FlagBuffers):
     """Base observer: buffers ``min_val``, ``max_val`` and ``initialized``.
 
     Subclasses implement :meth:`_combine` (how a new batch's range merges into the state).
@@ -127,7 +151,12 @@ class Observer(nn.Module):
         self.sync = sync
         self.register_buffer("min_val", torch.zeros(shape))
         self.register_buffer("max_val", torch.zeros(shape))
-        self.register_buffer("initialized", torch.tensor(False))
+        self._register_flag("initialized", False)
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the observer has seen data (no device sync)."""
+        return self._flags["initialized"]
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's per-parameter range (subclasses may replace min/max by another statistic)."""
@@ -139,10 +168,10 @@ class Observer(nn.Module):
         if self.sync:
             mn, mx = _sync_minmax(mn, mx)
         mn, mx = mn.reshape(self.min_val.shape), mx.reshape(self.max_val.shape)
-        if not bool(self.initialized):
+        if not self.is_initialized:
             self.min_val.copy_(mn)
             self.max_val.copy_(mx)
-            self.initialized.fill_(True)
+            self._set_flag("initialized", True)
         else:
             self._combine(mn, mx)
         return x
@@ -155,7 +184,7 @@ class Observer(nn.Module):
         return qparams_from_range(self.min_val, self.max_val, self.spec)
 
     def reset(self) -> None:
-        self.initialized.fill_(False)
+        self._set_flag("initialized", False)
 
 
 class MinMaxObserver(Observer):
@@ -213,14 +242,14 @@ class _AveragedRangeObserver(Observer):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        if not self.is_initialized:
             self.num_batches.zero_()
         super().forward(x)
         self.num_batches.add_(1)
         return x
 
     def _combine(self, mn, mx):
-        n = float(self.num_batches.item()) + 1.0  # this batch is the n-th
+        n = self.num_batches.float() + 1.0  # this batch is the n-th (a tensor: no device sync)
         self.min_val.add_((mn - self.min_val) / n)
         self.max_val.add_((mx - self.max_val) / n)
 

@@ -196,3 +196,31 @@ def test_core_sources_have_no_forbidden_imports():
                 names = [node.module]
             for n in names:
                 assert n.split(".")[0] not in ("pytorch_lightning", "lightning", "hydra", "wandb"), f"{path}: imports {n}"
+
+
+def test_training_step_reads_no_tensor_as_bool(monkeypatch):
+    """After the first step, forward + backward never call bool() on a tensor: on a GPU each such
+    read is a device sync. The flags are read from their Python mirrors."""
+    for plan in ("w4a8", "w2a2"):  # STE observers, and LSQ from MSE ranges
+        torch.manual_seed(0)
+        model = prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), plan)
+        x = torch.randn(32, 8)
+        model(x).sum().backward()  # first step: initialization may inspect values
+
+        def no_bool(self):
+            raise AssertionError("bool() on a tensor in the training step")
+
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "__bool__", no_bool)
+            model(x).sum().backward()
+
+
+def test_flag_mirrors_follow_load_state_dict():
+    src = FakeQuantizer(QuantSpec(bits=8), (4,))
+    src(torch.randn(2, 4))
+    src.enable_observer(False)
+    dst = FakeQuantizer(QuantSpec(bits=8), (4,))
+    assert not dst.is_initialized
+    dst.load_state_dict(src.state_dict())
+    assert dst.is_initialized and not dst._flags["observer_enabled"]
+    torch.testing.assert_close(dst(torch.ones(2, 4)), src(torch.ones(2, 4)), atol=0, rtol=0)
