@@ -19,13 +19,17 @@ For every op x dtype x granularity on 64M elements (a (4096, 16384) tensor), for
 * the observer's min/max (``aminmax``) against PyTorch's reductions;
 * the memory the STE forward keeps for backward, in bits per element (``torch.cuda.memory_allocated``).
 
-Options: ``--numel``, ``--out DIR``, ``--no-compile`` (skip the torch.compile baselines).
+Options: ``--numel``, ``--out DIR``, ``--no-compile`` (skip the torch.compile baselines);
+for tuning: ``--only PATTERN[,PATTERN]`` (``op/dtype/granularity`` globs, e.g. ``lsq/*/group128``),
+``--quick`` (kernel times and the copy only; prints, writes nothing) and ``--define NAME=VALUE``
+(overrides a tuning macro of the CUDA sources, e.g. ``QAT_FWD_STEPS=2``; repeatable).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import json
 import platform
 import re
@@ -337,7 +341,7 @@ def saved_bits_per_element(n=2**24):
 # ----------------------------------------------------------------------------- main
 
 
-def run(numel: int, with_compile: bool):
+def run(numel: int, with_compile: bool, only=None, quick=False):
     rows = []
     k = 16384 if numel % 16384 == 0 else 128
     shape = (numel // k, k)
@@ -345,6 +349,8 @@ def run(numel: int, with_compile: bool):
         for dname, dtype in DTYPES.items():
             for gname, gran in GRANULARITIES.items():
                 if op == "pact" and gname != "tensor":
+                    continue
+                if only and not any(fnmatch.fnmatch(f"{op}/{dname}/{gname}", pat) for pat in only):
                     continue
                 axis, gs = gran["axis"], gran["group_size"]
                 torch.cuda.empty_cache()
@@ -354,9 +360,9 @@ def run(numel: int, with_compile: bool):
                 nbytes = minimal_bytes(op, numel, esize, nparams)
                 row = dict(op=op, dtype=dname, granularity=gname, numel=numel, bytes=nbytes)
                 fn = ours_fn(op, x, g, s, z, axis, gs)
-                row["ours_eager_us"] = bench(fn)
+                row["ours_eager_us"] = None if quick else bench(fn)
                 row["ours_us"] = bench_graph(fn)  # GPU time of the kernels (graph replay)
-                row["ours_op_us"] = bench(ours_op_fn(op, x, g, s, z, axis, gs))
+                row["ours_op_us"] = None if quick else bench(ours_op_fn(op, x, g, s, z, axis, gs))
                 row["copy_us"] = copy_time(nbytes)
                 row["ratio_copy"] = row["ours_us"] / row["copy_us"]
                 row["ours_TBps"] = nbytes / row["ours_us"] / 1e6
@@ -365,7 +371,7 @@ def run(numel: int, with_compile: bool):
                 row["bwd_us"] = bench_graph(bwd) if bwd is not None else None
                 for name, maker in (("torch", torch_fn), ("compile", compiled_fn)):
                     row[f"{name}_us"] = None
-                    if name == "compile" and not with_compile:
+                    if quick or (name == "compile" and not with_compile):
                         continue
                     try:
                         fn = maker(op, x, g, s, z, axis, gs)
@@ -376,7 +382,7 @@ def run(numel: int, with_compile: bool):
                     torch.cuda.empty_cache()
                 for name in ("torch", "compile"):  # eager against eager
                     t = row[f"{name}_us"]
-                    row[f"speedup_{name}"] = t / row["ours_eager_us"] if t else None
+                    row[f"speedup_{name}"] = t / row["ours_eager_us"] if t and row["ours_eager_us"] else None
                 rows.append(row)
                 print(_fmt_row(row), flush=True)
                 del x, g, s, z
@@ -401,7 +407,8 @@ HEADER = (
 def _fmt_row(r):
     return (
         f"| {r['op']} | {r['dtype']} | {r['granularity']} | {r['ours_us']:.1f} | {r['fwd_us']:.1f} / {_f(r['bwd_us'], '.1f')} "
-        f"| {r['copy_us']:.1f} | {r['ratio_copy']:.3f} | {r['ours_TBps']:.2f} | {r['ours_eager_us']:.1f} | {r['ours_op_us']:.1f} "
+        f"| {r['copy_us']:.1f} | {r['ratio_copy']:.3f} | {r['ours_TBps']:.2f} | {_f(r['ours_eager_us'], '.1f')} "
+        f"| {_f(r['ours_op_us'], '.1f')} "
         f"| {_f(r['torch_us'], '.1f')} | {_x(r['speedup_torch'])} | "
         f"{_f(r['compile_us'], '.1f')} | {_x(r['speedup_compile'])} |"
     )
@@ -501,7 +508,12 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--explore", action="store_true", help="grid-size sweep and launch overhead, then exit")
+    ap.add_argument("--only", default=None, help="comma-separated op/dtype/granularity globs (e.g. 'lsq/*/group128')")
+    ap.add_argument("--quick", action="store_true", help="kernel and copy times only; print, write nothing")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a tuning macro of the CUDA sources (repeatable)")
     args = ap.parse_args(argv)
+    cupy_backend.EXTRA_OPTIONS = tuple(f"-D{d}" for d in args.define)
     if not (torch.cuda.is_available() and cupy_backend.available()):
         sys.exit("benchmarks/kernels.py needs a CUDA GPU and CuPy")
     if args.explore:
@@ -524,7 +536,10 @@ def main(argv=None):
         timing="median of triton.testing.do_bench (CUDA events)",
     )
     print(HEADER, flush=True)
-    rows = run(args.numel, not args.no_compile)
+    only = [p.strip() for p in args.only.split(",")] if args.only else None
+    rows = run(args.numel, not args.no_compile, only, args.quick)
+    if args.quick:
+        return
     bits = saved_bits_per_element()
     checks = targets(rows, bits)
     meta["seconds"] = round(time.time() - t0, 1)

@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
+#: loads per lane of reduce.cu's grp kernels (short aligned runs of keys), one entry point each
+_GRP_K = (1, 2, 4, 8)
 #: source file -> its extern "C" kernels
 _KERNELS = {
     "fake_quant.cu": (
@@ -58,10 +60,12 @@ _KERNELS = {
         "fq_backward",
     ),
     "reduce.cu": (
-        *(f"lsq_backward_seg{m}" for m in (0, 1, 2)),
+        *(f"lsq_backward_seg{m}" for m in (0, 2)),
+        *(f"lsq_backward_grp{k}" for k in _GRP_K),
         "lsq_backward_cols",
         "pact_backward_seg",
-        *(f"minmax_seg{m}" for m in (0, 1, 2)),
+        *(f"minmax_seg{m}" for m in (0, 2)),
+        *(f"minmax_grp{k}" for k in _GRP_K),
         "minmax_cols",
     ),
 }
@@ -83,9 +87,14 @@ def _source(name: str) -> str:
     return text.replace('#include "common.cuh"', header)
 
 
+#: extra NVRTC options (``-DNAME=VALUE`` overrides of the sources' tuning macros, such as
+#: ``QAT_FWD_STEPS``); set by ``benchmarks/kernels.py --define`` before the first launch
+EXTRA_OPTIONS: tuple[str, ...] = ()
+
+
 def _options(dtype_code: int, vec: int) -> tuple[str, ...]:
     # --fmad=false: no a*b+c contraction, so every float op rounds like PyTorch's (bit-exact parity).
-    return ("-std=c++17", "--fmad=false", f"-DQAT_DTYPE={dtype_code}", f"-DQAT_VEC={vec}")
+    return ("-std=c++17", "--fmad=false", f"-DQAT_DTYPE={dtype_code}", f"-DQAT_VEC={vec}", *EXTRA_OPTIONS)
 
 
 def _variants():
@@ -296,7 +305,7 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         vec = vec_full if aligned and wd % vec_full == 0 else 1
         kern = _kernel("reduce.cu", f"{kind}_cols", code, vec, device)
         wdv = wd // vec
-        colsv = min(wdv, 32)
+        colsv = min(wdv, _COLS_VECS)
         r = _THREADS // colsv
         shared = 2 * _THREADS * vec * 4
         gx = -(-wdv // colsv)
@@ -305,23 +314,58 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         _launch(kern, (gx, gy), args, device, shared)
     else:
         vec = vec_full if aligned and (c == 1 or inner % vec_full == 0) else 1
-        run_lanes = inner // vec
-        if c == 1 or inner >= 4 * 32 * vec:
-            mode = 0  # long runs: accumulate in registers
-        elif inner % vec == 0 and run_lanes <= 32 and run_lanes & (run_lanes - 1) == 0:
-            mode = 1  # short aligned runs: butterflies
-        else:
-            mode = 2  # general: segmented scan
-        name = "pact_backward_seg" if kind == "pact_backward" else f"{kind}_seg{mode}"
-        kern = _kernel("reduce.cu", name, code, vec, device)
-        nsteps = -(-n // (32 * vec))
-        grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device)))
+        run = inner // vec  # vectors of a key's run
+        k = _grp_k(run, kind) if c > 1 and inner % vec == 0 else None
+        wpb = _THREADS // 32
         if kind == "pact_backward":
-            args = (*ptrs, np.int64(n))
+            name = "pact_backward_seg"
+        elif k is not None:
+            name = f"{kind}_grp{k}"  # short aligned runs: K loads per lane, run // K lanes per run
+        elif c == 1 or inner >= 4 * 32 * vec:
+            name = f"{kind}_seg0"  # long runs: accumulate in registers
+        else:
+            name = f"{kind}_seg2"  # general: segmented scan
+        kern = _kernel("reduce.cu", name, code, vec, device)
+        nsteps = -(-n // (32 * vec * (k or 1)))
+        grid = max(1, min(-(-nsteps // wpb), _wave(kern, device, waves=_GRP_WAVES if k else None)))
+        # seg: teams of `wil` warps interleave their steps (reduce.cu, seg_body). Per tensor, one
+        # team (grid-stride) ran 1-3% faster on an H100 than per-warp ranges; per channel (axis 0),
+        # teams of 2-4 blocks ran 2-25% slower, so there each warp keeps its contiguous range.
+        if k is None and c == 1 and _SEG_TEAMS:
+            team = grid  # one key: a plain grid-stride loop
+        else:
+            team = 1  # each warp a contiguous range (teams across channels measured slower)
+        if team > 1:
+            grid = max(team, grid // team * team)
+        wil = np.int64(team * wpb if team > 1 else 1)
+        if kind == "pact_backward":
+            args = (*ptrs, np.int64(n), wil)
         else:
             unique = np.int32(c * inner == n)  # every key is one run (per-group): plain stores
-            args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), unique, *tail_args)
+            args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), unique, *tail_args, wil)
         _launch(kern, grid, args, device)
+
+
+#: per-tensor seg kernels: all warps interleave their steps (False: each warp a contiguous range)
+_SEG_TEAMS = True
+#: cols kernels: vectors (columns / QAT_VEC) a block spans (the rest of its threads take other rows)
+_COLS_VECS = 32
+
+
+#: grp kernels: preferred loads per lane (x, or x and grad), and grid size in waves
+_GRP_LOADS = {"minmax": 2, "lsq_backward": 2}
+_GRP_WAVES = 16
+
+
+def _grp_k(run: int, kind: str) -> Optional[int]:
+    """Loads per lane K of a grp kernel for runs of ``run`` vectors (``run = K * L``, L a power of two
+    <= 32 lanes), or None where the layout is not one."""
+    if run < 1 or run & (run - 1) or run > 32 * max(_GRP_K):
+        return None
+    k = min(_GRP_LOADS.get(kind, 4), run)
+    while run // k > 32:
+        k *= 2
+    return k if k in _GRP_K else None
 
 
 def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask):

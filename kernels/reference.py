@@ -168,11 +168,14 @@ def fake_quantize_lsq_backward(
 
     Element-wise, as PyTorch's learnable fake-quant ops define them::
 
-        inside  (qmin <= rnd(x/s)+z <= qmax): dx = g,  ds = (x_hat - x) / s * g * f,  dz = 0
-        below:                                 dx = 0,  ds = (qmin - z) * g * f,       dz = -s * g * f
-        above:                                 dx = 0,  ds = (qmax - z) * g * f,       dz = -s * g * f
+        inside  (qmin <= rnd(x/s)+z <= qmax): dx = g,  ds = ((q - z) - v) * g * f,  dz = 0
+        below:                                 dx = 0,  ds = (qmin - z) * g * f,     dz = -s * g * f
+        above:                                 dx = 0,  ds = (qmax - z) * g * f,     dz = -s * g * f
 
-    with ``f = grad_factor``; ``ds`` and ``dz`` are then summed per scale.
+    with ``f = grad_factor`` and ``v = x * inv_s``, the value the forward rounds. PyTorch writes the
+    inside term ``(x_hat - x) / s``; ``(q - z) - v`` is the same quantity (``round(v) - v``, exact in
+    float32) without a per-element division, and differs from PyTorch's by rounding only. ``ds`` and
+    ``dz`` are then summed per scale (the kernels sum ``t * g`` and apply ``f`` and ``-s`` per sum).
     """
     x32 = x.contiguous().float()
     g32 = _grouped(grad.contiguous().float(), group_size)
@@ -181,8 +184,8 @@ def fake_quantize_lsq_backward(
     below = q_raw < qmin
     above = q_raw > qmax
     inside = ~(below | above)
-    x_hat = (q - z) * s
-    ds_in = (x_hat - xg) / s * g32 * grad_factor
+    v = xg * (1.0 / s)  # as _quantize computes it
+    ds_in = ((q - z) - v) * g32 * grad_factor
     ds_out = torch.where(below, (qmin - z) * g32, (qmax - z) * g32) * grad_factor
     ds = torch.where(inside, ds_in, ds_out)
     dz = torch.where(inside, torch.zeros_like(g32), -s * g32 * grad_factor)

@@ -2,32 +2,38 @@
 //   LSQ / LSQ+ backward: dx, dscale, dzero_point in one pass;
 //   PACT backward: dx and dalpha in one pass;
 //   the observer's min/max per tensor / channel / group.
-// Included after common.cuh. Two launch shapes share each operation (an `Op` below):
+// Included after common.cuh. Three launch shapes share each operation (an `Op` below):
 //
 // seg:  each warp owns a contiguous range of warp steps (32 * QAT_VEC contiguous elements). A
 //       lane's vector has one key (the host guarantees inner % QAT_VEC == 0, or C == 1) and keys form
-//       contiguous runs within a step (C == 1 or C * inner >= 32 * QAT_VEC); see seg_body's three
-//       modes (register accumulation for long runs, butterflies for short aligned runs, a segmented
-//       scan otherwise).
+//       contiguous runs within a step (C == 1 or C * inner >= 32 * QAT_VEC); see seg_body's two
+//       modes (register accumulation for long runs, a segmented scan otherwise).
+// grp:  short aligned runs (a key's run is gv = inner / QAT_VEC vectors, gv = K * L with L a power of
+//       two <= 32: per-group quantization, or channels with a small inner size): L lanes share a run,
+//       each loading K of its vectors, so a warp reduces 32 / L runs at once with log2(L) butterfly
+//       levels and K loads per lane in flight.
 // cols: the tensor seen as (rows, Wd = C * inner) with key = col / inner (inner == 1: channels on
 //       the last axis, or tiny C * inner). A thread owns QAT_VEC columns of a slab of `colsv`
-//       vectors and walks rows; the R threads of a block that share a column are summed in shared
-//       memory, then one atomic per column and block.
+//       vectors and walks rows, ROWS rows' loads in flight; the R threads of a block that share a
+//       column are summed in shared memory, then one atomic per column and block.
 // Bytes: reads x (and grad), writes dx; the parameters and their gradients are numel / inner-sized.
 #include "common.cuh"
 
 // ---------------------------------------------------------------- operations
 
-// LSQ / LSQ+ (PyTorch's _fake_quantize_learnable_* gradients, element by element):
-//   inside (qmin <= rnd(x/s)+z <= qmax): dx = g, ds = (x_hat - x) / s * g * f, dz = 0
+// LSQ / LSQ+ (PyTorch's _fake_quantize_learnable_* gradients, element by element; reference.py):
+//   v = x * inv_s, q_raw = rnd(v) + z
+//   inside (qmin <= q_raw <= qmax): dx = g, ds = ((q_raw - z) - v) * g * f, dz = 0
 //   below: dx = 0, ds = (qmin - z) * g * f, dz = -s * g * f;  above: qmax in place of qmin.
-// z is used as clamp(rint(zero_point), qmin, qmax).
+// z is used as clamp(rint(zero_point), qmin, qmax). The element loop sums a = t * g (t the bracket of
+// ds) and b = g over the clipped elements; flush / store apply f and -s * f to those sums, so the loop
+// needs neither s nor f (one multiply less per element, and two registers less per parameter).
 template <int RMODE>
 struct LsqOp {
   static constexpr bool kGrad = true;
   static constexpr bool kDx = true;
   struct P {
-    float s, z, inv_s;
+    float z, inv_s;
   };
   const float* scale;
   const float* zp;
@@ -37,9 +43,8 @@ struct LsqOp {
 
   __device__ __forceinline__ P param(long long k) const {
     P p;
-    p.s = __ldg(scale + k);
     p.z = qclamp(rintf(__ldg(zp + k)), qmin, qmax);
-    p.inv_s = 1.0f / p.s;
+    p.inv_s = 1.0f / __ldg(scale + k);
     return p;
   }
   __device__ static __forceinline__ float ida() { return 0.0f; }
@@ -49,30 +54,23 @@ struct LsqOp {
     b += ob;
   }
   __device__ __forceinline__ bool elem(const P& p, float x, float g, float& a, float& b) const {
-    const float qr = qround_t<RMODE>(x * p.inv_s) + p.z;
+    const float v = x * p.inv_s;
+    const float qr = qround_t<RMODE>(v) + p.z;
     const bool below = qr < qmin;
     const bool above = qr > qmax;
     const bool inside = !(below || above);
-    float dsv, dzv;
-    if (inside) {
-      const float xh = (qr - p.z) * p.s;  // q == q_raw inside the range
-      dsv = (xh - x) / p.s * g * f;
-      dzv = 0.0f;
-    } else {
-      dsv = (below ? (qmin - p.z) * g : (qmax - p.z) * g) * f;
-      dzv = -p.s * g * f;
-    }
-    a += dsv;
-    b += dzv;
+    const float t = inside ? (qr - p.z) - v : (below ? qmin : qmax) - p.z;
+    a += t * g;
+    b += inside ? 0.0f : g;
     return inside;
   }
   __device__ __forceinline__ void flush(long long k, float a, float b) const {
-    atomicAdd(ds + k, a);
-    atomicAdd(dz + k, b);
+    atomicAdd(ds + k, a * f);
+    atomicAdd(dz + k, -__ldg(scale + k) * b * f);
   }
   __device__ __forceinline__ void store(long long k, float a, float b) const {
-    ds[k] = a;
-    dz[k] = b;
+    ds[k] = a * f;
+    dz[k] = -__ldg(scale + k) * b * f;
   }
 };
 
@@ -137,20 +135,47 @@ struct MinMaxOp {
 
 // ---------------------------------------------------------------- seg: runs of keys
 
-// Work of one lane on one vector: dx, and the vector's partial (a, b); returns its key (-1 past the end).
+// Warp steps a warp loads before working on them (seg) / rows a thread loads (cols).
+#ifndef QAT_SEG_STEPS_LSQ
+#define QAT_SEG_STEPS_LSQ 2
+#endif
+#ifndef QAT_SEG_STEPS_MM
+#define QAT_SEG_STEPS_MM 2
+#endif
+#ifndef QAT_COLS_ROWS_LSQ
+#define QAT_COLS_ROWS_LSQ 4
+#endif
+#ifndef QAT_COLS_ROWS_MM
+#define QAT_COLS_ROWS_MM 8
+#endif
+// minimum resident blocks per SM of the LSQ seg / grp kernels (caps registers at 64 / 80): 4 ran
+// 5% faster in float32 on an H100, 3 about 2% faster in 16-bit types
+#ifndef QAT_LSQ_MINB
+#if QAT_DTYPE == 0
+#define QAT_LSQ_MINB 4
+#else
+#define QAT_LSQ_MINB 3
+#endif
+#endif
+
+// The parameters of the last key a lane saw (runs are long: reloaded only where the key changes).
 template <class Op>
-__device__ __forceinline__ long long seg_vec(const Op& op, const RawVec& xv, const RawVec& gv, scalar_t* __restrict__ dx,
-                                             long long e0, int nv, const FastDiv& inner, const FastDiv& C, float& a,
-                                             float& b) {
-  a = Op::ida();
-  b = Op::idb();
-  if (nv <= 0) return -1;
-  long long key = 0;
-  if (C.d != 1) {
-    long long r;
-    key = key_of(e0, inner, C, r);
+struct ParamCache {
+  long long key;
+  typename Op::P p;
+  __device__ __forceinline__ const typename Op::P& get(const Op& op, long long k) {
+    if (k != key) {
+      key = k;
+      p = op.param(k);
+    }
+    return p;
   }
-  const typename Op::P p = op.param(key);
+};
+
+// Work of one lane on one vector with parameters p: dx, and the vector's partial folded into (a, b).
+template <class Op>
+__device__ __forceinline__ void vec_work(const Op& op, const typename Op::P& p, const RawVec& xv, const RawVec& gv,
+                                         scalar_t* __restrict__ dx, long long e0, int nv, float& a, float& b) {
   RawVec d;
 #pragma unroll
   for (int j = 0; j < QAT_VEC; ++j) {
@@ -161,6 +186,22 @@ __device__ __forceinline__ long long seg_vec(const Op& op, const RawVec& xv, con
     }
   }
   if (Op::kDx) store_vec(dx, e0, nv, d);
+}
+
+// Work of one lane on one vector: dx, and the vector's partial (a, b); returns its key (-1 past the end).
+template <class Op>
+__device__ __forceinline__ long long seg_vec(const Op& op, ParamCache<Op>& pc, const RawVec& xv, const RawVec& gv,
+                                             scalar_t* __restrict__ dx, long long e0, int nv, const FastDiv& inner,
+                                             const FastDiv& C, float& a, float& b) {
+  a = Op::ida();
+  b = Op::idb();
+  if (nv <= 0) return -1;
+  long long key = 0;
+  if (C.d != 1) {
+    long long r;
+    key = key_of(e0, inner, C, r);
+  }
+  vec_work(op, pc.get(op, key), xv, gv, dx, e0, nv, a, b);
   return key;
 }
 
@@ -192,35 +233,45 @@ __device__ __forceinline__ void seg_scan_flush(const Op& op, long long key, floa
   if (head && key >= 0 && key != skip) op.flush(key, a, b);
 }
 
-// Three ways to reduce a warp step, chosen by the host from the layout:
+// Two ways to reduce a warp step, chosen by the host from the layout:
 //   MODE 0 (long runs: per-tensor, or a key spans >= 4 steps): each lane accumulates in registers
 //          while the whole warp stays on the current key (one vote a step); a step that crosses a
 //          key boundary flushes the old key (butterfly + one atomic) and scans the step by key.
-//   MODE 1 (short aligned runs: inner / QAT_VEC lanes, a power of two <= 32, e.g. groups of 32..256):
-//          butterfly within each run, its first lane flushes (one atomic per run).
 //   MODE 2 (anything else): segmented scan of every step, the last run carried to the next step.
-// The warp's leftover (MODE 0 / 2) is combined across the block before its atomics.
-template <class Op, int MODE>
+// (Short aligned runs go to grp_body.) The warp's leftover is combined across the block before its
+// atomics. STEPS steps are loaded before any is worked on.
+//
+// Which warp takes which step: the warps form teams of `wil` consecutive warps (wil divides the
+// number of warps); each team owns a contiguous range of steps and its warps take every wil-th step
+// of it. wil == 1: a warp's steps are contiguous (the longest key runs per warp); wil == all warps:
+// a plain grid-stride loop. A wider team keeps the addresses in flight at any moment close together
+// (DRAM pages stay open): on an H100 the per-warp ranges (thousands of streams at once) read 15-30%
+// slower than the grid-stride loop of the element-wise kernels. The host picks the widest team that
+// still leaves each warp a few steps per key.
+template <class Op, int MODE, int STEPS>
 __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                          scalar_t* __restrict__ dx, long long n, const FastDiv& inner, const FastDiv& C,
-                                         bool unique) {
+                                         long long wil) {
   const int lane = threadIdx.x & 31;
   const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
   const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const long long step_elems = 32LL * QAT_VEC;
   const long long nsteps = (n + step_elems - 1) / step_elems;
-  // each warp owns a contiguous range of steps, so a key's run stays in one warp for long
-  const long long per = (nsteps + nwarps - 1) / nwarps;
-  const long long s_begin = min(warp * per, nsteps);
+  const long long nteams = nwarps / wil;
+  const long long per = (nsteps + nteams - 1) / nteams;
+  const long long s_begin = min((warp / wil) * per, nsteps);
   const long long s_end = min(s_begin + per, nsteps);
-  const int run_lanes = (int)(inner.d / QAT_VEC);  // MODE 1 only
+  const long long wi = warp % wil;
 
+  ParamCache<Op> pc;
+  pc.key = 0;
+  pc.p = op.param(0);
   long long tkey = -1;  // MODE 0: the warp's current key, MODE 2: the carried run's key
   float ta = Op::ida(), tb = Op::idb();
 
   auto step = [&](const RawVec& xv, const RawVec& gv, long long e0, int nv) {
     float a, b;
-    const long long key = seg_vec(op, xv, gv, dx, e0, nv, inner, C, a, b);
+    const long long key = seg_vec(op, pc, xv, gv, dx, e0, nv, inner, C, a, b);
     if (MODE == 0) {
       if (__all_sync(QAT_FULL, key == tkey)) {
         Op::comb(ta, tb, a, b);
@@ -243,12 +294,6 @@ __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restric
       }
       tkey = last;
       seg_scan_flush(op, key, a, b, last);
-    } else if (MODE == 1) {
-      group_allreduce<Op>(a, b, run_lanes);
-      if ((lane & (run_lanes - 1)) == 0 && key >= 0) {
-        if (unique) op.store(key, a, b);  // the only run of this key (no wrap): a plain store
-        else op.flush(key, a, b);
-      }
     } else {
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
@@ -272,24 +317,27 @@ __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restric
     }
   };
 
-  for (long long st = s_begin; st < s_end; st += 2) {
-    const bool has1 = st + 1 < s_end;  // warp-uniform
-    const long long e0 = st * step_elems + (long long)lane * QAT_VEC;
-    const long long e1 = e0 + step_elems;
-    const int nv0 = (int)max(0LL, min((long long)QAT_VEC, n - e0));
-    const int nv1 = has1 ? (int)max(0LL, min((long long)QAT_VEC, n - e1)) : 0;
-    RawVec x0, g0, x1, g1;
-    x0 = load_vec(x, e0, nv0);
-    if (Op::kGrad) g0 = load_vec(g, e0, nv0);
-    if (has1) {
-      x1 = load_vec(x, e1, nv1);
-      if (Op::kGrad) g1 = load_vec(g, e1, nv1);
+  for (long long st0 = s_begin + wi; st0 < s_end; st0 += STEPS * wil) {
+    RawVec xv[STEPS], gv[STEPS];
+    int nv[STEPS];
+#pragma unroll
+    for (int u = 0; u < STEPS; ++u) {
+      const long long st = st0 + u * wil;
+      const long long e = st * step_elems + (long long)lane * QAT_VEC;
+      nv[u] = st < s_end ? (int)max(0LL, min((long long)QAT_VEC, n - e)) : 0;
+      if (st < s_end) {  // warp-uniform
+        xv[u] = load_vec(x, e, nv[u]);
+        if (Op::kGrad) gv[u] = load_vec(g, e, nv[u]);
+      }
     }
-    step(x0, g0, e0, nv0);
-    if (has1) step(x1, g1, e1, nv1);
+#pragma unroll
+    for (int u = 0; u < STEPS; ++u) {
+      const long long st = st0 + u * wil;
+      if (st >= s_end) break;
+      step(xv[u], gv[u], st * step_elems + (long long)lane * QAT_VEC, nv[u]);
+    }
   }
 
-  if (MODE == 1) return;
   // the warp's leftover: MODE 0 holds per-lane partials, MODE 2 the carried total (same in all lanes)
   if (MODE == 0 && tkey >= 0) group_allreduce<Op>(ta, tb, 32);
   __shared__ long long s_key[QAT_THREADS / 32];
@@ -320,13 +368,64 @@ __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restric
   }
 }
 
+// ---------------------------------------------------------------- grp: short aligned runs
+
+// A key's run is gv = inner / QAT_VEC vectors = K * L (L a power of two <= 32). A warp's unit of
+// work is 32 * K vectors = 32 / L whole runs; lane (gi, sub) = (lane / L, lane % L) loads vectors
+// sub, sub + L, ..., sub + (K-1) * L of run gi (each load instruction: 32 / L runs' L contiguous
+// vectors), sums them in registers, then log2(L) butterfly levels give each run's total. `unique`:
+// every key has one run (per-group), so the total is stored, not added.
+template <class Op, int K>
+__device__ __forceinline__ void grp_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                                         scalar_t* __restrict__ dx, long long n, const FastDiv& inner, const FastDiv& C,
+                                         bool unique) {
+  const int lane = threadIdx.x & 31;
+  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int L = (int)(inner.d / QAT_VEC) / K;
+  const int gi = lane / L, sub = lane & (L - 1);
+  const long long unit = 32LL * K * QAT_VEC;  // elements of a warp's unit
+  const long long nunits = (n + unit - 1) / unit;
+  const long long run_off = (long long)gi * K * L * QAT_VEC + (long long)sub * QAT_VEC;
+  for (long long t = warp; t < nunits; t += nwarps) {
+    const long long e0 = t * unit + run_off;
+    RawVec xv[K], gv[K];
+    int nv[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const long long e = e0 + (long long)j * L * QAT_VEC;
+      nv[j] = (int)max(0LL, min((long long)QAT_VEC, n - e));
+      xv[j] = load_vec(x, e, nv[j]);
+      if (Op::kGrad) gv[j] = load_vec(g, e, nv[j]);
+    }
+    const long long head = t * unit + (long long)gi * K * L * QAT_VEC;  // the run's first element
+    float a = Op::ida(), b = Op::idb();
+    long long key = -1;
+    if (head < n) {
+      key = 0;
+      if (C.d != 1) {
+        long long r;
+        key = key_of(head, inner, C, r);
+      }
+      const typename Op::P p = op.param(key);
+#pragma unroll
+      for (int j = 0; j < K; ++j) vec_work(op, p, xv[j], gv[j], dx, e0 + (long long)j * L * QAT_VEC, nv[j], a, b);
+    }
+    group_allreduce<Op>(a, b, L);
+    if (sub == 0 && key >= 0) {
+      if (unique) op.store(key, a, b);
+      else op.flush(key, a, b);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- cols: (rows, Wd), key = col / inner
 
 struct XG {
   RawVec x, g;
 };
 
-template <class Op>
+template <class Op, int ROWS>
 __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                           scalar_t* __restrict__ dx, long long rows, long long Wd, long long inner,
                                           int colsv, int R) {
@@ -367,13 +466,16 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
       }
       if (Op::kDx) store_vec(dx, e, QAT_VEC, d);
     };
-#if QAT_VEC >= 8
-    // 8 columns' parameters already fill the registers: one row at a time (the software pipeline
-    // pushed this to 121 registers and ran slower)
-    for (long long r = r0 + rr; r < r1; r += R) work(r, load(r));
-#else
-    pipelined(r0 + rr, (long long)R, r1, load, work);
-#endif
+    // ROWS rows' loads in flight before any is worked on (conditions uniform over the warp's row)
+    for (long long r = r0 + rr; r < r1; r += (long long)R * ROWS) {
+      XG v[ROWS];
+#pragma unroll
+      for (int u = 0; u < ROWS; ++u)
+        if (r + (long long)u * R < r1) v[u] = load(r + (long long)u * R);
+#pragma unroll
+      for (int u = 0; u < ROWS; ++u)
+        if (r + (long long)u * R < r1) work(r + (long long)u * R, v[u]);
+    }
   }
   float* sa = sh;
   float* sb = sh + blockDim.x * QAT_VEC;
@@ -397,59 +499,90 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
 
 // ---------------------------------------------------------------- entry points
 
-// lsq_backward_seg<mode> / minmax_seg<mode>: one entry point per seg_body mode (own registers).
-#define QAT_LSQ_SEG(M)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS, 4) lsq_backward_seg##M(                                \
-      const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,                \
-      const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long n,         \
+// lsq_backward_seg<mode> / minmax_seg<mode>: one entry point per seg_body mode (own registers);
+// lsq_backward_grp<K> / minmax_grp<K>: one per loads-per-lane K of grp_body.
+#define QAT_LSQ_ARGS                                                                                            \
+  const scalar_t *__restrict__ x, const scalar_t *__restrict__ g, scalar_t *__restrict__ dx,                    \
+      const float *__restrict__ scale, const float *__restrict__ zp, float *ds, float *dz, long long n,         \
       long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, int unique, \
-      float qmin, float qmax, float f, int round_mode) {                                                        \
-    const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
-    if (round_mode == 0)                                                                                        \
-      seg_body<LsqOp<0>, M>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C, unique);       \
-    else if (round_mode == 1)                                                                                   \
-      seg_body<LsqOp<1>, M>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C, unique);       \
-    else                                                                                                        \
-      seg_body<LsqOp<2>, M>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, n, inner, C, unique);       \
+      float qmin, float qmax, float f, int round_mode, long long wil
+#define QAT_LSQ_DISPATCH(CALL)                                                                                  \
+  const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                   \
+  if (round_mode == 0) {                                                                                        \
+    typedef LsqOp<0> OpT;                                                                                    \
+    const OpT op{scale, zp, ds, dz, qmin, qmax, f};                                                            \
+    CALL;                                                                                                       \
+  } else if (round_mode == 1) {                                                                                 \
+    typedef LsqOp<1> OpT;                                                                                    \
+    const OpT op{scale, zp, ds, dz, qmin, qmax, f};                                                            \
+    CALL;                                                                                                       \
+  } else {                                                                                                      \
+    typedef LsqOp<2> OpT;                                                                                    \
+    const OpT op{scale, zp, ds, dz, qmin, qmax, f};                                                            \
+    CALL;                                                                                                       \
+  }
+#define QAT_LSQ_SEG(M)                                                                                          \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB) lsq_backward_seg##M(QAT_LSQ_ARGS) {      \
+    QAT_LSQ_DISPATCH((seg_body<OpT, M, QAT_SEG_STEPS_LSQ>(op, x, g, dx, n, inner, C, wil)))                                    \
+  }
+#define QAT_LSQ_GRP(K)                                                                                          \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB) lsq_backward_grp##K(QAT_LSQ_ARGS) {      \
+    QAT_LSQ_DISPATCH((grp_body<OpT, K>(op, x, g, dx, n, inner, C, unique)))                            \
   }
 QAT_LSQ_SEG(0)
-QAT_LSQ_SEG(1)
 QAT_LSQ_SEG(2)
+QAT_LSQ_GRP(1)
+QAT_LSQ_GRP(2)
+QAT_LSQ_GRP(4)
+QAT_LSQ_GRP(8)
 #undef QAT_LSQ_SEG
+#undef QAT_LSQ_GRP
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 lsq_backward_cols(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long rows,
                   long long Wd, long long inner, int colsv, int R, float qmin, float qmax, float f, int round_mode) {
-  if (round_mode == 0) cols_body(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
-  else if (round_mode == 1) cols_body(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
-  else cols_body(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
+  if (round_mode == 0)
+    cols_body<LsqOp<0>, QAT_COLS_ROWS_LSQ>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
+  else if (round_mode == 1)
+    cols_body<LsqOp<1>, QAT_COLS_ROWS_LSQ>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
+  else
+    cols_body<LsqOp<2>, QAT_COLS_ROWS_LSQ>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
 }
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 pact_backward_seg(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
-                  const float* __restrict__ alpha, float* dalpha, long long n) {
+                  const float* __restrict__ alpha, float* dalpha, long long n, long long wil) {
   const PactOp op{alpha, dalpha};
   const FastDiv inner{n > 0 ? n : 1, 0u, 0}, C{1, 0u, 0};
-  seg_body<PactOp, 0>(op, x, g, dx, n, inner, C, false);
+  seg_body<PactOp, 0, QAT_SEG_STEPS_LSQ>(op, x, g, dx, n, inner, C, wil);
 }
 
+#define QAT_MINMAX_ARGS                                                                                         \
+  const scalar_t *__restrict__ x, float *mn, float *mx, long long n, long long inner_d, unsigned inner_mul,     \
+      int inner_shr, long long C_d, unsigned C_mul, int C_shr, int unique, long long wil
 #define QAT_MINMAX_SEG(M)                                                                                       \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS)                                                    \
-      minmax_seg##M(const scalar_t* __restrict__ x, float* mn, float* mx, long long n, long long inner_d,       \
-                    unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, int unique) {   \
-    const MinMaxOp op{mn, mx};                                                                                  \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS) minmax_seg##M(QAT_MINMAX_ARGS) {                     \
     const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
-    seg_body<MinMaxOp, M>(op, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C, unique);          \
+    seg_body<MinMaxOp, M, QAT_SEG_STEPS_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C, wil); \
+  }
+#define QAT_MINMAX_GRP(K)                                                                                       \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS) minmax_grp##K(QAT_MINMAX_ARGS) {                     \
+    const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
+    grp_body<MinMaxOp, K>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C, unique); \
   }
 QAT_MINMAX_SEG(0)
-QAT_MINMAX_SEG(1)
 QAT_MINMAX_SEG(2)
+QAT_MINMAX_GRP(1)
+QAT_MINMAX_GRP(2)
+QAT_MINMAX_GRP(4)
+QAT_MINMAX_GRP(8)
 #undef QAT_MINMAX_SEG
+#undef QAT_MINMAX_GRP
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 minmax_cols(const scalar_t* __restrict__ x, float* mn, float* mx, long long rows, long long Wd, long long inner,
             int colsv, int R) {
-  const MinMaxOp op{mn, mx};
-  cols_body(op, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, rows, Wd, inner, colsv, R);
+  cols_body<MinMaxOp, QAT_COLS_ROWS_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, rows, Wd,
+                                        inner, colsv, R);
 }
