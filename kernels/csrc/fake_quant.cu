@@ -8,10 +8,9 @@
 // VARIANT 0: z as given (fake_quantize); 1: LSQ, z used as clamp(rint(z), qmin, qmax);
 //         2: PACT, s = alpha / (qmax - qmin), z = qmin, x clipped to [0, alpha] first (no mask).
 // KEYMODE 0: one parameter (per tensor); 1: one key per vector (inner % QAT_VEC == 0), found with
-//         one (magic-number) divide per vector and its parameters loaded with the vector; 2: a key per element, walked without dividing (KeyIter);
+//         one divide per vector; 2: a key per element, walked without dividing (KeyIter);
 //         3: channels on the last axis (inner == 1, C % QAT_VEC == 0): parameters read as vectors.
-// Indexing: warp-uniform grid-stride loop over warp steps of 32 * QAT_VEC contiguous elements
-// (QAT_FWD_STEPS of them loaded at once), so
+// Indexing: warp-uniform grid-stride loop over warp steps of 32 * QAT_VEC contiguous elements, so
 // the mask of one step is QAT_VEC whole 32-bit words: each lane ORs its QAT_VEC bits with the
 // 32/QAT_VEC - 1 neighbours that share its word (xor shuffles; a ballot when QAT_VEC == 1).
 // Bytes: reads x (and the parameters, cached), writes y and numel/8 bytes of mask.
@@ -79,8 +78,7 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
     }
   } else if (KEYMODE == 3) {
     // channels on the last axis (inner == 1, C % QAT_VEC == 0): the vector's QAT_VEC consecutive
-    // channels' parameters are themselves read as 16-byte vectors (here, not with x in fwd_body: that
-    // took 85 registers in 16-bit types and ran the forward 40% slower on an H100)
+    // channels' parameters are themselves read as 16-byte vectors
     const long long k0 = e0 - C.div(e0) * C.d;  // inner == 1
     float sv[QAT_VEC], zv[QAT_VEC];
     load_params(scale + k0, sv);
@@ -95,7 +93,11 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
       yv.s[j] = from_f(fwd_elem<VARIANT, RMODE>(pj, to_f(xv.s[j]), qmin, qmax, inside));
       bits |= (unsigned)(inside && (FULL || j < nvalid)) << j;
     }
-  } else {  // KEYMODE 0 (key modes 1 arrive here with their vector's parameters already in p)
+  } else {
+    if (KEYMODE == 1) {
+      long long r;
+      p.load(key_of(e0, inner, C, r), scale, zp, alpha, qmin, qmax);
+    }
 #pragma unroll
     for (int j = 0; j < QAT_VEC; ++j) {
       bool inside;
@@ -127,16 +129,6 @@ __device__ __forceinline__ void fwd_one(FwdParam<VARIANT>& p, const RawVec& xv, 
   if (VARIANT == 0) write_mask(mask, st, bits, nwords);
 }
 
-// Steps (warp steps of 32 * QAT_VEC elements) a warp loads before it works on any of them (2 ran
-// 5-10% faster than 4 on an H100: 4 took 10-20 more registers).
-#ifndef QAT_FWD_STEPS
-#define QAT_FWD_STEPS 2
-#endif
-// minimum resident blocks per SM asked of the register allocator (__launch_bounds__)
-#ifndef QAT_FWD_MINB
-#define QAT_FWD_MINB 1
-#endif
-
 template <int VARIANT, int KEYMODE, int RMODE>
 __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                          unsigned* __restrict__ mask, const float* __restrict__ scale,
@@ -153,47 +145,28 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
   const long long step_elems = 32LL * QAT_VEC;
   const long long nsteps = (n + step_elems - 1) / step_elems;
   const long long nwords = (n + 31) >> 5;
-  // Grid-stride over warp steps, QAT_FWD_STEPS per iteration: every load (x, and with one key per
-  // vector that vector's parameters) is issued before any is used. The conditions are warp-uniform.
-  for (long long st0 = warp; st0 < nsteps; st0 += QAT_FWD_STEPS * nwarps) {
-    RawVec xv[QAT_FWD_STEPS];
-    int nv[QAT_FWD_STEPS];
-    float ps[QAT_FWD_STEPS], pz[QAT_FWD_STEPS];
-#pragma unroll
-    for (int u = 0; u < QAT_FWD_STEPS; ++u) {
-      const long long st = st0 + u * nwarps;
-      const long long e = st * step_elems + (long long)lane * QAT_VEC;
-      nv[u] = st < nsteps ? (int)max(0LL, min((long long)QAT_VEC, n - e)) : 0;
-      if (st < nsteps) {
-        xv[u] = load_vec(x, e, nv[u]);
-        if (KEYMODE == 1) {
-          long long r;
-          const long long k = nv[u] > 0 ? key_of(e, inner, C, r) : 0;
-          ps[u] = __ldg(scale + k);
-          pz[u] = __ldg(zp + k);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < QAT_FWD_STEPS; ++u) {
-      const long long st = st0 + u * nwarps;
-      if (st >= nsteps) break;
-      if (KEYMODE == 1) {
-        p.s = ps[u];
-        p.z = VARIANT == 1 ? qclamp(rintf(pz[u]), qmin, qmax) : pz[u];
-        p.inv_s = 1.0f / p.s;
-      }
-      const long long e = st * step_elems + (long long)lane * QAT_VEC;
-      fwd_one<VARIANT, KEYMODE == 1 ? 0 : KEYMODE, RMODE>(p, xv[u], y, mask, st, e, nv[u], nwords, scale, zp, alpha,
-                                                          inner, C, qmin, qmax);
-    }
+  // Grid-stride over warp steps, two steps per iteration: both loads are issued before either is
+  // used. (A deeper software pipeline cost registers and ran ~7% slower on an H100.)
+  for (long long st0 = warp; st0 < nsteps; st0 += 2 * nwarps) {
+    const long long st1 = st0 + nwarps;
+    const bool has1 = st1 < nsteps;  // warp-uniform
+    const long long e0 = st0 * step_elems + (long long)lane * QAT_VEC;
+    const long long e1 = st1 * step_elems + (long long)lane * QAT_VEC;
+    const int nv0 = (int)max(0LL, min((long long)QAT_VEC, n - e0));
+    const int nv1 = has1 ? (int)max(0LL, min((long long)QAT_VEC, n - e1)) : 0;
+    const RawVec x0 = load_vec(x, e0, nv0);
+    RawVec x1;
+    if (has1) x1 = load_vec(x, e1, nv1);
+    fwd_one<VARIANT, KEYMODE, RMODE>(p, x0, y, mask, st0, e0, nv0, nwords, scale, zp, alpha, inner, C, qmin, qmax);
+    if (has1)
+      fwd_one<VARIANT, KEYMODE, RMODE>(p, x1, y, mask, st1, e1, nv1, nwords, scale, zp, alpha, inner, C, qmin, qmax);
   }
 }
 
 // One entry point per (variant, key mode), so each gets its own register allocation:
 // fq_forward_<variant>_<keymode>, variant 0 STE (writes the mask), 1 LSQ, 2 PACT (key mode 0).
 #define QAT_FWD_KERNEL(V, K)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_FWD_MINB) fq_forward_##V##_##K(                              \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_forward_##V##_##K(                              \
       const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
       long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \
