@@ -81,6 +81,12 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {"steps": 1000, "max_length": 64, "lr": 5e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
         {"steps": 1000, "max_length": 64, "lr": 3e-5, "layer_weight": 30.0, "batch": 64, "corpus": "lee+wiki"},
     ],
+    # the "wiki" grid without its first row (that recipe is accuracy.py's: its W4A8 row is that run)
+    "wiki_more": [
+        {"steps": 2500, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
+        {"steps": 1000, "max_length": 64, "lr": 5e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
+        {"steps": 1000, "max_length": 64, "lr": 3e-5, "layer_weight": 30.0, "batch": 64, "corpus": "lee+wiki"},
+    ],
 }
 
 
