@@ -346,7 +346,7 @@ def _plot(xlabels, series: dict, fp: float, title: str, ylabel: str, path: str) 
 
 #: (name, weight bits, activation bits or None): per-group-32 symmetric weights on every encoder
 #: Linear; activations 8-bit dynamic per-token asymmetric (torchao's int8 dynamic activations)
-MINILM_CONFIGS = [("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A16", 4, None)]
+MINILM_CONFIGS = [("W4A8", 4, 8), ("W4A16", 4, None), ("W8A8", 8, 8)]
 #: the distillation recipe every QAT method of the table gets (``qat.recipes.minilm.distill``'s
 #: arguments), chosen by ``benchmarks/minilm_recipe_search.py`` (results/minilm_recipe_search*.md)
 MINILM_RECIPE: dict[str, Any] = {
@@ -387,7 +387,7 @@ def _torchao_minilm(model: nn.Module, wb: int, ab: Optional[int], symmetric: boo
 
 def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Optional[float] = None, seed: int = 0,
                n_calib: int = 32, configs: Optional[list] = None, methods: Optional[list] = None,
-               device: str = "cpu") -> dict[str, Any]:
+               device: str = "cpu", partial: Optional[str] = None) -> dict[str, Any]:
     from qat.recipes.minilm import cosine_to, distill, embed, load_minilm, load_sentences, load_wiki_sentences
 
     recipe = dict(MINILM_RECIPE, seed=seed)
@@ -468,6 +468,9 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
             gap = 1 - row["ptq_rtn"]
             row["qat_closes_gap"] = None if gap <= 0 else (row["qat_lsq"] - row["ptq_rtn"]) / gap
         rows.append(row)
+        if partial:  # rows so far, in case a long run is cut short
+            with open(partial, "w") as f:
+                json.dump(rows, f, indent=2)
     dev = torch.device(device)
     return {
         "table": "minilm",
@@ -481,7 +484,7 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
         "calibration_sentences": n_calib, "seed": seed, "weights": f"per-group {MINILM_GROUP}, "
         + ("symmetric" if MINILM_SYMMETRIC else "affine"),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU",
-        "rows": rows, "seconds": round(time.time() - t0, 1),
+        "rows": rows, "seconds": round(time.time() - t0, 1), "methods": methods,
         "torch": torch.__version__, "torchao": _version("torchao"), "transformers": _version("transformers"),
     }
 
@@ -507,7 +510,7 @@ def write_minilm(res: dict[str, Any], out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "accuracy_minilm.json"), "w") as f:
         json.dump(res, f, indent=2)
-    methods = list(MINILM_LABELS)
+    methods = [m for m in MINILM_LABELS if any(r.get(m) is not None for r in res["rows"])]  # the columns that ran
     lines = [
         "# MiniLM (all-MiniLM-L6-v2): cosine similarity to the FP model's sentence embeddings",
         "",
@@ -528,6 +531,8 @@ def write_minilm(res: dict[str, Any], out: str) -> None:
         lines += ["", note]
     dev = res.get("device", "CPU")
     cmd = "python benchmarks/accuracy.py minilm" + ("" if dev == "CPU" else " --device cuda")
+    if res.get("methods") and list(res["methods"]) != list(MINILM_LABELS):
+        cmd += " --methods " + ",".join(res["methods"])
     lines += ["", f"Command: `{cmd}` ({res['seconds']:.0f} s on {dev})."]
     with open(os.path.join(out, "accuracy_minilm.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -565,7 +570,9 @@ def main(argv: Optional[list] = None) -> None:
             kw["methods"] = args.methods.split(",")
         write_digits(run_digits(**kw), args.out)
     else:
-        kw = {"steps": args.steps, "batch": args.batch, "device": args.device}
+        kw = {"steps": args.steps, "batch": args.batch, "device": args.device,
+              "partial": os.path.join(args.out, "accuracy_minilm.partial.json")}
+        os.makedirs(args.out, exist_ok=True)
         if args.bits:
             kw["configs"] = [c for c in MINILM_CONFIGS if c[0] in args.bits.split(",")]
         if args.methods:
