@@ -22,7 +22,7 @@ For every op x dtype x granularity on 64M elements (a (4096, 16384) tensor), for
 Options: ``--numel``, ``--out DIR``, ``--no-compile`` (skip the torch.compile baselines);
 for tuning: ``--only PATTERN[,PATTERN]`` (``op/dtype/granularity`` globs, e.g. ``lsq/*/group128``),
 ``--quick`` (kernel times and the copy only; prints, writes nothing) and ``--define NAME=VALUE``
-(overrides a tuning macro of the CUDA sources, e.g. ``QAT_FWD_STEPS=2``; repeatable).
+(overrides a tuning macro of the CUDA sources, e.g. ``QAT_COLS_ROWS_MM=8``; repeatable).
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def _source(name: str) -> str:
 
 
 #: extra NVRTC options (``-DNAME=VALUE`` overrides of the sources' tuning macros, such as
-#: ``QAT_FWD_STEPS``); set by ``benchmarks/kernels.py --define`` before the first launch
+#: ``QAT_COLS_ROWS_LSQ``); set by ``benchmarks/kernels.py --define`` before the first launch
 EXTRA_OPTIONS: tuple[str, ...] = ()
 
 
