@@ -31,6 +31,7 @@ from .prepare import (
     unprepare,
 )
 from .ptq import calibrate
+from .reconstruct import reconstruct
 from .spec import Estimator, Granularity, ObserverKind, QuantSpec, RoundMode
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "enable_fake_quant",
     "freeze_bn_stats",
     "calibrate",
+    "reconstruct",
     "QuantConvBn2d",
     "fuse_conv_bn",
     "fold_bn",
