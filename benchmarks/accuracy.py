@@ -18,6 +18,7 @@ import json
 import os
 import time
 import warnings
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -387,10 +388,54 @@ def _torchao_minilm(model: nn.Module, wb: int, ab: Optional[int], symmetric: boo
     return model
 
 
+def minilm_setup(device: str = "cpu", seed: int = 0, n_calib: int = 32, wiki: bool = True) -> SimpleNamespace:
+    """What every MiniLM experiment starts from: ``teacher`` (the float model, frozen, on ``device``)
+    and ``tok``; the Lee ``train`` / ``held`` sentences and the ``wiki`` ones; ``ref``, the teacher's
+    held-out embeddings; ``calib``, calibration batches of the first ``n_calib`` training sentences;
+    and ``fresh()``, a trainable copy of the teacher."""
+    from qat.recipes.minilm import embed, load_minilm, load_sentences, load_wiki_sentences
+
+    torch.manual_seed(seed)
+    teacher, tok = load_minilm()
+    teacher.to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    train, held = load_sentences(seed=seed)
+
+    def fresh():
+        m = copy.deepcopy(teacher)
+        for p in m.parameters():
+            p.requires_grad_(True)
+        return m
+
+    return SimpleNamespace(
+        teacher=teacher, tok=tok, train=train, held=held, wiki=load_wiki_sentences() if wiki else [],
+        ref=embed(teacher, tok, held), fresh=fresh,
+        calib=[{k: v.to(device) for k, v in _tok_batch(tok, train[i : i + 16]).items()} for i in range(0, n_calib, 16)],
+    )
+
+
+def minilm_reconstruct(student: nn.Module, setup: SimpleNamespace, pool: list, sentences: int, iters: int, lr: float,
+                       scale_lr: float = 1e-5, batch: int = 32, seed: int = 0) -> list:
+    """``qat.reconstruct`` of the student's 6 encoder layers on ``sentences`` drawn from ``pool``
+    (64 tokens, ``batch`` a batch, padding tokens weighted 0); returns each layer's error."""
+    from qat.recipes.minilm import tokenize
+
+    device = next(student.parameters()).device
+    g = torch.Generator().manual_seed(seed + 1)
+    pick = [pool[i] for i in torch.randperm(len(pool), generator=g)[:sentences].tolist()]
+    encs = [{k: v.to(device) for k, v in tokenize(setup.tok, pick[i : i + batch], 64).items()}
+            for i in range(0, len(pick), batch)]
+    layers = [f"encoder.layer.{i}" for i in range(len(setup.teacher.encoder.layer))]
+    return reconstruct(student, setup.teacher, layers, encs, iters=iters, lr=lr, scale_lr=scale_lr,
+                       forward_fn=lambda mod, b: mod(**b), weight_fn=lambda b: b["attention_mask"].unsqueeze(-1).float(),
+                       seed=seed)
+
+
 def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Optional[float] = None, seed: int = 0,
                n_calib: int = 32, configs: Optional[list] = None, methods: Optional[list] = None,
                device: str = "cpu", partial: Optional[str] = None) -> dict[str, Any]:
-    from qat.recipes.minilm import cosine_to, distill, embed, load_minilm, load_sentences, load_wiki_sentences, tokenize
+    from qat.recipes.minilm import cosine_to, distill, embed
 
     recipe = dict(MINILM_RECIPE, seed=seed)
     if steps:
@@ -398,22 +443,11 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
     if batch:
         recipe["batch"] = batch
     corpus = recipe.pop("corpus")
-    torch.manual_seed(seed)
     t0 = time.time()
-    teacher, tok = load_minilm()
-    teacher.to(device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    train, held = load_sentences(seed=seed)
-    distill_set = train + (load_wiki_sentences() if corpus == "lee+wiki" else [])
-    ref = embed(teacher, tok, held)
-    calib = [{k: v.to(device) for k, v in _tok_batch(tok, train[i : i + 16]).items()} for i in range(0, n_calib, 16)]
-
-    def fresh():
-        m = copy.deepcopy(teacher)
-        for p in m.parameters():
-            p.requires_grad_(True)
-        return m
+    setup = minilm_setup(device, seed, n_calib, wiki=corpus == "lee+wiki")
+    teacher, tok, train, held, ref, calib, fresh = (
+        setup.teacher, setup.tok, setup.train, setup.held, setup.ref, setup.calib, setup.fresh)
+    distill_set = train + setup.wiki
 
     def train_(m, wb):
         distill(m, teacher, tok, distill_set, lr=lr or MINILM_LR[wb], **recipe)
@@ -440,15 +474,9 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
         if "ptq_brecq" in methods or "qat_brecq" in methods:
             # block-wise reconstruction (qat.reconstruct) of the LSQ+ model from MSE ranges, on 512
             # distillation sentences (64 tokens, batches of 32, 400 Adam steps a layer); then QAT from there
-            g = torch.Generator().manual_seed(seed + 1)
-            n_rec = MINILM_BRECQ["sentences"]
-            pick = [distill_set[i] for i in torch.randperm(len(distill_set), generator=g)[:n_rec].tolist()]
-            rec = [{k: v.to(device) for k, v in tokenize(tok, pick[i : i + 32], 64).items()} for i in range(0, n_rec, 32)]
             m = prepare(fresh(), _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
             calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
-            reconstruct(m, teacher, [f"encoder.layer.{i}" for i in range(len(teacher.encoder.layer))], rec,
-                        iters=MINILM_BRECQ["iters"], lr=MINILM_BRECQ["lr"], scale_lr=1e-5, forward_fn=lambda mod, b: mod(**b),
-                        weight_fn=lambda b: b["attention_mask"].unsqueeze(-1).float(), seed=seed)
+            minilm_reconstruct(m, setup, distill_set, seed=seed, **MINILM_BRECQ)
             row["ptq_brecq"] = cosine_to(ref, embed(m, tok, held))
             print(f"  {name} ptq_brecq cos {row['ptq_brecq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
             if "qat_brecq" in methods:

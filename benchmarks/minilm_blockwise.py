@@ -13,7 +13,6 @@ Prints the cosine after calibration (MSE ranges), after the reconstruction, and,
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -25,9 +24,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import MINILM_CONFIGS, _minilm_plan  # noqa: E402
+from accuracy import MINILM_CONFIGS, _minilm_plan, minilm_reconstruct, minilm_setup  # noqa: E402
 
-from qat import prepare, reconstruct  # noqa: E402
+from qat import prepare  # noqa: E402
 from qat.ptq import calibrate  # noqa: E402
 
 
@@ -46,36 +45,20 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from qat.recipes.minilm import cosine_to, distill, embed, load_minilm, load_sentences, load_wiki_sentences, tokenize
+    from qat.recipes.minilm import cosine_to, distill, embed
 
     t0 = time.time()
     name, wb, ab = next(c for c in MINILM_CONFIGS if c[0] == args.bits)
-    torch.manual_seed(0)
-    teacher, tok = load_minilm()
-    teacher.to(args.device)
-    for q in teacher.parameters():
-        q.requires_grad_(False)
-    train, held = load_sentences(seed=0)
-    pool = train + load_wiki_sentences()
-    g = torch.Generator().manual_seed(1)
-    pick = [pool[i] for i in torch.randperm(len(pool), generator=g)[: args.sentences].tolist()]
-    encs = [{k: v.to(args.device) for k, v in tokenize(tok, pick[i : i + args.batch], 64).items()}
-            for i in range(0, len(pick), args.batch)]
-    ref = embed(teacher, tok, held)
-    student = copy.deepcopy(teacher)
-    for q in student.parameters():
-        q.requires_grad_(True)
-    student = prepare(student, _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
-    calibrate(student, [{k: v.to(args.device) for k, v in tokenize(tok, train[i : i + 16]).items()} for i in range(0, 32, 16)],
-              forward_fn=lambda mod, b: mod(**b))
+    setup = minilm_setup(args.device)
+    teacher, tok, held, ref = setup.teacher, setup.tok, setup.held, setup.ref
+    pool = setup.train + setup.wiki
+    student = prepare(setup.fresh(), _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
+    calibrate(student, setup.calib, forward_fn=lambda mod, b: mod(**b))
     res = {"bits": name, "args": vars(args), "cos_calibrated": cosine_to(ref, embed(student, tok, held))}
     print(f"{name} calibrated (MSE ranges): {res['cos_calibrated']:.5f}", flush=True)
+    res["layer_mse"] = []
     if args.iters:
-        res["layer_mse"] = reconstruct(
-            student, teacher, [f"encoder.layer.{i}" for i in range(len(teacher.encoder.layer))], encs,
-            iters=args.iters, lr=args.lr, scale_lr=args.scale_lr, forward_fn=lambda mod, b: mod(**b),
-            weight_fn=lambda b: b["attention_mask"].unsqueeze(-1).float(),
-        )
+        res["layer_mse"] = minilm_reconstruct(student, setup, pool, args.sentences, args.iters, args.lr, args.scale_lr, args.batch)
         print("  per-layer mse to float: " + ", ".join(f"{e:.3e}" for e in res["layer_mse"]), flush=True)
     res["cos_reconstructed"] = cosine_to(ref, embed(student, tok, held))
     print(f"{name} block-wise reconstructed: {res['cos_reconstructed']:.5f}  ({time.time() - t0:.0f}s)", flush=True)

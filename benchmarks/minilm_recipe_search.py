@@ -24,7 +24,6 @@ quantizers), ``seed``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import MINILM_CONFIGS, _minilm_plan  # noqa: E402
+from accuracy import MINILM_CONFIGS, _minilm_plan, minilm_setup  # noqa: E402
 
 from qat import prepare  # noqa: E402
 from qat.ptq import calibrate  # noqa: E402
@@ -137,26 +136,14 @@ def main(argv: Optional[list] = None) -> None:
         if bad:
             p.error(f"unknown recipe keys {bad}; valid: {sorted(BASE)}")
 
-    from qat.recipes.minilm import cosine_to, embed, load_minilm, load_sentences, load_wiki_sentences, tokenize
+    from qat.recipes.minilm import cosine_to, embed
 
     name, wb, ab = next(c for c in MINILM_CONFIGS if c[0] == args.bits)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    teacher, tok = load_minilm()
-    teacher.to(device)
-    for q in teacher.parameters():
-        q.requires_grad_(False)
-    train, held = load_sentences(seed=0)
-    wiki = load_wiki_sentences()
-    ref = embed(teacher, tok, held)
+    setup = minilm_setup(device)
+    teacher, tok, train, held, wiki, ref, calib, fresh = (
+        setup.teacher, setup.tok, setup.train, setup.held, setup.wiki, setup.ref, setup.calib, setup.fresh)
     ref_train = embed(teacher, tok, train[: len(held)])
-    calib = [{k: v.to(device) for k, v in tokenize(tok, train[i : i + 16]).items()} for i in range(0, 32, 16)]
-
-    def fresh():
-        m = copy.deepcopy(teacher)
-        for q in m.parameters():
-            q.requires_grad_(True)
-        return m
 
     rtn = prepare(fresh(), _minilm_plan(name, wb, ab, "ste", "minmax"))
     calibrate(rtn, calib, forward_fn=lambda mod, b: mod(**b))

@@ -216,10 +216,10 @@ __device__ __forceinline__ void group_allreduce(float& a, float& b, int width) {
   }
 }
 
-// Segmented suffix reduction by key over the warp; the first lane of each run flushes the run's
-// total, except runs whose key is `skip` (or < 0).
+// Segmented suffix reduction by key over the warp: afterwards the first lane of each run of equal
+// keys holds the run's total in (a, b); returns whether this lane is such a first lane.
 template <class Op>
-__device__ __forceinline__ void seg_scan_flush(const Op& op, long long key, float a, float b, long long skip) {
+__device__ __forceinline__ bool seg_scan(long long key, float& a, float& b) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
@@ -229,7 +229,14 @@ __device__ __forceinline__ void seg_scan_flush(const Op& op, long long key, floa
     if (lane + off < 32 && ok == key) Op::comb(a, b, oa, ob);
   }
   const long long prev = __shfl_up_sync(QAT_FULL, key, 1);
-  const bool head = lane == 0 || prev != key;
+  return lane == 0 || prev != key;
+}
+
+// seg_scan, then the first lane of each run flushes the run's total, except runs whose key is
+// `skip` (or < 0).
+template <class Op>
+__device__ __forceinline__ void seg_scan_flush(const Op& op, long long key, float a, float b, long long skip) {
+  const bool head = seg_scan<Op>(key, a, b);
   if (head && key >= 0 && key != skip) op.flush(key, a, b);
 }
 
@@ -295,15 +302,7 @@ __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restric
       tkey = last;
       seg_scan_flush(op, key, a, b, last);
     } else {
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const float oa = __shfl_down_sync(QAT_FULL, a, off);
-        const float ob = __shfl_down_sync(QAT_FULL, b, off);
-        const long long ok = __shfl_down_sync(QAT_FULL, key, off);
-        if (lane + off < 32 && ok == key) Op::comb(a, b, oa, ob);
-      }
-      const long long prev = __shfl_up_sync(QAT_FULL, key, 1);
-      const bool head = lane == 0 || prev != key;
+      const bool head = seg_scan<Op>(key, a, b);
       if (lane == 0) {
         if (key == tkey) Op::comb(a, b, ta, tb);
         else if (tkey >= 0) op.flush(tkey, ta, tb);
