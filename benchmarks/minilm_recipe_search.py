@@ -18,7 +18,10 @@ encoder layer's output, averaged), ``estimator`` / ``observer`` (weight quantize
 ``corpus`` (``lee`` or ``lee+wiki``: the Lee training sentences plus 16,630 sentences of the Wikipedia
 dump gensim ships; the held-out sentences are always Lee's), ``splice`` (share of each batch made of synthetic sentences: the first half of one training
 sentence joined to the second half of another), ``weights`` (``train`` or ``freeze``: learn only the
-quantizers), ``seed``.
+quantizers), ``ema`` (decay of the parameters' moving average the run ends with; 0: off),
+``compile`` (1: ``torch.compile`` the student), ``init`` (``calib``: calibrated ranges; ``brecq``:
+block-wise reconstruction first, as ``accuracy.py``'s ``qat_brecq`` column; it runs once per
+estimator / observer and is reused by later rows), ``seed``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import MINILM_CONFIGS, _minilm_plan, minilm_setup  # noqa: E402
+from accuracy import MINILM_BRECQ, MINILM_CONFIGS, MINILM_RECIPE, _minilm_plan, minilm_reconstruct, minilm_setup  # noqa: E402
 
 from qat import prepare  # noqa: E402
 from qat.ptq import calibrate  # noqa: E402
@@ -44,8 +47,11 @@ from qat.ptq import calibrate  # noqa: E402
 BASE: dict[str, Any] = {
     "steps": 150, "batch": 16, "max_length": 32, "lr": 1e-4, "scale_lr": 1e-5, "warmup": 0.0,
     "cos_weight": 10.0, "mse_weight": 1.0, "layer_weight": 0.0, "estimator": "lsq_plus", "observer": "mse",
-    "splice": 0.0, "weights": "train", "seed": 0, "corpus": "lee",
+    "splice": 0.0, "weights": "train", "seed": 0, "corpus": "lee", "ema": 0.0, "compile": 0, "init": "calib",
 }
+
+#: accuracy.py's MiniLM recipe at 4 bits, as overrides of BASE
+_COMMITTED: dict[str, Any] = {**{k: v for k, v in MINILM_RECIPE.items() if k in BASE}, "lr": 3e-5}
 
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "default": [
@@ -80,6 +86,14 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {"steps": 1000, "max_length": 64, "lr": 5e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
         {"steps": 1000, "max_length": 64, "lr": 3e-5, "layer_weight": 30.0, "batch": 64, "corpus": "lee+wiki"},
     ],
+    # fourth round: start from block-wise reconstruction; average the weights over the run
+    "brecq": [
+        {**_COMMITTED, "init": "brecq"},
+        {**_COMMITTED, "init": "brecq", "lr": 1e-5},
+        {**_COMMITTED, "ema": 0.995},
+        {**_COMMITTED, "init": "brecq", "ema": 0.995},
+        {**_COMMITTED, "init": "brecq", "lr": 1e-5, "ema": 0.995},
+    ],
     # the "wiki" grid without its first row (that recipe is accuracy.py's: its W4A8 row is that run)
     "wiki_more": [
         {"steps": 2500, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
@@ -103,8 +117,9 @@ def run_recipe(student, teacher, tok, train: list[str], cfg: dict[str, Any], log
     from qat.recipes.minilm import distill
 
     kw = {k: cfg[k] for k in ("steps", "batch", "max_length", "lr", "scale_lr", "warmup", "cos_weight", "mse_weight",
-                              "layer_weight", "splice", "seed")}
-    distill(student, teacher, tok, train, train_weights=cfg["weights"] != "freeze", log_every=log_every, **kw)
+                              "layer_weight", "splice", "seed", "ema")}
+    distill(student, teacher, tok, train, train_weights=cfg["weights"] != "freeze", compile=bool(cfg["compile"]),
+            log_every=log_every, **kw)
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -152,14 +167,23 @@ def main(argv: Optional[list] = None) -> None:
     print(f"{name} PTQ RTN cosine {cos_rtn:.5f} (gap {1 - cos_rtn:.5f}); {len(recipes)} recipes on {device}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     rows = []
+    inits: dict[tuple, dict] = {}  # (estimator, observer, corpus) -> state after block-wise reconstruction
     for r in recipes:
         cfg = {**BASE, **r}
+        if cfg["init"] not in ("calib", "brecq"):
+            p.error(f"init must be calib or brecq, got {cfg['init']!r}")
         torch.manual_seed(int(cfg["seed"]))
         t0 = time.time()
         m = prepare(fresh(), _minilm_plan(name, wb, ab, cfg["estimator"], cfg["observer"]))
         calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
-        cos0 = cosine_to(ref, embed(m, tok, held))
         corpus = {"lee": train, "lee+wiki": train + wiki}[cfg["corpus"]]
+        if cfg["init"] == "brecq":
+            key = (cfg["estimator"], cfg["observer"], cfg["corpus"])
+            if key not in inits:
+                minilm_reconstruct(m, setup, corpus, seed=int(cfg["seed"]), **MINILM_BRECQ)
+                inits[key] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+            m.load_state_dict(inits[key])
+        cos0 = cosine_to(ref, embed(m, tok, held))
         run_recipe(m, teacher, tok, corpus, cfg, args.log_every)
         cos = cosine_to(ref, embed(m, tok, held))
         cos_train = cosine_to(ref_train, embed(m, tok, train[: len(held)]))  # overfitting check

@@ -255,6 +255,8 @@ def distill(
     layer_weight: float = 0.0,
     splice: float = 0.0,
     train_weights: bool = True,
+    ema: float = 0.0,
+    compile: bool = False,
     seed: int = 0,
     log_every: int = 0,
 ) -> list:
@@ -267,7 +269,10 @@ def distill(
     Dropout stays off (eval mode): the target is the teacher's deterministic output. AdamW with no
     weight decay; the quantizers' learned scales / offsets (parameters whose name contains
     ``quantizer``) get their own ``scale_lr``; linear warm-up over ``warmup`` of the steps, then
-    cosine decay to 0. Batches go to the student's device.
+    cosine decay to 0. Batches go to the student's device. With ``ema`` the student ends with the
+    exponential moving average of its trainable parameters (float weights and quantizer scales
+    alike) over the run instead of the last step's values, which averages out the step-to-step
+    noise of small-batch distillation.
 
     Args:
         student: ``qat.prepare``-d copy of the teacher (fake-quantized, observers calibrated).
@@ -281,6 +286,9 @@ def distill(
         splice: share of each batch replaced by synthetic sentences (first half of one training
             sentence joined to the second half of another), for more diverse inputs.
         train_weights: False learns only the quantizers (the float weights stay frozen).
+        ema: decay of the parameters' moving average (e.g. 0.999); 0 keeps the last step's.
+        compile: run the student's forward through ``torch.compile`` (batches padded to
+            ``max_length`` so every step has one shape and nothing recompiles).
         seed: seed of the shuffle and the splices.
         log_every: print the loss every this many steps (0: quiet).
 
@@ -295,6 +303,8 @@ def distill(
     """
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema must be in [0, 1), got {ema}")
     device = next(student.parameters()).device
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(sentences), generator=g).tolist()
@@ -320,13 +330,20 @@ def distill(
     student.eval()
     teacher.eval()
     layers = layer_weight > 0
+    tracked = [p for grp in groups for p in grp["params"]]
+    shadow = [p.detach().clone() for p in tracked] if ema else []
+    forward = torch.compile(student) if compile else student
     losses = []
     for step in range(steps):
         sents = _batch_sentences(sentences, step, batch, order, splice, g)
-        enc = {k: v.to(device) for k, v in tokenize(tokenizer, sents, max_length).items()}
+        if compile:  # one shape for every step: no recompiles
+            enc = dict(tokenizer(sents, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"))
+        else:
+            enc = tokenize(tokenizer, sents, max_length)
+        enc = {k: v.to(device) for k, v in enc.items()}
         with torch.no_grad():
             t_out = teacher(**enc, output_hidden_states=layers)
-        s_out = student(**enc, output_hidden_states=layers)
+        s_out = forward(**enc, output_hidden_states=layers)
         m = enc["attention_mask"].unsqueeze(-1).to(torch.float32)  # (B, T) -> (B, T, 1)
         denom = m.sum() * s_out.last_hidden_state.shape[-1]
 
@@ -344,7 +361,13 @@ def distill(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        if ema:
+            with torch.no_grad():
+                torch._foreach_lerp_(shadow, [p.detach() for p in tracked], 1.0 - ema)
+        losses.append(float(loss.detach()))
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"    step {step:5d} loss {losses[-1]:.6f}", flush=True)
+    if ema:
+        with torch.no_grad():
+            torch._foreach_copy_(tracked, shadow)
     return losses

@@ -93,3 +93,33 @@ def test_distill_moves_a_quantized_student_towards_the_teacher():
     assert all(named[n].grad is not None for n in named if "quantizer" in n)  # learned scales / offsets train too
     with pytest.raises(ValueError, match="steps and batch"):
         distill(student, teacher, tok, train, steps=0)
+    with pytest.raises(ValueError, match="ema"):
+        distill(student, teacher, tok, train, steps=2, ema=1.0)
+
+
+def test_distill_ema_ends_on_the_average_of_the_run():
+    """With ``ema`` the student ends on the moving average of its parameters: between the start and
+    the last step's values, and equal to an average recomputed from the same run's steps."""
+    import copy
+
+    from qat import QuantPlan, prepare
+    from qat.ptq import calibrate
+    from qat.recipes.minilm import distill, load_minilm, load_sentences, tokenize
+
+    teacher, tok = load_minilm()
+    train, _ = load_sentences(n_train=32, n_held_out=4)
+    plan = QuantPlan.from_dict({"name": "w4", "rules": [{"match": "encoder.layer.0.*", "types": ["Linear"], "weight": {
+        "bits": 4, "granularity": "per_group", "group_size": 32, "symmetric": False, "estimator": "lsq_plus"}}]})
+    base = prepare(copy.deepcopy(teacher), plan)
+    calibrate(base, [dict(tokenize(tok, train[:8], 16))], forward_fn=lambda m, b: m(**b))
+    name = "encoder.layer.0.attention.self.query.weight"
+    runs = {}
+    for steps, ema in ((1, 0.0), (2, 0.0), (2, 0.5)):
+        s = copy.deepcopy(base)
+        distill(s, teacher, tok, train, steps=steps, batch=4, max_length=16, lr=1e-3, ema=ema)
+        runs[steps, ema] = dict(s.named_parameters())[name].detach()
+    w0 = dict(base.named_parameters())[name].detach()
+    # ema 0.5 over two steps: 0.5 * (0.5 * w0 + 0.5 * w1) + 0.5 * w2 = 0.25 w0 + 0.25 w1 + 0.5 w2
+    want = 0.25 * w0 + 0.25 * runs[1, 0.0] + 0.5 * runs[2, 0.0]
+    torch.testing.assert_close(runs[2, 0.5], want, rtol=0, atol=1e-6)
+    assert not torch.equal(runs[2, 0.5], runs[2, 0.0])
