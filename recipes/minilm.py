@@ -249,6 +249,7 @@ def distill(
     max_length: int = MAX_LENGTH,
     lr: float = 3e-5,
     scale_lr: float = 1e-5,
+    zp_lr: Optional[float] = None,
     warmup: float = 0.0,
     cos_weight: float = 10.0,
     mse_weight: float = 1.0,
@@ -257,6 +258,7 @@ def distill(
     train_weights: bool = True,
     ema: float = 0.0,
     compile: bool = False,
+    tf32: bool = False,
     seed: int = 0,
     log_every: int = 0,
 ) -> list:
@@ -281,6 +283,8 @@ def distill(
         sentences: training sentences.
         steps / batch / max_length: optimizer steps, sentences per step, tokens per sentence.
         lr / scale_lr: learning rates of the weights (and biases, LayerNorms) and of the quantizers.
+        zp_lr: learning rate of the learned zero-points (LSQ+ offsets, in integer steps); default
+            ``scale_lr``.
         warmup: share of the steps spent warming the learning rates up.
         cos_weight / mse_weight / layer_weight: loss weights (see above).
         splice: share of each batch replaced by synthetic sentences (first half of one training
@@ -289,6 +293,7 @@ def distill(
         ema: decay of the parameters' moving average (e.g. 0.999); 0 keeps the last step's.
         compile: run the student's forward through ``torch.compile`` (batches padded to
             ``max_length`` so every step has one shape and nothing recompiles).
+        tf32: let CUDA matmuls use TF32 during training (restored afterwards).
         seed: seed of the shuffle and the splices.
         log_every: print the loss every this many steps (0: quiet).
 
@@ -308,14 +313,15 @@ def distill(
     device = next(student.parameters()).device
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(sentences), generator=g).tolist()
-    scales = [p for n, p in student.named_parameters() if p.requires_grad and "quantizer" in n]
-    ids = {id(p) for p in scales}
+    scales = [p for n, p in student.named_parameters() if p.requires_grad and "quantizer" in n and not n.endswith("zero_point")]
+    zps = [p for n, p in student.named_parameters() if p.requires_grad and "quantizer" in n and n.endswith("zero_point")]
+    ids = {id(p) for p in scales + zps}
     weights = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
     if not train_weights:
         for p in weights:
             p.requires_grad_(False)
         weights = []
-    groups = ([{"params": weights, "lr": lr}] if weights else []) + ([{"params": scales, "lr": scale_lr}] if scales else [])
+    groups = [{"params": ps, "lr": r} for ps, r in ((weights, lr), (scales, scale_lr), (zps, scale_lr if zp_lr is None else zp_lr)) if ps]
     if not groups:
         raise ValueError("the student has no trainable parameters")
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -333,40 +339,50 @@ def distill(
     tracked = [p for grp in groups for p in grp["params"]]
     shadow = [p.detach().clone() for p in tracked] if ema else []
     forward = torch.compile(student) if compile else student
-    losses = []
-    for step in range(steps):
-        sents = _batch_sentences(sentences, step, batch, order, splice, g)
-        if compile:  # one shape for every step: no recompiles
-            enc = dict(tokenizer(sents, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"))
-        else:
-            enc = tokenize(tokenizer, sents, max_length)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        with torch.no_grad():
-            t_out = teacher(**enc, output_hidden_states=layers)
-        s_out = forward(**enc, output_hidden_states=layers)
-        m = enc["attention_mask"].unsqueeze(-1).to(torch.float32)  # (B, T) -> (B, T, 1)
-        denom = m.sum() * s_out.last_hidden_state.shape[-1]
 
-        def mse(a, b):
-            return ((a - b).pow(2) * m).sum() / denom
-
-        t_emb = F.normalize(mean_pool(t_out.last_hidden_state, enc["attention_mask"]), dim=-1)
-        s_emb = F.normalize(mean_pool(s_out.last_hidden_state, enc["attention_mask"]), dim=-1)
-        loss = mse_weight * mse(s_out.last_hidden_state, t_out.last_hidden_state)
-        loss = loss + cos_weight * (1 - (s_emb * t_emb).sum(-1)).mean()
-        if layers:
-            hs = list(zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
-            loss = loss + layer_weight * sum(mse(a, b) for a, b in hs) / len(hs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if ema:
+    def run() -> list:
+        losses = []
+        for step in range(steps):
+            sents = _batch_sentences(sentences, step, batch, order, splice, g)
+            if compile:  # one shape for every step: no recompiles
+                enc = dict(tokenizer(sents, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"))
+            else:
+                enc = tokenize(tokenizer, sents, max_length)
+            enc = {k: v.to(device) for k, v in enc.items()}
             with torch.no_grad():
-                torch._foreach_lerp_(shadow, [p.detach() for p in tracked], 1.0 - ema)
-        losses.append(float(loss.detach()))
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"    step {step:5d} loss {losses[-1]:.6f}", flush=True)
+                t_out = teacher(**enc, output_hidden_states=layers)
+            s_out = forward(**enc, output_hidden_states=layers)
+            m = enc["attention_mask"].unsqueeze(-1).to(torch.float32)  # (B, T) -> (B, T, 1)
+            denom = m.sum() * s_out.last_hidden_state.shape[-1]
+
+            def mse(a, b):
+                return ((a - b).pow(2) * m).sum() / denom
+
+            t_emb = F.normalize(mean_pool(t_out.last_hidden_state, enc["attention_mask"]), dim=-1)
+            s_emb = F.normalize(mean_pool(s_out.last_hidden_state, enc["attention_mask"]), dim=-1)
+            loss = mse_weight * mse(s_out.last_hidden_state, t_out.last_hidden_state)
+            loss = loss + cos_weight * (1 - (s_emb * t_emb).sum(-1)).mean()
+            if layers:
+                hs = list(zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
+                loss = loss + layer_weight * sum(mse(a, b) for a, b in hs) / len(hs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema:
+                with torch.no_grad():
+                    torch._foreach_lerp_(shadow, [p.detach() for p in tracked], 1.0 - ema)
+            losses.append(float(loss.detach()))
+            if log_every and (step % log_every == 0 or step == steps - 1):
+                print(f"    step {step:5d} loss {losses[-1]:.6f}", flush=True)
+        return losses
+
+    tf32_was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32 or tf32_was
+    try:
+        losses = run()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_was
     if ema:
         with torch.no_grad():
             torch._foreach_copy_(tracked, shadow)
