@@ -502,6 +502,36 @@ def launch_overhead():
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
+def _set_knob(name: str, value: str):
+    """Set a module-level tuning knob of cupy_backend (``_ROWS_SPLIT`` ...); returns the old value."""
+    import ast
+
+    if not hasattr(cupy_backend, name):
+        raise SystemExit(f"cupy_backend has no knob {name}")
+    old = getattr(cupy_backend, name)
+    setattr(cupy_backend, name, ast.literal_eval(value))
+    return old
+
+
+def sweep(numel: int, only, configs):
+    """Kernel and copy times (as --quick) once per config: macros (QAT_*) recompile the sources."""
+    base = cupy_backend.EXTRA_OPTIONS
+    for cfg in configs:
+        items = [kv.split("=", 1) for kv in cfg.split()]
+        cupy_backend.EXTRA_OPTIONS = base + tuple(f"-D{k}={v}" for k, v in items if k.startswith("QAT_"))
+        cupy_backend._module.cache_clear()
+        cupy_backend._kernel.cache_clear()
+        cupy_backend._occupancy.clear()
+        saved = {k: _set_knob(k, v) for k, v in items if not k.startswith("QAT_")}
+        print(f"## config: {cfg or '(defaults)'}", flush=True)
+        try:
+            run(numel, False, only, True)
+        finally:
+            for k, v in saved.items():
+                setattr(cupy_backend, k, v)
+    cupy_backend.EXTRA_OPTIONS = base
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--numel", type=int, default=64 * 2**20)
@@ -512,8 +542,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="kernel and copy times only; print, write nothing")
     ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
                     help="override a tuning macro of the CUDA sources (repeatable)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a tuning knob of cupy_backend, e.g. _ROWS_SPLIT=4 (repeatable)")
+    ap.add_argument("--sweep", action="append", default=[], metavar="'NAME=VALUE ...'",
+                    help="with --quick: run once per such config (QAT_* names are macros, others backend knobs)")
     args = ap.parse_args(argv)
     cupy_backend.EXTRA_OPTIONS = tuple(f"-D{d}" for d in args.define)
+    for item in args.set:
+        _set_knob(*item.split("=", 1))
     if not (torch.cuda.is_available() and cupy_backend.available()):
         sys.exit("benchmarks/kernels.py needs a CUDA GPU and CuPy")
     if args.explore:
@@ -537,6 +573,9 @@ def main(argv=None):
     )
     print(HEADER, flush=True)
     only = [p.strip() for p in args.only.split(",")] if args.only else None
+    if args.sweep:
+        sweep(args.numel, only, args.sweep)
+        return
     rows = run(args.numel, not args.no_compile, only, args.quick)
     if args.quick:
         return

@@ -63,10 +63,12 @@ _KERNELS = {
         *(f"lsq_backward_seg{m}" for m in (0, 2)),
         *(f"lsq_backward_grp{k}" for k in _GRP_K),
         "lsq_backward_cols",
+        "lsq_backward_rows",
         "pact_backward_seg",
         *(f"minmax_seg{m}" for m in (0, 2)),
         *(f"minmax_grp{k}" for k in _GRP_K),
         "minmax_cols",
+        "minmax_rows",
     ),
 }
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -293,13 +295,46 @@ def _use_cols(inner: int, c: int) -> bool:
     return c > 1 and (inner == 1 or c * inner <= _COLS_MAX_WIDTH)
 
 
+def _use_rows(inner: int, c: int, vec: int) -> bool:
+    """Long contiguous runs (channels on axis 0, large per-channel inner sizes): the rows kernels."""
+    v = vec if inner % vec == 0 else 1
+    return _ROWS and c > 1 and inner // v >= _ROWS_MIN_VECS
+
+
+#: rows kernels (reduce.cu rows_body): on where a key's run has at least this many vectors
+_ROWS = True
+_ROWS_MIN_VECS = 1024
+#: blocks per row (segments of a row; > 1: one atomic per block instead of a store)
+_ROWS_SPLIT = 1
+#: grid of the rows kernels in waves (0: one block per segment)
+_ROWS_WAVES = 0
+#: cols kernels: row order (0: each block row a contiguous range; 1: interleaved groups of rows),
+#: grid rows rounded down to fit one wave (True) or up (False), grid size in waves
+_COLS_INTERLEAVE = 0
+_COLS_FIT = False
+_COLS_WAVES = 1
+
+
 def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tuple, device: int) -> None:
     """Launch ``{kind}_seg`` or ``{kind}_cols`` (reduce.cu) for the layout ``(inner, C)``."""
     code = _DTYPE_CODE[x.dtype]
     vec_full = 16 // _ESIZE[code]
     tensors = [t for t in (x, g, dx) if t is not None]
     aligned = _aligned(*tensors)
-    if _use_cols(inner, c):
+    if kind != "pact_backward" and _use_rows(inner, c, vec_full if aligned else 1):
+        vec = vec_full if aligned and inner % vec_full == 0 else 1
+        kern = _kernel("reduce.cu", f"{kind}_rows", code, vec, device)
+        nrows = n // inner
+        innerv = inner // vec
+        split = max(1, min(_ROWS_SPLIT, innerv // _THREADS))
+        segv = -(-innerv // split)
+        nblk = nrows * split
+        grid = nblk if not _ROWS_WAVES else min(nblk, _wave(kern, device, waves=_ROWS_WAVES))
+        grid = min(grid, 2**31 - 1)
+        store = np.int32(split == 1 and nrows == c)  # one block per key: plain stores
+        args = (*ptrs, np.int64(nrows), np.int64(innerv), np.int64(c), np.int64(segv), np.int32(split), store, *tail_args)
+        _launch(kern, grid, args, device)
+    elif _use_cols(inner, c):
         wd = c * inner
         rows = n // wd
         vec = vec_full if aligned and wd % vec_full == 0 else 1
@@ -309,8 +344,11 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         r = _THREADS // colsv
         shared = 2 * _THREADS * vec * 4
         gx = -(-wdv // colsv)
-        gy = max(1, min(-(-rows // r), -(-_wave(kern, device, shared) // gx)))
-        args = (*ptrs, np.int64(rows), np.int64(wd), np.int64(inner), np.int32(colsv), np.int32(r), *tail_args)
+        wave = _wave(kern, device, shared, waves=_COLS_WAVES)
+        gy_fit = wave // gx if _COLS_FIT else -(-wave // gx)  # fit: no block waits for a second wave
+        gy = max(1, min(-(-rows // r), gy_fit))
+        ilv = np.int32(_COLS_INTERLEAVE)
+        args = (*ptrs, np.int64(rows), np.int64(wd), np.int64(inner), np.int32(colsv), np.int32(r), ilv, *tail_args)
         _launch(kern, (gx, gy), args, device, shared)
     else:
         vec = vec_full if aligned and (c == 1 or inner % vec_full == 0) else 1

@@ -199,6 +199,41 @@ __device__ __forceinline__ float qclamp(float q, float qmin, float qmax) {
   return r;
 }
 
+// Packed min / max of two 16-bit values per 32-bit word (min.f16x2 / min.bf16x2, sm_80+): the same
+// result as fminf / fmaxf on the converted floats (conversion to float32 is exact and monotone; a NaN
+// operand is ignored, as fminf does), at two instructions per 8 elements less than converting first.
+#if QAT_ESIZE == 2
+#if QAT_DTYPE == 1
+#define QAT_H2_INF 0x7c007c00u
+#define QAT_H2_NINF 0xfc00fc00u
+__device__ __forceinline__ unsigned h2min(unsigned a, unsigned b) {
+  unsigned d;
+  asm("min.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned h2max(unsigned a, unsigned b) {
+  unsigned d;
+  asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+#else
+#define QAT_H2_INF 0x7f807f80u
+#define QAT_H2_NINF 0xff80ff80u
+__device__ __forceinline__ unsigned h2min(unsigned a, unsigned b) {
+  unsigned d;
+  asm("min.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned h2max(unsigned a, unsigned b) {
+  unsigned d;
+  asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+#endif
+__device__ __forceinline__ float h2lo(unsigned w) { return to_f((unsigned short)(w & 0xffffu)); }
+__device__ __forceinline__ float h2hi(unsigned w) { return to_f((unsigned short)(w >> 16)); }
+#endif
+
 // Float atomics for min/max (the observer): order-preserving integer views of float32.
 __device__ __forceinline__ void atomic_min_f(float* addr, float v) {
   if (v != v) return;

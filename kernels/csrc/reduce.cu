@@ -30,6 +30,7 @@
 // needs neither s nor f (one multiply less per element, and two registers less per parameter).
 template <int RMODE>
 struct LsqOp {
+  static constexpr bool kMinMax = false;
   static constexpr bool kGrad = true;
   static constexpr bool kDx = true;
   struct P {
@@ -76,6 +77,7 @@ struct LsqOp {
 
 // PACT: dx = g on 0 <= x < alpha, dalpha = sum of g over x >= alpha (one alpha: C == 1).
 struct PactOp {
+  static constexpr bool kMinMax = false;
   static constexpr bool kGrad = true;
   static constexpr bool kDx = true;
   struct P {
@@ -105,6 +107,7 @@ struct PactOp {
 
 // Observer statistics: min and max per parameter (NaN ignored, as fminf / fmaxf do).
 struct MinMaxOp {
+  static constexpr bool kMinMax = true;
   static constexpr bool kGrad = false;
   static constexpr bool kDx = false;
   struct P {};
@@ -147,6 +150,25 @@ struct MinMaxOp {
 #endif
 #ifndef QAT_COLS_ROWS_MM
 #define QAT_COLS_ROWS_MM 8
+#endif
+// minimum resident blocks per SM of minmax_cols (1: no register cap)
+#ifndef QAT_COLS_MINB_MM
+#define QAT_COLS_MINB_MM 1
+#endif
+// rows kernels: vectors a thread loads before working on them
+#ifndef QAT_ROWS_U_LSQ
+#define QAT_ROWS_U_LSQ 4
+#endif
+#ifndef QAT_ROWS_U_MM
+#define QAT_ROWS_U_MM 8
+#endif
+// 16-bit min/max on packed pairs (min.bf16x2 / min.f16x2) in the cols and rows kernels
+#ifndef QAT_MM_PACKED
+#define QAT_MM_PACKED 0
+#endif
+#if QAT_ESIZE != 2 || QAT_VEC != 8
+#undef QAT_MM_PACKED
+#define QAT_MM_PACKED 0
 #endif
 // minimum resident blocks per SM of the LSQ seg / grp kernels (caps registers at 64 / 80): 4 ran
 // 5% faster in float32 on an H100, 3 about 2% faster in 16-bit types
@@ -418,6 +440,103 @@ __device__ __forceinline__ void grp_body(const Op& op, const scalar_t* __restric
   }
 }
 
+// ---------------------------------------------------------------- rows: long contiguous runs
+
+// Block-wide reduction of (a, b): thread 0 gets the block's total. Ends with a barrier, so the
+// shared scratch can be reused right after.
+template <class Op>
+__device__ __forceinline__ void block_reduce(float& a, float& b) {
+  __shared__ float s_a[QAT_THREADS / 32], s_b[QAT_THREADS / 32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  group_allreduce<Op>(a, b, 32);
+  if (lane == 0) {
+    s_a[w] = a;
+    s_b[w] = b;
+  }
+  __syncthreads();
+  if (w == 0) {
+    a = lane < (int)(blockDim.x >> 5) ? s_a[lane] : Op::ida();
+    b = lane < (int)(blockDim.x >> 5) ? s_b[lane] : Op::idb();
+    group_allreduce<Op>(a, b, 32);
+  }
+  __syncthreads();
+}
+
+// A key's run is one long contiguous row of innerv vectors (channels on axis 0 of a matrix, or any
+// channel axis with a large inner size; the host guarantees inner % QAT_VEC == 0): row r has key
+// r % C. Each row is cut into `split` segments of segv vectors; one block per segment (grid-stride
+// over segments when there are more than blocks). The block's threads stride through the segment,
+// U vectors (of x, and of grad) loaded per thread before any is worked on; a block reduction and a
+// plain store (`store`: one segment per key) or one atomic per block. No keys per element, no
+// segment logic.
+template <class Op, int U>
+__device__ __forceinline__ void rows_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                                          scalar_t* __restrict__ dx, long long nrows, long long innerv, long long C,
+                                          long long segv, int split, bool store) {
+  const long long nblk = nrows * split;
+  for (long long blk = blockIdx.x; blk < nblk; blk += gridDim.x) {
+    const long long row = blk / split;
+    const long long v0 = (blk - row * split) * segv;
+    const long long v1 = min(v0 + segv, innerv);
+    const long long key = C == 1 ? 0 : row % C;
+    const scalar_t* __restrict__ xr = x + row * innerv * QAT_VEC;
+    float a = Op::ida(), b = Op::idb();
+#if QAT_MM_PACKED
+    if constexpr (Op::kMinMax) {
+      unsigned pa[QAT_VEC / 2], pb[QAT_VEC / 2];
+#pragma unroll
+      for (int j = 0; j < QAT_VEC / 2; ++j) {
+        pa[j] = QAT_H2_INF;
+        pb[j] = QAT_H2_NINF;
+      }
+      for (long long v = v0 + threadIdx.x; v < v1; v += (long long)U * QAT_THREADS) {
+        RawVec xv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (v + u * QAT_THREADS < v1) xv[u] = load_vec(xr, (v + u * QAT_THREADS) * QAT_VEC, QAT_VEC);
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (v + u * QAT_THREADS < v1) {
+            const unsigned w[4] = {xv[u].u.x, xv[u].u.y, xv[u].u.z, xv[u].u.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              pa[j] = h2min(pa[j], w[j]);
+              pb[j] = h2max(pb[j], w[j]);
+            }
+          }
+      }
+#pragma unroll
+      for (int j = 0; j < QAT_VEC / 2; ++j) {
+        Op::comb(a, b, h2lo(pa[j]), h2lo(pb[j]));
+        Op::comb(a, b, h2hi(pa[j]), h2hi(pb[j]));
+      }
+    } else
+#endif
+    {
+      const typename Op::P p = op.param(key);
+      const scalar_t* __restrict__ gr = Op::kGrad ? g + row * innerv * QAT_VEC : g;
+      scalar_t* __restrict__ dr = Op::kDx ? dx + row * innerv * QAT_VEC : dx;
+      for (long long v = v0 + threadIdx.x; v < v1; v += (long long)U * QAT_THREADS) {
+        RawVec xv[U], gv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (v + u * QAT_THREADS < v1) {
+            xv[u] = load_vec(xr, (v + u * QAT_THREADS) * QAT_VEC, QAT_VEC);
+            if (Op::kGrad) gv[u] = load_vec(gr, (v + u * QAT_THREADS) * QAT_VEC, QAT_VEC);
+          }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (v + u * QAT_THREADS < v1) vec_work(op, p, xv[u], gv[u], dr, (v + u * QAT_THREADS) * QAT_VEC, QAT_VEC, a, b);
+      }
+    }
+    block_reduce<Op>(a, b);
+    if (threadIdx.x == 0) {
+      if (store) op.store(key, a, b);
+      else op.flush(key, a, b);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- cols: (rows, Wd), key = col / inner
 
 struct XG {
@@ -427,7 +546,7 @@ struct XG {
 template <class Op, int ROWS>
 __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                           scalar_t* __restrict__ dx, long long rows, long long Wd, long long inner,
-                                          int colsv, int R) {
+                                          int colsv, int R, int ilv) {
   extern __shared__ float sh[];  // 2 * blockDim.x * QAT_VEC floats
   const int tid = threadIdx.x;
   const int cv = tid % colsv;
@@ -435,15 +554,53 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
   const long long Wdv = Wd / QAT_VEC;
   const long long colv = (long long)blockIdx.x * colsv + cv;
   const bool active = rr < R && colv < Wdv;
+  // ilv == 0: block row y owns a contiguous range of rows; ilv == 1: the gridDim.y block rows take
+  // interleaved groups of R rows (all blocks move down the tensor together, like a grid-stride loop)
   const long long rows_per = (rows + gridDim.y - 1) / gridDim.y;
-  const long long r0 = (long long)blockIdx.y * rows_per;
-  const long long r1 = min(r0 + rows_per, rows);
+  const long long r0 = ilv ? (long long)blockIdx.y * R : (long long)blockIdx.y * rows_per;
+  const long long r1 = ilv ? rows : min(r0 + rows_per, rows);
+  const long long rstep = ilv ? (long long)R * gridDim.y : (long long)R;
   float a[QAT_VEC], b[QAT_VEC];
 #pragma unroll
   for (int j = 0; j < QAT_VEC; ++j) {
     a[j] = Op::ida();
     b[j] = Op::idb();
   }
+#if QAT_MM_PACKED
+  if constexpr (Op::kMinMax) {  // 16-bit min/max on packed pairs (common.cuh h2min / h2max)
+    if (active) {
+      unsigned pa[QAT_VEC / 2], pb[QAT_VEC / 2];
+#pragma unroll
+      for (int j = 0; j < QAT_VEC / 2; ++j) {
+        pa[j] = QAT_H2_INF;
+        pb[j] = QAT_H2_NINF;
+      }
+      for (long long r = r0 + rr; r < r1; r += rstep * ROWS) {
+        RawVec v[ROWS];
+#pragma unroll
+        for (int u = 0; u < ROWS; ++u)
+          if (r + u * rstep < r1) v[u] = load_vec(x, (r + u * rstep) * Wd + colv * QAT_VEC, QAT_VEC);
+#pragma unroll
+        for (int u = 0; u < ROWS; ++u)
+          if (r + u * rstep < r1) {
+            const unsigned w[4] = {v[u].u.x, v[u].u.y, v[u].u.z, v[u].u.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              pa[j] = h2min(pa[j], w[j]);
+              pb[j] = h2max(pb[j], w[j]);
+            }
+          }
+      }
+#pragma unroll
+      for (int j = 0; j < QAT_VEC / 2; ++j) {
+        a[2 * j] = h2lo(pa[j]);
+        a[2 * j + 1] = h2hi(pa[j]);
+        b[2 * j] = h2lo(pb[j]);
+        b[2 * j + 1] = h2hi(pb[j]);
+      }
+    }
+  } else
+#endif
   if (active) {
     typename Op::P p[QAT_VEC];
 #pragma unroll
@@ -466,14 +623,14 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
       if (Op::kDx) store_vec(dx, e, QAT_VEC, d);
     };
     // ROWS rows' loads in flight before any is worked on (conditions uniform over the warp's row)
-    for (long long r = r0 + rr; r < r1; r += (long long)R * ROWS) {
+    for (long long r = r0 + rr; r < r1; r += rstep * ROWS) {
       XG v[ROWS];
 #pragma unroll
       for (int u = 0; u < ROWS; ++u)
-        if (r + (long long)u * R < r1) v[u] = load(r + (long long)u * R);
+        if (r + u * rstep < r1) v[u] = load(r + u * rstep);
 #pragma unroll
       for (int u = 0; u < ROWS; ++u)
-        if (r + (long long)u * R < r1) work(r + (long long)u * R, v[u]);
+        if (r + u * rstep < r1) work(r + u * rstep, v[u]);
     }
   }
   float* sa = sh;
@@ -540,13 +697,14 @@ QAT_LSQ_GRP(8)
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 lsq_backward_cols(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long rows,
-                  long long Wd, long long inner, int colsv, int R, float qmin, float qmax, float f, int round_mode) {
+                  long long Wd, long long inner, int colsv, int R, int ilv, float qmin, float qmax, float f,
+                  int round_mode) {
   if (round_mode == 0)
-    cols_body<LsqOp<0>, QAT_COLS_ROWS_LSQ>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
+    cols_body<LsqOp<0>, QAT_COLS_ROWS_LSQ>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
   else if (round_mode == 1)
-    cols_body<LsqOp<1>, QAT_COLS_ROWS_LSQ>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
+    cols_body<LsqOp<1>, QAT_COLS_ROWS_LSQ>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
   else
-    cols_body<LsqOp<2>, QAT_COLS_ROWS_LSQ>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
+    cols_body<LsqOp<2>, QAT_COLS_ROWS_LSQ>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
 }
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
@@ -579,9 +737,30 @@ QAT_MINMAX_GRP(8)
 #undef QAT_MINMAX_SEG
 #undef QAT_MINMAX_GRP
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_COLS_MINB_MM)
 minmax_cols(const scalar_t* __restrict__ x, float* mn, float* mx, long long rows, long long Wd, long long inner,
-            int colsv, int R) {
+            int colsv, int R, int ilv) {
   cols_body<MinMaxOp, QAT_COLS_ROWS_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, rows, Wd,
-                                        inner, colsv, R);
+                                        inner, colsv, R, ilv);
+}
+
+extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+minmax_rows(const scalar_t* __restrict__ x, float* mn, float* mx, long long nrows, long long innerv, long long C,
+            long long segv, int split, int store) {
+  rows_body<MinMaxOp, QAT_ROWS_U_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, nrows, innerv,
+                                     C, segv, split, store != 0);
+}
+
+extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB)
+lsq_backward_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
+                  const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long nrows,
+                  long long innerv, long long C, long long segv, int split, int store, float qmin, float qmax, float f,
+                  int round_mode) {
+#define QAT_LSQ_ROWS(M)                                                                                         \
+  rows_body<LsqOp<M>, QAT_ROWS_U_LSQ>(LsqOp<M>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, nrows, innerv, C, segv, \
+                                      split, store != 0)
+  if (round_mode == 0) QAT_LSQ_ROWS(0);
+  else if (round_mode == 1) QAT_LSQ_ROWS(1);
+  else QAT_LSQ_ROWS(2);
+#undef QAT_LSQ_ROWS
 }

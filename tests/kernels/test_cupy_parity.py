@@ -122,6 +122,13 @@ CASES = [
     ((16, 384, 96), 2, None),
     ((16, 384, 96), 1, None),
     ((3, 40000), 0, None),
+    # long contiguous runs (reduce.cu's rows kernels): rows not a multiple of the loads in flight,
+    # several rows per key (a middle axis), an odd run length (scalar loads), per-group of 8192
+    ((5, 16392), 0, None),
+    ((2, 3, 8200), 1, None),
+    ((3, 5, 4099), 1, None),
+    ((4, 16384), None, 8192),
+    ((1, 20000), 0, None),
 ]
 
 
@@ -350,3 +357,50 @@ def test_more_than_2_pow_31_elements():
             ds_ref += ds_c.double().sum()
             bound += gf[a:b].float().abs().sum().double() * 256e-3
         assert abs(float(ds[c]) - float(ds_ref)) <= 1e-4 * float(bound), (c, float(ds[c]), float(ds_ref))
+
+
+# the launch knobs of the reduction kernels that the defaults do not exercise: rows kernels with
+# several blocks per row (atomics) and a grid smaller than the segments (grid-stride), a short-row
+# threshold that sends channel-0 layouts of ~1000 elements to them; cols kernels with interleaved
+# row groups and a grid that fits one wave
+KNOBS = [
+    dict(_ROWS_SPLIT=3, _ROWS_WAVES=0.05),
+    dict(_ROWS_MIN_VECS=64),
+    dict(_COLS_INTERLEAVE=1, _COLS_FIT=True),
+    dict(_ROWS=False, _COLS_FIT=True),
+]
+KNOB_CASES = [
+    ((5, 16392), 0, None),
+    ((2, 3, 8200), 1, None),
+    ((3, 5, 4099), 1, None),
+    ((512, 1000), 0, None),
+    ((257, 1031), 1, None),
+    ((1000, 4), 1, None),
+    ((64, 2048), 1, None),
+]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: "-".join(f"{n.strip('_')}={v}" for n, v in k.items()))
+@pytest.mark.parametrize("case", KNOB_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reduction_launch_knobs(knobs, case, dtype, monkeypatch):
+    for name, value in knobs.items():
+        monkeypatch.setattr(cupy_backend, name, value)
+    shape, axis, gs = case
+    gen = torch.Generator().manual_seed(5 + zlib.crc32(repr((shape, axis, gs, dtype)).encode()))
+    x = (torch.randn(shape, generator=gen) * 5).to(dtype).cuda()
+    mn, mx = cupy_backend._aminmax_kernel(x, axis, gs)
+    mn_ref, mx_ref = cupy_backend._aminmax_torch(x.cpu(), axis, gs)
+    torch.testing.assert_close(mn.cpu(), mn_ref, atol=0, rtol=0)
+    torch.testing.assert_close(mx.cpu(), mx_ref, atol=0, rtol=0)
+    x, s, z, qmin, qmax = _make(shape, dtype, 4, True, axis, gs, gen)
+    grad = torch.randn(shape, generator=gen).to(dtype).cuda()
+    dx, ds, dz = cupy_backend.fake_quantize_lsq_backward(grad, x, s, z, qmin, qmax, axis, gs, 0.5, "half_even")
+    dx_ref, ds_ref, dz_ref = reference.fake_quantize_lsq_backward(
+        grad.cpu(), x.cpu(), s.cpu(), z.cpu(), qmin, qmax, axis, gs, 0.5, "half_even"
+    )
+    torch.testing.assert_close(dx.cpu(), dx_ref, atol=0, rtol=0)
+    bound = _per_param_abs_sum(grad.cpu(), x.cpu(), axis, gs) * (qmax - qmin + 1) * 0.5
+    _assert_reduced(ds, ds_ref, bound)
+    _assert_reduced(dz, dz_ref, bound * s.cpu().abs().reshape(bound.shape))
+
