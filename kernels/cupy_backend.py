@@ -309,9 +309,12 @@ _ROWS_SPLIT = 1
 #: grid of the rows kernels in waves (0: one block per segment)
 _ROWS_WAVES = 0
 #: cols kernels: row order (0: each block row a contiguous range; 1: interleaved groups of rows),
-#: grid rows rounded down to fit one wave (True) or up (False), grid size in waves
+#: grid rows rounded down to fit one wave (True) or up (False), grid size in waves. Rounding up left
+#: about 10-30% of the blocks to a second, partial wave (each block's rows run start to end): on an H100
+#: fitting one wave took aminmax 16-bit channel1 from 1.43 to 1.15x of the copy and the LSQ bf16
+#: channel1 backward from 184 to 160 us (benchmarks/results/kernels_h100_v8_sweep.md)
 _COLS_INTERLEAVE = 0
-_COLS_FIT = False
+_COLS_FIT = True
 _COLS_WAVES = 1
 
 
@@ -332,7 +335,8 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         grid = nblk if not _ROWS_WAVES else min(nblk, _wave(kern, device, waves=_ROWS_WAVES))
         grid = min(grid, 2**31 - 1)
         store = np.int32(split == 1 and nrows == c)  # one block per key: plain stores
-        args = (*ptrs, np.int64(nrows), np.int64(innerv), np.int64(c), np.int64(segv), np.int32(split), store, *tail_args)
+        shape = (np.int64(nrows), np.int64(innerv), np.int64(c), np.int64(segv), np.int32(split), store)
+        args = (*ptrs, *shape, *tail_args)
         _launch(kern, grid, args, device)
     elif _use_cols(inner, c):
         wd = c * inner
