@@ -20,7 +20,8 @@ dump gensim ships; the held-out sentences are always Lee's), ``splice`` (share o
 sentence joined to the second half of another), ``weights`` (``train`` or ``freeze``: learn only the
 quantizers), ``ema`` (decay of the parameters' moving average the run ends with; 0: off),
 ``compile`` (1: ``torch.compile`` the student), ``zp_lr`` (learning rate of the LSQ+
-offsets; default: ``scale_lr``), ``tf32`` (1: TF32 matmuls while training), ``init`` (``calib``: calibrated ranges; ``brecq``:
+offsets; default: ``scale_lr``), ``tf32`` (1: TF32 matmuls while training), ``token_noise`` (share of
+tokens replaced by random ones of the batch), ``init`` (``calib``: calibrated ranges; ``brecq``:
 block-wise reconstruction first, as ``accuracy.py``'s ``qat_brecq`` column; it runs once per
 estimator / observer and is reused by later rows), ``seed``.
 """
@@ -49,7 +50,7 @@ BASE: dict[str, Any] = {
     "steps": 150, "batch": 16, "max_length": 32, "lr": 1e-4, "scale_lr": 1e-5, "warmup": 0.0,
     "cos_weight": 10.0, "mse_weight": 1.0, "layer_weight": 0.0, "estimator": "lsq_plus", "observer": "mse",
     "splice": 0.0, "weights": "train", "seed": 0, "corpus": "lee", "ema": 0.0, "compile": 0, "init": "calib",
-    "zp_lr": None, "tf32": 0,
+    "zp_lr": None, "tf32": 0, "token_noise": 0.0,
 }
 
 #: accuracy.py's MiniLM recipe at 4 bits, as overrides of BASE
@@ -119,7 +120,7 @@ def run_recipe(student, teacher, tok, train: list[str], cfg: dict[str, Any], log
     from qat.recipes.minilm import distill
 
     kw = {k: cfg[k] for k in ("steps", "batch", "max_length", "lr", "scale_lr", "warmup", "cos_weight", "mse_weight",
-                              "layer_weight", "splice", "seed", "ema", "zp_lr")}
+                              "layer_weight", "splice", "seed", "ema", "zp_lr", "token_noise")}
     distill(student, teacher, tok, train, train_weights=cfg["weights"] != "freeze", compile=bool(cfg["compile"]), tf32=bool(cfg["tf32"]),
             log_every=log_every, **kw)
 

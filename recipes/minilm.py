@@ -239,6 +239,18 @@ def _batch_sentences(sentences: Sequence[str], step: int, batch: int, order: lis
     return out
 
 
+def _token_noise(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """``ids`` with a share ``p`` of the real, non-special tokens replaced by random picks among them."""
+    real = (mask.bool() & ~torch.isin(ids, special)).flatten()
+    pool = ids.flatten()[real]
+    if pool.numel() == 0:
+        return ids
+    hit = real & (torch.rand(real.shape, generator=g) < p)
+    out = ids.flatten().clone()
+    out[hit] = pool[torch.randint(pool.numel(), (int(hit.sum()),), generator=g)]
+    return out.view_as(ids)
+
+
 def distill(
     student,
     teacher,
@@ -255,6 +267,7 @@ def distill(
     mse_weight: float = 1.0,
     layer_weight: float = 0.0,
     splice: float = 0.0,
+    token_noise: float = 0.0,
     train_weights: bool = True,
     ema: float = 0.0,
     compile: bool = False,
@@ -289,6 +302,9 @@ def distill(
         cos_weight / mse_weight / layer_weight: loss weights (see above).
         splice: share of each batch replaced by synthetic sentences (first half of one training
             sentence joined to the second half of another), for more diverse inputs.
+        token_noise: share of each sentence's word-piece tokens (not [CLS]/[SEP]/padding) replaced
+            by tokens drawn at random from the batch's, so the student rarely sees an input twice
+            (teacher and student see the same noisy batch; TinyBERT-style augmentation).
         train_weights: False learns only the quantizers (the float weights stay frozen).
         ema: decay of the parameters' moving average (e.g. 0.999); 0 keeps the last step's.
         compile: run the student's forward through ``torch.compile`` (batches padded to
@@ -310,6 +326,9 @@ def distill(
         raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"ema must be in [0, 1), got {ema}")
+    if not 0.0 <= token_noise < 1.0:
+        raise ValueError(f"token_noise must be in [0, 1), got {token_noise}")
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     device = next(student.parameters()).device
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(sentences), generator=g).tolist()
@@ -348,6 +367,8 @@ def distill(
                 enc = dict(tokenizer(sents, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"))
             else:
                 enc = tokenize(tokenizer, sents, max_length)
+            if token_noise:
+                enc["input_ids"] = _token_noise(enc["input_ids"], enc["attention_mask"], special, token_noise, g)
             enc = {k: v.to(device) for k, v in enc.items()}
             with torch.no_grad():
                 t_out = teacher(**enc, output_hidden_states=layers)

@@ -123,3 +123,19 @@ def test_distill_ema_ends_on_the_average_of_the_run():
     want = 0.25 * w0 + 0.25 * runs[1, 0.0] + 0.5 * runs[2, 0.0]
     torch.testing.assert_close(runs[2, 0.5], want, rtol=0, atol=1e-6)
     assert not torch.equal(runs[2, 0.5], runs[2, 0.0])
+
+
+def test_token_noise_replaces_only_real_tokens():
+    from qat.recipes.minilm import _token_noise, distill
+
+    special = torch.tensor([0, 101, 102])  # [PAD], [CLS], [SEP]
+    ids = torch.tensor([[101, 11, 12, 13, 14, 102, 0, 0], [101, 21, 22, 23, 24, 25, 26, 102]])
+    mask = (ids != 0).long()
+    out = _token_noise(ids, mask, special, 0.5, torch.Generator().manual_seed(0))
+    keep = torch.isin(ids, special)
+    assert torch.equal(out[keep], ids[keep])  # [CLS] / [SEP] / padding untouched
+    assert set(out[~keep].tolist()) <= set(ids[~keep].tolist())  # picks come from the batch's own tokens
+    assert not torch.equal(out, ids)
+    assert torch.equal(_token_noise(ids, mask, special, 0.0, torch.Generator()), ids)
+    with pytest.raises(ValueError, match="token_noise"):
+        distill(None, None, None, ["a"], token_noise=1.0)
