@@ -55,6 +55,8 @@ BASE: dict[str, Any] = {
 
 #: accuracy.py's MiniLM recipe at 4 bits, as overrides of BASE
 _COMMITTED: dict[str, Any] = {**{k: v for k, v in MINILM_RECIPE.items() if k in BASE}, "lr": 3e-5}
+#: the best of the "batch" grid: 256 sentences a step, twice the weight learning rate, TF32
+_BIG: dict[str, Any] = {**_COMMITTED, "batch": 256, "lr": 6e-5, "tf32": 1}
 
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "default": [
@@ -89,13 +91,29 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {"steps": 1000, "max_length": 64, "lr": 5e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
         {"steps": 1000, "max_length": 64, "lr": 3e-5, "layer_weight": 30.0, "batch": 64, "corpus": "lee+wiki"},
     ],
-    # fourth round: start from block-wise reconstruction; average the weights over the run
+    # fourth round (rows 20-24): start from block-wise reconstruction; average the weights over the
+    # run; torch.compile (no faster: the step is not bound by the student's forward)
     "brecq": [
-        {**_COMMITTED, "init": "brecq"},
-        {**_COMMITTED, "init": "brecq", "lr": 1e-5},
-        {**_COMMITTED, "ema": 0.995},
-        {**_COMMITTED, "init": "brecq", "ema": 0.995},
-        {**_COMMITTED, "init": "brecq", "lr": 1e-5, "ema": 0.995},
+        {**_COMMITTED, "compile": 1},
+        {**_COMMITTED, "compile": 1, "init": "brecq"},
+        {**_COMMITTED, "compile": 1, "init": "brecq", "ema": 0.995},
+        {**_COMMITTED, "compile": 1, "ema": 0.995},
+        {**_COMMITTED, "compile": 1, "init": "brecq", "lr": 1e-5},
+    ],
+    # fifth round (rows 25-30): larger batches, TF32, a learning rate of their own for the LSQ+ offsets
+    "batch": [
+        {**_COMMITTED, "batch": 256},
+        {**_COMMITTED, "batch": 128},
+        {**_COMMITTED, "batch": 256, "lr": 6e-5},
+        {**_BIG},
+        {**_BIG, "zp_lr": 1e-3},
+        {**_BIG, "zp_lr": 1e-2},
+    ],
+    # sixth round (rows 31-33): random token replacement against overfitting, and twice the steps
+    "noise": [
+        {**_BIG, "token_noise": 0.15},
+        {**_BIG, "steps": 2000, "token_noise": 0.15},
+        {**_BIG, "steps": 2000},
     ],
     # the "wiki" grid without its first row (that recipe is accuracy.py's: its W4A8 row is that run)
     "wiki_more": [
