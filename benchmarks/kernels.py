@@ -287,6 +287,10 @@ def eager_pact(x, alpha, qmin=0, qmax=15):
 def compiled_fn(op, x, g, s, z, axis, gs):
     if op == "aminmax":
         return None
+    # a fresh dynamo cache per variant: the lambdas below share one code object, and after
+    # `recompile_limit` (8) guard failures dynamo silently runs the rest *eagerly* (the first runs
+    # of this benchmark timed the fp16 "compile" baselines that way: 17-21x "speed-ups")
+    torch._dynamo.reset()
     xr = x.detach().requires_grad_()
     if op == "ste":
         c = torch.compile(lambda x_, s_, z_: eager_ste(x_, s_, z_, axis, gs), dynamic=False)
@@ -330,6 +334,7 @@ def saved_bits_per_element(n=2**24):
     zi = z.to(torch.int32)
     measure("torch.fake_quantize_per_channel_affine", lambda: torch.fake_quantize_per_channel_affine(x, s, zi, 0, QMIN, QMAX))
     try:
+        torch._dynamo.reset()
         c = torch.compile(lambda x_, s_, z_: eager_ste(x_, s_, z_, 0, None), dynamic=False)
         c(x, s, z)
         measure("torch.compile(eager formula)", lambda: c(x, s, z))
