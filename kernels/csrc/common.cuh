@@ -204,30 +204,33 @@ __device__ __forceinline__ float qclamp(float q, float qmin, float qmax) {
 // operand is ignored, as fminf does), at two instructions per 8 elements less than converting first.
 #if QAT_ESIZE == 2
 #if QAT_DTYPE == 1
+#define QAT_H2_T "f16x2"
 #define QAT_H2_INF 0x7c007c00u
 #define QAT_H2_NINF 0xfc00fc00u
-__device__ __forceinline__ unsigned h2min(unsigned a, unsigned b) {
-  unsigned d;
-  asm("min.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned h2max(unsigned a, unsigned b) {
-  unsigned d;
-  asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
 #else
+#define QAT_H2_T "bf16x2"
 #define QAT_H2_INF 0x7f807f80u
 #define QAT_H2_NINF 0xff80ff80u
+#endif
 __device__ __forceinline__ unsigned h2min(unsigned a, unsigned b) {
   unsigned d;
-  asm("min.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  asm("min." QAT_H2_T " %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
   return d;
 }
 __device__ __forceinline__ unsigned h2max(unsigned a, unsigned b) {
   unsigned d;
-  asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  asm("max." QAT_H2_T " %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
   return d;
+}
+#if QAT_VEC_BYTES == 16
+// fold one 16-byte vector (4 words = 8 values) into packed running minima / maxima
+__device__ __forceinline__ void h2acc(unsigned* pa, unsigned* pb, const RawVec& v) {
+  const unsigned w[4] = {v.u.x, v.u.y, v.u.z, v.u.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    pa[j] = h2min(pa[j], w[j]);
+    pb[j] = h2max(pb[j], w[j]);
+  }
 }
 #endif
 __device__ __forceinline__ float h2lo(unsigned w) { return to_f((unsigned short)(w & 0xffffu)); }

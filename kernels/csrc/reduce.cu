@@ -496,14 +496,7 @@ __device__ __forceinline__ void rows_body(const Op& op, const scalar_t* __restri
           if (v + u * QAT_THREADS < v1) xv[u] = load_vec(xr, (v + u * QAT_THREADS) * QAT_VEC, QAT_VEC);
 #pragma unroll
         for (int u = 0; u < U; ++u)
-          if (v + u * QAT_THREADS < v1) {
-            const unsigned w[4] = {xv[u].u.x, xv[u].u.y, xv[u].u.z, xv[u].u.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              pa[j] = h2min(pa[j], w[j]);
-              pb[j] = h2max(pb[j], w[j]);
-            }
-          }
+          if (v + u * QAT_THREADS < v1) h2acc(pa, pb, xv[u]);
       }
 #pragma unroll
       for (int j = 0; j < QAT_VEC / 2; ++j) {
@@ -582,14 +575,7 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
           if (r + u * rstep < r1) v[u] = load_vec(x, (r + u * rstep) * Wd + colv * QAT_VEC, QAT_VEC);
 #pragma unroll
         for (int u = 0; u < ROWS; ++u)
-          if (r + u * rstep < r1) {
-            const unsigned w[4] = {v[u].u.x, v[u].u.y, v[u].u.z, v[u].u.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              pa[j] = h2min(pa[j], w[j]);
-              pb[j] = h2max(pb[j], w[j]);
-            }
-          }
+          if (r + u * rstep < r1) h2acc(pa, pb, v[u]);
       }
 #pragma unroll
       for (int j = 0; j < QAT_VEC / 2; ++j) {

@@ -68,20 +68,28 @@ def test_corpus_dir_override(tmp_path, monkeypatch):
         corpus_path("lee_background.cor")
 
 
-def test_distill_moves_a_quantized_student_towards_the_teacher():
+def _lsq_student(teacher, tok, sentences, match: str, bits: int):
+    """A calibrated copy of ``teacher`` with LSQ+ per-group-32 weights on the Linears ``match`` names."""
     import copy
 
     from qat import QuantPlan, prepare
     from qat.ptq import calibrate
-    from qat.recipes.minilm import cosine_to, distill, embed, load_minilm, load_sentences, tokenize
+    from qat.recipes.minilm import tokenize
+
+    plan = QuantPlan.from_dict({"name": f"w{bits}", "rules": [{"match": match, "types": ["Linear"], "weight": {
+        "bits": bits, "granularity": "per_group", "group_size": 32, "symmetric": False, "estimator": "lsq_plus"}}]})
+    student = prepare(copy.deepcopy(teacher), plan)
+    calibrate(student, [dict(tokenize(tok, sentences[:8], 16))], forward_fn=lambda m, b: m(**b))
+    return student
+
+
+def test_distill_moves_a_quantized_student_towards_the_teacher():
+    from qat.recipes.minilm import cosine_to, distill, embed, load_minilm, load_sentences
 
     torch.manual_seed(0)
     teacher, tok = load_minilm()
     train, held = load_sentences(n_train=64, n_held_out=16)
-    plan = QuantPlan.from_dict({"name": "w3", "rules": [{"match": "encoder.*", "types": ["Linear"], "weight": {
-        "bits": 3, "granularity": "per_group", "group_size": 32, "symmetric": False, "estimator": "lsq_plus"}}]})
-    student = prepare(copy.deepcopy(teacher), plan)
-    calibrate(student, [dict(tokenize(tok, train[:8], 16))], forward_fn=lambda m, b: m(**b))
+    student = _lsq_student(teacher, tok, train, "encoder.*", bits=3)
     ref = embed(teacher, tok, train[:16], max_length=16)
     before = cosine_to(ref, embed(student, tok, train[:16], max_length=16))
     losses = distill(student, teacher, tok, train, steps=6, batch=8, max_length=16, lr=1e-4, layer_weight=1.0, splice=0.25)
@@ -102,16 +110,11 @@ def test_distill_ema_ends_on_the_average_of_the_run():
     the last step's values, and equal to an average recomputed from the same run's steps."""
     import copy
 
-    from qat import QuantPlan, prepare
-    from qat.ptq import calibrate
-    from qat.recipes.minilm import distill, load_minilm, load_sentences, tokenize
+    from qat.recipes.minilm import distill, load_minilm, load_sentences
 
     teacher, tok = load_minilm()
     train, _ = load_sentences(n_train=32, n_held_out=4)
-    plan = QuantPlan.from_dict({"name": "w4", "rules": [{"match": "encoder.layer.0.*", "types": ["Linear"], "weight": {
-        "bits": 4, "granularity": "per_group", "group_size": 32, "symmetric": False, "estimator": "lsq_plus"}}]})
-    base = prepare(copy.deepcopy(teacher), plan)
-    calibrate(base, [dict(tokenize(tok, train[:8], 16))], forward_fn=lambda m, b: m(**b))
+    base = _lsq_student(teacher, tok, train, "encoder.layer.0.*", bits=4)
     name = "encoder.layer.0.attention.self.query.weight"
     runs = {}
     for steps, ema in ((1, 0.0), (2, 0.0), (2, 0.5)):
