@@ -457,32 +457,34 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
         row: dict[str, Any] = {"bits": f"{name} (g{MINILM_GROUP})", "lr": lr or MINILM_LR[wb]}
         t1 = time.time()
         methods = methods or list(MINILM_LABELS)
+
+        def calibrated(estimator: str, observer: str) -> nn.Module:
+            m = prepare(fresh(), _minilm_plan(name, wb, ab, estimator, observer))
+            calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
+            return m
+
+        def score(key: str, m: nn.Module) -> None:
+            row[key] = cosine_to(ref, embed(m, tok, held))
+            print(f"  {name} {key:9s} cos {row[key]:.5f}  ({time.time() - t1:.0f}s)", flush=True)
+
         # PTQ: round-to-nearest (per-group min/max), and MSE-optimal per-group ranges
         for key, obs in (("ptq_rtn", "minmax"), ("ptq_mse", "mse")):
             if key in methods:
-                m = prepare(fresh(), _minilm_plan(name, wb, ab, "ste", obs))
-                calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
-                row[key] = cosine_to(ref, embed(m, tok, held))
-                print(f"  {name} {key:9s} cos {row[key]:.5f}", flush=True)
+                score(key, calibrated("ste", obs))
         if "qat_lsq" in methods:
             # ours: learned step size and offset (LSQ+) per group, started from the MSE ranges, distilled
-            m = prepare(fresh(), _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
-            calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
+            m = calibrated("lsq_plus", "mse")
             train_(m, wb)
-            row["qat_lsq"] = cosine_to(ref, embed(m, tok, held))
-            print(f"  {name} qat_lsq+  cos {row['qat_lsq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
+            score("qat_lsq", m)
         if "ptq_brecq" in methods or "qat_brecq" in methods:
             # block-wise reconstruction (qat.reconstruct) of the LSQ+ model from MSE ranges, on 512
             # distillation sentences (64 tokens, batches of 32, 400 Adam steps a layer); then QAT from there
-            m = prepare(fresh(), _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
-            calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
+            m = calibrated("lsq_plus", "mse")
             minilm_reconstruct(m, setup, distill_set, seed=seed, **MINILM_BRECQ)
-            row["ptq_brecq"] = cosine_to(ref, embed(m, tok, held))
-            print(f"  {name} ptq_brecq cos {row['ptq_brecq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
+            score("ptq_brecq", m)
             if "qat_brecq" in methods:
                 train_(m, wb)
-                row["qat_brecq"] = cosine_to(ref, embed(m, tok, held))
-                print(f"  {name} qat_brecq cos {row['qat_brecq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
+                score("qat_brecq", m)
         if "ptq_gptq" in methods or "qat_gptq" in methods:
             # GPTQ (second-order rounding, qat.gptq) on the same groups, min/max ranges; then QAT
             # (STE, GPTQ's scales kept) distilled from there with the same recipe as the others
@@ -492,12 +494,10 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
             gptq(m, calib, forward_fn=lambda mod, b: mod(**b))
             if ab is not None:
                 calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))  # dynamic inputs: a no-op pass
-            row["ptq_gptq"] = cosine_to(ref, embed(m, tok, held))
-            print(f"  {name} ptq_gptq  cos {row['ptq_gptq']:.5f}", flush=True)
+            score("ptq_gptq", m)
             if "qat_gptq" in methods:
                 train_(m, wb)
-                row["qat_gptq"] = cosine_to(ref, embed(m, tok, held))
-                print(f"  {name} qat_gptq  cos {row['qat_gptq']:.5f}  ({time.time() - t1:.0f}s)", flush=True)
+                score("qat_gptq", m)
         # torchao QAT, same recipe / data / steps / optimizer: affine weights (as ours), and symmetric
         # weights (torchao's default; its affine int8 groups start far from the float model)
         for key, sym in (("torchao", MINILM_SYMMETRIC), ("torchao_sym", True)):

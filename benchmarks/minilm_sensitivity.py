@@ -1,4 +1,4 @@
-"""Which of MiniLM's 36 encoder Linear layers carry the 4-bit weight error (CPU, ~2 minutes).
+"""Which of MiniLM's 36 encoder Linear layers carry the 4-bit weight error (CPU, ~1 minute).
 
 Each layer alone gets the W4 per-group-32 affine weights of ``accuracy.py minilm`` (MSE-optimal
 ranges, round to nearest, float activations); the row is the held-out embedding error
@@ -22,16 +22,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accuracy import MINILM_GROUP, minilm_setup  # noqa: E402
 
 from qat import QuantPlan, prepare  # noqa: E402
+from qat.sensitivity import layer_sensitivity  # noqa: E402
 from qat.ptq import calibrate  # noqa: E402
 
 KINDS = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
          "intermediate.dense", "output.dense"]
 
 
-def _plan(match: str, bits: int) -> QuantPlan:
+def _plan(bits: int) -> QuantPlan:
     w = {"bits": bits, "granularity": "per_group", "group_size": MINILM_GROUP, "observer": "mse", "estimator": "ste",
          "symmetric": False}
-    return QuantPlan.from_dict({"name": "one", "rules": [{"match": match, "types": ["Linear"], "weight": w}]})
+    return QuantPlan.from_dict({"name": "w_only", "rules": [{"match": "encoder.*", "types": ["Linear"], "weight": w}]})
 
 
 def main(argv=None) -> None:
@@ -45,15 +46,17 @@ def main(argv=None) -> None:
     s = minilm_setup("cpu", wiki=False)
     n_layers = len(s.teacher.encoder.layer)
 
-    def err(match: str) -> float:
-        m = prepare(s.fresh(), _plan(match, args.bits))
-        calibrate(m, s.calib, forward_fn=lambda mod, b: mod(**b))
-        return 1.0 - cosine_to(s.ref, embed(m, s.tok, s.held))
-
-    table = {k: [err(f"encoder.layer.{i}.{k}") for i in range(n_layers)] for k in KINDS}
+    plan = _plan(args.bits)
+    fwd = lambda mod, b: mod(**b)  # noqa: E731
+    # one layer at a time (qat.layer_sensitivity): the metric is the held-out cosine, 1 - it the error
+    sens = {r.name: 1.0 - r.metric for r in layer_sensitivity(
+        s.teacher, plan, s.calib, lambda m: cosine_to(s.ref, embed(m, s.tok, s.held)), forward_fn=fwd)}
+    table = {k: [sens[f"encoder.layer.{i}.{k}"] for i in range(n_layers)] for k in KINDS}
     for k, v in table.items():
         print(k, " ".join(f"{e:.5f}" for e in v), flush=True)
-    everything = err("encoder.*")
+    m = prepare(s.fresh(), plan)
+    calibrate(m, s.calib, forward_fn=fwd)
+    everything = 1.0 - cosine_to(s.ref, embed(m, s.tok, s.held))
     total = sum(sum(v) for v in table.values())
     lines = [f"# MiniLM: held-out embedding error (1 - cosine) from W{args.bits} g{MINILM_GROUP} weights on one layer at a time",
              "", f"CPU, torch {torch.__version__}; `python benchmarks/minilm_sensitivity.py`; affine groups, MSE-optimal ranges, "

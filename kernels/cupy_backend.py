@@ -296,9 +296,9 @@ def _use_cols(inner: int, c: int) -> bool:
 
 
 def _use_rows(inner: int, c: int, vec: int) -> bool:
-    """Long contiguous runs (channels on axis 0, large per-channel inner sizes): the rows kernels."""
-    v = vec if inner % vec == 0 else 1
-    return _ROWS and c > 1 and inner // v >= _ROWS_MIN_VECS
+    """Long contiguous runs (channels on axis 0, large per-channel inner sizes) of ``vec``-element
+    vectors: the rows kernels."""
+    return _ROWS and c > 1 and inner // vec >= _ROWS_MIN_VECS
 
 
 #: rows kernels (reduce.cu rows_body): on where a key's run has at least this many vectors
@@ -319,13 +319,14 @@ _COLS_WAVES = 1
 
 
 def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tuple, device: int) -> None:
-    """Launch ``{kind}_seg`` or ``{kind}_cols`` (reduce.cu) for the layout ``(inner, C)``."""
+    """Launch ``{kind}_rows``, ``_cols``, ``_grp`` or ``_seg`` (reduce.cu) for the layout ``(inner, C)``."""
     code = _DTYPE_CODE[x.dtype]
     vec_full = 16 // _ESIZE[code]
     tensors = [t for t in (x, g, dx) if t is not None]
     aligned = _aligned(*tensors)
-    if kind != "pact_backward" and _use_rows(inner, c, vec_full if aligned else 1):
-        vec = vec_full if aligned and inner % vec_full == 0 else 1
+    vec_rows = vec_full if aligned and inner % vec_full == 0 else 1
+    if kind != "pact_backward" and _use_rows(inner, c, vec_rows):
+        vec = vec_rows
         kern = _kernel("reduce.cu", f"{kind}_rows", code, vec, device)
         nrows = n // inner
         innerv = inner // vec

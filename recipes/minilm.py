@@ -178,9 +178,11 @@ def load_wiki_sentences(min_words: int = 5, max_words: int = 48) -> list[str]:
     return out
 
 
-def tokenize(tokenizer, sentences: Sequence[str], max_length: int = MAX_LENGTH) -> dict[str, torch.Tensor]:
-    """Padded ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``) for a batch of sentences."""
-    return dict(tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+def tokenize(tokenizer, sentences: Sequence[str], max_length: int = MAX_LENGTH, pad_to_max: bool = False) -> dict[str, torch.Tensor]:
+    """Padded ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``) for a batch of sentences:
+    padded to the longest sentence, or to ``max_length`` with ``pad_to_max`` (one shape per batch)."""
+    padding = "max_length" if pad_to_max else True
+    return dict(tokenizer(list(sentences), padding=padding, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
 def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -286,8 +288,9 @@ def distill(
     ``quantizer``) get their own ``scale_lr``; linear warm-up over ``warmup`` of the steps, then
     cosine decay to 0. Batches go to the student's device. With ``ema`` the student ends with the
     exponential moving average of its trainable parameters (float weights and quantizer scales
-    alike) over the run instead of the last step's values, which averages out the step-to-step
-    noise of small-batch distillation.
+    alike) over the run instead of the last step's values. On MiniLM W4A8 that measured worse
+    (``benchmarks/results/minilm_recipe_search_h100.md``): averaged latent weights round to other
+    grid points than the ones the network co-adapted to.
 
     Args:
         student: ``qat.prepare``-d copy of the teacher (fake-quantized, observers calibrated).
@@ -332,8 +335,9 @@ def distill(
     device = next(student.parameters()).device
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(sentences), generator=g).tolist()
-    scales = [p for n, p in student.named_parameters() if p.requires_grad and "quantizer" in n and not n.endswith("zero_point")]
-    zps = [p for n, p in student.named_parameters() if p.requires_grad and "quantizer" in n and n.endswith("zero_point")]
+    quant = [(n, p) for n, p in student.named_parameters() if p.requires_grad and "quantizer" in n]
+    scales = [p for n, p in quant if not n.endswith("zero_point")]
+    zps = [p for n, p in quant if n.endswith("zero_point")]
     ids = {id(p) for p in scales + zps}
     weights = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
     if not train_weights:
@@ -355,18 +359,15 @@ def distill(
     student.eval()
     teacher.eval()
     layers = layer_weight > 0
-    tracked = [p for grp in groups for p in grp["params"]]
-    shadow = [p.detach().clone() for p in tracked] if ema else []
+    tracked = [p.detach() for grp in groups for p in grp["params"]]  # views of the parameters
+    shadow = [p.clone() for p in tracked] if ema else []
     forward = torch.compile(student) if compile else student
 
     def run() -> list:
         losses = []
         for step in range(steps):
             sents = _batch_sentences(sentences, step, batch, order, splice, g)
-            if compile:  # one shape for every step: no recompiles
-                enc = dict(tokenizer(sents, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"))
-            else:
-                enc = tokenize(tokenizer, sents, max_length)
+            enc = tokenize(tokenizer, sents, max_length, pad_to_max=compile)  # compiled: one shape, no recompiles
             if token_noise:
                 enc["input_ids"] = _token_noise(enc["input_ids"], enc["attention_mask"], special, token_noise, g)
             enc = {k: v.to(device) for k, v in enc.items()}
@@ -392,7 +393,7 @@ def distill(
             sched.step()
             if ema:
                 with torch.no_grad():
-                    torch._foreach_lerp_(shadow, [p.detach() for p in tracked], 1.0 - ema)
+                    torch._foreach_lerp_(shadow, tracked, 1.0 - ema)
             losses.append(float(loss.detach()))
             if log_every and (step % log_every == 0 or step == steps - 1):
                 print(f"    step {step:5d} loss {losses[-1]:.6f}", flush=True)
