@@ -21,7 +21,9 @@ sentence joined to the second half of another), ``weights`` (``train`` or ``free
 quantizers), ``ema`` (decay of the parameters' moving average the run ends with; 0: off),
 ``compile`` (1: ``torch.compile`` the student), ``zp_lr`` (learning rate of the LSQ+
 offsets; default: ``scale_lr``), ``tf32`` (1: TF32 matmuls while training), ``token_noise`` (share of
-tokens replaced by random ones of the batch), ``init`` (``calib``: calibrated ranges; ``brecq``:
+tokens replaced by random ones of the batch), ``noise_mode`` (``batch`` or ``neighbor``: the replacements are
+embedding neighbors), ``attn_weight`` (attention-distribution KL loss), ``norm_lr`` (learning rate of biases
+and LayerNorms; default ``lr``), ``embeddings`` (``train`` or ``freeze``), ``init`` (``calib``: calibrated ranges; ``brecq``:
 block-wise reconstruction first, as ``accuracy.py``'s ``qat_brecq`` column; it runs once per
 estimator / observer and is reused by later rows), ``seed``.
 """
@@ -50,7 +52,8 @@ BASE: dict[str, Any] = {
     "steps": 150, "batch": 16, "max_length": 32, "lr": 1e-4, "scale_lr": 1e-5, "warmup": 0.0,
     "cos_weight": 10.0, "mse_weight": 1.0, "layer_weight": 0.0, "estimator": "lsq_plus", "observer": "mse",
     "splice": 0.0, "weights": "train", "seed": 0, "corpus": "lee", "ema": 0.0, "compile": 0, "init": "calib",
-    "zp_lr": None, "tf32": 0, "token_noise": 0.0,
+    "zp_lr": None, "tf32": 0, "token_noise": 0.0, "noise_mode": "batch", "attn_weight": 0.0, "norm_lr": None,
+    "embeddings": "train",
 }
 
 #: accuracy.py's MiniLM recipe at 4 bits, as overrides of BASE
@@ -115,6 +118,16 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {**_BIG, "steps": 2000, "token_noise": 0.15},
         {**_BIG, "steps": 2000},
     ],
+    # seventh round: where the replacement tokens come from, frozen embeddings, a learning rate of
+    # their own for biases / LayerNorms, the attention-distribution loss (all at 1000 steps, against
+    # row 31 of the table: {**_BIG, "token_noise": 0.15})
+    "round7": [
+        {**_BIG, "token_noise": 0.15, "noise_mode": "neighbor"},
+        {**_BIG, "token_noise": 0.15, "embeddings": "freeze"},
+        {**_BIG, "token_noise": 0.15, "norm_lr": 1e-3},
+        {**_BIG, "token_noise": 0.15, "attn_weight": 3.0},
+        {**_BIG, "token_noise": 0.15, "noise_mode": "neighbor", "embeddings": "freeze", "norm_lr": 1e-3},
+    ],
     # the "wiki" grid without its first row (that recipe is accuracy.py's: its W4A8 row is that run)
     "wiki_more": [
         {"steps": 2500, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
@@ -138,9 +151,9 @@ def run_recipe(student, teacher, tok, train: list[str], cfg: dict[str, Any], log
     from qat.recipes.minilm import distill
 
     kw = {k: cfg[k] for k in ("steps", "batch", "max_length", "lr", "scale_lr", "warmup", "cos_weight", "mse_weight",
-                              "layer_weight", "splice", "seed", "ema", "zp_lr", "token_noise")}
-    distill(student, teacher, tok, train, train_weights=cfg["weights"] != "freeze", compile=bool(cfg["compile"]), tf32=bool(cfg["tf32"]),
-            log_every=log_every, **kw)
+                              "layer_weight", "splice", "seed", "ema", "zp_lr", "token_noise", "noise_mode", "attn_weight", "norm_lr")}
+    distill(student, teacher, tok, train, train_weights=cfg["weights"] != "freeze", train_embeddings=cfg["embeddings"] != "freeze",
+            compile=bool(cfg["compile"]), tf32=bool(cfg["tf32"]), log_every=log_every, **kw)
 
 
 def main(argv: Optional[list] = None) -> None:

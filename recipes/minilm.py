@@ -253,6 +253,61 @@ def _token_noise(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, p
     return out.view_as(ids)
 
 
+def embedding_neighbors(embeddings: torch.Tensor, k: int = 8, exclude: Sequence[int] = (), chunk: int = 4096) -> torch.Tensor:
+    """The ``k`` nearest other tokens of every token by cosine of its input embedding.
+
+    Args:
+        embeddings: ``(vocab, dim)`` word-embedding matrix (e.g. the teacher's
+            ``embeddings.word_embeddings.weight``); computed on its device.
+        k: neighbors per token.
+        exclude: token ids never chosen as a neighbor (special tokens).
+        chunk: rows compared at once (memory: ``chunk * vocab`` floats).
+
+    Returns:
+        ``(vocab, k)`` int64 ids on the CPU, nearest first.
+
+    Example::
+
+        nb = embedding_neighbors(teacher.embeddings.word_embeddings.weight, k=8,
+                                 exclude=tok.all_special_ids)
+    """
+    if k < 1 or k >= embeddings.shape[0]:
+        raise ValueError(f"k must be in [1, vocab), got {k} for a vocabulary of {embeddings.shape[0]}")
+    e = F.normalize(embeddings.detach().float(), dim=-1)
+    out = []
+    bad = torch.tensor(sorted(set(exclude)), dtype=torch.long, device=e.device)
+    for i0 in range(0, e.shape[0], chunk):
+        sim = e[i0 : i0 + chunk] @ e.T
+        rows = torch.arange(i0, min(i0 + chunk, e.shape[0]), device=e.device)
+        sim[rows - i0, rows] = -2.0  # never the token itself
+        if bad.numel():
+            sim[:, bad] = -2.0
+        out.append(sim.topk(k, dim=-1).indices.cpu())
+    return torch.cat(out)
+
+
+def _neighbor_noise(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, p: float, neighbors: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``ids`` with a share ``p`` of the real, non-special tokens replaced by one of their embedding neighbors."""
+    real = (mask.bool() & ~torch.isin(ids, special)).flatten()
+    hit = real & (torch.rand(real.shape, generator=g) < p)
+    out = ids.flatten().clone()
+    n = int(hit.sum())
+    if n:
+        pick = torch.randint(neighbors.shape[1], (n,), generator=g)
+        out[hit] = neighbors[out[hit], pick]
+    return out.view_as(ids)
+
+
+def _attention_kl(s_att, t_att, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers, heads and real query tokens of KL(teacher attention || student attention)."""
+    q = mask.to(torch.float32)[:, None, :, None]  # (B, 1, T, 1): real query rows
+    total = 0.0
+    for s, t in zip(s_att, t_att):
+        kl = (t * (torch.log(t.clamp_min(1e-12)) - torch.log(s.clamp_min(1e-12)))).sum(-1, keepdim=True)
+        total = total + (kl * q).sum() / (q.sum() * s.shape[1])
+    return total / len(s_att)
+
+
 def distill(
     student,
     teacher,
@@ -270,6 +325,11 @@ def distill(
     layer_weight: float = 0.0,
     splice: float = 0.0,
     token_noise: float = 0.0,
+    noise_mode: str = "batch",
+    noise_neighbors: int = 8,
+    attn_weight: float = 0.0,
+    norm_lr: Optional[float] = None,
+    train_embeddings: bool = True,
     train_weights: bool = True,
     ema: float = 0.0,
     compile: bool = False,
@@ -282,7 +342,9 @@ def distill(
     Each step takes ``batch`` sentences (a fixed-seed shuffle, cycled), runs the teacher without
     gradients and the student with them, and minimizes
     ``mse_weight * MSE(last hidden) + cos_weight * (1 - cos(pooled embeddings))
-    + layer_weight * mean over layers of MSE(layer output)`` (token MSEs over real tokens only).
+    + layer_weight * mean over layers of MSE(layer output)
+    + attn_weight * mean over layers of KL(teacher attention || student attention)`` (token MSEs and
+    attention KLs over real tokens only).
     Dropout stays off (eval mode): the target is the teacher's deterministic output. AdamW with no
     weight decay; the quantizers' learned scales / offsets (parameters whose name contains
     ``quantizer``) get their own ``scale_lr``; linear warm-up over ``warmup`` of the steps, then
@@ -308,6 +370,15 @@ def distill(
         token_noise: share of each sentence's word-piece tokens (not [CLS]/[SEP]/padding) replaced
             by tokens drawn at random from the batch's, so the student rarely sees an input twice
             (teacher and student see the same noisy batch; TinyBERT-style augmentation).
+        noise_mode: where the replacement tokens come from: ``"batch"`` (random tokens of the batch)
+            or ``"neighbor"`` (one of the ``noise_neighbors`` nearest tokens by the teacher's input
+            embedding, ``embedding_neighbors``: a near-synonym more often than a random word).
+        attn_weight: weight of the attention-distribution loss (MiniLM / TinyBERT style); both
+            models run eager attention while it is on (``sdpa`` cannot return the probabilities).
+        norm_lr: learning rate of the 1-D parameters (biases, LayerNorm scales and shifts), which
+            can absorb part of the quantization error; default ``lr``.
+        train_embeddings: False keeps the (float, unquantized) embedding layer frozen, so tokens
+            the training text never shows stay consistent with the ones it does.
         train_weights: False learns only the quantizers (the float weights stay frozen).
         ema: decay of the parameters' moving average (e.g. 0.999); 0 keeps the last step's.
         compile: run the student's forward through ``torch.compile`` (batches padded to
@@ -331,6 +402,10 @@ def distill(
         raise ValueError(f"ema must be in [0, 1), got {ema}")
     if not 0.0 <= token_noise < 1.0:
         raise ValueError(f"token_noise must be in [0, 1), got {token_noise}")
+    if noise_mode not in ("batch", "neighbor"):
+        raise ValueError(f"noise_mode must be 'batch' or 'neighbor', got {noise_mode!r}")
+    if attn_weight < 0:
+        raise ValueError(f"attn_weight must be >= 0, got {attn_weight}")
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     device = next(student.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -339,12 +414,20 @@ def distill(
     scales = [p for n, p in quant if not n.endswith("zero_point")]
     zps = [p for n, p in quant if n.endswith("zero_point")]
     ids = {id(p) for p in scales + zps}
+    if not train_embeddings:  # left out of the optimizer: they keep the teacher's values
+        ids |= {id(p) for n, p in student.named_parameters() if n.startswith("embeddings.")}
     weights = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
     if not train_weights:
         for p in weights:
             p.requires_grad_(False)
         weights = []
-    groups = [{"params": ps, "lr": r} for ps, r in ((weights, lr), (scales, scale_lr), (zps, scale_lr if zp_lr is None else zp_lr)) if ps]
+    norms = [p for p in weights if p.ndim == 1] if norm_lr is not None else []
+    weights = [p for p in weights if not any(p is q for q in norms)]
+    groups = [
+        {"params": ps, "lr": r}
+        for ps, r in ((weights, lr), (norms, norm_lr), (scales, scale_lr), (zps, scale_lr if zp_lr is None else zp_lr))
+        if ps
+    ]
     if not groups:
         raise ValueError("the student has no trainable parameters")
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -359,6 +442,14 @@ def distill(
     student.eval()
     teacher.eval()
     layers = layer_weight > 0
+    attn = attn_weight > 0
+    neighbors = None
+    if token_noise and noise_mode == "neighbor":
+        neighbors = embedding_neighbors(teacher.embeddings.word_embeddings.weight, noise_neighbors, tokenizer.all_special_ids)
+    impls = [m.config._attn_implementation for m in (student, teacher)]
+    if attn:
+        for m in (student, teacher):
+            m.set_attn_implementation("eager")
     tracked = [p.detach() for grp in groups for p in grp["params"]]  # views of the parameters
     shadow = [p.clone() for p in tracked] if ema else []
     forward = torch.compile(student) if compile else student
@@ -368,12 +459,14 @@ def distill(
         for step in range(steps):
             sents = _batch_sentences(sentences, step, batch, order, splice, g)
             enc = tokenize(tokenizer, sents, max_length, pad_to_max=compile)  # compiled: one shape, no recompiles
-            if token_noise:
+            if token_noise and neighbors is not None:
+                enc["input_ids"] = _neighbor_noise(enc["input_ids"], enc["attention_mask"], special, token_noise, neighbors, g)
+            elif token_noise:
                 enc["input_ids"] = _token_noise(enc["input_ids"], enc["attention_mask"], special, token_noise, g)
             enc = {k: v.to(device) for k, v in enc.items()}
             with torch.no_grad():
-                t_out = teacher(**enc, output_hidden_states=layers)
-            s_out = forward(**enc, output_hidden_states=layers)
+                t_out = teacher(**enc, output_hidden_states=layers, output_attentions=attn)
+            s_out = forward(**enc, output_hidden_states=layers, output_attentions=attn)
             m = enc["attention_mask"].unsqueeze(-1).to(torch.float32)  # (B, T) -> (B, T, 1)
             denom = m.sum() * s_out.last_hidden_state.shape[-1]
 
@@ -387,6 +480,8 @@ def distill(
             if layers:
                 hs = list(zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
                 loss = loss + layer_weight * sum(mse(a, b) for a, b in hs) / len(hs)
+            if attn:
+                loss = loss + attn_weight * _attention_kl(s_out.attentions, t_out.attentions, enc["attention_mask"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -405,6 +500,9 @@ def distill(
         losses = run()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_was
+        if attn:
+            for m, impl in zip((student, teacher), impls):
+                m.set_attn_implementation(impl)
     if ema:
         with torch.no_grad():
             torch._foreach_copy_(tracked, shadow)

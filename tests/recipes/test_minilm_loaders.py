@@ -142,3 +142,48 @@ def test_token_noise_replaces_only_real_tokens():
     assert torch.equal(_token_noise(ids, mask, special, 0.0, torch.Generator()), ids)
     with pytest.raises(ValueError, match="token_noise"):
         distill(None, None, None, ["a"], token_noise=1.0)
+
+
+def test_embedding_neighbors_and_neighbor_noise():
+    from qat.recipes.minilm import _neighbor_noise, embedding_neighbors
+
+    e = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
+    nb = embedding_neighbors(e, k=1, chunk=2)
+    assert nb.squeeze(1).tolist() == [1, 0, 3, 2, 2]  # the closest other token (by cosine)
+    assert embedding_neighbors(e, k=1, exclude=[1]).squeeze(1).tolist()[0] == 3  # never an excluded id
+    with pytest.raises(ValueError, match="k must be"):
+        embedding_neighbors(e, k=5)
+    special = torch.tensor([0])
+    ids = torch.tensor([[0, 1, 2, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    out = _neighbor_noise(ids, mask, special, 0.999, nb, torch.Generator().manual_seed(0))
+    assert out.tolist() == [[0, 0, 3, 2, 0]]  # each real token became its neighbor; special / padding kept
+
+
+def test_distill_attention_loss_norm_lr_and_frozen_embeddings():
+    """attention KL and neighbor noise run (and leave the attention implementation as it was), the
+    embeddings stay the teacher's with ``train_embeddings=False``, and ``norm_lr`` moves the 1-D
+    parameters at their own rate."""
+    import copy
+
+    from qat.recipes.minilm import _attention_kl, distill, load_minilm, load_sentences
+
+    teacher, tok = load_minilm()
+    train, _ = load_sentences(n_train=32, n_held_out=4)
+    base = _lsq_student(teacher, tok, train, "encoder.layer.0.*", bits=4)
+    s = copy.deepcopy(base)
+    impl = s.config._attn_implementation
+    losses = distill(s, teacher, tok, train, steps=2, batch=4, max_length=16, lr=1e-3, attn_weight=1.0,
+                     token_noise=0.2, noise_mode="neighbor", train_embeddings=False, norm_lr=0.0)
+    assert all(l == l for l in losses)
+    assert s.config._attn_implementation == impl and teacher.config._attn_implementation == impl
+    got, want = dict(s.named_parameters()), dict(base.named_parameters())
+    assert torch.equal(got["embeddings.word_embeddings.weight"], want["embeddings.word_embeddings.weight"])
+    assert torch.equal(got["encoder.layer.0.attention.self.query.bias"], want["encoder.layer.0.attention.self.query.bias"])  # norm_lr 0
+    assert not torch.equal(got["encoder.layer.0.attention.self.query.weight"], want["encoder.layer.0.attention.self.query.weight"])
+    p = torch.softmax(torch.randn(2, 3, 4, 4), -1)
+    mask = torch.ones(2, 4)
+    assert float(_attention_kl([p], [p], mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(_attention_kl([torch.full_like(p, 0.25)], [p], mask)) > 0
+    with pytest.raises(ValueError, match="noise_mode"):
+        distill(None, None, None, ["a"], noise_mode="synonym")
