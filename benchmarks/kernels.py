@@ -343,6 +343,56 @@ def saved_bits_per_element(n=2**24):
     return out
 
 
+# ----------------------------------------------------------------------------- shapes
+
+
+#: 64M-element fp32 tensors for the per-channel STE against torch.fake_quantize_per_channel_affine:
+#: (shape, axis); the 3x target of issue #3 was stated on one (unnamed) shape
+SHAPES = (
+    ((4096, 16384), 0),
+    ((4096, 16384), 1),
+    ((16384, 4096), 0),
+    ((16384, 4096), 1),
+    ((65536, 1024), 0),
+    ((1024, 65536), 0),
+)
+
+
+def shape_sweep(shapes=SHAPES):
+    """fp32 per-channel STE (forward + backward) on several shapes: torch's op, ours, the copy."""
+    out = []
+    for shape, axis in shapes:
+        torch.cuda.empty_cache()
+        x, g, s, z = make_inputs(shape, torch.float32, axis, None)
+        n = x.numel()
+        nbytes = minimal_bytes("ste", n, 4, s.numel())
+        r = dict(shape=list(shape), axis=axis, numel=n, bytes=nbytes)
+        fn = ours_fn("ste", x, g, s, z, axis, None)
+        r["ours_us"] = bench_graph(fn)
+        r["ours_eager_us"] = bench(fn)
+        r["torch_us"] = bench(torch_fn("ste", x, g, s, z, axis, None))
+        r["copy_us"] = copy_time(nbytes)
+        r["speedup_torch"] = r["torch_us"] / r["ours_eager_us"]
+        r["ceiling"] = r["torch_us"] / r["copy_us"]  # the speed-up a kernel at the copy would have
+        out.append(r)
+        print(_fmt_shape(r), flush=True)
+        del x, g, s, z
+    return out
+
+
+SHAPE_HEADER = (
+    "| shape | axis | torch us | ours eager us | ours kernels us | copy us | vs torch | at the copy |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def _fmt_shape(r):
+    return (
+        f"| {'x'.join(map(str, r['shape']))} | {r['axis']} | {r['torch_us']:.1f} | {r['ours_eager_us']:.1f} "
+        f"| {r['ours_us']:.1f} | {r['copy_us']:.1f} | {r['speedup_torch']:.2f}x | {r['ceiling']:.2f}x |"
+    )
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -549,10 +599,12 @@ def main(argv=None):
                     help="override a tuning macro of the CUDA sources (repeatable)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override a tuning knob of cupy_backend, e.g. _ROWS_SPLIT=4 (repeatable)")
+    ap.add_argument("--shapes", action="store_true", help="only the fp32 per-channel STE shape sweep; print")
     ap.add_argument("--sweep", action="append", default=[], metavar="'NAME=VALUE ...'",
                     help="with --quick: run once per such config (QAT_* names are macros, others backend knobs)")
     args = ap.parse_args(argv)
-    cupy_backend.EXTRA_OPTIONS = tuple(f"-D{d}" for d in args.define)
+    if args.define:  # else the environment's QAT_KERNEL_DEFINES (cupy_backend), if any
+        cupy_backend.EXTRA_OPTIONS = tuple(f"-D{d}" for d in args.define)
     for item in args.set:
         _set_knob(*item.split("=", 1))
     if not (torch.cuda.is_available() and cupy_backend.available()):
@@ -575,7 +627,12 @@ def main(argv=None):
         numel=args.numel,
         qrange=[QMIN, QMAX],
         timing="median of triton.testing.do_bench (CUDA events)",
+        defines=[o[2:] for o in cupy_backend.EXTRA_OPTIONS if o.startswith("-D")],
     )
+    if args.shapes:
+        print(SHAPE_HEADER, flush=True)
+        shape_sweep()
+        return
     print(HEADER, flush=True)
     only = [p.strip() for p in args.only.split(",")] if args.only else None
     if args.sweep:
@@ -584,6 +641,10 @@ def main(argv=None):
     rows = run(args.numel, not args.no_compile, only, args.quick)
     if args.quick:
         return
+    shapes = None
+    if not only:
+        print(SHAPE_HEADER, flush=True)
+        shapes = shape_sweep()
     bits = saved_bits_per_element()
     checks = targets(rows, bits)
     meta["seconds"] = round(time.time() - t0, 1)
@@ -596,7 +657,8 @@ def main(argv=None):
         f"# Fake-quant kernels on {gpu}",
         "",
         f"{meta['date']}; torch {meta['torch']} (CUDA {meta['cuda']}), CuPy {meta['cupy']}; "
-        f"{args.numel:,} elements, int4 [{QMIN}, {QMAX}], forward + backward; median times (us).",
+        f"{args.numel:,} elements, int4 [{QMIN}, {QMAX}], forward + backward; median times (us)"
+        + (f"; NVRTC defines {' '.join(meta['defines'])}." if meta["defines"] else "."),
         "`kernels`: GPU time of the CuPy kernels (forward + backward replayed from a CUDA graph, so no launch",
         "overhead); `fwd / bwd`: each alone; `eager`: the same calls timed eagerly with CUDA events; `via op`:",
         "through the public ops and autograd (eager). `copy`: a device-to-device copy moving the op's minimal",
@@ -608,6 +670,20 @@ def main(argv=None):
         HEADER,
         *(_fmt_row(r) for r in rows),
         "",
+        *(
+            [
+                "## fp32 per-channel STE on other 64M-element shapes (forward + backward)",
+                "",
+                "`vs torch`: eager against eager, as above; `at the copy`: torch / copy, the speed-up of a kernel",
+                "running at the copy ceiling (no kernel can beat it by more on that shape).",
+                "",
+                SHAPE_HEADER,
+                *(_fmt_shape(r) for r in shapes),
+                "",
+            ]
+            if shapes
+            else []
+        ),
         "## Memory kept for backward by the STE forward (bits per element)",
         "",
         *(f"- {k}: {v:.3f}" for k, v in bits.items()),
@@ -619,7 +695,7 @@ def main(argv=None):
     ]
     (out / f"kernels_{tag}.md").write_text("\n".join(lines))
     (out / f"kernels_{tag}.json").write_text(
-        json.dumps(dict(meta=meta, rows=rows, saved_bits_per_element=bits,
+        json.dumps(dict(meta=meta, rows=rows, shapes=shapes, saved_bits_per_element=bits,
                         targets=[dict(name=n, met=ok, detail=d) for n, ok, d in checks]), indent=1)
     )
     print("\n".join(lines[-(len(bits) + len(checks) + 7):]))

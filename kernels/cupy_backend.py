@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -90,8 +91,10 @@ def _source(name: str) -> str:
 
 
 #: extra NVRTC options (``-DNAME=VALUE`` overrides of the sources' tuning macros, such as
-#: ``QAT_COLS_ROWS_LSQ``); set by ``benchmarks/kernels.py --define`` before the first launch
-EXTRA_OPTIONS: tuple[str, ...] = ()
+#: ``QAT_COLS_ROWS_LSQ``); set by ``benchmarks/kernels.py --define`` before the first launch, or from
+#: the environment variable ``QAT_KERNEL_DEFINES`` (``"QAT_MM_PACKED=1 QAT_FWD_PF=1"``: the GPU
+#: tests of a candidate setting run as ``QAT_KERNEL_DEFINES=... pytest -m cuda tests/kernels``)
+EXTRA_OPTIONS: tuple[str, ...] = tuple(f"-D{d}" for d in os.environ.get("QAT_KERNEL_DEFINES", "").split())
 
 
 def _options(dtype_code: int, vec: int) -> tuple[str, ...]:

@@ -56,6 +56,8 @@ __device__ __forceinline__ unsigned short scalar_zero() { return 0; }
 #endif
 
 #define QAT_VEC_BYTES (QAT_VEC * QAT_ESIZE)
+// a tuning default by storage type: float32, 16-bit (usable in #if)
+#define QAT_BY_DTYPE(f32, h16) (QAT_ESIZE == 4 ? (f32) : (h16))
 #if QAT_VEC_BYTES != 16 && QAT_VEC != 1
 #error "QAT_VEC must be 1 or 16 / sizeof(scalar_t)"
 #endif

@@ -14,10 +14,37 @@
 // the mask of one step is QAT_VEC whole 32-bit words: each lane ORs its QAT_VEC bits with the
 // 32/QAT_VEC - 1 neighbours that share its word (xor shuffles; a ballot when QAT_VEC == 1).
 // Bytes: reads x (and the parameters, cached), writes y and numel/8 bytes of mask.
+// QAT_FWD_PF 1: key mode 1 loads both steps' parameters together with x (see fwd_body)
+#ifndef QAT_FWD_PF
+#define QAT_FWD_PF QAT_BY_DTYPE(0, 0)
+#endif
+// QAT_FWD_ADJ 1: a warp's two steps of an iteration are adjacent (2w, 2w + 1) instead of w and
+// w + nwarps
+#ifndef QAT_FWD_ADJ
+#define QAT_FWD_ADJ QAT_BY_DTYPE(0, 0)
+#endif
+// minimum resident blocks per SM of the forward kernels (0: no __launch_bounds__ minimum, ptxas's choice)
+#ifndef QAT_FWD_MINB
+#define QAT_FWD_MINB QAT_BY_DTYPE(0, 0)
+#endif
+#if QAT_FWD_MINB > 0
+#define QAT_FWD_BOUNDS __launch_bounds__(QAT_THREADS, QAT_FWD_MINB)
+#else
+#define QAT_FWD_BOUNDS __launch_bounds__(QAT_THREADS)
+#endif
+
 template <int VARIANT>
 struct FwdParam {
   float s, z, inv_s, a;
   long long key;
+  // from parameters already loaded (QAT_FWD_PF): s and the raw zero point of key k
+  __device__ __forceinline__ void set(long long k, float s_, float z_, float qmin, float qmax) {
+    if (k == key) return;
+    key = k;
+    s = s_;
+    z = VARIANT == 1 ? qclamp(rintf(z_), qmin, qmax) : z_;
+    inv_s = 1.0f / s;
+  }
   __device__ __forceinline__ void load(long long k, const float* __restrict__ scale, const float* __restrict__ zp,
                                        const float* __restrict__ alpha, float qmin, float qmax) {
     if (k == key) return;
@@ -33,6 +60,11 @@ struct FwdParam {
     }
     inv_s = 1.0f / s;
   }
+};
+
+// QAT_FWD_PF >= 2, key mode 3: a vector's QAT_VEC channel parameters, loaded with x by fwd_body
+struct ColParams {
+  float s[QAT_VEC], z[QAT_VEC];
 };
 
 template <int VARIANT, int RMODE>
@@ -61,7 +93,8 @@ __device__ __forceinline__ void write_mask(unsigned* __restrict__ mask, long lon
 // One lane's vector. FULL: all QAT_VEC elements are inside the tensor (every step but the last).
 template <int VARIANT, int KEYMODE, int RMODE, bool FULL>
 __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, RawVec& yv, long long e0, int nvalid,
-                                        unsigned& bits, const float* __restrict__ scale, const float* __restrict__ zp,
+                                        unsigned& bits, const ColParams& pre, const float* __restrict__ scale,
+                                        const float* __restrict__ zp,
                                         const float* __restrict__ alpha, const FastDiv& inner, const FastDiv& C,
                                         float qmin, float qmax) {
   bits = 0;
@@ -79,10 +112,15 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
   } else if (KEYMODE == 3) {
     // channels on the last axis (inner == 1, C % QAT_VEC == 0): the vector's QAT_VEC consecutive
     // channels' parameters are themselves read as 16-byte vectors
+#if QAT_FWD_PF >= 2
+    const float(&sv)[QAT_VEC] = pre.s;
+    const float(&zv)[QAT_VEC] = pre.z;
+#else
     const long long k0 = e0 - C.div(e0) * C.d;  // inner == 1
     float sv[QAT_VEC], zv[QAT_VEC];
     load_params(scale + k0, sv);
     load_params(zp + k0, zv);
+#endif
 #pragma unroll
     for (int j = 0; j < QAT_VEC; ++j) {
       FwdParam<VARIANT> pj;
@@ -94,7 +132,7 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
       bits |= (unsigned)(inside && (FULL || j < nvalid)) << j;
     }
   } else {
-    if (KEYMODE == 1) {
+    if (KEYMODE == 1 && !QAT_FWD_PF) {
       long long r;
       p.load(key_of(e0, inner, C, r), scale, zp, alpha, qmin, qmax);
     }
@@ -110,20 +148,21 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
 template <int VARIANT, int KEYMODE, int RMODE>
 __device__ __forceinline__ void fwd_one(FwdParam<VARIANT>& p, const RawVec& xv, scalar_t* __restrict__ y,
                                         unsigned* __restrict__ mask, long long st, long long e, int nv, long long nwords,
-                                        const float* __restrict__ scale, const float* __restrict__ zp,
+                                        const ColParams& pre, const float* __restrict__ scale,
+                                        const float* __restrict__ zp,
                                         const float* __restrict__ alpha, const FastDiv& inner, const FastDiv& C,
                                         float qmin, float qmax) {
   RawVec yv;
   unsigned bits;
   if (nv == QAT_VEC) {
-    fwd_vec<VARIANT, KEYMODE, RMODE, true>(p, xv, yv, e, nv, bits, scale, zp, alpha, inner, C, qmin, qmax);
+    fwd_vec<VARIANT, KEYMODE, RMODE, true>(p, xv, yv, e, nv, bits, pre, scale, zp, alpha, inner, C, qmin, qmax);
 #if QAT_VEC_BYTES == 16
     __stcs(reinterpret_cast<uint4*>(y + e), yv.u);
 #else
     y[e] = yv.s[0];
 #endif
   } else {
-    fwd_vec<VARIANT, KEYMODE, RMODE, false>(p, xv, yv, e, nv, bits, scale, zp, alpha, inner, C, qmin, qmax);
+    fwd_vec<VARIANT, KEYMODE, RMODE, false>(p, xv, yv, e, nv, bits, pre, scale, zp, alpha, inner, C, qmin, qmax);
     store_vec(y, e, nv, yv);
   }
   if (VARIANT == 0) write_mask(mask, st, bits, nwords);
@@ -147,8 +186,13 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
   const long long nwords = (n + 31) >> 5;
   // Grid-stride over warp steps, two steps per iteration: both loads are issued before either is
   // used. (A deeper software pipeline cost registers and ran ~7% slower on an H100.)
+#if QAT_FWD_ADJ
+  for (long long st0 = 2 * warp; st0 < nsteps; st0 += 2 * nwarps) {
+    const long long st1 = st0 + 1;  // adjacent steps: one run of a long channel keeps its parameters
+#else
   for (long long st0 = warp; st0 < nsteps; st0 += 2 * nwarps) {
     const long long st1 = st0 + nwarps;
+#endif
     const bool has1 = st1 < nsteps;  // warp-uniform
     const long long e0 = st0 * step_elems + (long long)lane * QAT_VEC;
     const long long e1 = st1 * step_elems + (long long)lane * QAT_VEC;
@@ -157,16 +201,44 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
     const RawVec x0 = load_vec(x, e0, nv0);
     RawVec x1;
     if (has1) x1 = load_vec(x, e1, nv1);
-    fwd_one<VARIANT, KEYMODE, RMODE>(p, x0, y, mask, st0, e0, nv0, nwords, scale, zp, alpha, inner, C, qmin, qmax);
+    ColParams pre0, pre1;
+#if QAT_FWD_PF >= 2
+    if (KEYMODE == 3) {  // inner == 1: the vectors' channels
+      const long long k0 = e0 - C.div(e0) * C.d, k1 = has1 ? e1 - C.div(e1) * C.d : k0;
+      load_params(scale + k0, pre0.s);
+      load_params(zp + k0, pre0.z);
+      load_params(scale + k1, pre1.s);
+      load_params(zp + k1, pre1.z);
+    }
+#endif
+#if QAT_FWD_PF
+    if (KEYMODE == 1) {
+      // both steps' parameters loaded together with x (a key per vector: one run of a channel or a
+      // group), so the second step does not wait for its parameter load after the first is done
+      long long r;
+      const long long k0 = key_of(e0, inner, C, r);
+      const long long k1 = has1 ? key_of(e1, inner, C, r) : k0;
+      const float s0 = __ldg(scale + k0), z0 = __ldg(zp + k0);
+      const float s1 = __ldg(scale + k1), z1 = __ldg(zp + k1);
+      p.set(k0, s0, z0, qmin, qmax);
+      fwd_one<VARIANT, KEYMODE, RMODE>(p, x0, y, mask, st0, e0, nv0, nwords, pre0, scale, zp, alpha, inner, C, qmin, qmax);
+      if (has1) {
+        p.set(k1, s1, z1, qmin, qmax);
+        fwd_one<VARIANT, KEYMODE, RMODE>(p, x1, y, mask, st1, e1, nv1, nwords, pre1, scale, zp, alpha, inner, C, qmin, qmax);
+      }
+      continue;
+    }
+#endif
+    fwd_one<VARIANT, KEYMODE, RMODE>(p, x0, y, mask, st0, e0, nv0, nwords, pre0, scale, zp, alpha, inner, C, qmin, qmax);
     if (has1)
-      fwd_one<VARIANT, KEYMODE, RMODE>(p, x1, y, mask, st1, e1, nv1, nwords, scale, zp, alpha, inner, C, qmin, qmax);
+      fwd_one<VARIANT, KEYMODE, RMODE>(p, x1, y, mask, st1, e1, nv1, nwords, pre1, scale, zp, alpha, inner, C, qmin, qmax);
   }
 }
 
 // One entry point per (variant, key mode), so each gets its own register allocation:
 // fq_forward_<variant>_<keymode>, variant 0 STE (writes the mask), 1 LSQ, 2 PACT (key mode 0).
 #define QAT_FWD_KERNEL(V, K)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_forward_##V##_##K(                              \
+  extern "C" __global__ void QAT_FWD_BOUNDS fq_forward_##V##_##K(                                                  \
       const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
       long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \
