@@ -65,6 +65,19 @@ __device__ __forceinline__ unsigned short scalar_zero() { return 0; }
 #define QAT_THREADS 256
 #define QAT_FULL 0xffffffffu
 
+// 16-byte loads and stores of the streamed tensors: 1 = cache-streaming hints (ld.global.cs /
+// st.global.cs: evict first), 0 = plain (ld.global.nc through the read-only path / st.global)
+#ifndef QAT_CS
+#define QAT_CS QAT_BY_DTYPE(1, 1)
+#endif
+#if QAT_CS
+#define QAT_LD16(p) __ldcs(p)
+#define QAT_ST16(p, v) __stcs(p, v)
+#else
+#define QAT_LD16(p) __ldg(p)
+#define QAT_ST16(p, v) (*(p) = (v))
+#endif
+
 // One thread's slice: QAT_VEC consecutive elements, loaded with one 16-byte access when vectorized.
 union RawVec {
 #if QAT_VEC_BYTES == 16
@@ -79,7 +92,7 @@ __device__ __forceinline__ RawVec load_vec(const scalar_t* __restrict__ p, long 
   RawVec r;
 #if QAT_VEC_BYTES == 16
   if (nvalid == QAT_VEC) {
-    r.u = __ldcs(reinterpret_cast<const uint4*>(p + e));  // streamed once: evict first
+    r.u = QAT_LD16(reinterpret_cast<const uint4*>(p + e));  // streamed once
     return r;
   }
 #endif
@@ -91,7 +104,7 @@ __device__ __forceinline__ RawVec load_vec(const scalar_t* __restrict__ p, long 
 __device__ __forceinline__ void store_vec(scalar_t* __restrict__ p, long long e, int nvalid, const RawVec& r) {
 #if QAT_VEC_BYTES == 16
   if (nvalid == QAT_VEC) {
-    __stcs(reinterpret_cast<uint4*>(p + e), r.u);
+    QAT_ST16(reinterpret_cast<uint4*>(p + e), r.u);
     return;
   }
 #endif

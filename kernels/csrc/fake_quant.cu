@@ -157,7 +157,7 @@ __device__ __forceinline__ void fwd_one(FwdParam<VARIANT>& p, const RawVec& xv, 
   if (nv == QAT_VEC) {
     fwd_vec<VARIANT, KEYMODE, RMODE, true>(p, xv, yv, e, nv, bits, pre, scale, zp, alpha, inner, C, qmin, qmax);
 #if QAT_VEC_BYTES == 16
-    __stcs(reinterpret_cast<uint4*>(y + e), yv.u);
+    QAT_ST16(reinterpret_cast<uint4*>(y + e), yv.u);
 #else
     y[e] = yv.s[0];
 #endif
