@@ -32,6 +32,7 @@ from .prepare import (
 )
 from .ptq import calibrate
 from .reconstruct import reconstruct
+from .smooth import smooth_inputs
 from .spec import Estimator, Granularity, ObserverKind, QuantSpec, RoundMode
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "QuantConv2d",
     "QuantEmbedding",
     "prepare",
+    "smooth_inputs",
     "convert",
     "is_converted",
     "unprepare",

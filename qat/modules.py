@@ -29,6 +29,8 @@ class QuantModuleMixin:
 
     def _build_quantizers(self, lq: LayerQuant, input_shape: Optional[tuple[int, ...]]) -> None:
         self.layer_quant = lq
+        # per-input-channel smoothing factors s (set by qat.smooth_inputs): x / s meets s * W
+        self.register_parameter("input_smooth", None)
         self.weight_quantizer = None if lq.weight is None else FakeQuantizer(
             lq.weight, self._weight_view_shape(lq.weight), track_history=False
         )
@@ -43,8 +45,9 @@ class QuantModuleMixin:
         return shape
 
     def quantized_weight(self) -> torch.Tensor:
-        """The weight as the forward pass sees it (fake-quantized when a weight spec is set)."""
-        w = self.weight
+        """The weight as the forward pass sees it (fake-quantized when a weight spec is set; its
+        input channels multiplied by ``input_smooth`` first when the layer is smoothed)."""
+        w = self.weight if self.input_smooth is None else self.weight * self.input_smooth
         if self.weight_quantizer is None:
             return w
         if self.weight_quantizer.spec.granularity is Granularity.PER_GROUP and w.dim() > 2:
@@ -52,6 +55,8 @@ class QuantModuleMixin:
         return self.weight_quantizer(w)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_smooth is not None:
+            x = x / self.input_smooth
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def quantizers(self):
@@ -62,13 +67,14 @@ class QuantModuleMixin:
                 yield name, q
 
     def to_float(self) -> nn.Module:
-        """The float layer (same parameter tensors, no quantizers)."""
+        """The float layer (same parameter tensors, no quantizers, no smoothing)."""
         float_mod = self._FLOAT.__new__(self._FLOAT)
         nn.Module.__init__(float_mod)
         for k, v in self.__dict__.items():
             if k not in ("_modules", "layer_quant", "_parameters", "_buffers", "weight_quantizer", "input_quantizer"):
                 float_mod.__dict__[k] = v
-        float_mod._parameters = dict(self._parameters)
+        # (s * W)(x / s) is W x: the float layer drops the smoothing and keeps W
+        float_mod._parameters = {k: v for k, v in self._parameters.items() if k != "input_smooth"}
         float_mod._buffers = dict(self._buffers)
         float_mod._modules = {k: m for k, m in self._modules.items() if k not in ("weight_quantizer", "input_quantizer")}
         return float_mod

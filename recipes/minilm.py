@@ -329,6 +329,7 @@ def distill(
     noise_neighbors: int = 8,
     attn_weight: float = 0.0,
     norm_lr: Optional[float] = None,
+    smooth_lr: Optional[float] = None,
     train_embeddings: bool = True,
     train_weights: bool = True,
     ema: float = 0.0,
@@ -377,6 +378,8 @@ def distill(
             models run eager attention while it is on (``sdpa`` cannot return the probabilities).
         norm_lr: learning rate of the 1-D parameters (biases, LayerNorm scales and shifts), which
             can absorb part of the quantization error; default ``lr``.
+        smooth_lr: learning rate of trainable per-channel smoothing factors (``input_smooth``, set
+            by ``qat.smooth_inputs(..., learnable=True)``); default ``lr``.
         train_embeddings: False keeps the (float, unquantized) embedding layer frozen, so tokens
             the training text never shows stay consistent with the ones it does.
         train_weights: False learns only the quantizers (the float weights stay frozen).
@@ -421,11 +424,14 @@ def distill(
         for p in weights:
             p.requires_grad_(False)
         weights = []
-    norms = [p for p in weights if p.ndim == 1] if norm_lr is not None else []
-    weights = [p for p in weights if not any(p is q for q in norms)]
+    smooth_ids = {id(p) for n, p in student.named_parameters() if n.endswith("input_smooth")}
+    smooths = [p for p in weights if id(p) in smooth_ids]
+    norms = [p for p in weights if p.ndim == 1 and id(p) not in smooth_ids] if norm_lr is not None else []
+    weights = [p for p in weights if id(p) not in smooth_ids and not any(p is q for q in norms)]
     groups = [
         {"params": ps, "lr": r}
-        for ps, r in ((weights, lr), (norms, norm_lr), (scales, scale_lr), (zps, scale_lr if zp_lr is None else zp_lr))
+        for ps, r in ((weights, lr), (norms, norm_lr), (smooths, lr if smooth_lr is None else smooth_lr), (scales, scale_lr),
+                      (zps, scale_lr if zp_lr is None else zp_lr))
         if ps
     ]
     if not groups:

@@ -1,0 +1,136 @@
+"""Per-input-channel smoothing (SmoothQuant / AWQ-style equalization) of quantized Linear layers.
+
+A layer ``y = W x`` computes the same float function as ``y = (W diag(s)) (diag(s)^-1 x)`` for any
+positive ``s``. Quantization does not: large input channels (the outlier dimensions of transformer
+hidden states) amplify the rounding error of their weight columns and stretch a per-token activation
+range. With ``s_j = mean|x_j|^alpha`` the weight columns that meet large inputs get more of the grid
+and the inputs get flatter. A smoothed :class:`~qat.QuantLinear` keeps its float ``weight`` and
+holds ``input_smooth`` (``s``, one per input channel): its forward fake-quantizes ``weight * s`` and
+``x / s``. ``s`` can be a fixed buffer-like parameter or trained with the rest (learnable
+equivalent transformation, as in OmniQuant). Where ``s`` cannot be folded into the previous op (a
+LayerNorm whose output also feeds a residual, a GELU), a deployment applies ``x / s`` in the
+activation-quantize step; :func:`qat.convert` keeps it and the ONNX export writes it as a ``Div``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from .errors import QATConfigError
+from .modules import QuantLinear
+from .prepare import quant_layers
+from .ptq import _to, default_forward
+
+__all__ = ["smooth_inputs"]
+
+
+@torch.no_grad()
+def smooth_inputs(
+    model: nn.Module,
+    batches: Iterable[Any],
+    alpha: float = 0.5,
+    match: str = "*",
+    learnable: bool = False,
+    num_batches: Optional[int] = None,
+    forward_fn: Callable[[nn.Module, Any], Any] = default_forward,
+) -> dict[str, torch.Tensor]:
+    """Set ``input_smooth`` of the prepared model's ``QuantLinear`` layers from activation statistics.
+
+    Runs ``batches`` through the model with fake quantization and observers off, records each
+    matched layer's mean absolute input per channel ``m``, and sets
+    ``s = m**alpha / sqrt(max(m**alpha) * min(m**alpha))`` (AWQ's normalization: the geometric middle
+    of ``s`` is 1). Call it after :func:`qat.prepare` and before :func:`qat.ptq.calibrate` (the weight
+    ranges must be observed on ``weight * s``).
+
+    Args:
+        model: a model returned by :func:`qat.prepare`.
+        batches: calibration batches.
+        alpha: migration strength in [0, 1]: 0 leaves the layer as it is, 1 moves all of the
+            input's range into the weight.
+        match: glob on the layer's qualified name (e.g. ``"*attention.self.value"``).
+        learnable: make ``input_smooth`` trainable (requires_grad) for QAT.
+        num_batches: use at most this many batches.
+        forward_fn: how a batch runs through the model.
+
+    Returns:
+        ``{layer name: s}`` of the smoothed layers.
+
+    Raises:
+        QATConfigError: ``alpha`` outside [0, 1], no layer matched, a matched layer already
+            calibrated (its weight range was observed without ``s``), or no batch given.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from qat import prepare
+        >>> from qat.ptq import calibrate
+        >>> model = prepare(nn.Sequential(nn.Linear(8, 4)), "w4a8")
+        >>> data = [(torch.randn(16, 8) * torch.linspace(0.1, 10, 8), None)]
+        >>> s = smooth_inputs(model, data, alpha=0.5)
+        >>> calibrate(model, data)
+        1
+        >>> sorted(s)
+        ['0']
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise QATConfigError(f"smooth_inputs: alpha must be in [0, 1], got {alpha}")
+    layers = {n: m for n, m in quant_layers(model) if isinstance(m, QuantLinear) and fnmatch.fnmatchcase(n, match)}
+    if not layers:
+        names = [n for n, m in quant_layers(model) if isinstance(m, QuantLinear)]
+        raise QATConfigError(f"smooth_inputs: match={match!r} selects no QuantLinear layer; quantized Linear layers: {names[:8]}"
+                             + (" ..." if len(names) > 8 else ""))
+    for n, m in layers.items():
+        if any(q.is_initialized for _, q in m.quantizers() if not q.spec.dynamic):
+            raise QATConfigError(f"smooth_inputs: layer {n!r} is already calibrated; smooth it before qat.ptq.calibrate")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def record(mod, inp):
+            x = inp[0].detach()  # the raw input: the layer divides by its smoothing inside forward
+            x = x.reshape(-1, x.shape[-1]).abs().float()
+            sums[name] = sums.get(name, 0) + x.sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return record
+
+    flags = {}
+    for _, m in quant_layers(model):
+        for _qn, q in m.quantizers():
+            flags[id(q)] = (q, q._flags["fake_quant_enabled"], q._flags["observer_enabled"])
+            q.enable_fake_quant(False)
+            q.enable_observer(False)
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            if num_batches is not None and seen >= num_batches:
+                break
+            forward_fn(model, _to(batch, device))
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for q, fq, ob in flags.values():
+            q.enable_fake_quant(fq)
+            q.enable_observer(ob)
+        model.train(was_training)
+    if not seen:
+        raise QATConfigError("smooth_inputs: no batch given; pass calibration batches")
+    out = {}
+    for n, m in layers.items():
+        if n not in sums:
+            raise QATConfigError(f"smooth_inputs: layer {n!r} saw no input in the batches")
+        mean = (sums[n] / counts[n]).clamp_min(1e-5)
+        s = mean.pow(float(alpha))
+        s = s / (s.max() * s.min()).sqrt()
+        m.input_smooth = nn.Parameter(s.to(m.weight.dtype), requires_grad=learnable)
+        out[n] = s.detach().clone()
+    return out
