@@ -190,8 +190,19 @@ class IntModuleMixin:
         else:
             self.view_shape = self.weight_shape
         dev = float_mod.weight.device
+        if info.get("input_smooth"):
+            if self._FLOAT is not nn.Linear:
+                raise QATConfigError(f"{type(self).__name__}: input smoothing is defined for Linear layers only")
+            sm = getattr(float_mod, "input_smooth", None)  # a QuantLinear's; a float skeleton gets ones (load fills them)
+            sm = torch.ones(self.weight_shape[1]) if sm is None else sm.detach().float().clone()
+            self.register_buffer("input_smooth", sm.to(dev))
+        else:
+            self.input_smooth = None
         if ws is None:
-            self.weight = nn.Parameter(float_mod.weight.detach().clone(), requires_grad=False)
+            w = float_mod.weight.detach()
+            if getattr(float_mod, "input_smooth", None) is not None and self.input_smooth is not None:
+                w = w * self.input_smooth  # the layer divides its input by s: the float weight carries s
+            self.weight = nn.Parameter(w.clone(), requires_grad=False)
         else:
             n = int(math.prod(self.view_shape))
             qshape = self.view_shape if ws.bits == 8 else (packed_numel(n, ws.bits),)
@@ -243,6 +254,8 @@ class IntModuleMixin:
             info["weight_zero_point"] = self.weight_zero_point is not None
         if self.input_spec is not None and not self.input_spec.dynamic:
             info["input_scale_shape"] = list(self.input_scale.shape)
+        if self.input_smooth is not None:
+            info["input_smooth"] = True
         return info
 
     # -------------------------------------------------------------- math
@@ -297,6 +310,8 @@ class IntLinear(IntModuleMixin, nn.Module):
     _FLOAT_ATTRS = ("in_features", "out_features")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_smooth is not None:  # (x / s) meets the codes of W * s (qat.smooth_inputs)
+            x = x / self.input_smooth
         return F.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
 
 
@@ -364,6 +379,8 @@ def _convert_layer(name: str, mod: QuantModuleMixin) -> IntModuleMixin:
     wq = mod.weight_quantizer if mod.weight_quantizer is not None and bool(mod.weight_quantizer.fake_quant_enabled) else None
     iq = mod.input_quantizer if mod.input_quantizer is not None and bool(mod.input_quantizer.fake_quant_enabled) else None
     info: dict[str, Any] = {"weight": None, "input": None}
+    if getattr(mod, "input_smooth", None) is not None:
+        info["input_smooth"] = True
     if wq is not None:
         try:
             mod.quantized_weight()  # refresh the scale exactly as the next forward would (observers track the weight)
@@ -389,7 +406,8 @@ def _convert_layer(name: str, mod: QuantModuleMixin) -> IntModuleMixin:
             info["input_scale_shape"] = list(iq.current_qparams()[0].shape)
     out = cls.from_float(mod, info)
     if wq is not None:
-        w = mod.weight if not (wq.spec.granularity is Granularity.PER_GROUP and mod.weight.dim() > 2) else mod.weight.flatten(1)
+        w = mod.weight if mod.input_smooth is None else mod.weight * mod.input_smooth
+        w = w if not (wq.spec.granularity is Granularity.PER_GROUP and w.dim() > 2) else w.flatten(1)
         q = quantize_codes(w, s, z, wq.spec)
         out.qweight.copy_(pack_codes(q, wq.spec))
         out.weight_scale.copy_(_stored_scale(s, wq.spec))

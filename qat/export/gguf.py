@@ -50,6 +50,11 @@ def gguf_type_for(mod: IntModuleMixin, name: str = "") -> str:
     hint = "train with the gguf_q8_0 or gguf_q4_0 preset (configs/quant/)"
     if spec is None:
         raise QATConfigError(f"{where}: weight is not quantized; {hint}")
+    if getattr(mod, "input_smooth", None) is not None:
+        raise QATConfigError(
+            f"{where}: the layer is smoothed (qat.smooth_inputs) and llama.cpp has no per-channel input scale "
+            f"to divide its input by; train without smoothing for GGUF; {hint}"
+        )
     if spec.granularity is not Granularity.PER_GROUP or spec.group_size != QK or len(mod.view_shape) != 2:
         raise QATConfigError(
             f"{where}: GGUF Q8_0 / Q4_0 need per_group weights with group_size {QK} along the last axis, "

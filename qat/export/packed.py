@@ -119,11 +119,17 @@ class PackedCheckpoint:
                 view = (shape[0], int(torch.Size(shape[1:]).numel()))
             q = unpack_codes(out.pop(prefix + "qweight"), spec, view)
             zp = out.pop(prefix + "weight_zero_point", None)
-            out[prefix + "weight"] = _dequantize(q, out.pop(prefix + "weight_scale"), zp, spec).reshape(shape)
+            w = _dequantize(q, out.pop(prefix + "weight_scale"), zp, spec).reshape(shape)
+            if rec.get("input_smooth"):  # codes of W * s: the float layer (no smoothing) gets (W * s)_q / s
+                w = w / out[prefix + "input_smooth"].float()
+            out[prefix + "weight"] = w
         for name, rec in self.layers.items():
             prefix = f"{name}." if name else ""
             out.pop(prefix + "input_scale", None)
             out.pop(prefix + "input_zero_point", None)
+            sm = out.pop(prefix + "input_smooth", None)
+            if sm is not None and rec.get("weight") is None:  # a float weight stored as W * s
+                out[prefix + "weight"] = out[prefix + "weight"] / sm.float()
         return out
 
 
