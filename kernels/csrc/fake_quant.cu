@@ -16,12 +16,12 @@
 // Bytes: reads x (and the parameters, cached), writes y and numel/8 bytes of mask.
 // QAT_FWD_PF 1: key mode 1 loads both steps' parameters together with x (see fwd_body)
 #ifndef QAT_FWD_PF
-#define QAT_FWD_PF QAT_BY_DTYPE(0, 0)
+#define QAT_FWD_PF QAT_BY_DTYPE(1, 1)
 #endif
 // QAT_FWD_ADJ 1: a warp's two steps of an iteration are adjacent (2w, 2w + 1) instead of w and
 // w + nwarps
 #ifndef QAT_FWD_ADJ
-#define QAT_FWD_ADJ QAT_BY_DTYPE(0, 0)
+#define QAT_FWD_ADJ QAT_BY_DTYPE(1, 1)
 #endif
 // minimum resident blocks per SM of the forward kernels (0: no __launch_bounds__ minimum, ptxas's choice)
 #ifndef QAT_FWD_MINB
