@@ -195,8 +195,12 @@ def _wave(kern, device: int, shared_mem: int = 0, waves: Optional[float] = None)
 _streams: dict[tuple[int, int], object] = {}
 #: grid size in full waves (every block resident once); the kernels stride over the rest
 _GRID_WAVES = 1
-#: the element-wise kernels (no atomics) take more waves: measured 2-4% faster on an H100
+#: the element-wise kernels (no atomics) take more waves: measured 2-4% faster on an H100; 0: no
+#: grid-stride loop, one block per 16 warp steps (forward: each warp's two steps; backward: two vectors
+#: a thread), as Inductor's pointwise kernels launch
 _ELEMENTWISE_WAVES = 8
+#: the clipped-STE backward's grid (None: as _ELEMENTWISE_WAVES)
+_BACKWARD_WAVES = None
 _direct_launch = True  # Function(grid, block, args, shared_mem, stream): no context managers
 
 
@@ -361,7 +365,7 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
     else:
         vec = vec_full if aligned and (c == 1 or inner % vec_full == 0) else 1
         run = inner // vec  # vectors of a key's run
-        k = _grp_k(run, kind) if c > 1 and inner % vec == 0 else None
+        k = _grp_k(run, kind, code) if c > 1 and inner % vec == 0 else None
         wpb = _THREADS // 32
         if kind == "pact_backward":
             name = "pact_backward_seg"
@@ -403,12 +407,13 @@ _GRP_LOADS = {"minmax": 2, "lsq_backward": 2}
 _GRP_WAVES = 16
 
 
-def _grp_k(run: int, kind: str) -> Optional[int]:
+def _grp_k(run: int, kind: str, code: int = 0) -> Optional[int]:
     """Loads per lane K of a grp kernel for runs of ``run`` vectors (``run = K * L``, L a power of two
-    <= 32 lanes), or None where the layout is not one."""
+    <= 32 lanes), or None where the layout is not one. ``_GRP_LOADS`` is keyed by kind, or by
+    ``(kind, dtype code)`` for one dtype."""
     if run < 1 or run & (run - 1) or run > 32 * max(_GRP_K):
         return None
-    k = min(_GRP_LOADS.get(kind, 4), run)
+    k = min(_GRP_LOADS.get((kind, code), _GRP_LOADS.get(kind, 4)), run)
     while run // k > 32:
         k *= 2
     return k if k in _GRP_K else None
@@ -443,7 +448,11 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
         keymode = 2
     kern = _kernel("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device)
     nsteps = -(-n // (32 * vec))
-    grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, waves=_ELEMENTWISE_WAVES)))
+    if _ELEMENTWISE_WAVES:
+        grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, waves=_ELEMENTWISE_WAVES)))
+    else:  # one pass: two steps a warp
+        grid = max(1, -(-nsteps // (2 * (_THREADS // 32))))
+    grid = min(grid, 2**31 - 1)
     args = (
         _ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a),
         np.int64(n), *_fastdiv(inner), *_fastdiv(c),
@@ -487,7 +496,11 @@ def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     vec = 16 // _ESIZE[code] if _aligned(g, dx) else 1
     kern = _kernel("fake_quant.cu", "fq_backward", code, vec, device)
     nvec = -(-n // vec)
-    grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, waves=_ELEMENTWISE_WAVES)))
+    waves = _ELEMENTWISE_WAVES if _BACKWARD_WAVES is None else _BACKWARD_WAVES
+    if waves:
+        grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, waves=waves)))
+    else:  # one pass: two vectors a thread
+        grid = min(max(1, -(-nvec // (2 * _THREADS))), 2**31 - 1)
     _launch(kern, grid, (_ptr(g), _ptr(m), _ptr(dx), np.int64(n)), device)
     return dx
 

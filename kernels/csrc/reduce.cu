@@ -180,6 +180,11 @@ struct MinMaxOp {
 #define QAT_LSQ_MINB QAT_BY_DTYPE(4, 3)
 #endif
 
+// minimum resident blocks per SM of the LSQ grp kernels (short aligned runs)
+#ifndef QAT_GRP_MINB
+#define QAT_GRP_MINB QAT_LSQ_MINB
+#endif
+
 // The parameters of the last key a lane saw (runs are long: reloaded only where the key changes).
 template <class Op>
 struct ParamCache {
@@ -677,7 +682,7 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
     QAT_LSQ_DISPATCH((seg_body<OpT, M, QAT_SEG_STEPS_LSQ>(op, x, g, dx, n, inner, C, wil)))                                    \
   }
 #define QAT_LSQ_GRP(K)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB) lsq_backward_grp##K(QAT_LSQ_ARGS) {      \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_GRP_MINB) lsq_backward_grp##K(QAT_LSQ_ARGS) {      \
     QAT_LSQ_DISPATCH((grp_body<OpT, K>(op, x, g, dx, n, inner, C, unique)))                            \
   }
 QAT_LSQ_SEG(0)

@@ -365,6 +365,7 @@ def test_more_than_2_pow_31_elements():
 # row groups and a grid that fits one wave
 KNOBS = [
     dict(_ROWS_SPLIT=3, _ROWS_WAVES=0.05),
+    dict(_GRP_LOADS={"minmax": 4, "lsq_backward": 2, ("lsq_backward", 0): 4}, _GRP_WAVES=100000),
     dict(_ROWS_MIN_VECS=64),
     dict(_COLS_INTERLEAVE=1, _COLS_FIT=True),
     dict(_ROWS=False, _COLS_FIT=True),
@@ -377,6 +378,7 @@ KNOB_CASES = [
     ((257, 1031), 1, None),
     ((1000, 4), 1, None),
     ((64, 2048), 1, None),
+    ((64, 2048), None, 128),
 ]
 
 
@@ -404,3 +406,28 @@ def test_reduction_launch_knobs(knobs, case, dtype, monkeypatch):
     _assert_reduced(ds, ds_ref, bound)
     _assert_reduced(dz, dz_ref, bound * s.cpu().abs().reshape(bound.shape))
 
+
+
+# grids of the element-wise kernels: one pass (no grid-stride loop: two steps a warp, two vectors a
+# thread) and a tiny grid (many grid-stride iterations per warp)
+@pytest.mark.parametrize(
+    "knobs",
+    [dict(_ELEMENTWISE_WAVES=0), dict(_ELEMENTWISE_WAVES=0.01, _BACKWARD_WAVES=0), dict(_BACKWARD_WAVES=0.01)],
+    ids=lambda k: "-".join(f"{n.strip('_')}={v}" for n, v in k.items()),
+)
+@pytest.mark.parametrize(
+    "case",
+    [((7,), None, None), ((5, 130), None, 10), ((257, 1031), 0, None), ((64, 2048), None, 128), ((16, 384, 96), 2, None)],
+    ids=_case_id,
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_elementwise_grid_knobs(knobs, case, dtype, monkeypatch):
+    for name, value in knobs.items():
+        monkeypatch.setattr(cupy_backend, name, value)
+    test_fake_quantize_forward_backward(case, dtype)
+    shape, axis, gs = case
+    gen = torch.Generator().manual_seed(7 + zlib.crc32(repr((shape, axis, gs, dtype)).encode()))
+    x, s, z, qmin, qmax = _make(shape, dtype, 4, True, axis, gs, gen)
+    y = cupy_backend.fake_quantize_lsq_forward(x, s, z, qmin, qmax, axis, gs, "half_even")
+    y_ref = reference.fake_quantize_lsq_forward(x.cpu(), s.cpu(), z.cpu(), qmin, qmax, axis, gs, "half_even")
+    _assert_values(y, y_ref, s, x, axis, gs)
