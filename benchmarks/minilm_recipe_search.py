@@ -137,6 +137,11 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_match": "*.attention.self.*"},
         {**_BIG, "token_noise": 0.15, "smooth": 0.5, "steps": 2000},
     ],
+    # ninth round: the gains that each measured above noise, together, at 2000 steps (run with --breakdown)
+    "stack": [
+        {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3},
+        {**_BIG, "token_noise": 0.15, "steps": 2000, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3},
+    ],
     # the "wiki" grid without its first row (that recipe is accuracy.py's: its W4A8 row is that run)
     "wiki_more": [
         {"steps": 2500, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
@@ -177,6 +182,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--tag", default="minilm_recipe_search")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-every", type=int, default=0)
+    p.add_argument("--breakdown", action="store_true",
+                   help="after each row, the held-out gap with the activation quantizers, or one Linear type's weight quantizers, off")
     p.add_argument("--table-from", default=None, metavar="JSONL", help="only rewrite the Markdown table of a .jsonl of results")
     p.add_argument("--where", default=None, help="with --table-from: the machine / versions line of the table")
     args = p.parse_args(argv)
@@ -237,6 +244,8 @@ def main(argv: Optional[list] = None) -> None:
         cos_train = cosine_to(ref_train, embed(m, tok, train[: len(held)]))  # overfitting check
         row = {"bits": name, "changes": r, "recipe": cfg, "cos_init": cos0, "cos": cos, "cos_train": cos_train, "ptq_rtn": cos_rtn,
                "closes_gap": (cos - cos_rtn) / (1 - cos_rtn), "seconds": round(time.time() - t0, 1)}
+        if args.breakdown:
+            row["breakdown"] = breakdown(m, tok, held, ref)
         rows.append(row)
         print(f"  {json.dumps(r):70s} init {cos0:.5f} -> {cos:.5f} (train {cos_train:.5f})  closes {100 * row['closes_gap']:.1f}%  "
               f"({row['seconds']:.0f}s)", flush=True)
@@ -245,6 +254,37 @@ def main(argv: Optional[list] = None) -> None:
         del m
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     write_table(rows, os.path.join(args.out, f"{args.tag}.md"), f"{dev}, torch {torch.__version__}")
+
+
+#: Linear types of the encoder (name suffixes) for --breakdown
+_TYPES = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+          "intermediate.dense", "output.dense")
+
+
+def breakdown(model, tok, held: list[str], ref: torch.Tensor) -> dict[str, float]:
+    """Held-out ``1 - cosine`` of the trained student as it is, with every activation quantizer off,
+    and with the weight quantizers of one Linear type (all 6 layers) off: where the error left after
+    QAT sits. Quantizers are switched back on afterwards."""
+    from qat.prepare import quant_layers
+    from qat.recipes.minilm import cosine_to, embed
+
+    def gap() -> float:
+        return 1.0 - cosine_to(ref, embed(model, tok, held))
+
+    out = {"all": gap()}
+    layers = list(quant_layers(model))
+    subsets = {"activations": [m.input_quantizer for _, m in layers if m.input_quantizer is not None]}
+    for t in _TYPES:  # "output.dense" alone is the FFN down-projection (not attention.output.dense)
+        subsets[f"weights:{t}"] = [m.weight_quantizer for n, m in layers if n.endswith(t) and m.weight_quantizer is not None
+                                   and (t != "output.dense" or not n.endswith("attention.output.dense"))]
+    for key, qs in subsets.items():
+        for q in qs:
+            q.enable_fake_quant(False)
+        out[key] = gap()
+        for q in qs:
+            q.enable_fake_quant(True)
+    print("    breakdown (1 - cos): " + ", ".join(f"{k} {v:.5f}" for k, v in out.items()), flush=True)
+    return out
 
 
 def write_table(rows: list[dict], path: str, where: str) -> None:
