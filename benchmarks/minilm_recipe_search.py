@@ -142,6 +142,14 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3},
         {**_BIG, "token_noise": 0.15, "steps": 2000, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3},
     ],
+    # tenth round: on the stack, the learning rates once more at batch 256 (the scale lr was last
+    # searched at batch 16), and more weight on the cosine the score measures
+    "round10": [
+        {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3, "scale_lr": 3e-5},
+        {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3, "lr": 1e-4},
+        {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3, "cos_weight": 30.0},
+        {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3, "scale_lr": 3e-6},
+    ],
     # the "wiki" grid without its first row (that recipe is accuracy.py's: its W4A8 row is that run)
     "wiki_more": [
         {"steps": 2500, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
