@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from qat import QATConfigError, QuantPlan, is_prepared, load_plan, prepare, quantizers
+from qat import QATConfigError, QuantPlan, init_smoothing, is_prepared, load_plan, prepare, quantizers, smooth_inputs
 from qat.prepare import freeze_bn_stats
 
 __all__ = ["QuantizationAwareTraining"]
@@ -64,6 +64,13 @@ class QuantizationAwareTraining(Callback):
             weight fake-quant (``QuantConvBn2d``), so the quantized weights are the ones a folded
             deployment model holds; pair it with ``freeze_bn_epoch`` / ``freeze_bn_step`` and
             convert with ``qat.fold_bn`` after training.
+        smooth_alpha: per-input-channel smoothing of the quantized Linear layers
+            (:func:`qat.smooth_inputs`, SmoothQuant / AWQ-style) with this migration strength,
+            computed from the calibration batches just before calibrating; ``None``: off. Needs
+            ``calibration_batches``.
+        smooth_match: glob on the layer names to smooth (default all quantized Linear layers).
+        smooth_learnable: train the smoothing factors with the model (they exist from ``setup``
+            on, so ``configure_optimizers`` sees them).
 
     Example::
 
@@ -86,8 +93,19 @@ class QuantizationAwareTraining(Callback):
         freeze_bn_epoch: Optional[int] = None,
         forward_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
         fold_bn: bool = False,
+        smooth_alpha: Optional[float] = None,
+        smooth_match: str = "*",
+        smooth_learnable: bool = False,
     ) -> None:
         self.plan = load_plan(plan)
+        if smooth_alpha is not None:
+            if isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float)) or not 0.0 <= smooth_alpha <= 1.0:
+                raise QATConfigError(f"QuantizationAwareTraining.smooth_alpha must be a number in [0, 1] or None, got {smooth_alpha!r}")
+            if not calibration_batches:
+                raise QATConfigError("QuantizationAwareTraining.smooth_alpha needs calibration_batches > 0 (the statistics come from them)")
+        self.smooth_alpha = smooth_alpha
+        self.smooth_match = smooth_match
+        self.smooth_learnable = bool(smooth_learnable)
         if not isinstance(fold_bn, bool):
             raise QATConfigError(f"QuantizationAwareTraining.fold_bn must be true or false, got {fold_bn!r}")
         self.fold_bn = fold_bn
@@ -132,6 +150,8 @@ class QuantizationAwareTraining(Callback):
         if is_prepared(target):
             return  # fit twice, or validate after fit: already prepared
         prepare(target, self.plan, fold_bn=self.fold_bn)
+        if self.smooth_alpha is not None:  # identity until calibrate() fills it; here before the optimizer exists
+            init_smoothing(target, self.smooth_match, learnable=self.smooth_learnable)
         n = sum(1 for _ in quantizers(target))
         log.info("QAT: prepared %d layers with %d quantizers (plan %r)", len(target.qat_layers), n, self.plan.name)
 
@@ -149,16 +169,22 @@ class QuantizationAwareTraining(Callback):
         if loader is None:
             raise QATConfigError("QuantizationAwareTraining.calibration_batches needs a training dataloader")
         target = self.target(pl_module)
+        run = target if self.module_attr else pl_module
         was_training = target.training
         target.eval()
+        batches = []
+        for batch in loader:
+            if len(batches) >= self.calibration_batches:
+                break
+            batches.append(trainer.strategy.batch_to_device(batch))
+        if self.smooth_alpha is not None:
+            smooth_inputs(target, batches, alpha=self.smooth_alpha, match=self.smooth_match, learnable=self.smooth_learnable,
+                          reset_ranges=True, forward_fn=lambda _m, b: self.forward_fn(run, b))
         for _, q in quantizers(target):
             q.enable_observer(True)
         seen = 0
-        for batch in loader:
-            if seen >= self.calibration_batches:
-                break
-            batch = trainer.strategy.batch_to_device(batch)
-            self.forward_fn(target if self.module_attr else pl_module, batch)
+        for batch in batches:
+            self.forward_fn(run, batch)
             seen += 1
         for _, q in quantizers(target):
             q.load_from_observer()

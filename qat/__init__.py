@@ -32,7 +32,7 @@ from .prepare import (
 )
 from .ptq import calibrate
 from .reconstruct import reconstruct
-from .smooth import smooth_inputs
+from .smooth import init_smoothing, smooth_inputs
 from .spec import Estimator, Granularity, ObserverKind, QuantSpec, RoundMode
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "QuantEmbedding",
     "prepare",
     "smooth_inputs",
+    "init_smoothing",
     "convert",
     "is_converted",
     "unprepare",

@@ -59,6 +59,13 @@ class QuantModuleMixin:
             x = x / self.input_smooth
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint of a smoothed layer (qat.smooth_inputs) holds input_smooth: make room for it
+        key = prefix + "input_smooth"
+        if self.input_smooth is None and key in state_dict:
+            self.input_smooth = nn.Parameter(torch.ones_like(state_dict[key], device=self.weight.device), requires_grad=False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def quantizers(self):
         """``(name, FakeQuantizer)`` pairs of this layer: ``weight`` and / or ``input``."""
         for name in ("weight", "input"):

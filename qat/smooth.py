@@ -25,7 +25,46 @@ from .modules import QuantLinear
 from .prepare import quant_layers
 from .ptq import _to, default_forward
 
-__all__ = ["smooth_inputs"]
+__all__ = ["smooth_inputs", "init_smoothing"]
+
+
+def _select(model: nn.Module, match: str, who: str) -> dict[str, QuantLinear]:
+    layers = {n: m for n, m in quant_layers(model) if isinstance(m, QuantLinear) and fnmatch.fnmatchcase(n, match)}
+    if not layers:
+        names = [n for n, m in quant_layers(model) if isinstance(m, QuantLinear)]
+        raise QATConfigError(f"{who}: match={match!r} selects no QuantLinear layer; quantized Linear layers: {names[:8]}"
+                             + (" ..." if len(names) > 8 else ""))
+    return layers
+
+
+def init_smoothing(model: nn.Module, match: str = "*", learnable: bool = False) -> list[str]:
+    """Give the matched ``QuantLinear`` layers an identity smoothing (``input_smooth`` of ones).
+
+    The float function and the quantization are unchanged until :func:`smooth_inputs` fills the
+    factors in place. It exists so that the parameters are there before an optimizer is built (a
+    Lightning ``setup``), and a checkpoint of a smoothed model loads into a fresh prepared one.
+
+    Returns:
+        the names of the layers.
+
+    Raises:
+        QATConfigError: no QuantLinear layer matches.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from qat import prepare
+        >>> init_smoothing(prepare(nn.Sequential(nn.Linear(8, 4)), "w4a8"))
+        ['0']
+    """
+    layers = _select(model, match, "init_smoothing")
+    for m in layers.values():
+        if m.input_smooth is None:
+            m.input_smooth = nn.Parameter(torch.ones(m.in_features, device=m.weight.device, dtype=m.weight.dtype),
+                                          requires_grad=learnable)
+        else:
+            m.input_smooth.requires_grad_(learnable)
+    return list(layers)
 
 
 @torch.no_grad()
@@ -35,6 +74,7 @@ def smooth_inputs(
     alpha: float = 0.5,
     match: str = "*",
     learnable: bool = False,
+    reset_ranges: bool = False,
     num_batches: Optional[int] = None,
     forward_fn: Callable[[nn.Module, Any], Any] = default_forward,
 ) -> dict[str, torch.Tensor]:
@@ -52,7 +92,12 @@ def smooth_inputs(
         alpha: migration strength in [0, 1]: 0 leaves the layer as it is, 1 moves all of the
             input's range into the weight.
         match: glob on the layer's qualified name (e.g. ``"*attention.self.value"``).
-        learnable: make ``input_smooth`` trainable (requires_grad) for QAT.
+        learnable: make ``input_smooth`` trainable (requires_grad) for QAT. A layer that already
+            has ``input_smooth`` (:func:`init_smoothing`) is updated in place, so an optimizer
+            built before keeps training the same tensor.
+        reset_ranges: a matched layer whose quantizers already hold a range (calibrated, or seen
+            data in a validation pass) gets its observers reset instead of an error; calibrate
+            again afterwards.
         num_batches: use at most this many batches.
         forward_fn: how a batch runs through the model.
 
@@ -78,14 +123,11 @@ def smooth_inputs(
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise QATConfigError(f"smooth_inputs: alpha must be in [0, 1], got {alpha}")
-    layers = {n: m for n, m in quant_layers(model) if isinstance(m, QuantLinear) and fnmatch.fnmatchcase(n, match)}
-    if not layers:
-        names = [n for n, m in quant_layers(model) if isinstance(m, QuantLinear)]
-        raise QATConfigError(f"smooth_inputs: match={match!r} selects no QuantLinear layer; quantized Linear layers: {names[:8]}"
-                             + (" ..." if len(names) > 8 else ""))
+    layers = _select(model, match, "smooth_inputs")
     for n, m in layers.items():
-        if any(q.is_initialized for _, q in m.quantizers() if not q.spec.dynamic):
-            raise QATConfigError(f"smooth_inputs: layer {n!r} is already calibrated; smooth it before qat.ptq.calibrate")
+        if any(q.is_initialized for _, q in m.quantizers() if not q.spec.dynamic) and not reset_ranges:
+            raise QATConfigError(f"smooth_inputs: layer {n!r} is already calibrated; smooth it before qat.ptq.calibrate "
+                                 "(or pass reset_ranges=True and calibrate again)")
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -131,6 +173,14 @@ def smooth_inputs(
         mean = (sums[n] / counts[n]).clamp_min(1e-5)
         s = mean.pow(float(alpha))
         s = s / (s.max() * s.min()).sqrt()
-        m.input_smooth = nn.Parameter(s.to(m.weight.dtype), requires_grad=learnable)
+        if m.input_smooth is None:
+            m.input_smooth = nn.Parameter(s.to(m.weight.dtype), requires_grad=learnable)
+        else:  # in place: an optimizer built on init_smoothing's parameter keeps it
+            m.input_smooth.data.copy_(s)
+            m.input_smooth.requires_grad_(learnable)
+        for _, q in m.quantizers():  # ranges observed without s (if any) no longer apply
+            if q.observer is not None and q.is_initialized and reset_ranges:
+                q.observer.reset()
+                q._set_flag("initialized", False)
         out[n] = s.detach().clone()
     return out

@@ -30,6 +30,9 @@ class QATStage:
     freeze_bn_epoch: Optional[int] = None
     fold_bn: bool = False  # fold BatchNorm into the conv weights before weight fake-quant
     telemetry_every_n_steps: int = 20  # 0: no per-layer telemetry
+    smooth_alpha: Optional[float] = None  # per-input-channel smoothing of quantized Linear layers (qat.smooth_inputs)
+    smooth_match: str = "*"
+    smooth_learnable: bool = False
 
 
 @dataclass

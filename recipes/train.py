@@ -78,6 +78,9 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         freeze_observers_epoch=cfg.qat.freeze_observers_epoch,
         freeze_bn_epoch=cfg.qat.freeze_bn_epoch,
         fold_bn=cfg.qat.fold_bn,
+        smooth_alpha=cfg.qat.smooth_alpha,
+        smooth_match=cfg.qat.smooth_match,
+        smooth_learnable=cfg.qat.smooth_learnable,
     )
     callbacks = [callback]
     if cfg.qat.telemetry_every_n_steps and logger:

@@ -195,11 +195,45 @@ def test_preset_name_and_module_attr(tmp_path):
         (dict(freeze_observers_step=1, freeze_observers_epoch=1), r"give freeze_observers_step or freeze_observers_epoch, not both"),
         (dict(freeze_bn_epoch=-1), r"freeze_bn_epoch must be a non-negative integer or None, got -1"),
         (dict(calibration_batches=1.5), r"calibration_batches must be a non-negative integer"),
+        (dict(smooth_alpha=0.5), r"smooth_alpha needs calibration_batches > 0"),
+        (dict(smooth_alpha=1.5, calibration_batches=2), r"smooth_alpha must be a number in \[0, 1\] or None, got 1.5"),
     ],
 )
 def test_constructor_errors(kwargs, match):
     with pytest.raises(QATConfigError, match=match):
         QuantizationAwareTraining(**kwargs)
+
+
+def test_smoothing_is_calibrated_trained_and_survives_checkpoints(tmp_path):
+    """smooth_alpha: factors exist from setup (in the optimizer), are set from the calibration
+    batches (outlier channel -> large factor), train with the model, and a checkpoint of the
+    smoothed model validates to the same loss in a fresh run and loads into a fresh prepared net."""
+    from qat import prepare
+
+    class Seen(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0 and trainer.current_epoch == 0:
+                self.start = pl_module.net[0].input_smooth.detach().clone()
+
+    seen = Seen()
+    model = Tiny()
+    cb = QuantizationAwareTraining(PLAN, calibration_batches=2, smooth_alpha=0.5, smooth_match="net.0", smooth_learnable=True)
+    t = _trainer(tmp_path, [cb, seen], max_epochs=2)
+    t.fit(model, _loader(scale=torch.tensor([1, 1, 30, 1, 1, 1, 1, 1.0])))
+    s = model.net[0].input_smooth
+    assert model.net[3].input_smooth is None and s.requires_grad
+    assert seen.start[2] > 3 * seen.start[[0, 1, 3]].max()  # the outlier channel
+    assert not torch.equal(s.detach(), seen.start)  # trained after calibration
+    ckpt = os.path.join(tmp_path, "s.ckpt")
+    t.save_checkpoint(ckpt)
+    expected = t.validate(model, _loader(seed=1), verbose=False)[0]["val_loss"]
+    cb2 = QuantizationAwareTraining(PLAN, calibration_batches=2, smooth_alpha=0.5, smooth_match="net.0", smooth_learnable=True)
+    got = _trainer(tmp_path, [cb2]).validate(Tiny(), _loader(seed=1), ckpt_path=ckpt, verbose=False)[0]["val_loss"]
+    assert got == pytest.approx(expected, abs=0)
+    net = prepare(Tiny().net, PLAN)  # no smoothing set up: the state dict brings it
+    sd = {k[len("net."):]: v for k, v in torch.load(ckpt, weights_only=False)["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(sd)
+    torch.testing.assert_close(net[0].input_smooth.detach(), s.detach())
 
 
 class _CountSteps(pl.Callback):

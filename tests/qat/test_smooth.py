@@ -157,3 +157,27 @@ def test_gguf_refuses_a_smoothed_layer():
     with pytest.raises(QATConfigError, match="smoothed"):
         gguf_type_for(convert(model)[0], "0")
     assert isinstance(model[0], QuantLinear)
+
+
+def test_init_smoothing_is_identity_and_smooth_inputs_updates_it_in_place():
+    from qat import init_smoothing
+
+    x = _data()
+    model = prepare(_net(), W4G_A8)
+    assert init_smoothing(model, match="0", learnable=True) == ["0"]
+    p = model[0].input_smooth
+    assert torch.equal(p.detach(), torch.ones(64)) and p.requires_grad
+    with pytest.raises(QATConfigError, match="selects no QuantLinear"):
+        init_smoothing(model, match="x")
+    opt = torch.optim.SGD([p], lr=0.1)
+    calibrate(model, [(x, None)])  # ranges seen with s = 1
+    with pytest.raises(QATConfigError, match="reset_ranges"):
+        smooth_inputs(model, [(x, None)], match="0", learnable=True)
+    s = smooth_inputs(model, [(x, None)], match="0", learnable=True, reset_ranges=True)
+    assert model[0].input_smooth is p and torch.equal(p.detach(), s["0"])  # the optimizer's tensor, filled
+    assert not model[0].weight_quantizer.is_initialized  # the range seen without s is dropped
+    calibrate(model, [(x, None)])
+    model(x).square().mean().backward()
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p.detach(), before)

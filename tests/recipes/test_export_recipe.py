@@ -26,10 +26,14 @@ def _compose(overrides):
         return compose(config_name="export", overrides=overrides)
 
 
-def _checkpoint(tmp_path, plan="w4a4", channels=8):
+def _checkpoint(tmp_path, plan="w4a4", channels=8, smooth=False):
     """What qat-train writes: {plan, state_dict} of the quantized network."""
     torch.manual_seed(0)
     net = prepare(DigitsCNN(channels=channels), plan)
+    if smooth:  # qat.smooth_inputs on the classifier Linear (qat-train qat.smooth_alpha=0.5)
+        from qat import smooth_inputs
+
+        smooth_inputs(net, [torch.rand(64, 1, 8, 8)], alpha=0.5)
     net(torch.rand(64, 1, 8, 8))
     path = tmp_path / "qat_model.pt"
     torch.save({"plan": load_plan(plan).to_dict(), "state_dict": net.state_dict()}, path)
@@ -41,9 +45,10 @@ def test_compose_defaults():
     assert list(cfg.formats) == ["safetensors", "onnx"] and cfg.module_attr == "net"
 
 
-@pytest.mark.parametrize("plan", ["w8a8", "w4a4"])
-def test_run_exports_files_that_match(tmp_path, plan):
-    ckpt, net = _checkpoint(tmp_path, plan)
+@pytest.mark.parametrize("plan,smooth", [("w8a8", False), ("w4a4", False), ("w4a4", True)])
+def test_run_exports_files_that_match(tmp_path, plan, smooth):
+    ckpt, net = _checkpoint(tmp_path, plan, smooth=smooth)
+    assert any(k.endswith("input_smooth") for k in net.state_dict()) == smooth
     cfg = _compose([f"checkpoint={ckpt}", f"output_dir={tmp_path / 'out'}", "model.net.channels=8"])
     res = export_mod.run(cfg)
     assert res["max_abs_diff_converted_vs_fake_quant"] == 0.0

@@ -31,15 +31,21 @@ def test_compose_defaults():
     assert cfg.model.net._target_ == "qat.recipes.digits.DigitsCNN"
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w2a2"])
-def test_run_writes_results(tmp_path, preset):
-    cfg = _compose([f"quant={preset}", "logger=none", *FAST])
+@pytest.mark.parametrize("preset,extra", [("w8a8", []), ("w2a2", ["qat.smooth_alpha=0.5", "qat.smooth_learnable=true"])])
+def test_run_writes_results(tmp_path, preset, extra):
+    cfg = _compose([f"quant={preset}", "logger=none", *FAST, *extra])
     res = train_mod.run(cfg, str(tmp_path))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["plan"] == preset and saved == res
     assert res["fp"]["test_acc"] > 0.5  # far above the 0.1 of chance even after 2 epochs
     assert res["qat"]["bytes"] < res["fp"]["bytes"] / 3
     assert (tmp_path / "qat_model.pt").exists()
+    if extra:  # the classifier Linear is smoothed; the saved model carries its factors
+        import torch
+
+        state = torch.load(tmp_path / "qat_model.pt", weights_only=False)
+        sd = state.get("state_dict", state) if isinstance(state, dict) else state
+        assert any(k.endswith("input_smooth") for k in sd), list(sd)[:5]
 
 
 def test_bad_plan_fails_before_training(tmp_path):
