@@ -358,6 +358,16 @@ MINILM_RECIPE: dict[str, Any] = {
 #: step only knocks it off; 4-bit needs the larger one
 MINILM_LR = {8: 1e-5, 4: 3e-5}
 MINILM_GROUP = 32
+#: the best recipe of ``minilm_recipe_search.py`` (row 43, ``--grid stack``), for ``--recipe best``:
+#: 2000 steps of 256 sentences, TF32, 15% random token replacement, biases / LayerNorms at lr 1e-3;
+#: ours adds per-input-channel smoothing (``qat.smooth_inputs``, alpha ``smooth``, trained at
+#: ``smooth_lr``), which torchao's quantizers have no counterpart of
+MINILM_BEST: dict[str, Any] = {
+    "steps": 2000, "batch": 256, "max_length": 64, "scale_lr": 1e-5, "cos_weight": 10.0, "mse_weight": 1.0,
+    "layer_weight": 10.0, "corpus": "lee+wiki", "tf32": True, "token_noise": 0.15, "norm_lr": 1e-3, "smooth": 0.5,
+    "smooth_lr": 3e-5,
+}
+MINILM_BEST_LR = {8: 1e-5, 4: 6e-5}
 #: block-wise reconstruction (``qat.reconstruct``) of the ptq_brecq / qat_brecq columns
 MINILM_BRECQ: dict[str, Any] = {"sentences": 512, "iters": 400, "lr": 1e-4}
 #: affine (asymmetric) weight groups, as GPTQ / AWQ / GGUF Q4_1 store them: RTN cosine 0.974 vs 0.958 symmetric
@@ -434,10 +444,15 @@ def minilm_reconstruct(student: nn.Module, setup: SimpleNamespace, pool: list, s
 
 def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Optional[float] = None, seed: int = 0,
                n_calib: int = 32, configs: Optional[list] = None, methods: Optional[list] = None,
-               device: str = "cpu", partial: Optional[str] = None) -> dict[str, Any]:
+               device: str = "cpu", partial: Optional[str] = None, recipe_name: str = "committed") -> dict[str, Any]:
+    from qat import smooth_inputs
     from qat.recipes.minilm import cosine_to, distill, embed
 
-    recipe = dict(MINILM_RECIPE, seed=seed)
+    if recipe_name not in ("committed", "best"):
+        raise ValueError(f"recipe_name must be 'committed' or 'best', got {recipe_name!r}")
+    recipe = dict(MINILM_RECIPE if recipe_name == "committed" else MINILM_BEST, seed=seed)
+    lrs = MINILM_LR if recipe_name == "committed" else MINILM_BEST_LR
+    smooth = recipe.pop("smooth", 0.0)
     if steps:
         recipe["steps"] = steps
     if batch:
@@ -450,22 +465,30 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
     distill_set = train + setup.wiki
 
     def train_(m, wb):
-        distill(m, teacher, tok, distill_set, lr=lr or MINILM_LR[wb], **recipe)
+        distill(m, teacher, tok, distill_set, lr=lr or lrs[wb], **recipe)
 
     rows = []
     for name, wb, ab in configs or MINILM_CONFIGS:
-        row: dict[str, Any] = {"bits": f"{name} (g{MINILM_GROUP})", "lr": lr or MINILM_LR[wb]}
+        row: dict[str, Any] = {"bits": f"{name} (g{MINILM_GROUP})", "lr": lr or lrs[wb]}
         t1 = time.time()
         methods = methods or list(MINILM_LABELS)
 
-        def calibrated(estimator: str, observer: str) -> nn.Module:
+        def calibrated(estimator: str, observer: str, smoothed: bool = False) -> nn.Module:
             m = prepare(fresh(), _minilm_plan(name, wb, ab, estimator, observer))
+            if smoothed and smooth:
+                smooth_inputs(m, calib, alpha=smooth, learnable=bool(recipe.get("smooth_lr")), forward_fn=lambda mod, b: mod(**b))
             calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
             return m
+
+        def save_partial() -> None:
+            if partial:  # rows so far, in case a long run is cut short
+                with open(partial, "w") as f:
+                    json.dump(rows + [row], f, indent=2)
 
         def score(key: str, m: nn.Module) -> None:
             row[key] = cosine_to(ref, embed(m, tok, held))
             print(f"  {name} {key:9s} cos {row[key]:.5f}  ({time.time() - t1:.0f}s)", flush=True)
+            save_partial()
 
         # PTQ: round-to-nearest (per-group min/max), and MSE-optimal per-group ranges
         for key, obs in (("ptq_rtn", "minmax"), ("ptq_mse", "mse")):
@@ -473,7 +496,7 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
                 score(key, calibrated("ste", obs))
         if "qat_lsq" in methods:
             # ours: learned step size and offset (LSQ+) per group, started from the MSE ranges, distilled
-            m = calibrated("lsq_plus", "mse")
+            m = calibrated("lsq_plus", "mse", smoothed=True)
             train_(m, wb)
             score("qat_lsq", m)
         if "ptq_brecq" in methods or "qat_brecq" in methods:
@@ -512,13 +535,11 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
                 print(f"  {key} {name} failed: {type(exc).__name__}: {exc}", flush=True)
                 row[key] = None
             print(f"  {name} {key} step0 {row.get(key + '_step0')} -> cos {row[key]}  ({time.time() - t1:.0f}s)", flush=True)
+            save_partial()
         if "ptq_rtn" in row and "qat_lsq" in row:
             gap = 1 - row["ptq_rtn"]
             row["qat_closes_gap"] = None if gap <= 0 else (row["qat_lsq"] - row["ptq_rtn"]) / gap
         rows.append(row)
-        if partial:  # rows so far, in case a long run is cut short
-            with open(partial, "w") as f:
-                json.dump(rows, f, indent=2)
     dev = torch.device(device)
     return {
         "table": "minilm",
@@ -527,7 +548,8 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
         + (f" + {len(distill_set) - len(train)} of the shortened English Wikipedia dump" if corpus == "lee+wiki" else "")
         + f", both shipped in gensim's wheel; scored on {len(held)} held-out sentences (lee.cor, other articles)",
         "metric": "mean cosine similarity of mean-pooled, L2-normalized sentence embeddings to the FP model's",
-        "recipe": dict(recipe, corpus=corpus), "lr": lr or {f"W{k}": v for k, v in MINILM_LR.items()},
+        "recipe": dict(recipe, corpus=corpus, **({"smooth (ours only)": smooth} if smooth else {})), "recipe_name": recipe_name,
+        "lr": lr or {f"W{k}": v for k, v in lrs.items()},
         "steps": recipe["steps"], "batch": recipe["batch"], "train_max_length": recipe["max_length"], "eval_max_length": 64,
         "calibration_sentences": n_calib, "seed": seed, "weights": f"per-group {MINILM_GROUP}, "
         + ("symmetric" if MINILM_SYMMETRIC else "affine"),
@@ -558,7 +580,8 @@ MINILM_LABELS = {
 
 def write_minilm(res: dict[str, Any], out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "accuracy_minilm.json"), "w") as f:
+    stem = "accuracy_minilm" + ("" if res.get("recipe_name", "committed") == "committed" else "_" + res["recipe_name"])
+    with open(os.path.join(out, stem + ".json"), "w") as f:
         json.dump(res, f, indent=2)
     methods = [m for m in MINILM_LABELS if any(r.get(m) is not None for r in res["rows"])]  # the columns that ran
     lines = [
@@ -581,16 +604,20 @@ def write_minilm(res: dict[str, Any], out: str) -> None:
         lines += ["", note]
     dev = res.get("device", "CPU")
     cmd = "python benchmarks/accuracy.py minilm" + ("" if dev == "CPU" else " --device cuda")
+    if res.get("recipe_name", "committed") != "committed":
+        cmd += f" --recipe {res['recipe_name']}"
+    if len(res["rows"]) < len(MINILM_CONFIGS):
+        cmd += " --bits " + ",".join(r["bits"].split()[0] for r in res["rows"])
     if res.get("methods") and list(res["methods"]) != list(MINILM_LABELS):
         cmd += " --methods " + ",".join(res["methods"])
     lines += ["", f"Command: `{cmd}` ({res['seconds']:.0f} s on {dev})."]
-    with open(os.path.join(out, "accuracy_minilm.md"), "w") as f:
+    with open(os.path.join(out, stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(
         [r["bits"] for r in res["rows"]],
         {MINILM_LABELS[m]: [r.get(m) for r in res["rows"]] for m in methods},
-        1.0, "MiniLM: cosine to FP embeddings vs bits", "mean cosine to FP", os.path.join(out, "accuracy_minilm.png"),
+        1.0, "MiniLM: cosine to FP embeddings vs bits", "mean cosine to FP", os.path.join(out, stem + ".png"),
     )
 
 
@@ -608,6 +635,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)")
     p.add_argument("--device", default="cpu", help="minilm: cpu or cuda")
     p.add_argument("--batch", type=int, default=None, help="minilm: distillation batch")
+    p.add_argument("--recipe", default="committed", choices=["committed", "best"],
+                   help="minilm: the table's recipe, or the recipe search's best (-> accuracy_minilm_best.*)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.table == "digits":
@@ -620,8 +649,8 @@ def main(argv: Optional[list] = None) -> None:
             kw["methods"] = args.methods.split(",")
         write_digits(run_digits(**kw), args.out)
     else:
-        kw = {"steps": args.steps, "batch": args.batch, "device": args.device,
-              "partial": os.path.join(args.out, "accuracy_minilm.partial.json")}
+        kw = {"steps": args.steps, "batch": args.batch, "device": args.device, "recipe_name": args.recipe,
+              "partial": os.path.join(args.out, f"accuracy_minilm_{args.recipe}.partial.json")}
         os.makedirs(args.out, exist_ok=True)
         if args.bits:
             kw["configs"] = [c for c in MINILM_CONFIGS if c[0] in args.bits.split(",")]
