@@ -127,8 +127,8 @@ def gptq(
         ``{layer name: GPTQ's proxy loss}`` for the layers it quantized.
 
     Raises:
-        QATConfigError: the model has no prepared Linear layer with a weight spec, or a weight is
-            quantized per channel along an axis other than 0.
+        QATConfigError: the model has no prepared Linear layer with a weight spec, a weight is
+            quantized per channel along an axis other than 0, or a layer is smoothed.
 
     Example::
 
@@ -149,6 +149,9 @@ def gptq(
             raise QATConfigError(f"gptq: layer {name!r} weight is per_channel along axis {spec.axis}; GPTQ needs axis 0 (output rows)")
         if spec.learned:
             raise QATConfigError(f"gptq: layer {name!r} weight uses estimator {spec.estimator.value}; GPTQ sets fixed scales, use ste")
+        if layer.input_smooth is not None:
+            raise QATConfigError(f"gptq: layer {name!r} is smoothed (qat.smooth_inputs); GPTQ rounds the plain weight, "
+                                 "so run it on a model without smoothing")
 
     hessians = {name: torch.zeros(l.in_features, l.in_features, dtype=torch.float32) for name, l in layers}
     counts = {name: 0 for name, _ in layers}

@@ -181,3 +181,13 @@ def test_init_smoothing_is_identity_and_smooth_inputs_updates_it_in_place():
     before = p.detach().clone()
     opt.step()
     assert not torch.equal(p.detach(), before)
+
+
+def test_gptq_refuses_a_smoothed_layer():
+    from qat.gptq import gptq
+
+    x = _data()
+    model = prepare(_net(), {"name": "w4", "rules": [{"match": "*", "types": ["Linear"], "weight": {"bits": 4}}]})
+    smooth_inputs(model, [(x, None)], match="0")
+    with pytest.raises(QATConfigError, match="smoothed"):
+        gptq(model, [(x, None)])
