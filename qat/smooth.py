@@ -166,9 +166,10 @@ def smooth_inputs(
         model.train(was_training)
     if not seen:
         raise QATConfigError("smooth_inputs: no batch given; pass calibration batches")
+    _sync(layers, sums, counts)
     out = {}
     for n, m in layers.items():
-        if n not in sums:
+        if not counts.get(n):
             raise QATConfigError(f"smooth_inputs: layer {n!r} saw no input in the batches")
         mean = (sums[n] / counts[n]).clamp_min(1e-5)
         s = mean.pow(float(alpha))
@@ -184,3 +185,21 @@ def smooth_inputs(
                 q._set_flag("initialized", False)
         out[n] = s.detach().clone()
     return out
+
+
+def _sync(layers: dict[str, QuantLinear], sums: dict[str, torch.Tensor], counts: dict[str, int]) -> None:
+    """Under torch.distributed, sum the statistics over the ranks, so every rank computes the same
+    factors from all ranks' batches (as the observers' ranges are kept identical)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for n, m in layers.items():  # the same layers, in the same order, on every rank
+        dev = m.weight.device
+        buf = torch.zeros(m.in_features + 1, device=dev, dtype=torch.float64)
+        if n in sums:
+            buf[:-1] = sums[n].to(dev, torch.float64)
+            buf[-1] = counts[n]
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        sums[n] = buf[:-1].float()
+        counts[n] = int(buf[-1].item())

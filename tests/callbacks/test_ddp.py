@@ -20,6 +20,9 @@ class Net(pl.LightningModule):
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
 
+    def forward(self, x):
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self.net(x), y)
@@ -34,11 +37,14 @@ class DumpObservers(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         state = {n + "." + k: v.clone() for n, q in quantizers(pl_module) for k, v in q.state_dict().items()}
+        state.update({n: p.detach().clone() for n, p in pl_module.named_parameters() if n.endswith("input_smooth")})
         torch.save(state, os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_observer_statistics_identical_across_ranks(tmp_path):
+@pytest.mark.parametrize("smooth", [False, True])
+def test_observer_statistics_identical_across_ranks(tmp_path, smooth):
+    """With ``smooth_alpha`` the smoothing factors come from all ranks' calibration batches too."""
     g = torch.Generator().manual_seed(0)
     # the samples differ wildly in range, so each rank's shard sees a different range
     x = torch.randn(64, 8, generator=g) * torch.linspace(0.1, 10, 64).unsqueeze(1)
@@ -53,11 +59,13 @@ def test_observer_statistics_identical_across_ranks(tmp_path):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[QuantizationAwareTraining("w4a8"), DumpObservers(str(tmp_path))],
+        callbacks=[QuantizationAwareTraining("w4a8", **(dict(calibration_batches=2, smooth_alpha=0.5) if smooth else {})),
+                   DumpObservers(str(tmp_path))],
     )
     trainer.fit(Net(), loader)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert any("input_quantizer.observer.max_val" in k for k in r0)
+    assert any(k.endswith("input_smooth") for k in r0) == smooth
     for k in r0:
         torch.testing.assert_close(r1[k], r0[k], atol=0, rtol=0, msg=f"{k} differs across ranks")
