@@ -129,8 +129,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {**_BIG, "token_noise": 0.15, "attn_weight": 3.0},
         {**_BIG, "token_noise": 0.15, "noise_mode": "neighbor", "embeddings": "freeze", "norm_lr": 1e-3},
     ],
-    # eighth round: per-input-channel smoothing (qat.smooth_inputs, alpha 0.5), which cuts
-    # round-to-nearest's error by a quarter on the CPU (0.0273 -> 0.0206), fixed or trained
+    # eighth round: per-input-channel smoothing (qat.smooth_inputs, alpha 0.5), fixed or trained
     "smooth": [
         {**_BIG, "token_noise": 0.15, "smooth": 0.5},
         {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5},

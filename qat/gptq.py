@@ -21,7 +21,7 @@ from .errors import QATConfigError
 from .modules import QuantLinear
 from .observers import qparams_from_range
 from .prepare import quant_layers
-from .ptq import _to, default_forward
+from .ptq import _float_pass, default_forward
 from .spec import Granularity, QuantSpec
 
 __all__ = ["gptq"]
@@ -166,27 +166,8 @@ def gptq(
 
         return fn
 
-    p = next(model.parameters())
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers]
-    states = [(q, q._flags["fake_quant_enabled"], q._flags["observer_enabled"]) for _, l in layers for _, q in l.quantizers()]
-    was_training = model.training
-    model.eval()
-    try:
-        for q, _, _ in states:
-            q.enable_fake_quant(False)
-            q.enable_observer(False)
-        with torch.no_grad():
-            for i, batch in enumerate(calibration):
-                if num_batches is not None and i >= num_batches:
-                    break
-                forward_fn(model, _to(batch, p.device))
-    finally:
-        for h in handles:
-            h.remove()
-        for q, fq_on, obs_on in states:
-            q.enable_fake_quant(fq_on)
-            q.enable_observer(obs_on)
-        model.train(was_training)
+    _float_pass(model, calibration, [(layer, hook(name)) for name, layer in layers],
+               [q for _, l in layers for _, q in l.quantizers()], num_batches, forward_fn)
     if not any(counts.values()):
         raise QATConfigError("gptq: the calibration data produced no batch")
     return {name: _gptq_layer(layer, hessians[name], damp, block_size) for name, layer in layers}

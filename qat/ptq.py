@@ -74,6 +74,49 @@ def calibrate(
     return seen
 
 
+@torch.no_grad()
+def _float_pass(
+    model: nn.Module,
+    batches: Iterable[Any],
+    pre_hooks: Iterable[tuple[nn.Module, Callable]],
+    quantizers_off: Iterable[Any],
+    num_batches: Optional[int] = None,
+    forward_fn: Callable[[nn.Module, Any], Any] = default_forward,
+) -> int:
+    """Run ``batches`` through ``model`` (eval mode, no gradients) with the ``quantizers_off``
+    switched off (no fake quantization, no observing) and each ``(module, hook)`` of ``pre_hooks``
+    registered as a forward pre-hook: how GPTQ and smoothing read the layers' float inputs. Flags,
+    hooks and the train / eval mode are restored afterwards, also on an error.
+
+    Returns:
+        the number of batches run.
+    """
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    states = [(q, q._flags["fake_quant_enabled"], q._flags["observer_enabled"]) for q in quantizers_off]
+    handles = [m.register_forward_pre_hook(h) for m, h in pre_hooks]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for q, _, _ in states:
+            q.enable_fake_quant(False)
+            q.enable_observer(False)
+        for batch in batches:
+            if num_batches is not None and seen >= num_batches:
+                break
+            forward_fn(model, _to(batch, device))
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for q, fq_on, obs_on in states:
+            q.enable_fake_quant(fq_on)
+            q.enable_observer(obs_on)
+        model.train(was_training)
+    return seen
+
+
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)

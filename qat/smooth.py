@@ -23,7 +23,7 @@ import torch.nn as nn
 from .errors import QATConfigError
 from .modules import QuantLinear
 from .prepare import quant_layers
-from .ptq import _to, default_forward
+from .ptq import _float_pass, default_forward
 
 __all__ = ["smooth_inputs", "init_smoothing"]
 
@@ -139,31 +139,8 @@ def smooth_inputs(
             counts[name] = counts.get(name, 0) + x.shape[0]
         return record
 
-    flags = {}
-    for _, m in quant_layers(model):
-        for _qn, q in m.quantizers():
-            flags[id(q)] = (q, q._flags["fake_quant_enabled"], q._flags["observer_enabled"])
-            q.enable_fake_quant(False)
-            q.enable_observer(False)
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    p = next(model.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        for batch in batches:
-            if num_batches is not None and seen >= num_batches:
-                break
-            forward_fn(model, _to(batch, device))
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for q, fq, ob in flags.values():
-            q.enable_fake_quant(fq)
-            q.enable_observer(ob)
-        model.train(was_training)
+    seen = _float_pass(model, batches, [(m, hook(n)) for n, m in layers.items()],
+                      [q for _, m in quant_layers(model) for _, q in m.quantizers()], num_batches, forward_fn)
     if not seen:
         raise QATConfigError("smooth_inputs: no batch given; pass calibration batches")
     _sync(layers, sums, counts)

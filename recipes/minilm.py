@@ -241,15 +241,22 @@ def _batch_sentences(sentences: Sequence[str], step: int, batch: int, order: lis
     return out
 
 
-def _token_noise(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    """``ids`` with a share ``p`` of the real, non-special tokens replaced by random picks among them."""
+def _token_noise(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, p: float, g: torch.Generator,
+                 neighbors: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``ids`` with a share ``p`` of the real, non-special tokens replaced: by random picks among
+    those tokens, or with ``neighbors`` (``(vocab, k)``, :func:`embedding_neighbors`) by one of each
+    token's own ``k`` neighbors."""
     real = (mask.bool() & ~torch.isin(ids, special)).flatten()
     pool = ids.flatten()[real]
     if pool.numel() == 0:
         return ids
     hit = real & (torch.rand(real.shape, generator=g) < p)
     out = ids.flatten().clone()
-    out[hit] = pool[torch.randint(pool.numel(), (int(hit.sum()),), generator=g)]
+    n = int(hit.sum())
+    if neighbors is None:
+        out[hit] = pool[torch.randint(pool.numel(), (n,), generator=g)]
+    elif n:
+        out[hit] = neighbors[out[hit], torch.randint(neighbors.shape[1], (n,), generator=g)]
     return out.view_as(ids)
 
 
@@ -284,18 +291,6 @@ def embedding_neighbors(embeddings: torch.Tensor, k: int = 8, exclude: Sequence[
             sim[:, bad] = -2.0
         out.append(sim.topk(k, dim=-1).indices.cpu())
     return torch.cat(out)
-
-
-def _neighbor_noise(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, p: float, neighbors: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """``ids`` with a share ``p`` of the real, non-special tokens replaced by one of their embedding neighbors."""
-    real = (mask.bool() & ~torch.isin(ids, special)).flatten()
-    hit = real & (torch.rand(real.shape, generator=g) < p)
-    out = ids.flatten().clone()
-    n = int(hit.sum())
-    if n:
-        pick = torch.randint(neighbors.shape[1], (n,), generator=g)
-        out[hit] = neighbors[out[hit], pick]
-    return out.view_as(ids)
 
 
 def _attention_kl(s_att, t_att, mask: torch.Tensor) -> torch.Tensor:
@@ -425,9 +420,11 @@ def distill(
             p.requires_grad_(False)
         weights = []
     smooth_ids = {id(p) for n, p in student.named_parameters() if n.endswith("input_smooth")}
+    norm_ids = {id(p) for p in weights if p.ndim == 1 and id(p) not in smooth_ids} if norm_lr is not None else set()
     smooths = [p for p in weights if id(p) in smooth_ids]
-    norms = [p for p in weights if p.ndim == 1 and id(p) not in smooth_ids] if norm_lr is not None else []
-    weights = [p for p in weights if id(p) not in smooth_ids and not any(p is q for q in norms)]
+    norms = [p for p in weights if id(p) in norm_ids]
+    own_lr = smooth_ids | norm_ids
+    weights = [p for p in weights if id(p) not in own_lr]
     groups = [
         {"params": ps, "lr": r}
         for ps, r in ((weights, lr), (norms, norm_lr), (smooths, lr if smooth_lr is None else smooth_lr), (scales, scale_lr),
@@ -465,10 +462,8 @@ def distill(
         for step in range(steps):
             sents = _batch_sentences(sentences, step, batch, order, splice, g)
             enc = tokenize(tokenizer, sents, max_length, pad_to_max=compile)  # compiled: one shape, no recompiles
-            if token_noise and neighbors is not None:
-                enc["input_ids"] = _neighbor_noise(enc["input_ids"], enc["attention_mask"], special, token_noise, neighbors, g)
-            elif token_noise:
-                enc["input_ids"] = _token_noise(enc["input_ids"], enc["attention_mask"], special, token_noise, g)
+            if token_noise:
+                enc["input_ids"] = _token_noise(enc["input_ids"], enc["attention_mask"], special, token_noise, g, neighbors)
             enc = {k: v.to(device) for k, v in enc.items()}
             with torch.no_grad():
                 t_out = teacher(**enc, output_hidden_states=layers, output_attentions=attn)

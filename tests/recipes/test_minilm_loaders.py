@@ -145,7 +145,7 @@ def test_token_noise_replaces_only_real_tokens():
 
 
 def test_embedding_neighbors_and_neighbor_noise():
-    from qat.recipes.minilm import _neighbor_noise, embedding_neighbors
+    from qat.recipes.minilm import _token_noise, embedding_neighbors
 
     e = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
     nb = embedding_neighbors(e, k=1, chunk=2)
@@ -156,7 +156,7 @@ def test_embedding_neighbors_and_neighbor_noise():
     special = torch.tensor([0])
     ids = torch.tensor([[0, 1, 2, 3, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 0]])
-    out = _neighbor_noise(ids, mask, special, 0.999, nb, torch.Generator().manual_seed(0))
+    out = _token_noise(ids, mask, special, 0.999, torch.Generator().manual_seed(0), neighbors=nb)
     assert out.tolist() == [[0, 0, 3, 2, 0]]  # each real token became its neighbor; special / padding kept
 
 
