@@ -578,6 +578,24 @@ MINILM_LABELS = {
 }
 
 
+def merge_minilm(earlier: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+    """``res`` with the rows of ``earlier`` (an earlier ``run_minilm`` result) for the bit-widths it
+    did not run, in the table's order; the times add up.
+
+    Raises:
+        ValueError: the two differ in recipe, learning rates, methods, seed or device (their rows
+            would not be comparable).
+    """
+    for key in ("recipe", "recipe_name", "lr", "methods", "seed", "device", "weights"):
+        if earlier.get(key) != res.get(key):
+            raise ValueError(f"--merge: the earlier result's {key} {earlier.get(key)!r} differs from this run's {res.get(key)!r}")
+    new_bits = {r["bits"] for r in res["rows"]}
+    order = [f"{name} (g{MINILM_GROUP})" for name, _, _ in MINILM_CONFIGS]
+    rows = [r for r in earlier["rows"] if r["bits"] not in new_bits] + res["rows"]
+    rows.sort(key=lambda r: order.index(r["bits"]) if r["bits"] in order else len(order))
+    return {**res, "rows": rows, "seconds": round(earlier.get("seconds", 0.0) + res["seconds"], 1)}
+
+
 def write_minilm(res: dict[str, Any], out: str) -> None:
     os.makedirs(out, exist_ok=True)
     stem = "accuracy_minilm" + ("" if res.get("recipe_name", "committed") == "committed" else "_" + res["recipe_name"])
@@ -637,6 +655,9 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--batch", type=int, default=None, help="minilm: distillation batch")
     p.add_argument("--recipe", default="committed", choices=["committed", "best"],
                    help="minilm: the table's recipe, or the recipe search's best (-> accuracy_minilm_best.*)")
+    p.add_argument("--merge", default=None, metavar="JSON",
+                   help="minilm: keep the other bit-widths' rows of this earlier result (same recipe, methods and "
+                        "device), so a table can be run one bit-width per call")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.table == "digits":
@@ -656,7 +677,12 @@ def main(argv: Optional[list] = None) -> None:
             kw["configs"] = [c for c in MINILM_CONFIGS if c[0] in args.bits.split(",")]
         if args.methods:
             kw["methods"] = args.methods.split(",")
-        write_minilm(run_minilm(**kw), args.out)
+        earlier = None
+        if args.merge:
+            with open(args.merge) as f:
+                earlier = json.load(f)
+        res = run_minilm(**kw)
+        write_minilm(merge_minilm(earlier, res) if earlier else res, args.out)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,13 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3, "cos_weight": 30.0},
         {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3, "scale_lr": 3e-6},
     ],
+    # eleventh round: on the stack (row 42, 0.99624), more input diversity (twice the token noise,
+    # spliced sentences) and twice the batch: the held-out sentences trail the training ones
+    "round11": [
+        {**_BIG, "token_noise": 0.3, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3},
+        {**_BIG, "token_noise": 0.15, "splice": 0.5, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3},
+        {**_BIG, "token_noise": 0.15, "batch": 512, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3},
+    ],
     # the "wiki" grid without its first row (that recipe is accuracy.py's: its W4A8 row is that run)
     "wiki_more": [
         {"steps": 2500, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
