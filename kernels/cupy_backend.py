@@ -53,6 +53,8 @@ __all__ = [
 _CSRC = Path(__file__).resolve().parent / "csrc"
 #: loads per lane of reduce.cu's grp kernels (short aligned runs of keys), one entry point each
 _GRP_K = (1, 2, 4, 8)
+#: loads per lane of reduce.cu's tile kernels (grp's layout launched one tile a block), one entry point each
+_TILE_T = (2, 4, 8)
 #: source file -> its extern "C" kernels
 _KERNELS = {
     "fake_quant.cu": (
@@ -63,11 +65,13 @@ _KERNELS = {
     "reduce.cu": (
         *(f"lsq_backward_seg{m}" for m in (0, 2)),
         *(f"lsq_backward_grp{k}" for k in _GRP_K),
+        *(f"lsq_backward_tile{t}" for t in _TILE_T),
         "lsq_backward_cols",
         "lsq_backward_rows",
         "pact_backward_seg",
         *(f"minmax_seg{m}" for m in (0, 2)),
         *(f"minmax_grp{k}" for k in _GRP_K),
+        *(f"minmax_tile{t}" for t in _TILE_T),
         "minmax_cols",
         "minmax_rows",
     ),
@@ -216,19 +220,19 @@ def _stream(device: int):
     return s
 
 
-def _launch(kern, grid, args, device: int, shared_mem: int = 0) -> None:
+def _launch(kern, grid, args, device: int, shared_mem: int = 0, threads: int = _THREADS) -> None:
     global _direct_launch
     if isinstance(grid, int):
         grid = (grid,)
     stream = _stream(device)
     if _direct_launch and device == torch.cuda.current_device():
         try:  # the cheapest path: CuPy's Function takes the stream as an argument
-            kern.kernel(grid, (_THREADS,), args, shared_mem, stream)
+            kern.kernel(grid, (threads,), args, shared_mem, stream)
             return
         except TypeError:  # another CuPy signature: use the context managers from now on
             _direct_launch = False
     with cupy.cuda.Device(device), stream:
-        kern(grid, (_THREADS,), args, shared_mem=shared_mem)
+        kern(grid, (threads,), args, shared_mem=shared_mem)
 
 
 # ----------------------------------------------------------------------------- availability
@@ -366,6 +370,14 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         vec = vec_full if aligned and (c == 1 or inner % vec_full == 0) else 1
         run = inner // vec  # vectors of a key's run
         k = _grp_k(run, kind, code) if c > 1 and inner % vec == 0 else None
+        # per-group layouts (every key one run): the tile kernel where _TILE asks for it
+        t = _tile_t(run, kind, code) if k is not None and c * inner == n else None
+        grid = -(-n // (_TILE_THREADS * (t or 1) * vec))  # one tile of _TILE_THREADS // 32 * t units a block
+        if t is not None and grid < 2**31:
+            kern = _kernel("reduce.cu", f"{kind}_tile{t}", code, vec, device)
+            args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), np.int32(1), *tail_args, np.int64(1))
+            _launch(kern, grid, args, device, threads=_TILE_THREADS)
+            return
         wpb = _THREADS // 32
         if kind == "pact_backward":
             name = "pact_backward_seg"
@@ -405,6 +417,22 @@ _COLS_VECS = 32
 #: grp kernels: preferred loads per lane (x, or x and grad), and grid size in waves
 _GRP_LOADS = {"minmax": 2, "lsq_backward": 2}
 _GRP_WAVES = 16
+
+
+#: tile kernels (reduce.cu tile_body): loads per lane T by kind, or by ``(kind, dtype code)`` for one
+#: dtype; 0 or absent: the grp kernel. Inductor's persistent reductions launch this shape (one tile a
+#: program, every load issued up front, no grid-stride loop). Runs of at most 32 vectors only.
+_TILE: dict = {}
+#: threads of a tile kernel's block (Inductor's fp32 LSQ group128 backward: 2 warps)
+_TILE_THREADS = 64
+
+
+def _tile_t(run: int, kind: str, code: int) -> Optional[int]:
+    """Loads per lane T of the tile kernel for runs of ``run`` vectors, or None (the grp kernel)."""
+    t = _TILE.get((kind, code), _TILE.get(kind, 0))
+    if not t or run > 32 or t not in _TILE_T or _TILE_THREADS % 32 or not 32 <= _TILE_THREADS <= _THREADS:
+        return None
+    return t
 
 
 def _grp_k(run: int, kind: str, code: int = 0) -> Optional[int]:

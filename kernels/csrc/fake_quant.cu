@@ -32,6 +32,18 @@
 #else
 #define QAT_FWD_BOUNDS __launch_bounds__(QAT_THREADS)
 #endif
+// the same for the key mode 1 entry points alone (per-group, and channels with inner % QAT_VEC == 0)
+#ifndef QAT_FWD_MINB_K1
+#define QAT_FWD_MINB_K1 QAT_FWD_MINB
+#endif
+#if QAT_FWD_MINB_K1 > 0
+#define QAT_FWD_BOUNDS_1 __launch_bounds__(QAT_THREADS, QAT_FWD_MINB_K1)
+#else
+#define QAT_FWD_BOUNDS_1 __launch_bounds__(QAT_THREADS)
+#endif
+#define QAT_FWD_BOUNDS_0 QAT_FWD_BOUNDS
+#define QAT_FWD_BOUNDS_2 QAT_FWD_BOUNDS
+#define QAT_FWD_BOUNDS_3 QAT_FWD_BOUNDS
 
 template <int VARIANT>
 struct FwdParam {
@@ -238,7 +250,7 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
 // One entry point per (variant, key mode), so each gets its own register allocation:
 // fq_forward_<variant>_<keymode>, variant 0 STE (writes the mask), 1 LSQ, 2 PACT (key mode 0).
 #define QAT_FWD_KERNEL(V, K)                                                                                   \
-  extern "C" __global__ void QAT_FWD_BOUNDS fq_forward_##V##_##K(                                                  \
+  extern "C" __global__ void QAT_FWD_BOUNDS_##K fq_forward_##V##_##K(                                                  \
       const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
       long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \

@@ -454,6 +454,77 @@ __device__ __forceinline__ void grp_body(const Op& op, const scalar_t* __restric
   }
 }
 
+// ---------------------------------------------------------------- tile: grp's layout, one tile a block
+
+// Inductor's persistent-reduction launch shape for the same short aligned runs (grp's layout with
+// K = 1: a run is L = inner / QAT_VEC <= 32 vectors, each lane one vector of a run per load, a unit
+// of 32 contiguous vectors = 32 / L whole runs): every block owns one tile of W * T consecutive units
+// (W = blockDim.x / 32 warps, each T consecutive units), issues all T loads of x (and grad) and the T
+// runs' parameters before any work, reduces each run with log2(L) butterfly levels, stores, and exits:
+// no grid-stride loop (the grid covers the tensor). The T loads of a lane sit at compile-time offsets
+// from one address. Per-group layouts only (C * inner == n: every key one run, stored, not added).
+// FULL: the tile lies inside the tensor (every block but the last), no bounds.
+#ifndef QAT_TILE_MINB
+#define QAT_TILE_MINB QAT_BY_DTYPE(1, 1)
+#endif
+// tile kernels: the T runs' parameters requested right after the data (1), or at each run's work (0)
+#ifndef QAT_TILE_PF
+#define QAT_TILE_PF QAT_BY_DTYPE(1, 1)
+#endif
+template <class Op, int T, bool FULL>
+__device__ __forceinline__ void tile_work(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                                          scalar_t* __restrict__ dx, long long n, const FastDiv& inner,
+                                          const FastDiv& C, long long head0, int L, int sub) {
+  constexpr int kUnit = 32 * QAT_VEC;  // elements of a unit
+  const long long e0 = head0 + (long long)sub * QAT_VEC;
+  const int rpu = 32 / L;  // runs of a unit
+  // per-group (C * inner == n): run t's key is k0 + t * rpu, no wrap
+  const long long k0 = (C.d != 1 && (FULL || head0 < n)) ? inner.div(head0) : 0;
+  RawVec xv[T], gv[T];
+  int nv[T];
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const long long e = e0 + (long long)t * kUnit;
+    nv[t] = FULL ? QAT_VEC : (int)max(0LL, min((long long)QAT_VEC, n - e));
+    xv[t] = load_vec(x, e, nv[t]);
+    if (Op::kGrad) gv[t] = load_vec(g, e, nv[t]);
+  }
+#if QAT_TILE_PF
+  typename Op::P p[T];
+#pragma unroll
+  for (int t = 0; t < T; ++t)
+    if (FULL || head0 + (long long)t * kUnit < n) p[t] = op.param(C.d != 1 ? k0 + (long long)t * rpu : 0);
+#endif
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const bool valid = FULL || head0 + (long long)t * kUnit < n;  // whole runs: the run's head decides
+    const long long key = C.d != 1 ? k0 + (long long)t * rpu : 0;
+    float a = Op::ida(), b = Op::idb();
+#if QAT_TILE_PF
+    if (valid) vec_work(op, p[t], xv[t], gv[t], dx, e0 + (long long)t * kUnit, nv[t], a, b);
+#else
+    if (valid) vec_work(op, op.param(key), xv[t], gv[t], dx, e0 + (long long)t * kUnit, nv[t], a, b);
+#endif
+    group_allreduce<Op>(a, b, L);
+    if (sub == 0 && valid) op.store(key, a, b);
+  }
+}
+
+template <class Op, int T>
+__device__ __forceinline__ void tile_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                                          scalar_t* __restrict__ dx, long long n, const FastDiv& inner, const FastDiv& C) {
+  const int lane = threadIdx.x & 31;
+  const int L = (int)(inner.d / QAT_VEC);
+  const int gi = lane / L, sub = lane & (L - 1);
+  const long long tile = (long long)blockDim.x * T * QAT_VEC;  // elements of a block's tile
+  const long long head0 = (long long)blockIdx.x * tile + (long long)(threadIdx.x >> 5) * T * 32 * QAT_VEC +
+                          (long long)gi * L * QAT_VEC;  // first element of the lane's first run
+  if ((long long)(blockIdx.x + 1) * tile <= n)
+    tile_work<Op, T, true>(op, x, g, dx, n, inner, C, head0, L, sub);
+  else
+    tile_work<Op, T, false>(op, x, g, dx, n, inner, C, head0, L, sub);
+}
+
 // ---------------------------------------------------------------- rows: long contiguous runs
 
 // Block-wide reduction of (a, b): thread 0 gets the block's total. Ends with a barrier, so the
@@ -656,7 +727,8 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
 // ---------------------------------------------------------------- entry points
 
 // lsq_backward_seg<mode> / minmax_seg<mode>: one entry point per seg_body mode (own registers);
-// lsq_backward_grp<K> / minmax_grp<K>: one per loads-per-lane K of grp_body.
+// lsq_backward_grp<K> / minmax_grp<K>: one per loads-per-lane K of grp_body;
+// lsq_backward_tile<T> / minmax_tile<T>: one per loads-per-lane T of tile_body.
 #define QAT_LSQ_ARGS                                                                                            \
   const scalar_t *__restrict__ x, const scalar_t *__restrict__ g, scalar_t *__restrict__ dx,                    \
       const float *__restrict__ scale, const float *__restrict__ zp, float *ds, float *dz, long long n,         \
@@ -691,8 +763,16 @@ QAT_LSQ_GRP(1)
 QAT_LSQ_GRP(2)
 QAT_LSQ_GRP(4)
 QAT_LSQ_GRP(8)
+#define QAT_LSQ_TILE(T)                                                                                         \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_TILE_MINB) lsq_backward_tile##T(QAT_LSQ_ARGS) {    \
+    QAT_LSQ_DISPATCH((tile_body<OpT, T>(op, x, g, dx, n, inner, C)))                            \
+  }
+QAT_LSQ_TILE(2)
+QAT_LSQ_TILE(4)
+QAT_LSQ_TILE(8)
 #undef QAT_LSQ_SEG
 #undef QAT_LSQ_GRP
+#undef QAT_LSQ_TILE
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 lsq_backward_cols(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
@@ -734,8 +814,17 @@ QAT_MINMAX_GRP(1)
 QAT_MINMAX_GRP(2)
 QAT_MINMAX_GRP(4)
 QAT_MINMAX_GRP(8)
+#define QAT_MINMAX_TILE(T)                                                                                      \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_TILE_MINB) minmax_tile##T(QAT_MINMAX_ARGS) {      \
+    const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
+    tile_body<MinMaxOp, T>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C); \
+  }
+QAT_MINMAX_TILE(2)
+QAT_MINMAX_TILE(4)
+QAT_MINMAX_TILE(8)
 #undef QAT_MINMAX_SEG
 #undef QAT_MINMAX_GRP
+#undef QAT_MINMAX_TILE
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_COLS_MINB_MM)
 minmax_cols(const scalar_t* __restrict__ x, float* mn, float* mx, long long rows, long long Wd, long long inner,

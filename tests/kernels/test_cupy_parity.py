@@ -388,6 +388,52 @@ KNOB_CASES = [
 def test_reduction_launch_knobs(knobs, case, dtype, monkeypatch):
     for name, value in knobs.items():
         monkeypatch.setattr(cupy_backend, name, value)
+    _check_reductions(case, dtype)
+
+
+# reduce.cu's tile kernels (per-group layouts launched one tile a block): loads per lane T and block
+# sizes, groups whose run is 1 to 32 vectors, tensors smaller than one tile and a partial last tile
+TILE_KNOBS = [
+    dict(_TILE={"minmax": t, "lsq_backward": t}, _TILE_THREADS=th) for t, th in ((2, 64), (4, 64), (8, 32), (4, 256), (2, 128))
+]
+TILE_CASES = [
+    ((64, 2048), None, 128),
+    ((64, 2048), None, 32),
+    ((4, 96), None, 32),
+    ((3, 4100), None, 4),
+    ((7, 256), None, 256),
+    ((1, 384), None, 128),
+    ((33, 1000), None, 8),
+    ((3, 5, 4096), None, 64),
+]
+
+
+@pytest.mark.parametrize("knobs", TILE_KNOBS, ids=lambda k: f"T{k['_TILE']['lsq_backward']}-threads{k['_TILE_THREADS']}")
+@pytest.mark.parametrize("case", TILE_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tile_kernels(knobs, case, dtype, monkeypatch):
+    for name, value in knobs.items():
+        monkeypatch.setattr(cupy_backend, name, value)
+    launched = []
+    kernel = cupy_backend._kernel
+
+    def spy(name, kern, *args):
+        launched.append(kern)
+        return kernel(name, kern, *args)
+
+    monkeypatch.setattr(cupy_backend, "_kernel", spy)
+    _check_reductions(case, dtype)
+    shape, _, gs = case
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    if gs % vec:
+        vec = 1  # unaligned groups: scalar loads
+    t = knobs["_TILE"]["lsq_backward"]
+    expected = [f"minmax_tile{t}", f"lsq_backward_tile{t}"] if gs // vec <= 32 else []
+    assert [k for k in launched if "_tile" in k] == expected, launched
+
+
+def _check_reductions(case, dtype):
+    """aminmax exactly, and the LSQ backward (dx bit-exact, reduced gradients within the bound)."""
     shape, axis, gs = case
     gen = torch.Generator().manual_seed(5 + zlib.crc32(repr((shape, axis, gs, dtype)).encode()))
     x = (torch.randn(shape, generator=gen) * 5).to(dtype).cuda()
