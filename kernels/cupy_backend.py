@@ -422,9 +422,13 @@ _GRP_WAVES = 16
 #: tile kernels (reduce.cu tile_body): loads per lane T by kind, or by ``(kind, dtype code)`` for one
 #: dtype; 0 or absent: the grp kernel. Inductor's persistent reductions launch this shape (one tile a
 #: program, every load issued up front, no grid-stride loop). Runs of at most 32 vectors only.
-_TILE: dict = {}
-#: threads of a tile kernel's block (Inductor's fp32 LSQ group128 backward: 2 warps)
-_TILE_THREADS = 64
+#: Defaults from the v10 sweep (benchmarks/results/kernels_h100_v10_sweep.md, by dtype code: 0 fp32,
+#: 1 fp16, 2 bf16).
+_TILE: dict = {("lsq_backward", 0): 4, ("lsq_backward", 1): 2, ("lsq_backward", 2): 2,
+               ("minmax", 0): 4, ("minmax", 1): 2, ("minmax", 2): 4}
+#: threads of a tile kernel's block (Inductor's fp32 LSQ group128 backward uses 2 warps; 4 measured
+#: as fast and was the sweep's pick)
+_TILE_THREADS = 128
 
 
 def _tile_t(run: int, kind: str, code: int) -> Optional[int]:

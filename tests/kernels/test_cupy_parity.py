@@ -362,10 +362,11 @@ def test_more_than_2_pow_31_elements():
 # the launch knobs of the reduction kernels that the defaults do not exercise: rows kernels with
 # several blocks per row (atomics) and a grid smaller than the segments (grid-stride), a short-row
 # threshold that sends channel-0 layouts of ~1000 elements to them; cols kernels with interleaved
-# row groups and a grid that fits one wave
+# row groups and a grid that fits one wave; per-group layouts on the grp kernels instead of tiles
 KNOBS = [
     dict(_ROWS_SPLIT=3, _ROWS_WAVES=0.05),
-    dict(_GRP_LOADS={"minmax": 4, "lsq_backward": 2, ("lsq_backward", 0): 4}, _GRP_WAVES=100000),
+    dict(_GRP_LOADS={"minmax": 4, "lsq_backward": 2, ("lsq_backward", 0): 4}, _GRP_WAVES=100000, _TILE={}),
+    dict(_TILE={}),  # per-group layouts on the grp kernels (the default before the tile kernels)
     dict(_ROWS_MIN_VECS=64),
     dict(_COLS_INTERLEAVE=1, _COLS_FIT=True),
     dict(_ROWS=False, _COLS_FIT=True),
