@@ -55,11 +55,14 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 _GRP_K = (1, 2, 4, 8)
 #: loads per lane of reduce.cu's tile kernels (grp's layout launched one tile a block), one entry point each
 _TILE_T = (2, 4, 8)
+#: warp steps per warp of fake_quant.cu's tile forward (key mode 1, 32-bit offsets), one entry point each
+_FWD_TILE_T = (1, 2, 4)
 #: source file -> its extern "C" kernels
 _KERNELS = {
     "fake_quant.cu": (
         *(f"fq_forward_{v}_{k}" for v in (0, 1) for k in (0, 1, 2, 3)),
         "fq_forward_2_0",
+        *(f"fq_forward_t{t}_{v}_1" for v in (0, 1) for t in _FWD_TILE_T),
         "fq_backward",
     ),
     "reduce.cu": (
@@ -67,12 +70,14 @@ _KERNELS = {
         *(f"lsq_backward_grp{k}" for k in _GRP_K),
         *(f"lsq_backward_tile{t}" for t in _TILE_T),
         "lsq_backward_cols",
+        "lsq_backward_colsh",
         "lsq_backward_rows",
         "pact_backward_seg",
         *(f"minmax_seg{m}" for m in (0, 2)),
         *(f"minmax_grp{k}" for k in _GRP_K),
         *(f"minmax_tile{t}" for t in _TILE_T),
         "minmax_cols",
+        "minmax_colsh",
         "minmax_rows",
     ),
 }
@@ -354,11 +359,13 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         wd = c * inner
         rows = n // wd
         vec = vec_full if aligned and wd % vec_full == 0 else 1
-        kern = _kernel("reduce.cu", f"{kind}_cols", code, vec, device)
-        wdv = wd // vec
-        colsv = min(wdv, _COLS_VECS)
+        half = vec > 1 and bool(_COLS_HALF.get((kind, code), _COLS_HALF.get(kind, False)))
+        kern = _kernel("reduce.cu", f"{kind}_colsh" if half else f"{kind}_cols", code, vec, device)
+        cv = vec // 2 if half else vec  # columns a thread
+        wdv = wd // cv
+        colsv = min(wdv, _COLS_HALF_VECS if half else _COLS_VECS)
         r = _THREADS // colsv
-        shared = 2 * _THREADS * vec * 4
+        shared = 2 * _THREADS * cv * 4
         gx = -(-wdv // colsv)
         wave = _wave(kern, device, shared, waves=_COLS_WAVES)
         gy_fit = wave // gx if _COLS_FIT else -(-wave // gx)  # fit: no block waits for a second wave
@@ -412,6 +419,10 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
 _SEG_TEAMS = True
 #: cols kernels: vectors (columns / QAT_VEC) a block spans (the rest of its threads take other rows)
 _COLS_VECS = 32
+#: colsh kernels (reduce.cu colsh_body: cols with QAT_VEC / 2 columns a thread, 8-byte accesses in 16-bit
+#: types) by kind, or by ``(kind, dtype code)``: truthy = on; and the half vectors a block spans
+_COLS_HALF: dict = {}
+_COLS_HALF_VECS = 32
 
 
 #: grp kernels: preferred loads per lane (x, or x and grad), and grid size in waves
@@ -451,6 +462,28 @@ def _grp_k(run: int, kind: str, code: int = 0) -> Optional[int]:
     return k if k in _GRP_K else None
 
 
+#: tile forward of key mode 1 (fake_quant.cu fq_forward_t<T>_<variant>_1: per-group, and channels whose
+#: inner size is a multiple of the vector): warp steps per warp T by dtype code (0 fp32, 1 fp16, 2 bf16);
+#: 0 or absent: the grid-stride kernel fq_forward_<variant>_1. Inductor's pointwise launch shape (one
+#: tile a block, every load up front, no grid-stride loop) with 32-bit offsets, so tensors of 2**31
+#: elements or more always take the grid-stride kernel (64-bit).
+_FWD_TILE: dict = {}
+#: threads of a tile forward block (a multiple of 32, at most 256)
+_FWD_TILE_THREADS = 128
+#: 1: a warp's T steps adjacent; 0: step t of the block's warps adjacent (Triton's blocked layout)
+_FWD_TILE_ADJ = 0
+
+
+def _fwd_tile_t(keymode: int, variant: int, code: int, n: int) -> Optional[int]:
+    """Warp steps per warp T of the tile forward, or None (the grid-stride forward)."""
+    if keymode != 1 or variant not in (0, 1) or n >= 2**31:
+        return None
+    t = _FWD_TILE.get(code, 0)
+    if t not in _FWD_TILE_T or _FWD_TILE_THREADS % 32 or not 32 <= _FWD_TILE_THREADS <= _THREADS:
+        return None
+    return t
+
+
 def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask):
     xc = x.contiguous()
     n = xc.numel()
@@ -478,8 +511,19 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
         keymode = 3
     else:
         keymode = 2
-    kern = _kernel("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device)
     nsteps = -(-n // (32 * vec))
+    t = _fwd_tile_t(keymode, variant, code, n)
+    if t is not None:  # one tile of _FWD_TILE_THREADS // 32 * t warp steps a block, 32-bit offsets
+        kern = _kernel("fake_quant.cu", f"fq_forward_t{t}_{variant}_1", code, vec, device)
+        grid = -(-nsteps // (_FWD_TILE_THREADS // 32 * t))
+        args = (
+            _ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a),
+            np.int64(n), *_fastdiv(inner), *_fastdiv(c),
+            np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]), np.int32(1 if _FWD_TILE_ADJ else 0),
+        )  # fmt: skip
+        _launch(kern, grid, args, device, threads=_FWD_TILE_THREADS)
+        return y, mask
+    kern = _kernel("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device)
     if _ELEMENTWISE_WAVES:
         grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, waves=_ELEMENTWISE_WAVES)))
     else:  # one pass: two steps a warp

@@ -271,6 +271,144 @@ QAT_FWD_KERNEL(1, 3)
 QAT_FWD_KERNEL(2, 0)
 #undef QAT_FWD_KERNEL
 
+// ---------------------------------------------------------------- key mode 1 in tiles, 32-bit offsets
+// fq_forward_t<T>_<variant>_1 (variants 0 STE, 1 LSQ): the key mode 1 forward launched as Inductor
+// launches its pointwise kernels: every block owns one tile of W * T warp steps (W = blockDim.x / 32),
+// issues all T loads of x and the T steps' parameters before any work, and exits: no grid-stride loop
+// (the grid covers the tensor). Offsets, keys and the magic-number divisions are 32-bit, so the host
+// launches it only for n < 2^31 (larger tensors take fq_forward_<variant>_1, 64-bit). `adj` 1: a
+// warp's T steps are adjacent; 0: step t of the block's W warps are adjacent (Triton's blocked layout:
+// load t of the block covers blockDim.x * QAT_VEC contiguous elements).
+// minimum resident blocks per SM of the tile forward (0: no __launch_bounds__ minimum)
+#ifndef QAT_FTILE_MINB
+#define QAT_FTILE_MINB QAT_BY_DTYPE(0, 0)
+#endif
+#if QAT_FTILE_MINB > 0
+#define QAT_FTILE_BOUNDS __launch_bounds__(QAT_THREADS, QAT_FTILE_MINB)
+#else
+#define QAT_FTILE_BOUNDS __launch_bounds__(QAT_THREADS)
+#endif
+
+// v / d for v < 2^31 with FastDiv's magic number (mul == 0: d == 1, the only such d below 2^31)
+__device__ __forceinline__ unsigned fdiv32(unsigned v, unsigned mul, int shr) {
+  return mul ? __umulhi(v, mul) >> shr : v;
+}
+
+// the mask word(s) of warp step `st` (write_mask with 32-bit indices)
+__device__ __forceinline__ void write_mask32(unsigned* __restrict__ mask, unsigned st, unsigned bits, unsigned nwords) {
+  const unsigned lane = threadIdx.x & 31u;
+#if QAT_VEC == 1
+  const unsigned w = __ballot_sync(QAT_FULL, bits);
+  if (lane == 0 && st < nwords) mask[st] = w;
+#else
+  constexpr unsigned lanes_per_word = 32 / QAT_VEC;
+  unsigned w = bits << ((lane % lanes_per_word) * QAT_VEC);
+#pragma unroll
+  for (int off = lanes_per_word / 2; off > 0; off >>= 1) w |= __shfl_xor_sync(QAT_FULL, w, off);
+  const unsigned word = st * QAT_VEC + lane / lanes_per_word;
+  if (lane % lanes_per_word == 0 && word < nwords) mask[word] = w;
+#endif
+}
+
+// FULL: the block's tile lies inside the tensor (every block but the last), no bounds.
+template <int VARIANT, int RMODE, int T, bool FULL>
+__device__ __forceinline__ void fwd_tile_work(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                              unsigned* __restrict__ mask, const float* __restrict__ scale,
+                                              const float* __restrict__ zp, unsigned n, unsigned inner_d,
+                                              unsigned inner_mul, int inner_shr, unsigned C_d, unsigned C_mul,
+                                              int C_shr, float qmin, float qmax, unsigned st0, unsigned sstride) {
+  constexpr unsigned kStep = 32u * QAT_VEC;  // elements of a warp step
+  const unsigned lane = threadIdx.x & 31u;
+  const unsigned e0 = st0 * kStep + lane * QAT_VEC;
+  RawVec xv[T];
+  int nv[T];
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const unsigned e = e0 + (unsigned)t * sstride * kStep;
+    nv[t] = FULL ? QAT_VEC : (e < n ? (int)min((unsigned)QAT_VEC, n - e) : 0);
+    xv[t] = load_vec(x, e, nv[t]);
+  }
+  // the steps' parameters, requested before any work (key 0 for vectors past the end: a valid address)
+  float sv[T], zv[T];
+  unsigned kv[T];
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const unsigned e = e0 + (unsigned)t * sstride * kStep;
+    unsigned k = 0;
+    if (FULL || nv[t] > 0) {
+      const unsigned q = fdiv32(e, inner_mul, inner_shr);
+      k = q - fdiv32(q, C_mul, C_shr) * C_d;
+    }
+    kv[t] = k;
+    sv[t] = __ldg(scale + k);
+    zv[t] = __ldg(zp + k);
+  }
+  const unsigned nwords = (n + 31u) >> 5;
+  FwdParam<VARIANT> p;
+  p.a = 0.0f;
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const unsigned e = e0 + (unsigned)t * sstride * kStep;
+    if (t == 0 || kv[t] != kv[t - 1]) {  // a run of one key (a channel) keeps its 1 / s
+      p.s = sv[t];
+      p.z = VARIANT == 1 ? qclamp(rintf(zv[t]), qmin, qmax) : zv[t];
+      p.inv_s = 1.0f / p.s;
+    }
+    RawVec yv;
+    unsigned bits = 0;
+#pragma unroll
+    for (int j = 0; j < QAT_VEC; ++j) {
+      bool inside;
+      yv.s[j] = from_f(fwd_elem<VARIANT, RMODE>(p, to_f(xv[t].s[j]), qmin, qmax, inside));
+      bits |= (unsigned)(inside && (FULL || j < nv[t])) << j;
+    }
+    store_vec(y, e, FULL ? QAT_VEC : nv[t], yv);
+    if (VARIANT == 0) write_mask32(mask, st0 + (unsigned)t * sstride, bits, nwords);
+  }
+}
+
+template <int VARIANT, int RMODE, int T>
+__device__ __forceinline__ void fwd_tile_body(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                              unsigned* __restrict__ mask, const float* __restrict__ scale,
+                                              const float* __restrict__ zp, unsigned n, unsigned inner_d,
+                                              unsigned inner_mul, int inner_shr, unsigned C_d, unsigned C_mul,
+                                              int C_shr, float qmin, float qmax, int adj) {
+  const unsigned W = blockDim.x >> 5, w = threadIdx.x >> 5;
+  const unsigned st0 = adj ? (blockIdx.x * W + w) * T : blockIdx.x * W * T + w;  // the warp's first step
+  const unsigned sstride = adj ? 1u : W;
+  // n < 2^31 and a tile is at most 256 * T * QAT_VEC elements, so these products stay below 2^32
+  if ((blockIdx.x + 1) * W * T * 32u * QAT_VEC <= n)
+    fwd_tile_work<VARIANT, RMODE, T, true>(x, y, mask, scale, zp, n, inner_d, inner_mul, inner_shr, C_d, C_mul, C_shr,
+                                           qmin, qmax, st0, sstride);
+  else
+    fwd_tile_work<VARIANT, RMODE, T, false>(x, y, mask, scale, zp, n, inner_d, inner_mul, inner_shr, C_d, C_mul,
+                                            C_shr, qmin, qmax, st0, sstride);
+}
+
+// Same arguments as fq_forward_<V>_<K> plus `adj` (alpha unused); the host guarantees 1 < C, inner % QAT_VEC
+// == 0 and n < 2^31.
+#define QAT_FWD_TILE_KERNEL(V, T)                                                                              \
+  extern "C" __global__ void QAT_FTILE_BOUNDS fq_forward_t##T##_##V##_1(                                       \
+      const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
+      const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
+      long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \
+      float qmax, int round_mode, int adj) {                                                                    \
+    const unsigned n32 = (unsigned)n, id = (unsigned)inner_d, cd = (unsigned)C_d;                             \
+    if (round_mode == 0)                                                                                        \
+      fwd_tile_body<V, 0, T>(x, y, mask, scale, zp, n32, id, inner_mul, inner_shr, cd, C_mul, C_shr, qmin, qmax, adj); \
+    else if (round_mode == 1)                                                                                   \
+      fwd_tile_body<V, 1, T>(x, y, mask, scale, zp, n32, id, inner_mul, inner_shr, cd, C_mul, C_shr, qmin, qmax, adj); \
+    else                                                                                                        \
+      fwd_tile_body<V, 2, T>(x, y, mask, scale, zp, n32, id, inner_mul, inner_shr, cd, C_mul, C_shr, qmin, qmax, adj); \
+  }
+QAT_FWD_TILE_KERNEL(0, 1)
+QAT_FWD_TILE_KERNEL(0, 2)
+QAT_FWD_TILE_KERNEL(0, 4)
+QAT_FWD_TILE_KERNEL(1, 1)
+QAT_FWD_TILE_KERNEL(1, 2)
+QAT_FWD_TILE_KERNEL(1, 4)
+#undef QAT_FWD_TILE_KERNEL
+
 // Clipped-STE backward: dx = grad where the saved mask bit is set, else 0. A lane's QAT_VEC
 // elements lie in one mask word (QAT_VEC divides 32 and e0 is a multiple of QAT_VEC).
 // Bytes: reads grad and numel/8 bytes of mask, writes dx.

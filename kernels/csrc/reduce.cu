@@ -724,6 +724,126 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
   }
 }
 
+// ---------------------------------------------------------------- colsh: cols with half vectors
+
+// cols_body with CV = QAT_VEC / 2 columns a thread (8-byte loads and stores where QAT_VEC > 1): half the
+// parameters, sums and load registers of a thread, so more blocks fit on an SM (the 16-bit cols
+// kernels hold 8 columns' parameters and sums in 95-111 registers, 2 blocks an SM). `colsv` and the
+// column index count CV-element half vectors. Same reduction as cols_body (shared memory, then one
+// atomic per column and block). No packed min/max path.
+#ifndef QAT_COLSH_ROWS_LSQ
+#define QAT_COLSH_ROWS_LSQ 4
+#endif
+#ifndef QAT_COLSH_ROWS_MM
+#define QAT_COLSH_ROWS_MM 8
+#endif
+#define QAT_CV (QAT_VEC > 1 ? QAT_VEC / 2 : 1)
+union HalfVec {
+#if QAT_VEC > 1 && QAT_CV * QAT_ESIZE == 8
+  uint2 u;
+#endif
+  scalar_t s[QAT_CV];
+};
+__device__ __forceinline__ HalfVec load_hvec(const scalar_t* __restrict__ p, long long e) {
+  HalfVec r;
+#if QAT_VEC > 1 && QAT_CV * QAT_ESIZE == 8
+#if QAT_CS
+  r.u = __ldcs(reinterpret_cast<const uint2*>(p + e));
+#else
+  r.u = __ldg(reinterpret_cast<const uint2*>(p + e));
+#endif
+#else
+#pragma unroll
+  for (int j = 0; j < QAT_CV; ++j) r.s[j] = p[e + j];
+#endif
+  return r;
+}
+__device__ __forceinline__ void store_hvec(scalar_t* __restrict__ p, long long e, const HalfVec& r) {
+#if QAT_VEC > 1 && QAT_CV * QAT_ESIZE == 8
+#if QAT_CS
+  __stcs(reinterpret_cast<uint2*>(p + e), r.u);
+#else
+  *reinterpret_cast<uint2*>(p + e) = r.u;
+#endif
+#else
+#pragma unroll
+  for (int j = 0; j < QAT_CV; ++j) p[e + j] = r.s[j];
+#endif
+}
+
+struct XGh {
+  HalfVec x, g;
+};
+
+template <class Op, int ROWS>
+__device__ __forceinline__ void colsh_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                                           scalar_t* __restrict__ dx, long long rows, long long Wd, long long inner,
+                                           int colsv, int R, int ilv) {
+  constexpr int CV = QAT_CV;
+  extern __shared__ float sh[];  // 2 * blockDim.x * CV floats
+  const int tid = threadIdx.x;
+  const int cv = tid % colsv;
+  const int rr = tid / colsv;
+  const long long Wdv = Wd / CV;
+  const long long colv = (long long)blockIdx.x * colsv + cv;
+  const bool active = rr < R && colv < Wdv;
+  const long long rows_per = (rows + gridDim.y - 1) / gridDim.y;
+  const long long r0 = ilv ? (long long)blockIdx.y * R : (long long)blockIdx.y * rows_per;
+  const long long r1 = ilv ? rows : min(r0 + rows_per, rows);
+  const long long rstep = ilv ? (long long)R * gridDim.y : (long long)R;
+  float a[CV], b[CV];
+#pragma unroll
+  for (int j = 0; j < CV; ++j) {
+    a[j] = Op::ida();
+    b[j] = Op::idb();
+  }
+  if (active) {
+    typename Op::P p[CV];
+#pragma unroll
+    for (int j = 0; j < CV; ++j) p[j] = op.param((colv * CV + j) / inner);
+    for (long long r = r0 + rr; r < r1; r += rstep * ROWS) {
+      XGh v[ROWS];
+#pragma unroll
+      for (int u = 0; u < ROWS; ++u)
+        if (r + u * rstep < r1) {
+          const long long e = (r + u * rstep) * Wd + colv * CV;
+          v[u].x = load_hvec(x, e);
+          if (Op::kGrad) v[u].g = load_hvec(g, e);
+        }
+#pragma unroll
+      for (int u = 0; u < ROWS; ++u)
+        if (r + u * rstep < r1) {
+          const long long e = (r + u * rstep) * Wd + colv * CV;
+          HalfVec d;
+#pragma unroll
+          for (int j = 0; j < CV; ++j) {
+            const bool keep = op.elem(p[j], to_f(v[u].x.s[j]), Op::kGrad ? to_f(v[u].g.s[j]) : 0.0f, a[j], b[j]);
+            d.s[j] = (Op::kDx && keep) ? v[u].g.s[j] : scalar_zero();
+          }
+          if (Op::kDx) store_hvec(dx, e, d);
+        }
+    }
+  }
+  float* sa = sh;
+  float* sb = sh + blockDim.x * CV;
+  if (rr < R) {
+#pragma unroll
+    for (int j = 0; j < CV; ++j) {
+      sa[(rr * colsv + cv) * CV + j] = a[j];
+      sb[(rr * colsv + cv) * CV + j] = b[j];
+    }
+  }
+  __syncthreads();
+  if (rr == 0 && colv < Wdv) {
+#pragma unroll
+    for (int j = 0; j < CV; ++j) {
+      float aa = a[j], bb = b[j];
+      for (int k = 1; k < R; ++k) Op::comb(aa, bb, sa[(k * colsv + cv) * CV + j], sb[(k * colsv + cv) * CV + j]);
+      op.flush((colv * CV + j) / inner, aa, bb);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- entry points
 
 // lsq_backward_seg<mode> / minmax_seg<mode>: one entry point per seg_body mode (own registers);
@@ -788,6 +908,19 @@ lsq_backward_cols(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g
 }
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+lsq_backward_colsh(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
+                   const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long rows,
+                   long long Wd, long long inner, int colsv, int R, int ilv, float qmin, float qmax, float f,
+                   int round_mode) {
+  if (round_mode == 0)
+    colsh_body<LsqOp<0>, QAT_COLSH_ROWS_LSQ>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
+  else if (round_mode == 1)
+    colsh_body<LsqOp<1>, QAT_COLSH_ROWS_LSQ>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
+  else
+    colsh_body<LsqOp<2>, QAT_COLSH_ROWS_LSQ>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
+}
+
+extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 pact_backward_seg(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ alpha, float* dalpha, long long n, long long wil) {
   const PactOp op{alpha, dalpha};
@@ -831,6 +964,13 @@ minmax_cols(const scalar_t* __restrict__ x, float* mn, float* mx, long long rows
             int colsv, int R, int ilv) {
   cols_body<MinMaxOp, QAT_COLS_ROWS_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, rows, Wd,
                                         inner, colsv, R, ilv);
+}
+
+extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+minmax_colsh(const scalar_t* __restrict__ x, float* mn, float* mx, long long rows, long long Wd, long long inner,
+             int colsv, int R, int ilv) {
+  colsh_body<MinMaxOp, QAT_COLSH_ROWS_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, rows, Wd,
+                                          inner, colsv, R, ilv);
 }
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)

@@ -460,10 +460,15 @@ def _check_reductions(case, dtype):
 
 
 # grids of the element-wise kernels: one pass (no grid-stride loop: two steps a warp, two vectors a
-# thread) and a tiny grid (many grid-stride iterations per warp)
+# thread) and a tiny grid (many grid-stride iterations per warp); key mode 1 on the grid-stride forward
+# (_FWD_TILE={}) whatever the default
 @pytest.mark.parametrize(
     "knobs",
-    [dict(_ELEMENTWISE_WAVES=0), dict(_ELEMENTWISE_WAVES=0.01, _BACKWARD_WAVES=0), dict(_BACKWARD_WAVES=0.01)],
+    [
+        dict(_ELEMENTWISE_WAVES=0, _FWD_TILE={}),
+        dict(_ELEMENTWISE_WAVES=0.01, _BACKWARD_WAVES=0, _FWD_TILE={}),
+        dict(_BACKWARD_WAVES=0.01, _FWD_TILE={}),
+    ],
     ids=lambda k: "-".join(f"{n.strip('_')}={v}" for n, v in k.items()),
 )
 @pytest.mark.parametrize(
@@ -482,3 +487,149 @@ def test_elementwise_grid_knobs(knobs, case, dtype, monkeypatch):
     y = cupy_backend.fake_quantize_lsq_forward(x, s, z, qmin, qmax, axis, gs, "half_even")
     y_ref = reference.fake_quantize_lsq_forward(x.cpu(), s.cpu(), z.cpu(), qmin, qmax, axis, gs, "half_even")
     _assert_values(y, y_ref, s, x, axis, gs)
+
+
+# fake_quant.cu's tile forward of key mode 1 (fq_forward_t<T>_<variant>_1: one tile a block, 32-bit
+# offsets): warp steps per warp T, block sizes, both step orders; per-group and per-channel layouts
+# whose inner size is a multiple of the vector (and scalar loads where it is not 16-byte aligned),
+# tensors smaller than one tile and partial last tiles and steps
+FWD_TILE_KNOBS = [
+    dict(_FWD_TILE={0: t, 1: t, 2: t}, _FWD_TILE_THREADS=th, _FWD_TILE_ADJ=adj)
+    for t, th, adj in ((2, 128, 0), (2, 128, 1), (1, 256, 0), (4, 64, 0), (4, 32, 1), (2, 256, 0))
+]
+FWD_TILE_CASES = [
+    ((64, 2048), None, 128),
+    ((64, 2048), None, 32),
+    ((4, 96), 0, None),
+    ((3, 40000), 0, None),
+    ((8, 16, 4, 4), 1, None),
+    ((33, 1000), None, 8),
+    ((2, 3, 8200), 1, None),
+    ((5, 130), None, 10),
+]
+
+
+@pytest.mark.parametrize(
+    "knobs", FWD_TILE_KNOBS, ids=lambda k: f"T{k['_FWD_TILE'][0]}-threads{k['_FWD_TILE_THREADS']}-adj{k['_FWD_TILE_ADJ']}"
+)
+@pytest.mark.parametrize("case", FWD_TILE_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_tile_kernels(knobs, case, dtype, monkeypatch):
+    for name, value in knobs.items():
+        monkeypatch.setattr(cupy_backend, name, value)
+    launched = []
+    kernel = cupy_backend._kernel
+
+    def spy(name, kern, *args):
+        launched.append(kern)
+        return kernel(name, kern, *args)
+
+    monkeypatch.setattr(cupy_backend, "_kernel", spy)
+    test_fake_quantize_forward_backward(case, dtype)
+    shape, axis, gs = case
+    gen = torch.Generator().manual_seed(9 + zlib.crc32(repr((shape, axis, gs, dtype)).encode()))
+    for bits, signed, mode in ((4, True, "half_even"), (8, False, "half_away"), (3, True, "half_up")):
+        x, s, z, qmin, qmax = _make(shape, dtype, bits, signed, axis, gs, gen)
+        z = z + (torch.rand(z.shape, generator=gen).cuda() - 0.5) * 3
+        y = cupy_backend.fake_quantize_lsq_forward(x, s, z, qmin, qmax, axis, gs, mode)
+        y_ref = reference.fake_quantize_lsq_forward(x.cpu(), s.cpu(), z.cpu(), qmin, qmax, axis, gs, mode)
+        _assert_values(y, y_ref, s, x, axis, gs)
+    # the tile kernel ran wherever the layout is key mode 1 (a key per vector), the 64-bit one nowhere
+    inner, c = cupy_backend._layout(x, axis, gs)
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    t = knobs["_FWD_TILE"][0]
+    key1 = c > 1 and inner % vec == 0
+    assert {k for k in launched if k.startswith("fq_forward_t")} == ({f"fq_forward_t{t}_0_1", f"fq_forward_t{t}_1_1"} if key1 else set()), launched
+    assert not {"fq_forward_0_1", "fq_forward_1_1"} & set(launched), launched
+    # scalar loads: a view one element into its storage (not 16-byte aligned): key mode 1 wherever C > 1
+    launched.clear()
+    n = math.prod(shape)
+    xu = torch.randn(n + 1, generator=gen).to(dtype).cuda()[1:].view(shape)
+    y, m = cupy_backend.fake_quantize_forward(xu, s, z, qmin, qmax, axis, gs)
+    y_ref, m_ref = reference.fake_quantize_forward(xu.cpu(), s.cpu(), z.cpu(), qmin, qmax, axis, gs)
+    _assert_values(y, y_ref, s, xu, axis, gs)
+    torch.testing.assert_close(m.cpu(), m_ref, atol=0, rtol=0)
+    assert (f"fq_forward_t{t}_0_1" in launched) == (c > 1), launched
+
+
+def test_forward_tile_falls_back_to_64_bit_offsets(monkeypatch):
+    """With the tile forward on, a key mode 1 tensor of more than 2^31 elements takes the 64-bit
+    grid-stride kernel (fq_forward_0_1), and its values and mask are right across 2^31."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip(f"needs 12 GiB of free GPU memory, {free / 2**30:.1f} available")
+    monkeypatch.setattr(cupy_backend, "_FWD_TILE", {0: 2, 1: 2, 2: 2})
+    launched = []
+    kernel = cupy_backend._kernel
+
+    def spy(name, kern, *args):
+        launched.append(kern)
+        return kernel(name, kern, *args)
+
+    monkeypatch.setattr(cupy_backend, "_kernel", spy)
+    C, K = 2, 2**30 + 64  # inner % 8 == 0: key mode 1
+    n = C * K
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn((C, K), generator=gen, device="cuda", dtype=torch.float16)
+    s = torch.tensor([0.01, 0.03], device="cuda")
+    z = torch.tensor([2.0, -3.0], device="cuda")
+    y, m = cupy_backend.fake_quantize_forward(x, s, z, -128, 127, axis=0)
+    assert [k for k in launched if k.startswith("fq_forward")] == ["fq_forward_0_1"], launched
+    xf, yf = x.view(-1), y.view(-1)
+    # slices at the start, across the channel boundary, across 2^31 and at the end
+    # (n = 2^31 + 128: the slice across 2^31 ends at n)
+    for start, stop in ((0, 4096), (K - 2048, K + 2048), (2**31 - 4096, n), (n - 4096, n)):
+        for r0 in sorted({start // K, (stop - 1) // K}):
+            a, b = max(start, r0 * K), min(stop, (r0 + 1) * K)
+            y_ref, _ = reference.fake_quantize_forward(xf[a:b], s[r0 : r0 + 1], z[r0 : r0 + 1], -128, 127)
+            torch.testing.assert_close(yf[a:b], y_ref, atol=0, rtol=0)
+        keep = reference.unpack_mask(m[start // 32 : -(-stop // 32)], stop - start)
+        rows = torch.arange(start, stop, device="cuda") // K
+        q_raw = torch.round(xf[start:stop].float() * (1.0 / s[rows])) + z[rows]
+        torch.testing.assert_close(keep, (q_raw >= -128) & (q_raw <= 127), atol=0, rtol=0)
+
+
+# reduce.cu's colsh kernels (cols with QAT_VEC / 2 columns a thread, 8-byte accesses): channels on the
+# last axis, per-group layouts at most _COLS_MAX_WIDTH wide (keys changing inside a thread's columns),
+# row counts that are not a multiple of the block's rows, a block wider than the row, both row orders
+COLSH_KNOBS = [
+    dict(_COLS_HALF={"minmax": True, "lsq_backward": True}),
+    dict(_COLS_HALF={"minmax": True, "lsq_backward": True}, _COLS_HALF_VECS=64, _COLS_INTERLEAVE=1),
+    dict(_COLS_HALF={"minmax": 1, "lsq_backward": 1}, _COLS_HALF_VECS=8, _COLS_FIT=False),
+]
+COLSH_CASES = [
+    ((64, 2048), 1, None),
+    ((257, 1040), 1, None),
+    ((16, 384, 96), 2, None),
+    ((37, 40), 1, None),
+    ((4, 96), None, 3),
+    ((4, 96), None, 32),
+    ((1000, 4), 1, None),
+]
+
+
+@pytest.mark.parametrize("knobs", COLSH_KNOBS, ids=lambda k: "-".join(f"{n.strip('_')}={v}" for n, v in k.items() if n != "_COLS_HALF") or "half")
+@pytest.mark.parametrize("case", COLSH_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cols_half_kernels(knobs, case, dtype, monkeypatch):
+    for name, value in knobs.items():
+        monkeypatch.setattr(cupy_backend, name, value)
+    launched = []
+    kernel = cupy_backend._kernel
+
+    def spy(name, kern, *args):
+        launched.append(kern)
+        return kernel(name, kern, *args)
+
+    monkeypatch.setattr(cupy_backend, "_kernel", spy)
+    _check_reductions(case, dtype)
+    shape, axis, gs = case
+    x = torch.empty(shape)
+    inner, c = cupy_backend._layout(x, axis, gs)
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    wd = c * inner
+    assert cupy_backend._use_cols(inner, c)
+    half = wd % vec == 0  # 16-byte vectors possible: their halves; else the scalar cols kernel
+    assert [k for k in launched if "_cols" in k] == (
+        ["minmax_colsh", "lsq_backward_colsh"] if half else ["minmax_cols", "lsq_backward_cols"]
+    ), launched
