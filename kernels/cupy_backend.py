@@ -421,8 +421,11 @@ _SEG_TEAMS = True
 _COLS_VECS = 32
 #: colsh kernels (reduce.cu colsh_body: cols with QAT_VEC / 2 columns a thread, 8-byte accesses in 16-bit
 #: types) by kind, or by ``(kind, dtype code)``: truthy = on; and the half vectors a block spans
-_COLS_HALF: dict = {}
-_COLS_HALF_VECS = 32
+#: Defaults from the v11 sweep (benchmarks/results/kernels_h100_v11_sweep.md): 16-bit LSQ, and min/max
+#: in every dtype.
+_COLS_HALF: dict = {("lsq_backward", 1): True, ("lsq_backward", 2): True,
+                    ("minmax", 0): True, ("minmax", 1): True, ("minmax", 2): True}
+_COLS_HALF_VECS = 64
 
 
 #: grp kernels: preferred loads per lane (x, or x and grad), and grid size in waves
@@ -467,7 +470,8 @@ def _grp_k(run: int, kind: str, code: int = 0) -> Optional[int]:
 #: 0 or absent: the grid-stride kernel fq_forward_<variant>_1. Inductor's pointwise launch shape (one
 #: tile a block, every load up front, no grid-stride loop) with 32-bit offsets, so tensors of 2**31
 #: elements or more always take the grid-stride kernel (64-bit).
-_FWD_TILE: dict = {}
+#: Default from the v11 sweep: fp32, T 1 (16-bit measured 0.98-1.01 of the grid-stride kernel: off).
+_FWD_TILE: dict = {0: 1}
 #: threads of a tile forward block (a multiple of 32, at most 256)
 _FWD_TILE_THREADS = 128
 #: 1: a warp's T steps adjacent; 0: step t of the block's warps adjacent (Triton's blocked layout)
