@@ -367,6 +367,7 @@ KNOBS = [
     dict(_ROWS_SPLIT=3, _ROWS_WAVES=0.05),
     dict(_GRP_LOADS={"minmax": 4, "lsq_backward": 2, ("lsq_backward", 0): 4}, _GRP_WAVES=100000, _TILE={}),
     dict(_TILE={}),  # per-group layouts on the grp kernels (the default before the tile kernels)
+    dict(_COLS_HALF={}),  # channel-last reductions on the full-vector cols kernels (the default before colsh)
     dict(_ROWS_MIN_VECS=64),
     dict(_COLS_INTERLEAVE=1, _COLS_FIT=True),
     dict(_ROWS=False, _COLS_FIT=True),
