@@ -359,6 +359,28 @@ def test_more_than_2_pow_31_elements():
         assert abs(float(ds[c]) - float(ds_ref)) <= 1e-4 * float(bound), (c, float(ds[c]), float(ds_ref))
 
 
+def _set_knobs(monkeypatch, knobs: dict, spy: bool = False) -> list:
+    """Set cupy_backend's launch knobs for one test; with ``spy``, also record the names of the
+    kernels it fetches (returned list, filled as they launch)."""
+    for name, value in knobs.items():
+        monkeypatch.setattr(cupy_backend, name, value)
+    launched: list = []
+    if spy:
+        kernel = cupy_backend._kernel
+
+        def record(name, kern, *args):
+            launched.append(kern)
+            return kernel(name, kern, *args)
+
+        monkeypatch.setattr(cupy_backend, "_kernel", record)
+    return launched
+
+
+def _vec(dtype) -> int:
+    """Elements of one 16-byte vector load."""
+    return 16 // torch.tensor([], dtype=dtype).element_size()
+
+
 # the launch knobs of the reduction kernels that the defaults do not exercise: rows kernels with
 # several blocks per row (atomics) and a grid smaller than the segments (grid-stride), a short-row
 # threshold that sends channel-0 layouts of ~1000 elements to them; cols kernels with interleaved
@@ -388,8 +410,7 @@ KNOB_CASES = [
 @pytest.mark.parametrize("case", KNOB_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reduction_launch_knobs(knobs, case, dtype, monkeypatch):
-    for name, value in knobs.items():
-        monkeypatch.setattr(cupy_backend, name, value)
+    _set_knobs(monkeypatch, knobs)
     _check_reductions(case, dtype)
 
 
@@ -415,19 +436,10 @@ TILE_CASES = [
 @pytest.mark.parametrize("case", TILE_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tile_kernels(knobs, case, dtype, monkeypatch):
-    for name, value in knobs.items():
-        monkeypatch.setattr(cupy_backend, name, value)
-    launched = []
-    kernel = cupy_backend._kernel
-
-    def spy(name, kern, *args):
-        launched.append(kern)
-        return kernel(name, kern, *args)
-
-    monkeypatch.setattr(cupy_backend, "_kernel", spy)
+    launched = _set_knobs(monkeypatch, knobs, spy=True)
     _check_reductions(case, dtype)
     shape, _, gs = case
-    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    vec = _vec(dtype)
     if gs % vec:
         vec = 1  # unaligned groups: scalar loads
     t = knobs["_TILE"]["lsq_backward"]
@@ -479,8 +491,7 @@ def _check_reductions(case, dtype):
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_elementwise_grid_knobs(knobs, case, dtype, monkeypatch):
-    for name, value in knobs.items():
-        monkeypatch.setattr(cupy_backend, name, value)
+    _set_knobs(monkeypatch, knobs)
     test_fake_quantize_forward_backward(case, dtype)
     shape, axis, gs = case
     gen = torch.Generator().manual_seed(7 + zlib.crc32(repr((shape, axis, gs, dtype)).encode()))
@@ -516,16 +527,7 @@ FWD_TILE_CASES = [
 @pytest.mark.parametrize("case", FWD_TILE_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_tile_kernels(knobs, case, dtype, monkeypatch):
-    for name, value in knobs.items():
-        monkeypatch.setattr(cupy_backend, name, value)
-    launched = []
-    kernel = cupy_backend._kernel
-
-    def spy(name, kern, *args):
-        launched.append(kern)
-        return kernel(name, kern, *args)
-
-    monkeypatch.setattr(cupy_backend, "_kernel", spy)
+    launched = _set_knobs(monkeypatch, knobs, spy=True)
     test_fake_quantize_forward_backward(case, dtype)
     shape, axis, gs = case
     gen = torch.Generator().manual_seed(9 + zlib.crc32(repr((shape, axis, gs, dtype)).encode()))
@@ -537,7 +539,7 @@ def test_forward_tile_kernels(knobs, case, dtype, monkeypatch):
         _assert_values(y, y_ref, s, x, axis, gs)
     # the tile kernel ran wherever the layout is key mode 1 (a key per vector), the 64-bit one nowhere
     inner, c = cupy_backend._layout(x, axis, gs)
-    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    vec = _vec(dtype)
     t = knobs["_FWD_TILE"][0]
     key1 = c > 1 and inner % vec == 0
     assert {k for k in launched if k.startswith("fq_forward_t")} == ({f"fq_forward_t{t}_0_1", f"fq_forward_t{t}_1_1"} if key1 else set()), launched
@@ -560,14 +562,7 @@ def test_forward_tile_falls_back_to_64_bit_offsets(monkeypatch):
     if free < 12 * 2**30:
         pytest.skip(f"needs 12 GiB of free GPU memory, {free / 2**30:.1f} available")
     monkeypatch.setattr(cupy_backend, "_FWD_TILE", {0: 2, 1: 2, 2: 2})
-    launched = []
-    kernel = cupy_backend._kernel
-
-    def spy(name, kern, *args):
-        launched.append(kern)
-        return kernel(name, kern, *args)
-
-    monkeypatch.setattr(cupy_backend, "_kernel", spy)
+    launched = _set_knobs(monkeypatch, {}, spy=True)
     C, K = 2, 2**30 + 64  # inner % 8 == 0: key mode 1
     n = C * K
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -613,21 +608,12 @@ COLSH_CASES = [
 @pytest.mark.parametrize("case", COLSH_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cols_half_kernels(knobs, case, dtype, monkeypatch):
-    for name, value in knobs.items():
-        monkeypatch.setattr(cupy_backend, name, value)
-    launched = []
-    kernel = cupy_backend._kernel
-
-    def spy(name, kern, *args):
-        launched.append(kern)
-        return kernel(name, kern, *args)
-
-    monkeypatch.setattr(cupy_backend, "_kernel", spy)
+    launched = _set_knobs(monkeypatch, knobs, spy=True)
     _check_reductions(case, dtype)
     shape, axis, gs = case
     x = torch.empty(shape)
     inner, c = cupy_backend._layout(x, axis, gs)
-    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    vec = _vec(dtype)
     wd = c * inner
     assert cupy_backend._use_cols(inner, c)
     half = wd % vec == 0  # 16-byte vectors possible: their halves; else the scalar cols kernel
