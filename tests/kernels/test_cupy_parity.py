@@ -307,6 +307,25 @@ def test_runs_on_the_current_stream():
     torch.testing.assert_close(y.cpu(), y_ref, atol=0, rtol=0)
 
 
+
+def _check_channel_slices(xf, yf, m, s, z, K, slices):
+    """Per-channel (axis 0, channels of K elements) int8 fake-quant of flat ``xf`` against the
+    reference on each ``(start, stop)`` slice (``start`` a multiple of 32: whole mask words): the
+    values channel by channel, and the mask recomputed from scratch. Returns ``(start, stop, keep)``
+    per slice."""
+    out = []
+    for start, stop in slices:
+        for r0 in sorted({start // K, (stop - 1) // K}):
+            a, b = max(start, r0 * K), min(stop, (r0 + 1) * K)
+            y_ref, _ = reference.fake_quantize_forward(xf[a:b], s[r0 : r0 + 1], z[r0 : r0 + 1], -128, 127)
+            torch.testing.assert_close(yf[a:b], y_ref, atol=0, rtol=0)
+        keep = reference.unpack_mask(m[start // 32 : -(-stop // 32)], stop - start)
+        rows = torch.arange(start, stop, device="cuda") // K
+        q_raw = torch.round(xf[start:stop].float() * (1.0 / s[rows])) + z[rows]
+        torch.testing.assert_close(keep, (q_raw >= -128) & (q_raw <= 127), atol=0, rtol=0)
+        out.append((start, stop, keep))
+    return out
+
 def test_more_than_2_pow_31_elements():
     """float16, 3 channels of 715,827,894 elements: 2^31 + 34 in all, so 64-bit indexing is needed."""
     free, _ = torch.cuda.mem_get_info()
@@ -325,16 +344,8 @@ def test_more_than_2_pow_31_elements():
     xf, yf, gf, dxf = x.view(-1), y.view(-1), grad.view(-1), dx.view(-1)
     # slices (starts multiple of 32, so whole mask words) at the start, across 2^31, at the end and
     # across a channel boundary
-    for start, stop in ((0, 4096), (2**31 - 4096, n), (n - 2082, n), (K // 32 * 32 - 64, K // 32 * 32 + 64)):
-        for r0 in sorted({start // K, (stop - 1) // K}):
-            a, b = max(start, r0 * K), min(stop, (r0 + 1) * K)
-            y_ref, _ = reference.fake_quantize_forward(xf[a:b], s[r0 : r0 + 1], z[r0 : r0 + 1], -128, 127)
-            torch.testing.assert_close(yf[a:b], y_ref, atol=0, rtol=0)
-        # the mask recomputed from scratch
-        keep = reference.unpack_mask(m[start // 32 : -(-stop // 32)], stop - start)
-        rows = torch.arange(start, stop, device="cuda") // K
-        q_raw = torch.round(xf[start:stop].float() * (1.0 / s[rows])) + z[rows]
-        torch.testing.assert_close(keep, (q_raw >= -128) & (q_raw <= 127), atol=0, rtol=0)
+    slices = ((0, 4096), (2**31 - 4096, n), (n - 2082, n), (K // 32 * 32 - 64, K // 32 * 32 + 64))
+    for start, stop, keep in _check_channel_slices(xf, yf, m, s, z, K, slices):
         torch.testing.assert_close(dxf[start:stop], torch.where(keep, gf[start:stop], 0), atol=0, rtol=0)
     assert int(reference.mask_words(n)) == m.numel()
     del y, m, dx
@@ -574,15 +585,7 @@ def test_forward_tile_falls_back_to_64_bit_offsets(monkeypatch):
     xf, yf = x.view(-1), y.view(-1)
     # slices at the start, across the channel boundary, across 2^31 and at the end
     # (n = 2^31 + 128: the slice across 2^31 ends at n)
-    for start, stop in ((0, 4096), (K - 2048, K + 2048), (2**31 - 4096, n), (n - 4096, n)):
-        for r0 in sorted({start // K, (stop - 1) // K}):
-            a, b = max(start, r0 * K), min(stop, (r0 + 1) * K)
-            y_ref, _ = reference.fake_quantize_forward(xf[a:b], s[r0 : r0 + 1], z[r0 : r0 + 1], -128, 127)
-            torch.testing.assert_close(yf[a:b], y_ref, atol=0, rtol=0)
-        keep = reference.unpack_mask(m[start // 32 : -(-stop // 32)], stop - start)
-        rows = torch.arange(start, stop, device="cuda") // K
-        q_raw = torch.round(xf[start:stop].float() * (1.0 / s[rows])) + z[rows]
-        torch.testing.assert_close(keep, (q_raw >= -128) & (q_raw <= 127), atol=0, rtol=0)
+    _check_channel_slices(xf, yf, m, s, z, K, ((0, 4096), (K - 2048, K + 2048), (2**31 - 4096, n), (n - 4096, n)))
 
 
 # reduce.cu's colsh kernels (cols with QAT_VEC / 2 columns a thread, 8-byte accesses): channels on the
