@@ -320,6 +320,23 @@ def _use_rows(inner: int, c: int, vec: int) -> bool:
 #: rows kernels (reduce.cu rows_body): on where a key's run has at least this many vectors
 _ROWS = True
 _ROWS_MIN_VECS = 1024
+#: per-tensor reductions (one parameter: LSQ backward, min/max) on the rows kernels: the tensor cut into
+#: about this many virtual rows of at least _ROWS_MIN_VECS vectors (0: off, the seg kernel), where that
+#: gives at least _TENSOR_ROWS_MIN_WAVES rows per SM
+_TENSOR_ROWS = 0
+_TENSOR_ROWS_MIN_WAVES = 4
+
+
+def _tensor_rows(kind: str, n: int, c: int, vec: int, device: int) -> Optional[tuple[int, int]]:
+    """``(nrows, rowv)`` of a per-tensor reduction on the rows kernels, or None (the seg kernel)."""
+    if not _TENSOR_ROWS or c != 1 or kind == "pact_backward" or vec == 1:
+        return None
+    nv = n // vec
+    rowv = max(_ROWS_MIN_VECS, -(-nv // _TENSOR_ROWS))
+    nrows = nv // rowv
+    if nrows < 1 or nrows < _TENSOR_ROWS_MIN_WAVES * _num_sms(device):
+        return None
+    return nrows, rowv
 #: blocks per row (segments of a row; > 1: one atomic per block instead of a store)
 _ROWS_SPLIT = 1
 #: grid of the rows kernels in waves (0: one block per segment)
@@ -341,6 +358,21 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
     tensors = [t for t in (x, g, dx) if t is not None]
     aligned = _aligned(*tensors)
     vec_rows = vec_full if aligned and inner % vec_full == 0 else 1
+    rows_t = _tensor_rows(kind, n, c, vec_full if aligned else 1, device)
+    if rows_t is not None:
+        # one parameter for the whole tensor: the rows kernels over virtual rows of rowv vectors (one
+        # atomic per row), the tail past the last whole row on the seg kernel
+        nrows, rowv = rows_t
+        kern = _kernel("reduce.cu", f"{kind}_rows", code, vec_full, device)
+        shape = (np.int64(nrows), np.int64(rowv), np.int64(1), np.int64(rowv), np.int32(1), np.int32(0))
+        _launch(kern, nrows, (*ptrs, *shape, *tail_args), device)
+        head = nrows * rowv * vec_full
+        if head < n:
+            off = head * _ESIZE[code]
+            streamed = len(tensors)  # ptrs start with those of x (, grad, dx)
+            tail_ptrs = tuple(np.uint64(int(p) + off) if i < streamed else p for i, p in enumerate(ptrs))
+            _launch_reduce(kind, x, g, dx, n - head, n - head, 1, tail_args, tail_ptrs, device)
+        return
     if kind != "pact_backward" and _use_rows(inner, c, vec_rows):
         vec = vec_rows
         kern = _kernel("reduce.cu", f"{kind}_rows", code, vec, device)
@@ -382,7 +414,7 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         grid = -(-n // (_TILE_THREADS * (t or 1) * vec))  # one tile of _TILE_THREADS // 32 * t units a block
         if t is not None and grid < 2**31:
             kern = _kernel("reduce.cu", f"{kind}_tile{t}", code, vec, device)
-            args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), np.int32(1), *tail_args, np.int64(1))
+            args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), np.int32(1), *tail_args, np.int64(_TILE_ADJ))
             _launch(kern, grid, args, device, threads=_TILE_THREADS)
             return
         wpb = _THREADS // 32
@@ -443,6 +475,9 @@ _TILE: dict = {("lsq_backward", 0): 4, ("lsq_backward", 1): 2, ("lsq_backward", 
 #: threads of a tile kernel's block (Inductor's fp32 LSQ group128 backward uses 2 warps; 4 measured
 #: as fast and was the sweep's pick)
 _TILE_THREADS = 128
+#: tile kernels: a warp's T units adjacent (1), or unit t of the block's warps adjacent (0: Triton's
+#: blocked layout, as Inductor's persistent reductions load)
+_TILE_ADJ = 1
 
 
 def _tile_t(run: int, kind: str, code: int) -> Optional[int]:

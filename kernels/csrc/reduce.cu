@@ -459,10 +459,11 @@ __device__ __forceinline__ void grp_body(const Op& op, const scalar_t* __restric
 // Inductor's persistent-reduction launch shape for the same short aligned runs (grp's layout with
 // K = 1: a run is L = inner / QAT_VEC <= 32 vectors, each lane one vector of a run per load, a unit
 // of 32 contiguous vectors = 32 / L whole runs): every block owns one tile of W * T consecutive units
-// (W = blockDim.x / 32 warps, each T consecutive units), issues all T loads of x (and grad) and the T
-// runs' parameters before any work, reduces each run with log2(L) butterfly levels, stores, and exits:
-// no grid-stride loop (the grid covers the tensor). The T loads of a lane sit at compile-time offsets
-// from one address. Per-group layouts only (C * inner == n: every key one run, stored, not added).
+// (W = blockDim.x / 32 warps; `adj` 1: each warp T consecutive units; 0: unit t of the W warps
+// adjacent, Triton's blocked layout), issues all T loads of x (and grad) and the T runs' parameters
+// before any work, reduces each run with log2(L) butterfly levels, stores, and exits: no grid-stride
+// loop (the grid covers the tensor). The T loads of a lane sit `ustep` units apart from one address.
+// Per-group layouts only (C * inner == n: every key one run, stored, not added).
 // FULL: the tile lies inside the tensor (every block but the last), no bounds.
 #ifndef QAT_TILE_MINB
 #define QAT_TILE_MINB QAT_BY_DTYPE(1, 1)
@@ -474,17 +475,17 @@ __device__ __forceinline__ void grp_body(const Op& op, const scalar_t* __restric
 template <class Op, int T, bool FULL>
 __device__ __forceinline__ void tile_work(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                           scalar_t* __restrict__ dx, long long n, const FastDiv& inner,
-                                          const FastDiv& C, long long head0, int L, int sub) {
-  constexpr int kUnit = 32 * QAT_VEC;  // elements of a unit
+                                          const FastDiv& C, long long head0, int L, int sub, long long ustep) {
+  const long long kStride = ustep * 32 * QAT_VEC;  // elements between a lane's consecutive runs
   const long long e0 = head0 + (long long)sub * QAT_VEC;
-  const int rpu = 32 / L;  // runs of a unit
-  // per-group (C * inner == n): run t's key is k0 + t * rpu, no wrap
+  const long long rstep = ustep * (32 / L);  // keys between a lane's consecutive runs
+  // per-group (C * inner == n): run t's key is k0 + t * rstep, no wrap
   const long long k0 = (C.d != 1 && (FULL || head0 < n)) ? inner.div(head0) : 0;
   RawVec xv[T], gv[T];
   int nv[T];
 #pragma unroll
   for (int t = 0; t < T; ++t) {
-    const long long e = e0 + (long long)t * kUnit;
+    const long long e = e0 + (long long)t * kStride;
     nv[t] = FULL ? QAT_VEC : (int)max(0LL, min((long long)QAT_VEC, n - e));
     xv[t] = load_vec(x, e, nv[t]);
     if (Op::kGrad) gv[t] = load_vec(g, e, nv[t]);
@@ -493,17 +494,17 @@ __device__ __forceinline__ void tile_work(const Op& op, const scalar_t* __restri
   typename Op::P p[T];
 #pragma unroll
   for (int t = 0; t < T; ++t)
-    if (FULL || head0 + (long long)t * kUnit < n) p[t] = op.param(C.d != 1 ? k0 + (long long)t * rpu : 0);
+    if (FULL || head0 + (long long)t * kStride < n) p[t] = op.param(C.d != 1 ? k0 + (long long)t * rstep : 0);
 #endif
 #pragma unroll
   for (int t = 0; t < T; ++t) {
-    const bool valid = FULL || head0 + (long long)t * kUnit < n;  // whole runs: the run's head decides
-    const long long key = C.d != 1 ? k0 + (long long)t * rpu : 0;
+    const bool valid = FULL || head0 + (long long)t * kStride < n;  // whole runs: the run's head decides
+    const long long key = C.d != 1 ? k0 + (long long)t * rstep : 0;
     float a = Op::ida(), b = Op::idb();
 #if QAT_TILE_PF
-    if (valid) vec_work(op, p[t], xv[t], gv[t], dx, e0 + (long long)t * kUnit, nv[t], a, b);
+    if (valid) vec_work(op, p[t], xv[t], gv[t], dx, e0 + (long long)t * kStride, nv[t], a, b);
 #else
-    if (valid) vec_work(op, op.param(key), xv[t], gv[t], dx, e0 + (long long)t * kUnit, nv[t], a, b);
+    if (valid) vec_work(op, op.param(key), xv[t], gv[t], dx, e0 + (long long)t * kStride, nv[t], a, b);
 #endif
     group_allreduce<Op>(a, b, L);
     if (sub == 0 && valid) op.store(key, a, b);
@@ -512,17 +513,20 @@ __device__ __forceinline__ void tile_work(const Op& op, const scalar_t* __restri
 
 template <class Op, int T>
 __device__ __forceinline__ void tile_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                                          scalar_t* __restrict__ dx, long long n, const FastDiv& inner, const FastDiv& C) {
+                                          scalar_t* __restrict__ dx, long long n, const FastDiv& inner, const FastDiv& C,
+                                          long long adj) {
   const int lane = threadIdx.x & 31;
   const int L = (int)(inner.d / QAT_VEC);
   const int gi = lane / L, sub = lane & (L - 1);
+  const long long w = threadIdx.x >> 5;
   const long long tile = (long long)blockDim.x * T * QAT_VEC;  // elements of a block's tile
-  const long long head0 = (long long)blockIdx.x * tile + (long long)(threadIdx.x >> 5) * T * 32 * QAT_VEC +
+  const long long ustep = adj ? 1 : (long long)(blockDim.x >> 5);  // units between a lane's loads
+  const long long head0 = (long long)blockIdx.x * tile + (adj ? w * T : w) * 32 * QAT_VEC +
                           (long long)gi * L * QAT_VEC;  // first element of the lane's first run
   if ((long long)(blockIdx.x + 1) * tile <= n)
-    tile_work<Op, T, true>(op, x, g, dx, n, inner, C, head0, L, sub);
+    tile_work<Op, T, true>(op, x, g, dx, n, inner, C, head0, L, sub, ustep);
   else
-    tile_work<Op, T, false>(op, x, g, dx, n, inner, C, head0, L, sub);
+    tile_work<Op, T, false>(op, x, g, dx, n, inner, C, head0, L, sub, ustep);
 }
 
 // ---------------------------------------------------------------- rows: long contiguous runs
@@ -885,7 +889,7 @@ QAT_LSQ_GRP(4)
 QAT_LSQ_GRP(8)
 #define QAT_LSQ_TILE(T)                                                                                         \
   extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_TILE_MINB) lsq_backward_tile##T(QAT_LSQ_ARGS) {    \
-    QAT_LSQ_DISPATCH((tile_body<OpT, T>(op, x, g, dx, n, inner, C)))                            \
+    QAT_LSQ_DISPATCH((tile_body<OpT, T>(op, x, g, dx, n, inner, C, wil)))                            \
   }
 QAT_LSQ_TILE(2)
 QAT_LSQ_TILE(4)
@@ -950,7 +954,7 @@ QAT_MINMAX_GRP(8)
 #define QAT_MINMAX_TILE(T)                                                                                      \
   extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_TILE_MINB) minmax_tile##T(QAT_MINMAX_ARGS) {      \
     const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
-    tile_body<MinMaxOp, T>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C); \
+    tile_body<MinMaxOp, T>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C, wil); \
   }
 QAT_MINMAX_TILE(2)
 QAT_MINMAX_TILE(4)

@@ -428,7 +428,8 @@ def test_reduction_launch_knobs(knobs, case, dtype, monkeypatch):
 # reduce.cu's tile kernels (per-group layouts launched one tile a block): loads per lane T and block
 # sizes, groups whose run is 1 to 32 vectors, tensors smaller than one tile and a partial last tile
 TILE_KNOBS = [
-    dict(_TILE={"minmax": t, "lsq_backward": t}, _TILE_THREADS=th) for t, th in ((2, 64), (4, 64), (8, 32), (4, 256), (2, 128))
+    dict(_TILE={"minmax": t, "lsq_backward": t}, _TILE_THREADS=th, _TILE_ADJ=adj)
+    for t, th, adj in ((2, 64, 1), (4, 64, 1), (8, 32, 1), (4, 256, 1), (2, 128, 1), (4, 128, 0), (8, 64, 0), (2, 256, 0))
 ]
 TILE_CASES = [
     ((64, 2048), None, 128),
@@ -443,7 +444,7 @@ TILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("knobs", TILE_KNOBS, ids=lambda k: f"T{k['_TILE']['lsq_backward']}-threads{k['_TILE_THREADS']}")
+@pytest.mark.parametrize("knobs", TILE_KNOBS, ids=lambda k: f"T{k['_TILE']['lsq_backward']}-threads{k['_TILE_THREADS']}-adj{k['_TILE_ADJ']}")
 @pytest.mark.parametrize("case", TILE_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tile_kernels(knobs, case, dtype, monkeypatch):
@@ -623,3 +624,39 @@ def test_cols_half_kernels(knobs, case, dtype, monkeypatch):
     assert [k for k in launched if "_cols" in k] == (
         ["minmax_colsh", "lsq_backward_colsh"] if half else ["minmax_cols", "lsq_backward_cols"]
     ), launched
+
+
+# per-tensor reductions on the rows kernels (virtual rows, one atomic a row; the tail past the last
+# whole row on the seg kernel): thresholds lowered so small tensors take that path, rows that divide
+# the tensor and rows that leave a tail, a tail that is not a whole vector
+TENSOR_ROWS_KNOBS = [
+    dict(_TENSOR_ROWS=8, _TENSOR_ROWS_MIN_WAVES=0, _ROWS_MIN_VECS=16),
+    dict(_TENSOR_ROWS=4096, _TENSOR_ROWS_MIN_WAVES=0, _ROWS_MIN_VECS=16),
+    dict(_TENSOR_ROWS=4096, _TENSOR_ROWS_MIN_WAVES=0),
+]
+TENSOR_ROWS_CASES = [
+    ((64, 2048), None, None),
+    ((5, 16392), None, None),
+    ((3, 5, 4099), None, None),
+    ((70001,), None, None),
+    ((37,), None, None),
+]
+
+
+@pytest.mark.parametrize("knobs", TENSOR_ROWS_KNOBS, ids=lambda k: "-".join(f"{n.strip('_')}={v}" for n, v in k.items()))
+@pytest.mark.parametrize("case", TENSOR_ROWS_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tensor_rows_kernels(knobs, case, dtype, monkeypatch):
+    launched = _set_knobs(monkeypatch, knobs, spy=True)
+    _check_reductions(case, dtype)
+    n = math.prod(case[0])
+    vec = _vec(dtype)
+    plan = cupy_backend._tensor_rows("minmax", n, 1, vec, torch.cuda.current_device())
+    rows = [k for k in launched if k.endswith("_rows")]
+    if plan is None:
+        assert rows == [], launched
+        return
+    nrows, rowv = plan
+    assert rows == ["minmax_rows", "lsq_backward_rows"], launched
+    tail = n - nrows * rowv * vec
+    assert ([k for k in launched if "_seg" in k] != []) == (tail > 0), (launched, tail)
