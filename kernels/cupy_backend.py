@@ -322,8 +322,10 @@ _ROWS = True
 _ROWS_MIN_VECS = 1024
 #: per-tensor reductions (one parameter: LSQ backward, min/max) on the rows kernels: the tensor cut into
 #: about this many virtual rows of at least _ROWS_MIN_VECS vectors (0: off, the seg kernel), where that
-#: gives at least _TENSOR_ROWS_MIN_WAVES rows per SM
-_TENSOR_ROWS = 0
+#: gives at least _TENSOR_ROWS_MIN_WAVES rows per SM. The v12 sweep (benchmarks/results/
+#: kernels_h100_v12_sweep.md, 64M elements): 8192 rows took LSQ fp32 per-tensor fwd + bwd from 494.6 to
+#: 461.3 us and min/max fp32 from 107.3 to 94.7 (16-bit: -2.5..-8%)
+_TENSOR_ROWS = 8192
 _TENSOR_ROWS_MIN_WAVES = 4
 
 
@@ -351,14 +353,16 @@ _COLS_FIT = True
 _COLS_WAVES = 1
 
 
-def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tuple, device: int) -> None:
-    """Launch ``{kind}_rows``, ``_cols``, ``_grp`` or ``_seg`` (reduce.cu) for the layout ``(inner, C)``."""
+def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tuple, device: int,
+                   tensor_rows: bool = True) -> None:
+    """Launch ``{kind}_rows``, ``_cols``, ``_grp``, ``_tile`` or ``_seg`` (reduce.cu) for the layout
+    ``(inner, C)``; ``tensor_rows=False`` keeps a per-tensor reduction off the rows kernels (its tail)."""
     code = _DTYPE_CODE[x.dtype]
     vec_full = 16 // _ESIZE[code]
     tensors = [t for t in (x, g, dx) if t is not None]
     aligned = _aligned(*tensors)
     vec_rows = vec_full if aligned and inner % vec_full == 0 else 1
-    rows_t = _tensor_rows(kind, n, c, vec_full if aligned else 1, device)
+    rows_t = _tensor_rows(kind, n, c, vec_full if aligned else 1, device) if tensor_rows else None
     if rows_t is not None:
         # one parameter for the whole tensor: the rows kernels over virtual rows of rowv vectors (one
         # atomic per row), the tail past the last whole row on the seg kernel
@@ -371,7 +375,7 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
             off = head * _ESIZE[code]
             streamed = len(tensors)  # ptrs start with those of x (, grad, dx)
             tail_ptrs = tuple(np.uint64(int(p) + off) if i < streamed else p for i, p in enumerate(ptrs))
-            _launch_reduce(kind, x, g, dx, n - head, n - head, 1, tail_args, tail_ptrs, device)
+            _launch_reduce(kind, x, g, dx, n - head, n - head, 1, tail_args, tail_ptrs, device, tensor_rows=False)
         return
     if kind != "pact_backward" and _use_rows(inner, c, vec_rows):
         vec = vec_rows
@@ -686,11 +690,20 @@ def _param_shape(x: torch.Tensor, axis: Optional[int], group_size: Optional[int]
 
 def _aminmax_use_kernel(x: torch.Tensor, axis: Optional[int], group_size: Optional[int]) -> bool:
     """Where the kernel beat PyTorch's reductions on an H100 (benchmarks/results/kernels_h100.md, 64M
-    elements): per-group and per-channel on a non-leading axis always (1.3-3x), and float16 / bfloat16
-    everywhere (1.2-1.4x); float32 per-tensor and per-channel on axis 0 stay with torch.aminmax (0.9x)."""
+    elements): per-group and per-channel on a non-leading axis always (1.8-4x), float16 / bfloat16
+    everywhere (1.2-1.5x); float32 per-tensor and per-channel on axis 0 where the rows kernels take
+    them (95 us against torch.aminmax's 106-107), torch.aminmax on the rest of those (the seg kernel
+    measured 0.97x of it)."""
     if group_size is not None or x.dtype != torch.float32:
         return True
-    return axis is not None and axis % x.dim() != 0
+    if axis is not None and axis % x.dim() != 0:
+        return True
+    if x.is_contiguous() and not _aligned(x):
+        return False  # scalar loads: neither rows kernel applies
+    inner, c = _layout(x, axis, group_size)
+    if c == 1:
+        return _tensor_rows("minmax", x.numel(), 1, 4, x.device.index) is not None
+    return inner % 4 == 0 and _use_rows(inner, c, 4)
 
 
 def _aminmax_torch(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):

@@ -660,3 +660,19 @@ def test_tensor_rows_kernels(knobs, case, dtype, monkeypatch):
     assert rows == ["minmax_rows", "lsq_backward_rows"], launched
     tail = n - nrows * rowv * vec
     assert ([k for k in launched if "_seg" in k] != []) == (tail > 0), (launched, tail)
+
+
+def test_aminmax_dispatch_float32_per_tensor_and_axis0():
+    """float32 per-tensor / axis-0 statistics go to the kernel where the rows kernels take them (large
+    tensors), to torch.aminmax elsewhere; the public function is exact either way."""
+    big = torch.randn(4096 * 1024, device="cuda")
+    small = torch.randn(1000, device="cuda")
+    assert cupy_backend._aminmax_use_kernel(big, None, None)
+    assert cupy_backend._aminmax_use_kernel(big.reshape(256, -1), 0, None)
+    assert not cupy_backend._aminmax_use_kernel(small, None, None)
+    assert not cupy_backend._aminmax_use_kernel(big[1:], None, None)  # unaligned: scalar loads
+    for x, axis in ((big, None), (big.reshape(256, -1), 0), (small, None), (big[1:], None)):
+        mn, mx = cupy_backend.aminmax(x, axis)
+        mn_ref, mx_ref = cupy_backend._aminmax_torch(x.cpu(), axis)
+        torch.testing.assert_close(mn.cpu(), mn_ref, atol=0, rtol=0)
+        torch.testing.assert_close(mx.cpu(), mx_ref, atol=0, rtol=0)
