@@ -19,6 +19,7 @@ from .errors import QATConfigError
 from .fake_quant import FakeQuantizer
 from .modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, Observer, PercentileObserver
+from .oscillation import OscillationTracker, dampening_loss
 from .plan import LayerQuant, LayerRule, QuantPlan, available_presets, load_plan
 from .prepare import (
     enable_fake_quant,
@@ -74,4 +75,6 @@ __all__ = [
     "QuantConvBn2d",
     "fuse_conv_bn",
     "fold_bn",
+    "OscillationTracker",
+    "dampening_loss",
 ]

@@ -35,6 +35,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from qat.oscillation import OscillationTracker, dampening_loss
+
 __all__ = [
     "MAX_LENGTH", "load_minilm", "load_sentences", "corpus_path", "tokenize", "mean_pool", "embed", "cosine_to", "distill",
     "load_wiki_sentences", "WIKI_DUMP",
@@ -332,6 +334,11 @@ def distill(
     tf32: bool = False,
     seed: int = 0,
     log_every: int = 0,
+    osc_dampen: float = 0.0,
+    osc_freeze: float = 0.0,
+    osc_momentum: float = 0.99,
+    osc_freeze_start: float = 0.0,
+    stats: Optional[dict] = None,
 ) -> list:
     """Quantization-aware training of a prepared MiniLM by distillation from its float ``teacher``.
 
@@ -349,6 +356,13 @@ def distill(
     alike) over the run instead of the last step's values. On MiniLM W4A8 that measured worse
     (``benchmarks/results/minilm_recipe_search_h100.md``): averaged latent weights round to other
     grid points than the ones the network co-adapted to.
+
+    Weight oscillations (Nagel et al. 2022, :mod:`qat.oscillation`): ``osc_dampen`` adds
+    ``lambda_t * qat.oscillation.dampening_loss(student)`` (latent weights pulled to their bin
+    centres), ``lambda_t`` rising from 0 to ``osc_dampen`` on a cosine over the run, as the paper's;
+    ``osc_freeze`` runs a :class:`qat.oscillation.OscillationTracker` after every optimizer step that
+    freezes weights whose oscillation frequency exceeds it. Both are off by default, and off they
+    change nothing (no extra random draws, same operations in the same order).
 
     Args:
         student: ``qat.prepare``-d copy of the teacher (fake-quantized, observers calibrated).
@@ -384,9 +398,19 @@ def distill(
         tf32: let CUDA matmuls use TF32 during training (restored afterwards).
         seed: seed of the shuffle and the splices.
         log_every: print the loss every this many steps (0: quiet).
+        osc_dampen: final weight ``lambda_max`` of the oscillation-dampening loss (sum over the
+            quantized weights of their squared distance to the bin centre, in weight units);
+            0: off. The per-step losses returned exclude this term.
+        osc_freeze: oscillation-frequency threshold above which a weight is frozen to its integer
+            (e.g. 0.01-0.02); 0: off.
+        osc_momentum: momentum of the tracker's moving averages (0.99: about the last 100 steps).
+        osc_freeze_start: share of the steps that only track before freezing begins.
+        stats: a dict to fill with run statistics: with ``osc_freeze`` the tracker's ``frozen``
+            share, last-step ``flip_rate`` / ``osc_rate`` and mean ``osc_freq``; with
+            ``osc_dampen`` the last step's unweighted ``dampen`` loss.
 
     Returns:
-        the loss of every step.
+        the loss of every step (the distillation loss, without the dampening term).
 
     Example::
 
@@ -404,6 +428,12 @@ def distill(
         raise ValueError(f"noise_mode must be 'batch' or 'neighbor', got {noise_mode!r}")
     if attn_weight < 0:
         raise ValueError(f"attn_weight must be >= 0, got {attn_weight}")
+    if osc_dampen < 0 or osc_freeze < 0:
+        raise ValueError(f"osc_dampen and osc_freeze must be >= 0, got osc_dampen={osc_dampen}, osc_freeze={osc_freeze}")
+    if not 0.0 < osc_momentum < 1.0:
+        raise ValueError(f"osc_momentum must be in (0, 1), got {osc_momentum}")
+    if not 0.0 <= osc_freeze_start < 1.0:
+        raise ValueError(f"osc_freeze_start must be in [0, 1), got {osc_freeze_start}")
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     device = next(student.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -453,9 +483,12 @@ def distill(
     if attn:
         for m in (student, teacher):
             m.set_attn_implementation("eager")
+    tracker = OscillationTracker(student, osc_momentum, osc_freeze) if osc_freeze else None
+    freeze_from = int(osc_freeze_start * steps)
     tracked = [p.detach() for grp in groups for p in grp["params"]]  # views of the parameters
     shadow = [p.clone() for p in tracked] if ema else []
     forward = torch.compile(student) if compile else student
+    last_dampen: list = []
 
     def run() -> list:
         losses = []
@@ -483,16 +516,26 @@ def distill(
                 loss = loss + layer_weight * sum(mse(a, b) for a, b in hs) / len(hs)
             if attn:
                 loss = loss + attn_weight * _attention_kl(s_out.attentions, t_out.attentions, enc["attention_mask"])
+            total = loss
+            if osc_dampen:  # cosine ramp from 0 (step 0) to osc_dampen (last step)
+                lam = osc_dampen * 0.5 * (1 - math.cos(math.pi * step / max(1, steps - 1)))
+                if lam:
+                    damp = dampening_loss(student)
+                    total = loss + lam * damp
+                    last_dampen[:] = [damp.detach()]  # read once at the end: no extra device sync a step
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             opt.step()
             sched.step()
+            if tracker is not None:
+                tracker.step(freeze=step >= freeze_from)
             if ema:
                 with torch.no_grad():
                     torch._foreach_lerp_(shadow, tracked, 1.0 - ema)
             losses.append(float(loss.detach()))
             if log_every and (step % log_every == 0 or step == steps - 1):
-                print(f"    step {step:5d} loss {losses[-1]:.6f}", flush=True)
+                extra = "" if tracker is None else "  " + " ".join(f"{k} {v:.4g}" for k, v in tracker.stats().items())
+                print(f"    step {step:5d} loss {losses[-1]:.6f}{extra}", flush=True)
         return losses
 
     tf32_was = torch.backends.cuda.matmul.allow_tf32
@@ -507,4 +550,9 @@ def distill(
     if ema:
         with torch.no_grad():
             torch._foreach_copy_(tracked, shadow)
+    if stats is not None:
+        if tracker is not None:
+            stats.update(tracker.stats())
+        if last_dampen:
+            stats["dampen"] = float(last_dampen[0])
     return losses

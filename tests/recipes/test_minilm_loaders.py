@@ -187,3 +187,52 @@ def test_distill_attention_loss_norm_lr_and_frozen_embeddings():
     assert float(_attention_kl([torch.full_like(p, 0.25)], [p], mask)) > 0
     with pytest.raises(ValueError, match="noise_mode"):
         distill(None, None, None, ["a"], noise_mode="synonym")
+
+
+def test_distill_oscillation_dampening_and_freezing(monkeypatch):
+    """``osc_dampen`` / ``osc_freeze`` run, fill ``stats`` and keep the frozen weights' codes; off
+    (the defaults) the run is the plain one, and bad values raise."""
+    import copy
+
+    from qat.oscillation import dampening_loss
+    from qat.recipes import minilm
+    from qat.recipes.minilm import distill, load_minilm, load_sentences
+
+    teacher, tok = load_minilm()
+    train, _ = load_sentences(n_train=32, n_held_out=4)
+    base = _lsq_student(teacher, tok, train, "encoder.layer.0.*", bits=4)
+    kw = dict(steps=4, batch=4, max_length=16, lr=1e-3)
+    plain = distill(copy.deepcopy(base), teacher, tok, train, **kw)
+    damp: dict = {}
+    s = copy.deepcopy(base)
+    losses = distill(s, teacher, tok, train, osc_dampen=1e-2, stats=damp, **kw)
+    assert losses[0] == plain[0] and losses[1:] != plain[1:]  # lambda starts at 0; then the runs part
+    assert set(damp) == {"dampen"} and damp["dampen"] > 0
+    assert float(dampening_loss(s).detach()) < float(dampening_loss(base).detach())  # pulled towards bin centres
+    frz: dict = {}
+    s = copy.deepcopy(base)
+    distill(s, teacher, tok, train, osc_freeze=0.15, osc_momentum=0.9, stats=frz, **kw)
+    assert set(frz) == {"frozen", "flip_rate", "osc_rate", "osc_freq", "steps"} and frz["steps"] == 4
+    assert 0 < frz["frozen"] < 0.05 and frz["osc_freq"] > 0
+    calls, trackers = [], []  # osc_freeze_start 0.5 of 4 steps: the first two only track
+
+    class Recording(minilm.OscillationTracker):
+        def __init__(self, *args):
+            super().__init__(*args)
+            trackers.append(self)
+
+        def step(self, freeze=True):
+            calls.append(freeze)
+            super().step(freeze)
+
+    monkeypatch.setattr(minilm, "OscillationTracker", Recording)
+    s = copy.deepcopy(base)
+    distill(s, teacher, tok, train, osc_freeze=0.15, osc_momentum=0.9, osc_freeze_start=0.5, **kw)
+    assert calls == [False, False, True, True] and trackers[0].frozen_share() > 0
+    for name, layer in trackers[0].layers:  # frozen weights sit on the centre of their bin
+        mask = trackers[0].frozen_mask(name)
+        torch.testing.assert_close(layer.weight.detach()[mask], layer.quantized_weight().detach()[mask], rtol=0, atol=1e-6)
+    for bad, match in ((dict(osc_dampen=-1.0), "osc_dampen"), (dict(osc_freeze=-0.1), "osc_freeze"),
+                       (dict(osc_momentum=1.0), "osc_momentum"), (dict(osc_freeze_start=1.0), "osc_freeze_start")):
+        with pytest.raises(ValueError, match=match):
+            distill(None, None, None, ["a"], **bad)

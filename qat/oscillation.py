@@ -1,0 +1,402 @@
+"""Weight oscillations in QAT: dampening loss and iterative freezing (Nagel et al., ICML 2022,
+"Overcoming Oscillations in Quantization-Aware Training").
+
+A latent (float) weight that sits next to a rounding boundary flips its integer code back and forth
+from step to step: the straight-through gradient of one code pushes it across the boundary, the
+other code's pushes it back. The network then trains against a weight that is neither value. The
+paper's two fixes, on the weight quantizers of a :func:`qat.prepare`-d model:
+
+* :func:`dampening_loss`: ``sum ||q(w) - clip(w, s (qmin - z), s (qmax - z))||^2`` over every
+  quantized weight, ``q(w)`` the fake-quantized weight (the bin centre) and ``s`` / ``z`` the
+  quantizer's scale and zero point, all detached: the gradient reaches the latent weights only and
+  pulls each towards the centre of its bin. Weights outside the grid are clipped first, so the term
+  does not fight range learning. The paper anneals its weight from 0 with a cosine schedule.
+* :class:`OscillationTracker`: after each optimizer step, the integer code of every weight; an
+  *oscillation* is a code change in the direction opposite to the weight's previous change. Their
+  exponential moving average (momentum ``m``) is each weight's oscillation frequency; a weight whose
+  frequency exceeds ``threshold`` is frozen to the rounded moving average of its codes and stays at
+  that integer for the rest of training.
+
+"Weight" here is what the weight quantizer sees: ``weight * input_smooth`` for a smoothed layer
+(:func:`qat.smooth_inputs`), ``weight.flatten(1)`` for a per-group convolution. Codes are computed
+with the fake-quant op's own math (:func:`qat.kernels.reference.round_with_mode`,
+``clamp(rnd(w * (1/s)) + z, qmin, qmax)`` in float32), so they are the codes the forward pass uses.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> from qat import QuantPlan, prepare
+    >>> plan = QuantPlan.from_dict({"name": "w4", "rules": [{"match": "*", "weight": {
+    ...     "bits": 4, "granularity": "per_group", "group_size": 8, "estimator": "lsq_plus", "symmetric": False}}]})
+    >>> model = prepare(nn.Sequential(nn.Linear(16, 4)), plan)
+    >>> _ = model(torch.randn(2, 16))                  # initializes the learned scales
+    >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    >>> tracker = OscillationTracker(model, momentum=0.99, threshold=0.02)
+    >>> for step in range(3):
+    ...     loss = model(torch.randn(2, 16)).pow(2).mean() + 1e-3 * dampening_loss(model)
+    ...     opt.zero_grad(); loss.backward(); opt.step()
+    ...     tracker.step()
+    >>> sorted(tracker.stats())
+    ['flip_rate', 'frozen', 'osc_freq', 'osc_rate', 'steps']
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from qat.kernels.reference import broadcast_param, round_with_mode
+
+from .errors import QATConfigError
+from .fake_quant import FakeQuantizer
+from .modules import QuantModuleMixin
+from .observers import qparams_from_range, reduce_minmax
+from .prepare import quant_layers
+from .spec import Granularity
+
+__all__ = ["dampening_loss", "OscillationTracker", "weight_layers"]
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, QuantModuleMixin]]:
+    """``(name, layer)`` for every quantized layer of ``model`` that has a weight quantizer.
+
+    Raises:
+        QATConfigError: the model has none (not prepared, or a plan with activations only).
+    """
+    layers = [(n, m) for n, m in quant_layers(model) if m.weight_quantizer is not None]
+    if not layers:
+        raise QATConfigError(
+            "the model has no weight quantizers: prepare it with qat.prepare(model, plan) and a plan that quantizes weights"
+        )
+    return layers
+
+
+# ----------------------------------------------------------------------------- shared math
+
+
+def _group_args(fq: FakeQuantizer) -> tuple[Optional[int], Optional[int]]:
+    """``(axis, group_size)`` as the fake-quant op takes them."""
+    g = fq.spec.granularity
+    if g is Granularity.PER_CHANNEL:
+        return fq.spec.axis, None
+    if g is Granularity.PER_GROUP:
+        return None, fq.spec.group_size
+    return None, None
+
+
+def _latent(layer: QuantModuleMixin) -> torch.Tensor:
+    """The tensor the weight quantizer sees, with autograd to ``weight`` (the smoothing factors
+    are detached: the dampening pull is on the latent weights only)."""
+    w = layer.weight
+    if layer.input_smooth is not None:
+        w = w * layer.input_smooth.detach()
+    if layer.weight_quantizer.spec.granularity is Granularity.PER_GROUP and w.dim() > 2:
+        w = w.flatten(1)  # (O, I, *k) -> (O, I*k): groups run along I*k, as the forward's
+    return w
+
+
+def _latent_shape(layer: QuantModuleMixin) -> tuple[int, ...]:
+    """Shape of :func:`_latent`'s tensor."""
+    w = layer.weight
+    if layer.weight_quantizer.spec.granularity is Granularity.PER_GROUP and w.dim() > 2:
+        return (w.shape[0], w[0].numel())
+    return tuple(w.shape)
+
+
+def _grid(fq: FakeQuantizer, w32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s, z, inv_s)`` of the quantizer as its forward uses them, shaped to broadcast against the
+    grouped ``w32`` (``(..., K) -> (..., K // g, g)`` for per-group)."""
+    spec = fq.spec
+    if spec.dynamic:  # the range of the current weights, as FakeQuantizer._dynamic computes it
+        s, z = qparams_from_range(*reduce_minmax(w32, spec), spec)
+    else:
+        if not fq.is_initialized:
+            raise RuntimeError(
+                "oscillation: a weight quantizer has no scale yet; calibrate the model or run one forward pass first"
+            )
+        s, z = fq.current_qparams()  # detached; LSQ+'s offset rounded and clamped as the forward uses it
+    axis, group = _group_args(fq)
+    s = broadcast_param(s.float(), w32, axis, group)
+    z = broadcast_param(z.float(), w32, axis, group)
+    return s, z, 1.0 / s
+
+
+def _grouped(fq: FakeQuantizer, w: torch.Tensor) -> torch.Tensor:
+    _, group = _group_args(fq)
+    return w if group is None else w.reshape(*w.shape[:-1], w.shape[-1] // group, group)  # (.., K) -> (.., K/g, g)
+
+
+def _codes(fq: FakeQuantizer, wg: torch.Tensor, z: torch.Tensor, inv_s: torch.Tensor) -> torch.Tensor:
+    """``clamp(rnd(w * inv_s) + z, qmin, qmax)``: the reference's float32 math, element for element."""
+    spec = fq.spec
+    return torch.clamp(round_with_mode(wg * inv_s, spec.round_mode.value) + z, spec.qmin, spec.qmax)
+
+
+# ----------------------------------------------------------------------------- dampening
+
+
+def dampening_loss(model: nn.Module, in_steps: bool = False, reduction: str = "sum") -> torch.Tensor:
+    """Oscillation-dampening regularizer over all weight quantizers of a prepared model.
+
+    ``sum over weights of (q(w) - clip(w, s (qmin - z), s (qmax - z)))^2`` with ``q(w) = (code - z) s``
+    the fake-quantized weight: zero when every latent weight sits on its bin centre (or outside
+    the grid), at most ``(s / 2)^2`` per weight. Scale, zero point and ``q(w)`` are detached, so the
+    gradient, ``2 (w - q(w))`` inside the grid and 0 outside, reaches the latent weights only
+    (not the learned scales / offsets, nor trainable smoothing factors).
+
+    Args:
+        model: a :func:`qat.prepare`-d model whose weight quantizers hold a scale (calibrated, or
+            after one forward pass).
+        in_steps: measure the distance in quantization steps (divide by ``s^2``) instead of in
+            weight units as the paper does; every group then pulls with the same strength per step.
+        reduction: ``"sum"`` (the paper's) or ``"mean"`` over all quantized weights.
+
+    Returns:
+        a float32 scalar with autograd to the weights; add ``lambda * dampening_loss(model)`` to the
+        task loss, ``lambda`` annealed from 0 (cosine) as in the paper.
+
+    Raises:
+        QATConfigError: the model has no weight quantizers.
+        ValueError: ``reduction`` is not ``"sum"`` or ``"mean"``.
+        RuntimeError: a weight quantizer has no scale yet.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> from qat import prepare
+        >>> model = prepare(nn.Sequential(nn.Linear(16, 4)), "w4a8")
+        >>> _ = model(torch.randn(2, 16))
+        >>> loss = dampening_loss(model)
+        >>> loss.backward(); model[0].weight.grad is not None
+        True
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    total: Optional[torch.Tensor] = None
+    n = 0
+    for _, layer in weight_layers(model):
+        fq = layer.weight_quantizer
+        w = _latent(layer).float()
+        with torch.no_grad():
+            s, z, inv_s = _grid(fq, w.detach())
+        term = _Dampen.apply(_grouped(fq, w), fq, s, z, inv_s, in_steps)
+        total = term if total is None else total + term
+        n += w.numel()
+    return total if reduction == "sum" else total / n
+
+
+class _Dampen(torch.autograd.Function):
+    """``sum (clip(w) - q(w))^2`` of one layer, with its gradient computed in the forward pass.
+
+    Outside the grid ``clip(w)`` and ``q(w)`` are the same bound (the same float arithmetic), so
+    ``d = clip(w) - q(w)`` is 0 there and ``2 d`` is the whole gradient: one saved tensor and one
+    multiply in the backward, instead of autograd's chain through clamp, sub and pow.
+    """
+
+    @staticmethod
+    def forward(ctx, wg, fq, s, z, inv_s, in_steps):
+        spec = fq.spec
+        centre = _codes(fq, wg, z, inv_s).sub_(z).mul_(s)  # (code - z) * s: the fake-quantized weight
+        d = torch.clamp(wg, (spec.qmin - z) * s, (spec.qmax - z) * s).sub_(centre)
+        if in_steps:
+            d.mul_(inv_s)  # in steps; d(loss)/dw = 2 d / s
+        flat = d.reshape(-1)
+        loss = torch.dot(flat, flat)
+        ctx.save_for_backward(d.mul_(2.0 * inv_s) if in_steps else d.mul_(2.0))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        return g * grad, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- freezing
+
+
+class OscillationTracker:
+    """Tracks weight oscillations of a prepared model and freezes the weights that oscillate.
+
+    Call :meth:`step` after every optimizer step. For each weight it computes the integer code the
+    forward pass will use, counts an oscillation when the code moves opposite to its previous move,
+    and keeps ``freq = m * freq + (1 - m) * oscillated`` (about ``1 / P`` for a weight that oscillates
+    every ``P < 1 / (1 - m)`` steps). With a ``threshold``, a weight with ``freq > threshold`` is
+    frozen: set to ``s * (round(ema_code) - z)`` (the bin centre of the rounded moving average of its
+    code, as the paper does) and reset there after every later step, so its code stays fixed whatever
+    the optimizer (and its moments) do; when the scale is learned the frozen weight follows it, in the
+    integer domain. The state of all layers lives in flat tensors on the weights' device, updated
+    in place (on a CPU, fresh tensors of this size cost more than the arithmetic): about 21 bytes per
+    quantized weight with freezing, 16 when only tracking (code, last direction, frequency, average
+    code, frozen flag and scratch), and a step is a few dozen vectorized ops.
+
+    A weight quantizer whose range follows the current weights (STE with a live observer, dynamic
+    ranges) recomputes its scale each forward: a frozen code then holds only as long as the range
+    does. Learned scales (LSQ, LSQ+) and calibrated STE ranges keep it exactly.
+
+    Args:
+        model: a :func:`qat.prepare`-d model with weight quantizers that hold a scale.
+        momentum: ``m`` of the moving averages, in (0, 1); the paper uses 0.99 (its "momentum
+            0.01" is ``1 - m``).
+        threshold: freeze weights whose oscillation frequency exceeds this, strictly (e.g.
+            0.005-0.02; with ``m = 0.99`` one oscillation adds 0.01, so 0.015 freezes a weight after
+            two oscillations within ~70 steps); ``None`` only tracks.
+
+    Raises:
+        QATConfigError: ``momentum`` not in (0, 1), ``threshold <= 0``, or no weight quantizers.
+        RuntimeError: a weight quantizer has no scale yet.
+
+    Example::
+
+        tracker = OscillationTracker(student, momentum=0.99, threshold=0.015)
+        for batch in batches:
+            loss = task_loss(student, batch)
+            opt.zero_grad(); loss.backward(); opt.step()
+            tracker.step()
+        print(tracker.stats())   # {'frozen': 0.004, 'flip_rate': 1e-4, ...}
+    """
+
+    def __init__(self, model: nn.Module, momentum: float = 0.99, threshold: Optional[float] = 0.01):
+        if not 0.0 < momentum < 1.0:
+            raise QATConfigError(f"OscillationTracker.momentum must be in (0, 1), got {momentum}")
+        if threshold is not None and not threshold > 0:
+            raise QATConfigError(f"OscillationTracker.threshold must be > 0 (or None to only track), got {threshold}")
+        self.momentum = float(momentum)
+        self.threshold = None if threshold is None else float(threshold)
+        self.layers = weight_layers(model)
+        self.steps = 0
+        self._freezing_started = False
+        with torch.no_grad():
+            codes = self._codes_now()
+        # layer i owns elements [offsets[i], offsets[i + 1]) of every flat state tensor
+        self._offsets = [0]
+        for _, layer in self.layers:
+            self._offsets.append(self._offsets[-1] + layer.weight.numel())
+        self.numel = self._offsets[-1]
+        wide = any(l.weight_quantizer.spec.qmin < -(2**15) or l.weight_quantizer.spec.qmax >= 2**15 for _, l in self.layers)
+        itype = torch.int32 if wide else torch.int16
+        # State, flat over all layers. On the CPU, fresh tensors of this size cost more (page
+        # faults) than the arithmetic, so every step works in place on these buffers.
+        self._prev = codes.to(itype)  # code after the last step (frozen weights: their held code)
+        self._last_dir = torch.zeros_like(self._prev)  # sign of the last change (0: none yet)
+        self._freq = torch.zeros_like(codes)  # EMA of oscillation events
+        freezing = self.threshold is not None
+        self._ema = codes.clone() if freezing else None  # EMA of the code
+        self._frozen = torch.zeros_like(codes, dtype=torch.bool) if freezing else None
+        self._buf = codes  # float scratch: this step's codes, then other float temporaries
+        self._ibuf = torch.empty_like(self._prev)  # integer scratch: this step's codes
+        self._changed = torch.zeros_like(codes, dtype=torch.bool)  # last step's: read by stats()
+        self._osc = torch.zeros_like(codes, dtype=torch.bool)
+
+    def _codes_now(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Integer codes (float32) of every tracked weight now, flat, layer after layer."""
+        parts = []
+        for i, (_, layer) in enumerate(self.layers):
+            fq = layer.weight_quantizer
+            w32 = _latent(layer).detach().float()
+            _, z, inv_s = _grid(fq, w32)
+            q = _codes(fq, _grouped(fq, w32), z, inv_s).reshape(-1)
+            if out is None:
+                parts.append(q)
+            else:
+                out[self._offsets[i] : self._offsets[i + 1]].copy_(q)
+        return torch.cat(parts) if out is None else out
+
+    @torch.no_grad()
+    def step(self, freeze: bool = True) -> None:
+        """Update the statistics from the current weights and freeze / hold the frozen ones.
+
+        Args:
+            freeze: ``False`` only tracks this step (no new weights are frozen; those frozen earlier
+                stay held): a warm-up before freezing starts.
+        """
+        m = self.momentum
+        codes = self._codes_now(out=self._buf)  # float32
+        if self._ema is not None:
+            self._ema.lerp_(codes, 1.0 - m)
+        c = self._ibuf
+        c.copy_(codes)
+        if self._frozen is not None and self._freezing_started:
+            torch.where(self._frozen, self._prev, c, out=c)  # held codes (the weights are reset below)
+        delta = torch.sub(c, self._prev, out=self._prev).sign_()  # -1, 0, +1; prev's buffer is free from here
+        self._prev, self._ibuf = c, delta
+        torch.ne(delta, 0, out=self._changed)
+        torch.lt(delta * self._last_dir, 0, out=self._osc)  # moved back: opposite to the weight's previous move
+        self._buf.copy_(self._osc)
+        self._freq.mul_(m).add_(self._buf, alpha=1.0 - m)
+        torch.where(self._changed, delta, self._last_dir, out=self._last_dir)
+        self.steps += 1
+        if self._frozen is None:
+            return
+        if freeze:
+            self._freezing_started = True
+            new = torch.gt(self._freq, self.threshold)
+            new &= ~self._frozen
+            # hold the rounded average code (an average of codes in [qmin, qmax] rounds into it);
+            # the move there from the current code is not counted as an oscillation
+            self._ibuf.copy_(torch.round(self._ema, out=self._buf))
+            torch.where(new, self._ibuf, self._prev, out=self._prev)
+            self._frozen |= new
+        if self._freezing_started:
+            self._hold()
+
+    def _hold(self) -> None:
+        """Set the frozen weights to the centre of their held code's bin: ``s * (code - z)``."""
+        spans = list(zip(self._offsets[:-1], self._offsets[1:]))
+        # one device sync a step, to skip the layers with nothing frozen (all of them, early on)
+        active = torch.stack([self._frozen[lo:hi].any() for lo, hi in spans]).tolist()
+        for (_, layer), (lo, hi), todo in zip(self.layers, spans, active):
+            if not todo:
+                continue
+            fq = layer.weight_quantizer
+            w = layer.weight
+            shape = _latent_shape(layer)
+            # the grid needs the weights' values only for dynamic ranges, else their shape
+            s, z, _ = _grid(fq, _latent(layer).detach().float() if fq.spec.dynamic else w.detach().view(shape))
+            code = _grouped(fq, self._prev[lo:hi].view(shape).float())
+            target = ((code - z) * s).reshape(w.shape)  # grouped view -> the weight's own shape
+            if layer.input_smooth is not None:  # the quantizer sees weight * smooth
+                target = target / layer.input_smooth.detach()
+            w.copy_(torch.where(self._frozen[lo:hi].view(w.shape), target.to(w.dtype), w))
+
+    # ------------------------------------------------------------------ statistics
+    def frozen_share(self) -> float:
+        """Share of all tracked weights that are frozen (0 when only tracking)."""
+        return 0.0 if self._frozen is None else float(torch.count_nonzero(self._frozen)) / self.numel
+
+    def frozen_by_layer(self) -> dict[str, float]:
+        """Layer name -> share of its weights that are frozen."""
+        out = {}
+        for i, (n, _) in enumerate(self.layers):
+            lo, hi = self._offsets[i], self._offsets[i + 1]
+            out[n] = 0.0 if self._frozen is None else float(self._frozen[lo:hi].float().mean())
+        return out
+
+    def frequency(self, name: str) -> torch.Tensor:
+        """The oscillation frequencies (EMA) of one layer's weights, shaped like its weight."""
+        i = [n for n, _ in self.layers].index(name)
+        return self._freq[self._offsets[i] : self._offsets[i + 1]].view(self.layers[i][1].weight.shape)
+
+    def frozen_mask(self, name: str) -> torch.Tensor:
+        """Which of one layer's weights are frozen (all ``False`` when only tracking)."""
+        i = [n for n, _ in self.layers].index(name)
+        w = self.layers[i][1].weight
+        if self._frozen is None:
+            return torch.zeros_like(w, dtype=torch.bool)
+        return self._frozen[self._offsets[i] : self._offsets[i + 1]].view(w.shape)
+
+    def stats(self) -> dict[str, float]:
+        """``frozen`` (share of weights), ``flip_rate`` / ``osc_rate`` (share whose code changed /
+        oscillated at the last step), ``osc_freq`` (mean oscillation frequency, the EMA), ``steps``."""
+        return {
+            "frozen": self.frozen_share(),
+            "flip_rate": float(torch.count_nonzero(self._changed)) / self.numel,
+            "osc_rate": float(torch.count_nonzero(self._osc)) / self.numel,
+            "osc_freq": float(self._freq.sum()) / self.numel,
+            "steps": self.steps,
+        }
+
+    def __repr__(self) -> str:
+        return (f"OscillationTracker(layers={len(self.layers)}, weights={self.numel}, momentum={self.momentum}, "
+                f"threshold={self.threshold}, steps={self.steps})")
