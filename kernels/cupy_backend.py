@@ -327,18 +327,6 @@ _ROWS_MIN_VECS = 1024
 #: 461.3 us and min/max fp32 from 107.3 to 94.7 (16-bit: -2.5..-8%)
 _TENSOR_ROWS = 8192
 _TENSOR_ROWS_MIN_WAVES = 4
-
-
-def _tensor_rows(kind: str, n: int, c: int, vec: int, device: int) -> Optional[tuple[int, int]]:
-    """``(nrows, rowv)`` of a per-tensor reduction on the rows kernels, or None (the seg kernel)."""
-    if not _TENSOR_ROWS or c != 1 or kind == "pact_backward" or vec == 1:
-        return None
-    nv = n // vec
-    rowv = max(_ROWS_MIN_VECS, -(-nv // _TENSOR_ROWS))
-    nrows = nv // rowv
-    if nrows < 1 or nrows < _TENSOR_ROWS_MIN_WAVES * _num_sms(device):
-        return None
-    return nrows, rowv
 #: blocks per row (segments of a row; > 1: one atomic per block instead of a store)
 _ROWS_SPLIT = 1
 #: grid of the rows kernels in waves (0: one block per segment)
@@ -351,6 +339,18 @@ _ROWS_WAVES = 0
 _COLS_INTERLEAVE = 0
 _COLS_FIT = True
 _COLS_WAVES = 1
+
+
+def _tensor_rows(kind: str, n: int, c: int, vec: int, device: int) -> Optional[tuple[int, int]]:
+    """``(nrows, rowv)`` of a per-tensor reduction on the rows kernels, or None (the seg kernel)."""
+    if not _TENSOR_ROWS or c != 1 or kind == "pact_backward" or vec == 1:
+        return None
+    nv = n // vec
+    rowv = max(_ROWS_MIN_VECS, -(-nv // _TENSOR_ROWS))
+    nrows = nv // rowv
+    if nrows < 1 or nrows < _TENSOR_ROWS_MIN_WAVES * _num_sms(device):
+        return None
+    return nrows, rowv
 
 
 def _no_init(poison: bool = False) -> None:
