@@ -192,6 +192,11 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
          "steps": 2000},
         {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3, "osc_dampen": 3e-3, "osc_freeze": 0.01},
     ],
+    # fifteenth round: round13's best (dampening 1e-3 + freezing 0.015, 2000 steps: 0.99662) at 3000 steps
+    "round15": [
+        {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3, "osc_dampen": 1e-3, "osc_freeze": 0.015,
+         "steps": 3000},
+    ],
     # the "wiki" grid without its first row (that recipe is accuracy.py's: its W4A8 row is that run)
     "wiki_more": [
         {"steps": 2500, "max_length": 64, "lr": 3e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
