@@ -3,12 +3,14 @@
 It owns no math: it prepares the model (``qat.prepare``) in ``setup()``, before optimizers exist,
 so learned scales are trained; optionally calibrates observers on training batches; freezes
 observers and BatchNorm statistics on a step / epoch schedule; keeps observers still during
-validation and test; and saves its schedule state in the checkpoint.
+validation and test; optionally dampens and freezes oscillating weights (:mod:`qat.oscillation`);
+and saves its schedule state in the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -17,6 +19,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from qat import QATConfigError, QuantPlan, init_smoothing, is_prepared, load_plan, prepare, quantizers, smooth_inputs
+from qat.oscillation import OscillationTracker, dampening_loss, weight_layers
 from qat.prepare import freeze_bn_stats
 
 __all__ = ["QuantizationAwareTraining"]
@@ -41,6 +44,23 @@ def _check_schedule(name: str, value: Optional[int]) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise QATConfigError(f"QuantizationAwareTraining.{name} must be a non-negative integer or None, got {value!r}")
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_oscillation(dampen: Any, freeze: Any, momentum: Any, freeze_start: Any) -> None:
+    """Validate the ``osc_*`` arguments (QATConfigError naming the field and its valid range)."""
+    name = "QuantizationAwareTraining"
+    if not _is_number(dampen) or dampen < 0:
+        raise QATConfigError(f"{name}.osc_dampen must be a number >= 0 (0: off), got {dampen!r}")
+    if freeze is not None and (not _is_number(freeze) or not 0.0 < freeze < 1.0):
+        raise QATConfigError(f"{name}.osc_freeze must be a number in (0, 1) or None (off), got {freeze!r}")
+    if not _is_number(momentum) or not 0.0 < momentum < 1.0:
+        raise QATConfigError(f"{name}.osc_momentum must be a number in (0, 1), got {momentum!r}")
+    if not _is_number(freeze_start) or not 0.0 <= freeze_start < 1.0:
+        raise QATConfigError(f"{name}.osc_freeze_start must be a number in [0, 1), got {freeze_start!r}")
 
 
 class QuantizationAwareTraining(Callback):
@@ -71,6 +91,32 @@ class QuantizationAwareTraining(Callback):
         smooth_match: glob on the layer names to smooth (default all quantized Linear layers).
         smooth_learnable: train the smoothing factors with the model (they exist from ``setup``
             on, so ``configure_optimizers`` sees them).
+        osc_dampen: ``lambda_max`` of the oscillation-dampening regularizer
+            (:func:`qat.oscillation.dampening_loss`, Nagel et al. 2022), which pulls every latent
+            weight towards the centre of its quantization bin; 0 (default): off. ``lambda`` rises from
+            0 to ``osc_dampen`` on a cosine over ``trainer.estimated_stepping_batches`` optimizer
+            steps (``lambda_t = osc_dampen * (1 - cos(pi * t / (T - 1))) / 2``, as
+            ``recipes.minilm.distill``). A callback cannot change the loss, so the regularizer's
+            gradient is added to the weights' ``.grad`` in ``on_after_backward``, after every
+            backward of the task loss: with ``accumulate_grad_batches = k`` it is added once per
+            micro-batch, divided by ``k`` like Lightning divides the loss, so each optimizer step
+            sees ``lambda_t * grad(dampening_loss)`` once, whatever ``k`` (under 16-bit AMP it is
+            multiplied by the grad scaler's scale, as the task gradient is). It goes in through
+            ``torch.autograd.grad`` (no DDP hooks fire; every rank adds the same term to the already
+            reduced gradient). Needs a finite number of steps (``max_steps`` or ``max_epochs``).
+        osc_freeze: oscillation-frequency threshold in (0, 1) of iterative weight freezing
+            (:class:`qat.oscillation.OscillationTracker`): after every optimizer step the integer
+            code of each quantized weight is tracked, and a weight whose oscillation frequency
+            (moving average) exceeds it is frozen on its average code for the rest of training.
+            ``None`` (default): off. ``osc/frozen`` (share of frozen weights) and ``osc/flip_rate``
+            (share whose code changed at the last step) are logged every
+            ``trainer.log_every_n_steps`` optimizer steps. The tracker's state is not saved in
+            checkpoints: after a resume, tracking starts afresh.
+        osc_momentum: momentum of the tracker's moving averages, in (0, 1) (0.99: about the last 100
+            steps).
+        osc_freeze_start: share of the training's optimizer steps (of
+            ``trainer.estimated_stepping_batches``), in [0, 1), that only track before freezing
+            begins; with an unbounded run (no ``max_steps`` / ``max_epochs``) only 0 is allowed.
 
     Example::
 
@@ -79,6 +125,11 @@ class QuantizationAwareTraining(Callback):
 
         trainer = Trainer(callbacks=[QuantizationAwareTraining("w4a8", freeze_observers_epoch=3)])
         trainer.fit(model, datamodule)
+
+        # with oscillation dampening and freezing (MiniLM W4A8: held-out cosine 0.99624 -> 0.99662)
+        qat = QuantizationAwareTraining("w4a8", osc_dampen=1e-3, osc_freeze=0.015, osc_freeze_start=0.1)
+        Trainer(max_steps=2000, callbacks=[qat]).fit(model, datamodule)
+        qat.oscillation_tracker.stats()   # {'frozen': 0.146, 'flip_rate': ..., ...}
     """
 
     def __init__(
@@ -96,8 +147,21 @@ class QuantizationAwareTraining(Callback):
         smooth_alpha: Optional[float] = None,
         smooth_match: str = "*",
         smooth_learnable: bool = False,
+        osc_dampen: float = 0.0,
+        osc_freeze: Optional[float] = None,
+        osc_momentum: float = 0.99,
+        osc_freeze_start: float = 0.0,
     ) -> None:
         self.plan = load_plan(plan)
+        _check_oscillation(osc_dampen, osc_freeze, osc_momentum, osc_freeze_start)
+        self.osc_dampen = float(osc_dampen)
+        self.osc_freeze = None if osc_freeze is None else float(osc_freeze)
+        self.osc_momentum = float(osc_momentum)
+        self.osc_freeze_start = float(osc_freeze_start)
+        self.oscillation_tracker: Optional[OscillationTracker] = None
+        self._osc_total_steps: Optional[float] = None  # trainer.estimated_stepping_batches
+        self._osc_freeze_from = 0
+        self._osc_last_step: Optional[int] = None  # global_step at the last on_train_batch_end
         if smooth_alpha is not None:
             if isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float)) or not 0.0 <= smooth_alpha <= 1.0:
                 raise QATConfigError(f"QuantizationAwareTraining.smooth_alpha must be a number in [0, 1] or None, got {smooth_alpha!r}")
@@ -152,6 +216,8 @@ class QuantizationAwareTraining(Callback):
         prepare(target, self.plan, fold_bn=self.fold_bn)
         if self.smooth_alpha is not None:  # identity until calibrate() fills it; here before the optimizer exists
             init_smoothing(target, self.smooth_match, learnable=self.smooth_learnable)
+        if self._oscillation_on:
+            weight_layers(target)  # QATConfigError now if the plan quantizes no weights
         n = sum(1 for _ in quantizers(target))
         log.info("QAT: prepared %d layers with %d quantizers (plan %r)", len(target.qat_layers), n, self.plan.name)
 
@@ -161,6 +227,8 @@ class QuantizationAwareTraining(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.calibration_batches and not self.calibrated:
             self.calibrate(trainer, pl_module)
+        if self._oscillation_on:
+            self._osc_setup(trainer)
 
     @torch.no_grad()
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -217,6 +285,86 @@ class QuantizationAwareTraining(Callback):
         self._set_observers(pl_module, not self.observers_frozen)
         if self.bn_frozen:
             freeze_bn_stats(self.target(pl_module))
+
+    # ------------------------------------------------------------------ oscillations
+    @property
+    def _oscillation_on(self) -> bool:
+        return self.osc_dampen > 0 or self.osc_freeze is not None
+
+    def _osc_setup(self, trainer) -> None:
+        """Total optimizer steps (for the dampening ramp) and the step freezing starts at."""
+        total = trainer.estimated_stepping_batches
+        finite = total is not None and math.isfinite(total)
+        if not finite and self.osc_dampen > 0:
+            raise QATConfigError(
+                "QuantizationAwareTraining.osc_dampen needs a finite number of training steps for its cosine ramp "
+                "(trainer.estimated_stepping_batches is infinite): set Trainer(max_steps=...) or max_epochs"
+            )
+        if not finite and self.osc_freeze is not None and self.osc_freeze_start != 0:
+            raise QATConfigError(
+                f"QuantizationAwareTraining.osc_freeze_start={self.osc_freeze_start} is a share of the training's steps, "
+                "but trainer.estimated_stepping_batches is infinite: set Trainer(max_steps=...) or max_epochs, "
+                "or osc_freeze_start=0 (freeze from the start)"
+            )
+        self._osc_total_steps = float(total) if finite else None
+        self._osc_freeze_from = int(self.osc_freeze_start * total) if finite else 0
+        self._osc_last_step = trainer.global_step
+
+    def osc_lambda(self, step: int) -> float:
+        """The dampening weight at optimizer step ``step`` (0-based): a cosine ramp from 0 to ``osc_dampen``."""
+        if not self.osc_dampen or self._osc_total_steps is None:
+            return 0.0
+        return self.osc_dampen * 0.5 * (1 - math.cos(math.pi * min(step, self._osc_total_steps - 1) / max(1.0, self._osc_total_steps - 1)))
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if not self._oscillation_on or not pl_module.training:
+            return
+        target = self.target(pl_module)
+        if self.osc_freeze is not None and self.oscillation_tracker is None:
+            try:  # the first backward: every quantizer has its scale (calibrated, or from this forward)
+                self.oscillation_tracker = OscillationTracker(target, self.osc_momentum, self.osc_freeze)
+            except RuntimeError:  # a weight quantizer without a scale yet: try again after the next backward
+                pass
+        lam = self.osc_lambda(trainer.global_step)
+        if not lam:
+            return
+        weights = [layer.weight for _, layer in weight_layers(target) if layer.weight.requires_grad]
+        if not weights:
+            return
+        scale = lam
+        if pl_module.automatic_optimization:  # Lightning divides each micro-batch's loss by k
+            scale /= trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # 16-bit AMP: the task gradient is still scaled here
+            scale *= float(scaler.get_scale())
+        with torch.enable_grad():
+            loss = dampening_loss(target)
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        with torch.no_grad():
+            for w, g in zip(weights, grads):
+                if g is None:
+                    continue
+                g = g.to(w.dtype).mul_(scale)
+                if w.grad is None:
+                    w.grad = g
+                else:
+                    w.grad.add_(g)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.osc_freeze is None:
+            return
+        step = trainer.global_step
+        stepped = self._osc_last_step is not None and step > self._osc_last_step  # an optimizer step ran
+        self._osc_last_step = step
+        if not stepped or self.oscillation_tracker is None:
+            return
+        tracker = self.oscillation_tracker
+        tracker.step(freeze=step - 1 >= self._osc_freeze_from)  # step - 1: the index of the step just taken
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
+        if (step - 1) % every == 0:
+            st = tracker.stats()
+            pl_module.log("osc/frozen", st["frozen"], on_step=True, on_epoch=False)
+            pl_module.log("osc/flip_rate", st["flip_rate"], on_step=True, on_epoch=False)
 
     # evaluation never moves the ranges learned in training
     def _eval_start(self, trainer, pl_module) -> None:

@@ -33,6 +33,10 @@ class QATStage:
     smooth_alpha: Optional[float] = None  # per-input-channel smoothing of quantized Linear layers (qat.smooth_inputs)
     smooth_match: str = "*"
     smooth_learnable: bool = False
+    osc_dampen: float = 0.0  # oscillation-dampening lambda_max (qat.oscillation); 0: off
+    osc_freeze: Optional[float] = None  # oscillation-frequency threshold of weight freezing; None: off
+    osc_momentum: float = 0.99
+    osc_freeze_start: float = 0.0  # share of the QAT steps before freezing begins
 
 
 @dataclass

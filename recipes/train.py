@@ -81,6 +81,10 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         smooth_alpha=cfg.qat.smooth_alpha,
         smooth_match=cfg.qat.smooth_match,
         smooth_learnable=cfg.qat.smooth_learnable,
+        osc_dampen=cfg.qat.osc_dampen,
+        osc_freeze=cfg.qat.osc_freeze,
+        osc_momentum=cfg.qat.osc_momentum,
+        osc_freeze_start=cfg.qat.osc_freeze_start,
     )
     callbacks = [callback]
     if cfg.qat.telemetry_every_n_steps and logger:

@@ -81,3 +81,10 @@ def test_cli_multirun_summary(tmp_path):
     assert "sweep summary (2 runs)" in proc.stdout
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert [r["plan"] for r in summary] == ["w8a8", "w4a4"]
+
+
+def test_oscillation_keys_compose_off_by_default():
+    cfg = _compose(["logger=none"])
+    assert (cfg.qat.osc_dampen, cfg.qat.osc_freeze, cfg.qat.osc_momentum, cfg.qat.osc_freeze_start) == (0.0, None, 0.99, 0.0)
+    cfg = _compose(["logger=none", "qat.osc_dampen=1e-3", "qat.osc_freeze=0.015", "qat.osc_freeze_start=0.1"])
+    assert (cfg.qat.osc_dampen, cfg.qat.osc_freeze, cfg.qat.osc_freeze_start) == (1e-3, 0.015, 0.1)

@@ -1,0 +1,175 @@
+"""QuantizationAwareTraining's oscillation options (``osc_*``, :mod:`qat.oscillation`) on tiny CPU runs."""
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from qat import QATConfigError
+from qat.callbacks import QuantizationAwareTraining
+from qat.oscillation import dampening_loss
+from qat.oscillation import _codes, _grid, _grouped, _latent  # the codes the forward uses
+
+PLAN = {
+    "name": "osc-test",
+    "rules": [{"match": "*", "weight": {"bits": 4, "granularity": "per_group", "group_size": 8, "estimator": "lsq",
+                                        "symmetric": True}}],
+}
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, attr=False, lr=0.05):
+        super().__init__()
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        if attr:
+            self.student = net
+        else:
+            self.net = net
+        self.attr = attr
+        self.lr = lr
+
+    def forward(self, x):
+        return (self.student if self.attr else self.net)(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def _loader(n=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)), batch_size=16)
+
+
+def _fit(cb, max_steps=24, model=None, callbacks=(), **kw):
+    model = model or Tiny()
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, callbacks=[cb, *callbacks], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+    torch.manual_seed(1)
+    trainer.fit(model, _loader())
+    return model, trainer
+
+
+def _codes_of(layer):
+    fq = layer.weight_quantizer
+    w32 = _latent(layer).detach().float()
+    _, z, inv_s = _grid(fq, w32)
+    return _codes(fq, _grouped(fq, w32), z, inv_s).reshape(layer.weight.shape)
+
+
+def test_defaults_are_bit_identical_to_no_oscillation_args():
+    a, _ = _fit(QuantizationAwareTraining(PLAN))
+    b, _ = _fit(QuantizationAwareTraining(PLAN, osc_dampen=0.0, osc_freeze=None, osc_momentum=0.99, osc_freeze_start=0.0))
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("attr", [False, True])
+def test_dampening_pulls_weights_to_bin_centres(attr):
+    base, _ = _fit(QuantizationAwareTraining(PLAN, module_attr="student" if attr else None), model=Tiny(attr, lr=0.01))
+    cb = QuantizationAwareTraining(PLAN, module_attr="student" if attr else None, osc_dampen=2.0)
+    damped, _ = _fit(cb, model=Tiny(attr, lr=0.01))
+    d0 = float(dampening_loss(base).detach())
+    d1 = float(dampening_loss(damped).detach())
+    assert d1 < 0.5 * d0, (d0, d1)
+    assert cb.osc_lambda(0) == 0.0 and cb.osc_lambda(23) == pytest.approx(2.0)
+    assert cb.osc_lambda(12) == pytest.approx(2.0 * 0.5 * (1 - math.cos(math.pi * 12 / 23)))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_dampening_gradient_is_lambda_times_the_regularizer_once_per_optimizer_step(k):
+    """With a zero task loss the gradient the optimizer sees is exactly ``lambda_t * grad(dampening_loss)``,
+    for ``accumulate_grad_batches`` 1 and 2 (added once per backward, divided by k)."""
+    seen = []
+
+    class Zero(Tiny):
+        def training_step(self, batch, batch_idx):
+            return 0.0 * super().training_step(batch, batch_idx)
+
+    class Check(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            w = pl_module.net[0].weight
+            (g,) = torch.autograd.grad(dampening_loss(pl_module), [w])
+            seen.append((trainer.global_step, w.grad.clone(), cb.osc_lambda(trainer.global_step) * g))
+
+    cb = QuantizationAwareTraining(PLAN, osc_dampen=3.0)
+    _fit(cb, max_steps=8, model=Zero(lr=0.01), callbacks=[Check()], accumulate_grad_batches=k)
+    assert [s for s, _, _ in seen] == list(range(8))
+    assert torch.count_nonzero(seen[0][1]) == 0  # lambda_0 = 0
+    for step, got, want in seen[1:]:
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7), step
+
+
+def test_freezing_holds_codes_and_respects_accumulation():
+    cb = QuantizationAwareTraining(PLAN, osc_freeze=1e-6, osc_momentum=0.5)
+    snaps = {}
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 20:  # after the QAT callback's (earlier in the list) tracker.step
+                t = cb.oscillation_tracker
+                snaps["mask"] = t.frozen_mask("net.0").clone()
+                snaps["codes"] = _codes_of(pl_module.net[0]).clone()
+
+    model, trainer = _fit(cb, max_steps=40, callbacks=[Snap()], accumulate_grad_batches=2, log_every_n_steps=1)
+    t = cb.oscillation_tracker
+    assert t is not None and t.steps == trainer.global_step == 40  # one tracker step per optimizer step
+    mask = snaps["mask"]
+    assert mask.any(), "nothing frozen"
+    assert torch.equal(_codes_of(model.net[0])[mask], snaps["codes"][mask])
+    assert t.frozen_share() > 0
+    assert float(trainer.callback_metrics["osc/frozen"]) == pytest.approx(t.frozen_share())
+    assert "osc/flip_rate" in trainer.callback_metrics
+
+
+def test_freeze_start_delays_freezing():
+    cb = QuantizationAwareTraining(PLAN, osc_freeze=1e-6, osc_momentum=0.5, osc_freeze_start=0.5)
+    before = []
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 10:  # steps 0..9 only track; freezing starts at step int(0.5 * 20) = 10
+                before.append(cb.oscillation_tracker.frozen_share())
+
+    _fit(cb, max_steps=20, callbacks=[Snap()])
+    assert before == [0.0]
+    assert cb.oscillation_tracker.frozen_share() > 0
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(osc_dampen=-1.0), r"osc_dampen must be a number >= 0"),
+        (dict(osc_dampen=True), r"osc_dampen must be a number >= 0"),
+        (dict(osc_freeze=0.0), r"osc_freeze must be a number in \(0, 1\) or None"),
+        (dict(osc_freeze=1.5), r"osc_freeze must be a number in \(0, 1\) or None"),
+        (dict(osc_momentum=1.0), r"osc_momentum must be a number in \(0, 1\)"),
+        (dict(osc_freeze_start=1.0), r"osc_freeze_start must be a number in \[0, 1\)"),
+        (dict(osc_freeze_start=float("nan")), r"osc_freeze_start must be a number in \[0, 1\)"),
+    ],
+)
+def test_bad_oscillation_args_raise_in_constructor(kw, msg):
+    with pytest.raises(QATConfigError, match=msg):
+        QuantizationAwareTraining(PLAN, **kw)
+
+
+def test_unbounded_run_with_freeze_start_raises_before_training():
+    stepped = []
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, *a):
+            stepped.append(1)
+
+    with pytest.raises(QATConfigError, match=r"osc_freeze_start=0.5 is a share.*estimated_stepping_batches is infinite"):
+        _fit(QuantizationAwareTraining(PLAN, osc_freeze=0.01, osc_freeze_start=0.5), max_steps=-1, max_epochs=-1,
+             callbacks=[Count()])
+    assert not stepped
