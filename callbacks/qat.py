@@ -19,7 +19,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from qat import QATConfigError, QuantPlan, init_smoothing, is_prepared, load_plan, prepare, quantizers, smooth_inputs
-from qat.oscillation import OscillationTracker, dampening_loss, weight_layers
+from qat.oscillation import OscillationTracker, dampening_loss, dampening_weight, weight_layers
 from qat.prepare import freeze_bn_stats
 
 __all__ = ["QuantizationAwareTraining"]
@@ -126,7 +126,7 @@ class QuantizationAwareTraining(Callback):
         trainer = Trainer(callbacks=[QuantizationAwareTraining("w4a8", freeze_observers_epoch=3)])
         trainer.fit(model, datamodule)
 
-        # with oscillation dampening and freezing (MiniLM W4A8: held-out cosine 0.99624 -> 0.99662)
+        # with oscillation dampening and freezing (MiniLM W4A8, 2000 steps: held-out cosine 0.99633 -> 0.99662)
         qat = QuantizationAwareTraining("w4a8", osc_dampen=1e-3, osc_freeze=0.015, osc_freeze_start=0.1)
         Trainer(max_steps=2000, callbacks=[qat]).fit(model, datamodule)
         qat.oscillation_tracker.stats()   # {'frozen': 0.146, 'flip_rate': ..., ...}
@@ -314,7 +314,7 @@ class QuantizationAwareTraining(Callback):
         """The dampening weight at optimizer step ``step`` (0-based): a cosine ramp from 0 to ``osc_dampen``."""
         if not self.osc_dampen or self._osc_total_steps is None:
             return 0.0
-        return self.osc_dampen * 0.5 * (1 - math.cos(math.pi * min(step, self._osc_total_steps - 1) / max(1.0, self._osc_total_steps - 1)))
+        return dampening_weight(self.osc_dampen, step, self._osc_total_steps)
 
     def on_after_backward(self, trainer, pl_module) -> None:
         if not self._oscillation_on or not pl_module.training:

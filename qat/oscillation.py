@@ -42,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -56,7 +57,7 @@ from .observers import qparams_from_range, reduce_minmax
 from .prepare import quant_layers
 from .spec import Granularity
 
-__all__ = ["dampening_loss", "OscillationTracker", "weight_layers"]
+__all__ = ["dampening_loss", "dampening_weight", "OscillationTracker", "weight_layers"]
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, QuantModuleMixin]]:
@@ -76,16 +77,6 @@ def weight_layers(model: nn.Module) -> list[tuple[str, QuantModuleMixin]]:
 # ----------------------------------------------------------------------------- shared math
 
 
-def _group_args(fq: FakeQuantizer) -> tuple[Optional[int], Optional[int]]:
-    """``(axis, group_size)`` as the fake-quant op takes them."""
-    g = fq.spec.granularity
-    if g is Granularity.PER_CHANNEL:
-        return fq.spec.axis, None
-    if g is Granularity.PER_GROUP:
-        return None, fq.spec.group_size
-    return None, None
-
-
 def _latent(layer: QuantModuleMixin) -> torch.Tensor:
     """The tensor the weight quantizer sees, with autograd to ``weight`` (the smoothing factors
     are detached: the dampening pull is on the latent weights only)."""
@@ -95,14 +86,6 @@ def _latent(layer: QuantModuleMixin) -> torch.Tensor:
     if layer.weight_quantizer.spec.granularity is Granularity.PER_GROUP and w.dim() > 2:
         w = w.flatten(1)  # (O, I, *k) -> (O, I*k): groups run along I*k, as the forward's
     return w
-
-
-def _latent_shape(layer: QuantModuleMixin) -> tuple[int, ...]:
-    """Shape of :func:`_latent`'s tensor."""
-    w = layer.weight
-    if layer.weight_quantizer.spec.granularity is Granularity.PER_GROUP and w.dim() > 2:
-        return (w.shape[0], w[0].numel())
-    return tuple(w.shape)
 
 
 def _grid(fq: FakeQuantizer, w32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,14 +100,13 @@ def _grid(fq: FakeQuantizer, w32: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
                 "oscillation: a weight quantizer has no scale yet; calibrate the model or run one forward pass first"
             )
         s, z = fq.current_qparams()  # detached; LSQ+'s offset rounded and clamped as the forward uses it
-    axis, group = _group_args(fq)
-    s = broadcast_param(s.float(), w32, axis, group)
-    z = broadcast_param(z.float(), w32, axis, group)
+    s = broadcast_param(s.float(), w32, fq.axis, fq.group_size)
+    z = broadcast_param(z.float(), w32, fq.axis, fq.group_size)
     return s, z, 1.0 / s
 
 
 def _grouped(fq: FakeQuantizer, w: torch.Tensor) -> torch.Tensor:
-    _, group = _group_args(fq)
+    group = fq.group_size
     return w if group is None else w.reshape(*w.shape[:-1], w.shape[-1] // group, group)  # (.., K) -> (.., K/g, g)
 
 
@@ -135,6 +117,19 @@ def _codes(fq: FakeQuantizer, wg: torch.Tensor, z: torch.Tensor, inv_s: torch.Te
 
 
 # ----------------------------------------------------------------------------- dampening
+
+
+def dampening_weight(lam_max: float, step: int, total_steps: float) -> float:
+    """The paper's cosine ramp of the dampening weight: 0 at step 0, ``lam_max`` at step
+    ``total_steps - 1`` (and after): ``lam_max * (1 - cos(pi * t / (T - 1))) / 2``.
+
+    Example::
+
+        >>> dampening_weight(1e-3, 0, 100), dampening_weight(1e-3, 99, 100)
+        (0.0, 0.001)
+    """
+    return lam_max * 0.5 * (1 - math.cos(math.pi * min(step, total_steps - 1) / max(1, total_steps - 1)))
+
 
 
 def dampening_loss(model: nn.Module, in_steps: bool = False, reduction: str = "sum") -> torch.Tensor:
@@ -351,7 +346,7 @@ class OscillationTracker:
                 continue
             fq = layer.weight_quantizer
             w = layer.weight
-            shape = _latent_shape(layer)
+            shape = layer._weight_view_shape(fq.spec)  # the shape of _latent(layer)
             # the grid needs the weights' values only for dynamic ranges, else their shape
             s, z, _ = _grid(fq, _latent(layer).detach().float() if fq.spec.dynamic else w.detach().view(shape))
             code = _grouped(fq, self._prev[lo:hi].view(shape).float())

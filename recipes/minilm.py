@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from qat.oscillation import OscillationTracker, dampening_loss
+from qat.oscillation import OscillationTracker, dampening_loss, dampening_weight
 
 __all__ = [
     "MAX_LENGTH", "load_minilm", "load_sentences", "corpus_path", "tokenize", "mean_pool", "embed", "cosine_to", "distill",
@@ -518,7 +518,7 @@ def distill(
                 loss = loss + attn_weight * _attention_kl(s_out.attentions, t_out.attentions, enc["attention_mask"])
             total = loss
             if osc_dampen:  # cosine ramp from 0 (step 0) to osc_dampen (last step)
-                lam = osc_dampen * 0.5 * (1 - math.cos(math.pi * step / max(1, steps - 1)))
+                lam = dampening_weight(osc_dampen, step, steps)
                 if lam:
                     damp = dampening_loss(student)
                     total = loss + lam * damp
