@@ -39,7 +39,7 @@ from qat.oscillation import OscillationTracker, dampening_loss, dampening_weight
 
 __all__ = [
     "MAX_LENGTH", "load_minilm", "load_sentences", "corpus_path", "tokenize", "mean_pool", "embed", "cosine_to", "distill",
-    "load_wiki_sentences", "WIKI_DUMP",
+    "load_wiki_sentences", "WIKI_DUMP", "MarkovSentences",
 ]
 
 #: Token budget per sentence: the corpus' sentences are ~25 words; 64 tokens keep CPU runs short.
@@ -262,6 +262,88 @@ def _token_noise(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, p
     return out.view_as(ids)
 
 
+class MarkovSentences:
+    """Word-level Markov chain (n-gram model) of a list of sentences, for more distinct training inputs.
+
+    Counts which word follows each run of ``order`` words (sentence starts and ends included) and
+    samples new sentences word by word: locally fluent English with the corpus' own vocabulary and
+    word statistics, but sentences the corpus does not contain (most of them, at ``order`` 1-2). A
+    distillation student then rarely sees the same input twice, while the inputs stay close to the
+    text it is evaluated on (random token replacement, ``token_noise``, strays further).
+
+    Args:
+        sentences: the training sentences (whitespace-split into words).
+        order: words of context, 1-3 (1: bigram model, the most varied; 3: mostly copies).
+        min_words / max_words: the length of the sentences :meth:`sample` returns (longer walks are
+            cut, shorter ones redrawn).
+
+    Raises:
+        ValueError: ``order`` not in 1-3, ``min_words`` not in [1, ``max_words``], or no sentence
+            has ``min_words`` words.
+
+    Example::
+
+        >>> from qat.recipes.minilm import MarkovSentences
+        >>> m = MarkovSentences(["the cat sat on the mat .", "the dog sat on the rug ."], order=1)
+        >>> s = m.sample(2, torch.Generator().manual_seed(0))
+        >>> len(s), all(set(x.split()) <= {"the", "cat", "dog", "sat", "on", "mat", "rug", "."} for x in s)
+        (2, True)
+    """
+
+    def __init__(self, sentences: Sequence[str], order: int = 2, min_words: int = 5, max_words: int = 48):
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order}")
+        if not 1 <= min_words <= max_words:
+            raise ValueError(f"need 1 <= min_words <= max_words, got min_words={min_words}, max_words={max_words}")
+        counts: dict = {}
+        for s in sentences:
+            words = s.split()
+            if len(words) < min_words:
+                continue
+            seq = [None] * order + words + [None]
+            for i in range(order, len(seq)):
+                nxt = counts.setdefault(tuple(seq[i - order : i]), {})
+                nxt[seq[i]] = nxt.get(seq[i], 0) + 1
+        if not counts:
+            raise ValueError(f"no sentence has {min_words} or more words")
+        self.order, self.min_words, self.max_words = order, min_words, max_words
+        # context -> (next words, cumulative counts): a uniform draw in [0, total) picks by bisection
+        self._next = {}
+        for ctx, nxt in counts.items():
+            cum, total = [], 0
+            for c in nxt.values():
+                total += c
+                cum.append(total)
+            self._next[ctx] = (list(nxt), cum)
+
+    def __len__(self) -> int:
+        """Number of distinct contexts the chain has."""
+        return len(self._next)
+
+    def sample(self, n: int, g: torch.Generator) -> list[str]:
+        """``n`` sentences, deterministic for the generator's state (it advances)."""
+        import bisect
+
+        out: list[str] = []
+        draws = torch.rand(max(64, n * (self.max_words + 1) * 2), generator=g, dtype=torch.float64).tolist()
+        k = 0
+        while len(out) < n:
+            ctx, words = (None,) * self.order, []
+            while len(words) < self.max_words:
+                if k == len(draws):
+                    draws, k = torch.rand(len(draws), generator=g, dtype=torch.float64).tolist(), 0
+                nxt, cum = self._next[ctx]
+                w = nxt[bisect.bisect_right(cum, draws[k] * cum[-1])]
+                k += 1
+                if w is None:  # sentence end
+                    break
+                words.append(w)
+                ctx = ctx[1:] + (w,)
+            if len(words) >= self.min_words:
+                out.append(" ".join(words))
+        return out
+
+
 def embedding_neighbors(embeddings: torch.Tensor, k: int = 8, exclude: Sequence[int] = (), chunk: int = 4096) -> torch.Tensor:
     """The ``k`` nearest other tokens of every token by cosine of its input embedding.
 
@@ -338,6 +420,9 @@ def distill(
     osc_freeze: float = 0.0,
     osc_momentum: float = 0.99,
     osc_freeze_start: float = 0.0,
+    markov: float = 0.0,
+    markov_order: int = 2,
+    anchor: float = 0.0,
     stats: Optional[dict] = None,
 ) -> list:
     """Quantization-aware training of a prepared MiniLM by distillation from its float ``teacher``.
@@ -362,7 +447,9 @@ def distill(
     centres), ``lambda_t`` rising from 0 to ``osc_dampen`` on a cosine over the run, as the paper's;
     ``osc_freeze`` runs a :class:`qat.oscillation.OscillationTracker` after every optimizer step that
     freezes weights whose oscillation frequency exceeds it. Both are off by default, and off they
-    change nothing (no extra random draws, same operations in the same order).
+    change nothing (no extra random draws, same operations in the same order). So are ``markov``
+    (synthetic sentences from a :class:`MarkovSentences` chain of the training sentences) and
+    ``anchor`` (a decoupled pull of the weights back to where training started).
 
     Args:
         student: ``qat.prepare``-d copy of the teacher (fake-quantized, observers calibrated).
@@ -405,6 +492,15 @@ def distill(
             (e.g. 0.01-0.02); 0: off.
         osc_momentum: momentum of the tracker's moving averages (0.99: about the last 100 steps).
         osc_freeze_start: share of the steps that only track before freezing begins.
+        markov: share of each batch replaced by sentences sampled from a word-level Markov chain
+            (:class:`MarkovSentences`, order ``markov_order``) of ``sentences``: new, locally fluent
+            sentences in the corpus' vocabulary, so the student sees far more distinct inputs.
+        markov_order: words of context of that chain (1-3).
+        anchor: decoupled pull of the weights (the ``lr`` group: the float latent weights and
+            embeddings; with ``norm_lr``, not the 1-D parameters) back to their values at the start,
+            as AdamW's decoupled weight decay but towards the start instead of 0 ("L2-SP"): after
+            each optimizer step ``w -= lr_t * anchor * (w - w_start)``. Limits how far the
+            student drifts from the teacher's weights on a small corpus; 0: off.
         stats: a dict to fill with run statistics: with ``osc_freeze`` the tracker's ``frozen``
             share, last-step ``flip_rate`` / ``osc_rate`` and mean ``osc_freq``; with
             ``osc_dampen`` the last step's unweighted ``dampen`` loss.
@@ -434,6 +530,12 @@ def distill(
         raise ValueError(f"osc_momentum must be in (0, 1), got {osc_momentum}")
     if not 0.0 <= osc_freeze_start < 1.0:
         raise ValueError(f"osc_freeze_start must be in [0, 1), got {osc_freeze_start}")
+    if not 0.0 <= markov <= 1.0:
+        raise ValueError(f"markov must be in [0, 1], got {markov}")
+    if markov_order not in (1, 2, 3):
+        raise ValueError(f"markov_order must be 1, 2 or 3, got {markov_order}")
+    if anchor < 0:
+        raise ValueError(f"anchor must be >= 0, got {anchor}")
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     device = next(student.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -489,11 +591,17 @@ def distill(
     shadow = [p.clone() for p in tracked] if ema else []
     forward = torch.compile(student) if compile else student
     last_dampen: list = []
+    chain = MarkovSentences(sentences, markov_order) if markov else None
+    n_markov = int(round(markov * batch))
+    anchored = [p.detach() for p in weights] if anchor else []  # the lr group: weights' views
+    starts = [p.clone() for p in anchored]
 
     def run() -> list:
         losses = []
         for step in range(steps):
             sents = _batch_sentences(sentences, step, batch, order, splice, g)
+            if n_markov:
+                sents[:n_markov] = chain.sample(n_markov, g)
             enc = tokenize(tokenizer, sents, max_length, pad_to_max=compile)  # compiled: one shape, no recompiles
             if token_noise:
                 enc["input_ids"] = _token_noise(enc["input_ids"], enc["attention_mask"], special, token_noise, g, neighbors)
@@ -526,6 +634,9 @@ def distill(
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
+            if anchored:  # decoupled, at this step's weight learning rate
+                with torch.no_grad():
+                    torch._foreach_lerp_(anchored, starts, min(1.0, anchor * lr * lr_at(step)))
             sched.step()
             if tracker is not None:
                 tracker.step(freeze=step >= freeze_from)
