@@ -34,7 +34,10 @@ off; the row records the ``frozen`` share of the quantized weights), ``osc_freez
 the steps that only track before freezing begins). ``markov`` (share of each batch replaced by
 sentences sampled from a word-level Markov chain of the training sentences, ``markov_order`` words
 of context), ``anchor`` (decoupled pull of the weights back to their starting values, ``w -= lr_t *
-anchor * (w - w_start)`` after each step; 0: off).
+anchor * (w - w_start)`` after each step; 0: off), ``polish`` (steps of a second run after the first
+that trains only the quantizers' scales and offsets, at ``polish_lr``, the float weights frozen; 0:
+off). ``corpus`` also takes ``lee4+wiki``: the Lee training sentences four times over (38% of the
+list instead of 13%: more of the news text the held-out sentences come from) plus the Wikipedia ones.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ BASE: dict[str, Any] = {
     "zp_lr": None, "tf32": 0, "token_noise": 0.0, "noise_mode": "batch", "attn_weight": 0.0, "norm_lr": None,
     "embeddings": "train", "smooth": 0.0, "smooth_match": "*", "smooth_lr": 0.0,
     "osc_dampen": 0.0, "osc_freeze": 0.0, "osc_momentum": 0.99, "osc_freeze_start": 0.0,
-    "markov": 0.0, "markov_order": 2, "anchor": 0.0,
+    "markov": 0.0, "markov_order": 2, "anchor": 0.0, "polish": 0, "polish_lr": 1e-4,
 }
 
 #: accuracy.py's MiniLM recipe at 4 bits, as overrides of BASE
@@ -216,10 +219,14 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {**_OSC, "markov": 0.25},
         {**_OSC, "anchor": 20.0},
     ],
+    # seventeenth round: round16's three rows all measured below row 54 (Markov sentences 0.99639 /
+    # 0.99638, anchor 0.99612: the student needs to move away from its start). Instead: more of the
+    # in-domain news text (Lee x4); a second, scale-only phase after the first (the codes nearly fixed:
+    # 2 parameters per group of 32 weights, little to overfit); a 5% learning-rate warm-up.
     "round17": [
-        {**_OSC, "anchor": 100.0},
-        {**_OSC, "markov": 0.5, "markov_order": 1},
-        {**_OSC, "markov": 0.75},
+        {**_OSC, "corpus": "lee4+wiki"},
+        {**_OSC, "polish": 500},
+        {**_OSC, "warmup": 0.05},
     ],
     # the "wiki" grid without its first row (that recipe is accuracy.py's: its W4A8 row is that run)
     "wiki_more": [
@@ -252,6 +259,10 @@ def run_recipe(student, teacher, tok, train: list[str], cfg: dict[str, Any], log
     stats: dict[str, Any] = {}
     distill(student, teacher, tok, train, train_weights=cfg["weights"] != "freeze", train_embeddings=cfg["embeddings"] != "freeze",
             compile=bool(cfg["compile"]), tf32=bool(cfg["tf32"]), log_every=log_every, stats=stats, **kw)
+    if cfg["polish"]:  # codes nearly fixed (weights frozen), only the scales / offsets move
+        kw.update(steps=int(cfg["polish"]), scale_lr=float(cfg["polish_lr"]), zp_lr=None, osc_dampen=0.0, osc_freeze=0.0, seed=kw["seed"] + 1)
+        distill(student, teacher, tok, train, train_weights=False, compile=bool(cfg["compile"]), tf32=bool(cfg["tf32"]),
+                log_every=log_every, **kw)
     return stats
 
 
@@ -314,7 +325,10 @@ def main(argv: Optional[list] = None) -> None:
             smooth_inputs(m, calib, alpha=float(cfg["smooth"]), match=cfg["smooth_match"], learnable=bool(cfg["smooth_lr"]),
                           forward_fn=lambda mod, b: mod(**b))
         calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
-        corpus = {"lee": train, "lee+wiki": train + wiki}[cfg["corpus"]]
+        corpora = {"lee": train, "lee+wiki": train + wiki, "lee4+wiki": train * 4 + wiki}
+        if cfg["corpus"] not in corpora:
+            p.error(f"corpus must be one of {sorted(corpora)}, got {cfg['corpus']!r}")
+        corpus = corpora[cfg["corpus"]]
         if cfg["init"] == "brecq":
             key = (cfg["estimator"], cfg["observer"], cfg["corpus"])
             if key not in inits:
