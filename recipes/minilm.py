@@ -233,13 +233,16 @@ def cosine_to(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float(F.cosine_similarity(reference.float(), other.float(), dim=-1).mean())
 
 
-def _batch_sentences(sentences: Sequence[str], step: int, batch: int, order: list, splice: float, g: torch.Generator) -> list:
+def _batch_sentences(sentences: Sequence[str], step: int, batch: int, order: list, splice: float, g: torch.Generator,
+                     concat: float = 0.0) -> list:
     i0 = (step * batch) % len(order)
     out = [sentences[order[(i0 + j) % len(order)]] for j in range(batch)]
     for j in range(int(round(splice * batch))):  # synthetic: head of one sentence + tail of another
         a, b = torch.randint(len(sentences), (2,), generator=g).tolist()
         wa, wb = sentences[a].split(), sentences[b].split()
         out[j] = " ".join(wa[: len(wa) // 2] + wb[len(wb) // 2 :])
+    for j in range(batch - int(round(concat * batch)), batch):  # longer inputs: a batch sentence + a random one
+        out[j] = out[j] + " " + sentences[int(torch.randint(len(sentences), (1,), generator=g))]
     return out
 
 
@@ -423,6 +426,7 @@ def distill(
     markov: float = 0.0,
     markov_order: int = 2,
     anchor: float = 0.0,
+    concat: float = 0.0,
     stats: Optional[dict] = None,
 ) -> list:
     """Quantization-aware training of a prepared MiniLM by distillation from its float ``teacher``.
@@ -496,6 +500,9 @@ def distill(
             (:class:`MarkovSentences`, order ``markov_order``) of ``sentences``: new, locally fluent
             sentences in the corpus' vocabulary, so the student sees far more distinct inputs.
         markov_order: words of context of that chain (1-3).
+        concat: share of each batch (its last sentences) extended by a second, random training
+            sentence: two-sentence inputs, up to ``max_length`` tokens, for more long inputs than
+            the corpus' single sentences (about 30 tokens on average) give.
         anchor: decoupled pull of the weights (the ``lr`` group: the float latent weights and
             embeddings; with ``norm_lr``, not the 1-D parameters) back to their values at the start,
             as AdamW's decoupled weight decay but towards the start instead of 0 ("L2-SP"): after
@@ -536,6 +543,8 @@ def distill(
         raise ValueError(f"markov_order must be 1, 2 or 3, got {markov_order}")
     if anchor < 0:
         raise ValueError(f"anchor must be >= 0, got {anchor}")
+    if not 0.0 <= concat <= 1.0:
+        raise ValueError(f"concat must be in [0, 1], got {concat}")
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     device = next(student.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -599,7 +608,7 @@ def distill(
     def run() -> list:
         losses = []
         for step in range(steps):
-            sents = _batch_sentences(sentences, step, batch, order, splice, g)
+            sents = _batch_sentences(sentences, step, batch, order, splice, g, concat)
             if n_markov:
                 sents[:n_markov] = chain.sample(n_markov, g)
             enc = tokenize(tokenizer, sents, max_length, pad_to_max=compile)  # compiled: one shape, no recompiles
