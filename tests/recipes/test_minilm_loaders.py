@@ -236,3 +236,97 @@ def test_distill_oscillation_dampening_and_freezing(monkeypatch):
                        (dict(osc_momentum=1.0), "osc_momentum"), (dict(osc_freeze_start=1.0), "osc_freeze_start")):
         with pytest.raises(ValueError, match=match):
             distill(None, None, None, ["a"], **bad)
+
+
+def test_markov_sentences_are_new_sentences_in_the_corpus_vocabulary():
+    from qat.recipes.minilm import MarkovSentences, load_sentences
+
+    train, _ = load_sentences()
+    chain = MarkovSentences(train, order=2, min_words=5, max_words=30)
+    got = chain.sample(64, torch.Generator().manual_seed(0))
+    assert len(got) == 64 and all(5 <= len(s.split()) <= 30 for s in got)
+    vocab = {w for s in train for w in s.split()}
+    assert all(set(s.split()) <= vocab for s in got)
+    assert sum(s not in set(train) for s in got) >= 48  # mostly sentences the corpus does not have
+    # every word pair of a sample follows in some training sentence (order 2: every triple does)
+    triples = {tuple(s.split()[i : i + 3]) for s in train for i in range(len(s.split()) - 2)}
+    assert all(tuple(s.split()[i : i + 3]) in triples for s in got for i in range(len(s.split()) - 2))
+    assert chain.sample(64, torch.Generator().manual_seed(0)) == got  # deterministic for the seed
+    assert chain.sample(64, torch.Generator().manual_seed(1)) != got
+    assert len(MarkovSentences(train, order=1)) < len(chain) < len(MarkovSentences(train, order=3))
+
+
+def test_markov_sentences_bad_input():
+    from qat.recipes.minilm import MarkovSentences
+
+    with pytest.raises(ValueError, match="order"):
+        MarkovSentences(["a b c d e"], order=4)
+    with pytest.raises(ValueError, match="min_words"):
+        MarkovSentences(["a b c d e"], min_words=6, max_words=5)
+    with pytest.raises(ValueError, match="no sentence"):
+        MarkovSentences(["a b c"], min_words=5)
+    one = MarkovSentences(["a b c d e f"], order=1, min_words=3, max_words=4)
+    assert one.sample(3, torch.Generator().manual_seed(0)) == ["a b c d"] * 3  # one path, cut at max_words
+
+
+def test_batch_sentences_concat_extends_the_last_ones():
+    from qat.recipes.minilm import _batch_sentences
+
+    sents = [f"w{i} x y" for i in range(10)]
+    g = torch.Generator().manual_seed(0)
+    plain = _batch_sentences(sents, 0, 4, list(range(10)), 0.0, torch.Generator().manual_seed(0))
+    out = _batch_sentences(sents, 0, 4, list(range(10)), 0.0, g, concat=0.5)
+    assert out[:2] == plain[:2]
+    for a, b in zip(out[2:], plain[2:]):
+        assert a.startswith(b + " ") and a[len(b) + 1 :] in sents  # the batch's sentence + a training sentence
+
+
+def test_distill_markov_concat_and_anchor(monkeypatch):
+    """``markov`` / ``concat`` change what the batches hold (and only when on); ``anchor`` pulls the
+    weights back to their start (``anchor * lr >= 1``: all the way, every step), and bad values raise."""
+    import copy
+
+    from qat.recipes import minilm
+    from qat.recipes.minilm import distill, load_minilm, load_sentences
+
+    teacher, tok = load_minilm()
+    train, _ = load_sentences(n_train=32, n_held_out=4)
+    base = _lsq_student(teacher, tok, train, "encoder.layer.0.*", bits=4)
+    kw = dict(steps=2, batch=4, max_length=16, lr=1e-3)
+    seen: list = []
+    real_tokenize = minilm.tokenize
+
+    def recording(tokenizer, sentences, *args, **kwargs):
+        seen.append(list(sentences))
+        return real_tokenize(tokenizer, sentences, *args, **kwargs)
+
+    monkeypatch.setattr(minilm, "tokenize", recording)
+    plain = distill(copy.deepcopy(base), teacher, tok, train, **kw)
+    plain_batches = list(seen)
+    assert all(s in train for b in plain_batches for s in b)
+    seen.clear()
+    assert distill(copy.deepcopy(base), teacher, tok, train, markov=0.0, concat=0.0, anchor=0.0, **kw) == plain  # off: same run
+    seen.clear()
+    distill(copy.deepcopy(base), teacher, tok, train, markov=0.5, markov_order=1, **kw)
+    vocab = {w for s in train for w in s.split()}
+    assert [b[:2] for b in seen] != [b[:2] for b in plain_batches] and [b[2:] for b in seen] == [b[2:] for b in plain_batches]
+    assert all(set(s.split()) <= vocab for b in seen for s in b[:2])  # sampled from the chain of the training text
+    seen.clear()
+    distill(copy.deepcopy(base), teacher, tok, train, concat=0.25, **kw)
+    assert [b[:3] for b in seen] == [b[:3] for b in plain_batches]
+    assert all(b[3].startswith(p[3] + " ") for b, p in zip(seen, plain_batches))
+
+    name, scale = "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.query.weight_quantizer.scale"
+    start = dict(base.named_parameters())
+    moved = {}
+    for anchor in (0.0, 100.0, 1e4):  # lr 1e-3 (cosine-decayed to half at step 1): 1e4 resets the weights each step
+        s = copy.deepcopy(base)
+        distill(s, teacher, tok, train, anchor=anchor, **kw)
+        moved[anchor] = dict(s.named_parameters())
+    drift = {a: float((p[name] - start[name]).abs().max()) for a, p in moved.items()}
+    assert drift[1e4] == 0.0 < drift[100.0] < drift[0.0]
+    assert not torch.equal(moved[1e4][scale], start[scale])  # the quantizers still learn
+    for bad, match in ((dict(markov=1.5), "markov"), (dict(markov_order=4), "markov_order"), (dict(anchor=-1.0), "anchor"),
+                       (dict(concat=-0.1), "concat")):
+        with pytest.raises(ValueError, match=match):
+            distill(None, None, None, ["a"], **bad)
