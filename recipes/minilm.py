@@ -452,8 +452,11 @@ def distill(
     ``osc_freeze`` runs a :class:`qat.oscillation.OscillationTracker` after every optimizer step that
     freezes weights whose oscillation frequency exceeds it. Both are off by default, and off they
     change nothing (no extra random draws, same operations in the same order). So are ``markov``
-    (synthetic sentences from a :class:`MarkovSentences` chain of the training sentences) and
-    ``anchor`` (a decoupled pull of the weights back to where training started).
+    (synthetic sentences from a :class:`MarkovSentences` chain of the training sentences),
+    ``concat`` (two-sentence inputs) and ``anchor`` (a decoupled pull of the weights back to where
+    training started). On MiniLM W4A8 none of those three measured better than the run-to-run spread
+    (0.0001), and ``anchor`` measured worse (``benchmarks/results/minilm_recipe_search_h100.md``,
+    rows 59-66).
 
     Args:
         student: ``qat.prepare``-d copy of the teacher (fake-quantized, observers calibrated).
