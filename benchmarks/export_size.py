@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from qat import convert, prepare
-from qat.convert import IntModuleMixin
+from qat.int_modules import IntModuleMixin
 from qat.export import save_packed
 from qat.size import float_size_bytes, model_size_bytes
 

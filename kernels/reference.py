@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every fake-quant op: the definition the CuPy kernels must equal.
 
-Runs on any device. The math is the one in DESIGN.md:
+Runs on any device. The math (written out in ``docs/math.md``):
 
 * ``q = clamp(rnd(x * inv_s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``, ``inv_s = 1 / s`` in float32.
 * The clipped straight-through estimator passes the gradient where ``rnd(x * inv_s) + z`` lies in
@@ -11,7 +11,8 @@ Runs on any device. The math is the one in DESIGN.md:
 Granularity is given the way the public op takes it: ``axis=None, group_size=None`` is per-tensor
 (``scale`` of one element); ``axis=a`` is per-channel along ``a`` (``scale`` of ``x.shape[a]``
 elements); ``group_size=g`` is per-group over ``g`` consecutive elements of the last axis (``scale``
-of shape ``x.shape[:-1] + (x.shape[-1] // g,)``). All arithmetic is float32; half-precision inputs
+of shape ``x.shape[:-1] + (x.shape[-1] // g,)``). How elements line up with parameters is
+:class:`qat.granularity.Layout`'s to say; rounding modes are :func:`qat.spec.round_with_mode`'s. All arithmetic is float32; half-precision inputs
 are upcast for the math and the result is cast back.
 
 The clip mask saved for the backward pass is packed 32 elements to an int32 word, bit ``j`` of word
@@ -23,6 +24,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from qat.granularity import Layout
+from qat.spec import ROUND_MODES, round_with_mode
 
 __all__ = [
     "ROUND_MODES",
@@ -39,56 +43,18 @@ __all__ = [
     "mask_words",
 ]
 
-#: Rounding modes of ``x * inv_s``: torch.round / CUDA ``rintf`` (half to even), C ``roundf``
-#: (half away from zero, GGUF's Q8_0) and ``floor(v + 0.5)`` (half up, GGUF's Q4_0).
-ROUND_MODES = ("half_even", "half_away", "half_up")
-
 
 def mask_words(numel: int) -> int:
     """Number of int32 words of a packed mask for ``numel`` elements."""
     return (numel + 31) // 32
 
 
-def round_with_mode(v: torch.Tensor, round_mode: str) -> torch.Tensor:
-    """Round a float32 tensor with one of :data:`ROUND_MODES`."""
-    if round_mode == "half_even":
-        return torch.round(v)
-    if round_mode == "half_away":
-        return torch.sign(v) * torch.floor(torch.abs(v) + 0.5)
-    if round_mode == "half_up":
-        return torch.floor(v + 0.5)
-    raise ValueError(f"round_mode must be one of {ROUND_MODES}, got {round_mode!r}")
-
-
 def broadcast_param(
     p: torch.Tensor, x: torch.Tensor, axis: Optional[int], group_size: Optional[int]
 ) -> torch.Tensor:
-    """Reshape a scale / zero-point tensor so it broadcasts against ``_grouped(x)``."""
-    if group_size is not None:
-        return p.reshape(*x.shape[:-1], x.shape[-1] // group_size, 1)  # (..., G) -> (..., G, 1)
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = x.shape[axis]
-        return p.reshape(shape)  # (C,) -> (1, .., C, .., 1)
-    return p.reshape([1] * x.dim()) if x.dim() else p.reshape(())
-
-
-def _grouped(x: torch.Tensor, group_size: Optional[int]) -> torch.Tensor:
-    if group_size is None:
-        return x
-    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)  # (..., K) -> (..., K//g, g)
-
-
-def _reduce_to_param(
-    t: torch.Tensor, x: torch.Tensor, axis: Optional[int], group_size: Optional[int]
-) -> torch.Tensor:
-    """Sum a per-element tensor (grouped like ``_grouped(x)``) down to the parameter's shape."""
-    if group_size is not None:
-        return t.sum(dim=-1)  # (..., G, g) -> (..., G)
-    if axis is not None:
-        dims = [d for d in range(x.dim()) if d != axis % x.dim()]
-        return t.sum(dim=dims) if dims else t
-    return t.sum().reshape(1)
+    """Reshape a scale / zero-point tensor so it broadcasts against ``x``'s grouped view
+    (:meth:`qat.granularity.Layout.broadcast`)."""
+    return Layout(axis=axis, group_size=group_size).broadcast(p, x)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -114,9 +80,10 @@ def unpack_mask(words: torch.Tensor, numel: int) -> torch.Tensor:
 
 def _quantize(x32, scale, zero_point, qmin, qmax, axis, group_size, round_mode):
     """Shared forward math: returns (grouped float32 x, s, z, unclamped q, clamped q)."""
-    xg = _grouped(x32, group_size)
-    s = broadcast_param(scale, x32, axis, group_size)
-    z = broadcast_param(zero_point, x32, axis, group_size)
+    layout = Layout(axis=axis, group_size=group_size)
+    xg = layout.grouped(x32)
+    s = layout.broadcast(scale, x32)
+    z = layout.broadcast(zero_point, x32)
     inv_s = 1.0 / s
     q_raw = round_with_mode(xg * inv_s, round_mode) + z
     q = torch.clamp(q_raw, qmin, qmax)
@@ -178,7 +145,8 @@ def fake_quantize_lsq_backward(
     ``dz`` are then summed per scale (the kernels sum ``t * g`` and apply ``f`` and ``-s`` per sum).
     """
     x32 = x.contiguous().float()
-    g32 = _grouped(grad.contiguous().float(), group_size)
+    layout = Layout(axis=axis, group_size=group_size)
+    g32 = layout.grouped(grad.contiguous().float())
     z_used = torch.clamp(torch.round(zero_point.float()), qmin, qmax)
     xg, s, z, q_raw, q = _quantize(x32, scale.float(), z_used, qmin, qmax, axis, group_size, round_mode)
     below = q_raw < qmin
@@ -191,8 +159,8 @@ def fake_quantize_lsq_backward(
     dz = torch.where(inside, torch.zeros_like(g32), -s * g32 * grad_factor)
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
     dx = torch.where(inside.reshape(x.shape), grad.reshape(x.shape), zero)
-    dscale = _reduce_to_param(ds, x32, axis, group_size).reshape(scale.shape)
-    dzp = _reduce_to_param(dz, x32, axis, group_size).reshape(zero_point.shape)
+    dscale = layout.sum_to_param(ds, x32).reshape(scale.shape)
+    dzp = layout.sum_to_param(dz, x32).reshape(zero_point.shape)
     return dx, dscale, dzp
 
 

@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .granularity import weight_view
 from .modules import QuantConv2d
-from .spec import Granularity
 
 __all__ = ["QuantConvBn2d", "fuse_conv_bn", "fold_bn", "bn_fold_factor", "count_folded"]
 
@@ -79,9 +79,7 @@ class QuantConvBn2d(QuantConv2d):
         q = self.weight_quantizer
         if q is None:
             return w
-        if q.spec.granularity is Granularity.PER_GROUP:
-            return q(w.flatten(1)).view_as(w)  # (O, I, k, k) -> (O, I*k*k): groups run along I*k*k
-        return q(w)
+        return q(weight_view(w, q.spec)).view_as(w)  # per group: (O, I*k*k) back to (O, I, k, k)
 
     def folded_weight(self) -> torch.Tensor:
         """``W * gamma / sqrt(running_var + eps)`` (float, before fake quantization)."""

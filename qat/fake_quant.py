@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -10,10 +11,12 @@ import torch.nn as nn
 
 from qat.kernels import fake_quantize, fake_quantize_lsq, fake_quantize_pact
 
-from .observers import FlagBuffers, make_observer, param_shape, qparams_from_range, reduce_minmax
-from .spec import Estimator, Granularity, QuantSpec
+from .flags import FlagBuffers
+from .granularity import Layout
+from .observers import make_observer, qparams_from_range
+from .spec import Estimator, QuantSpec
 
-__all__ = ["FakeQuantizer"]
+__all__ = ["FakeQuantizer", "fake_quantize_dynamic"]
 
 
 def _sync_mean(t: torch.Tensor, sync: bool) -> torch.Tensor:
@@ -61,9 +64,10 @@ class FakeQuantizer(FlagBuffers):
     def __init__(self, spec: QuantSpec, shape: tuple[int, ...], sync: bool = False, track_history: bool = True):
         super().__init__()
         self.spec = spec
+        self.layout = Layout.of(spec)
         self.sync = sync
         self.track_history = track_history
-        pshape = (1,) if spec.dynamic else param_shape(spec, tuple(shape))
+        pshape = (1,) if spec.dynamic else self.layout.param_shape(shape)
         self.observer = make_observer(spec, pshape, sync=sync)
         scale, zp = torch.ones(pshape), torch.zeros(pshape)
         if spec.estimator in (Estimator.LSQ, Estimator.LSQ_PLUS):
@@ -97,15 +101,17 @@ class FakeQuantizer(FlagBuffers):
     @property
     def is_initialized(self) -> bool:
         """Whether scale / zero point hold a range yet (read without a device sync)."""
-        return self._flags["initialized"]
+        return self.flag("initialized")
 
     @property
-    def axis(self):
-        return self.spec.axis if self.spec.granularity is Granularity.PER_CHANNEL else None
+    def axis(self) -> Optional[int]:
+        """The per-channel axis the op takes (``None`` unless per-channel)."""
+        return self.layout.axis
 
     @property
-    def group_size(self):
-        return self.spec.group_size if self.spec.granularity is Granularity.PER_GROUP else None
+    def group_size(self) -> Optional[int]:
+        """The group size the op takes (``None`` unless per-group; per-token sets it per batch)."""
+        return self.layout.group_size
 
     def grad_factor(self, x: torch.Tensor) -> float:
         """LSQ gradient scale ``1 / sqrt(N * qmax)``, ``N`` the elements of ``x`` per scale."""
@@ -166,8 +172,7 @@ class FakeQuantizer(FlagBuffers):
             s_obs, z_obs = self.observer.qparams()
             if spec.estimator is Estimator.LSQ:
                 # LSQ paper init: 2 <|x|> / sqrt(qmax), per scale
-                absx = x.detach().float().abs()
-                mean_abs = reduce_mean_abs(absx, spec, self.scale.shape)
+                mean_abs = self.layout.mean_abs(x, self.scale.shape)
                 s = _sync_mean(2.0 * mean_abs / math.sqrt(max(spec.qmax, 1)), self.sync)
                 s = torch.clamp(s, min=torch.finfo(torch.float32).eps)
                 self.scale.copy_(s)
@@ -197,14 +202,7 @@ class FakeQuantizer(FlagBuffers):
         self._set_flag("initialized", True)
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        with torch.no_grad():
-            mn, mx = reduce_minmax(x, spec)
-            s, z = qparams_from_range(mn, mx, spec)
-        if spec.granularity is Granularity.PER_TOKEN:
-            # one scale per row: per-group with the whole last axis as the group
-            return fake_quantize(x, s, z, spec.qmin, spec.qmax, None, x.shape[-1], spec.round_mode.value)
-        return fake_quantize(x, s, z, spec.qmin, spec.qmax, self.axis, self.group_size, spec.round_mode.value)
+        return fake_quantize_dynamic(x, self.spec, self.layout)
 
     def current_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` as the forward pass uses them (detached; PACT's derived from alpha)."""
@@ -226,12 +224,19 @@ class FakeQuantizer(FlagBuffers):
         )
 
 
-def reduce_mean_abs(absx: torch.Tensor, spec: QuantSpec, shape: torch.Size) -> torch.Tensor:
-    """Mean of ``|x|`` per scale (same granularity rule as the observers)."""
-    g = spec.granularity
-    if g is Granularity.PER_CHANNEL:
-        axis = spec.axis % absx.dim()
-        return absx.movedim(axis, 0).reshape(absx.shape[axis], -1).mean(dim=1).reshape(shape)
-    if g is Granularity.PER_GROUP:
-        return absx.reshape(*absx.shape[:-1], absx.shape[-1] // spec.group_size, spec.group_size).mean(dim=-1).reshape(shape)
-    return absx.mean().reshape(shape)
+def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, layout: Optional[Layout] = None) -> torch.Tensor:
+    """Fake-quantize ``x`` with the range of ``x`` itself (a dynamic spec: per tensor, per token or
+    per group), as the quantizer does in training and the converted layer does in inference.
+
+    Example::
+
+        >>> spec = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_token", dynamic=True)
+        >>> x = torch.randn(2, 3, 16)
+        >>> bool((fake_quantize_dynamic(x, spec) - x).abs().max() < 0.05)
+        True
+    """
+    layout = Layout.of(spec) if layout is None else layout
+    with torch.no_grad():
+        s, z = qparams_from_range(*layout.aminmax(x), spec)
+    axis, group_size = layout.op_args(x)  # per token: one group spanning the last axis
+    return fake_quantize(x, s, z, spec.qmin, spec.qmax, axis, group_size, spec.round_mode.value)

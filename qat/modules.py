@@ -8,6 +8,7 @@ from, so an optimizer built afterwards trains the same tensors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,10 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fake_quant import FakeQuantizer
-from .plan import LayerQuant
-from .spec import Granularity, QuantSpec
+from .granularity import weight_view, weight_view_shape
+from .int_modules import IntConv1d, IntConv2d, IntEmbedding, IntLinear, IntModuleMixin
+from .spec import LayerQuant, QuantSpec
 
-__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QUANT_MODULES", "QuantModuleMixin"]
+__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantModuleMixin", "LayerType", "LAYER_TYPES", "layer_type"]
 
 
 class QuantModuleMixin:
@@ -32,27 +34,29 @@ class QuantModuleMixin:
         # per-input-channel smoothing factors s (set by qat.smooth_inputs): x / s meets s * W
         self.register_parameter("input_smooth", None)
         self.weight_quantizer = None if lq.weight is None else FakeQuantizer(
-            lq.weight, self._weight_view_shape(lq.weight), track_history=False
+            lq.weight, weight_view_shape(self.weight.shape, lq.weight), track_history=False
         )
         self.input_quantizer = (
             None if lq.input is None or input_shape is None else FakeQuantizer(lq.input, input_shape, sync=True)
         )
 
-    def _weight_view_shape(self, spec: QuantSpec) -> tuple[int, ...]:
-        shape = tuple(self.weight.shape)
-        if spec.granularity is Granularity.PER_GROUP and len(shape) > 2:
-            return (shape[0], int(torch.Size(shape[1:]).numel()))  # (O, I, *k) -> (O, I*k)
-        return shape
+    def latent_weight(self, detach_smooth: bool = False) -> torch.Tensor:
+        """The float weight the weight quantizer sees, in the quantizer's view
+        (:func:`qat.granularity.weight_view`): ``weight``, its input channels multiplied by
+        ``input_smooth`` when the layer is smoothed (detached with ``detach_smooth``)."""
+        w = self.weight
+        if self.input_smooth is not None:
+            w = w * (self.input_smooth.detach() if detach_smooth else self.input_smooth)
+        return w if self.weight_quantizer is None else weight_view(w, self.weight_quantizer.spec)
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward pass sees it (fake-quantized when a weight spec is set; its
         input channels multiplied by ``input_smooth`` first when the layer is smoothed)."""
-        w = self.weight if self.input_smooth is None else self.weight * self.input_smooth
+        w = self.latent_weight()
         if self.weight_quantizer is None:
             return w
-        if self.weight_quantizer.spec.granularity is Granularity.PER_GROUP and w.dim() > 2:
-            return self.weight_quantizer(w.flatten(1)).view_as(w)  # groups run along I*k
-        return self.weight_quantizer(w)
+        y = self.weight_quantizer(w)
+        return y if y.dim() == self.weight.dim() else y.view_as(self.weight)  # (O, I*k) -> (O, I, *k)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_smooth is not None:
@@ -113,7 +117,7 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
 
     Example::
 
-        >>> from qat.plan import LayerQuant
+        >>> from qat import LayerQuant
         >>> lin = QuantLinear.from_float(nn.Linear(8, 4), LayerQuant(QuantSpec(bits=4), QuantSpec(bits=8)))
         >>> lin(torch.randn(2, 8)).shape
         torch.Size([2, 4])
@@ -152,7 +156,7 @@ class QuantConv2d(_QuantConvNd, nn.Conv2d):
 
     Example::
 
-        >>> from qat.plan import LayerQuant
+        >>> from qat import LayerQuant
         >>> conv = QuantConv2d.from_float(nn.Conv2d(3, 8, 3), LayerQuant(QuantSpec(bits=4, granularity="per_channel")))
         >>> conv(torch.randn(1, 3, 8, 8)).shape
         torch.Size([1, 8, 6, 6])
@@ -166,7 +170,7 @@ class QuantEmbedding(QuantModuleMixin, nn.Embedding):
 
     Example::
 
-        >>> from qat.plan import LayerQuant
+        >>> from qat import LayerQuant
         >>> spec = QuantSpec(bits=4, granularity="per_group", group_size=8)
         >>> emb = QuantEmbedding.from_float(nn.Embedding(10, 16), LayerQuant(spec))
         >>> emb(torch.tensor([1, 2])).shape
@@ -185,10 +189,46 @@ class QuantEmbedding(QuantModuleMixin, nn.Embedding):
         )
 
 
-#: float type -> quantized twin; the one dispatch table ``prepare`` uses.
-QUANT_MODULES: dict[type[nn.Module], type[QuantModuleMixin]] = {
-    nn.Linear: QuantLinear,
-    nn.Conv1d: QuantConv1d,
-    nn.Conv2d: QuantConv2d,
-    nn.Embedding: QuantEmbedding,
-}
+@dataclass(frozen=True)
+class LayerType:
+    """One module type the product quantizes: its float layer, fake-quantized twin and integer layer.
+
+    Attributes:
+        name: the name plan rules use in ``types`` (``"Linear"``, ...).
+        float: the float ``nn.Module`` type :func:`qat.prepare` replaces.
+        quant: its fake-quantized twin (training).
+        int: its integer layer (:func:`qat.convert`, packed checkpoints).
+        quantizes_input: whether the layer's input can be quantized (not an embedding's indices).
+    """
+
+    name: str
+    float: type[nn.Module]
+    quant: type[QuantModuleMixin]
+    int: type[IntModuleMixin]
+    quantizes_input: bool = True
+
+
+#: The one table of module types: float -> fake-quantized -> integer. Every dispatch on a module type
+#: (plan rules, prepare, convert, packed loading) reads it.
+LAYER_TYPES: tuple[LayerType, ...] = (
+    LayerType("Linear", nn.Linear, QuantLinear, IntLinear),
+    LayerType("Conv1d", nn.Conv1d, QuantConv1d, IntConv1d),
+    LayerType("Conv2d", nn.Conv2d, QuantConv2d, IntConv2d),
+    LayerType("Embedding", nn.Embedding, QuantEmbedding, IntEmbedding, quantizes_input=False),
+)
+
+
+def layer_type(module: nn.Module) -> Optional[LayerType]:
+    """The :class:`LayerType` whose float, fake-quantized or integer layer ``module`` exactly is
+    (``None`` for any other module; subclasses do not match).
+
+    Example::
+
+        >>> layer_type(nn.Linear(2, 2)).quant.__name__
+        'QuantLinear'
+    """
+    cls = type(module)
+    for t in LAYER_TYPES:
+        if cls is t.float or cls is t.quant or cls is t.int:
+            return t
+    return None

@@ -1,7 +1,8 @@
 """Observers: statistics of a tensor, turned into a scale and zero point.
 
 Every observer reduces a tensor to per-parameter ``(min, max)`` with the same granularity rule as
-the fake-quant op (per-tensor, per-channel along an axis, per-group along the last axis), keeps
+the fake-quant op (:class:`qat.granularity.Layout`: per-tensor, per-channel along an axis,
+per-group along the last axis), keeps
 its state in buffers (so it checkpoints and moves with the module), and, under
 ``torch.distributed``, makes that state identical on every rank with one coalesced all-reduce per
 update.
@@ -16,10 +17,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .errors import QATConfigError
-from .spec import Granularity, ObserverKind, QuantSpec, ScaleDtype
+from .flags import FlagBuffers
+from .granularity import Layout
+from .spec import ObserverKind, QuantSpec, ScaleDtype
 
 __all__ = [
-    "FlagBuffers",
     "Observer",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
@@ -28,43 +30,10 @@ __all__ = [
     "GGUFQ4_0Observer",
     "OBSERVERS",
     "make_observer",
-    "reduce_minmax",
     "qparams_from_range",
-    "param_shape",
 ]
 
 _EPS = torch.finfo(torch.float32).eps
-
-
-def param_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the scale / zero point for a tensor of ``shape`` quantized per ``spec``.
-
-    For activations (whose batch dimensions vary) pass the shape of one sample with the feature
-    axis where ``spec.axis`` points; dynamic specs have no stored parameters.
-    """
-    g = spec.granularity
-    if g is Granularity.PER_CHANNEL:
-        return (shape[spec.axis],)
-    if g is Granularity.PER_GROUP:
-        return tuple(shape[:-1]) + (shape[-1] // spec.group_size,)
-    return (1,)
-
-
-def reduce_minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-parameter ``(min, max)`` of ``x`` in float32, shaped like the scale."""
-    x = x.detach().float()
-    g = spec.granularity
-    if g is Granularity.PER_CHANNEL:
-        axis = spec.axis % x.dim()
-        xt = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (.., C, ..) -> (C, rest)
-        return torch.aminmax(xt, dim=1)
-    if g is Granularity.PER_GROUP:
-        xg = x.reshape(*x.shape[:-1], x.shape[-1] // spec.group_size, spec.group_size)  # (.., K) -> (.., K/g, g)
-        return torch.aminmax(xg, dim=-1)
-    if g is Granularity.PER_TOKEN:
-        return torch.aminmax(x, dim=-1, keepdim=True)  # (.., K) -> (.., 1)
-    mn, mx = torch.aminmax(x)
-    return mn.reshape(1), mx.reshape(1)
 
 
 def qparams_from_range(mn: torch.Tensor, mx: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,29 +80,6 @@ def _sync_minmax(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torc
     return (-buf[:n]).reshape(mn.shape), buf[n:].reshape(mx.shape)
 
 
-class FlagBuffers(nn.Module):
-    """Boolean state kept twice: as buffers (so it checkpoints and loads with the model) and as
-    Python bools that the forward pass reads. Reading a CUDA buffer with ``bool()`` synchronizes
-    the device, several times per layer per training step; the mirror never does. Write flags
-    only through :meth:`_set_flag`; loading a state dict refreshes the mirror."""
-
-    def _register_flag(self, name: str, value: bool) -> None:
-        if "_flags" not in self.__dict__:
-            self._flags: dict[str, bool] = {}
-        self.register_buffer(name, torch.tensor(value))
-        self._flags[name] = value
-
-    def _set_flag(self, name: str, value: bool) -> None:
-        value = bool(value)
-        if self._flags[name] != value:
-            getattr(self, name).fill_(value)
-            self._flags[name] = value
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._flags = {name: bool(getattr(self, name)) for name in self._flags}
-
-
 class Observer(FlagBuffers):
     """Base observer: buffers ``min_val``, ``max_val`` and ``initialized``.
 
@@ -141,13 +87,14 @@ class Observer(FlagBuffers):
 
     Args:
         spec: the quantization spec (granularity, bits, ...).
-        shape: the scale's shape (see :func:`param_shape`).
+        shape: the scale's shape (:meth:`qat.granularity.Layout.param_shape`).
         sync: all-reduce statistics across ranks (set for activations; weights are identical anyway).
     """
 
     def __init__(self, spec: QuantSpec, shape: tuple[int, ...], sync: bool = False):
         super().__init__()
         self.spec = spec
+        self.layout = Layout.of(spec)
         self.sync = sync
         self.register_buffer("min_val", torch.zeros(shape))
         self.register_buffer("max_val", torch.zeros(shape))
@@ -156,11 +103,11 @@ class Observer(FlagBuffers):
     @property
     def is_initialized(self) -> bool:
         """Whether the observer has seen data (no device sync)."""
-        return self._flags["initialized"]
+        return self.flag("initialized")
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's per-parameter range (subclasses may replace min/max by another statistic)."""
-        return reduce_minmax(x, self.spec)
+        return self.layout.aminmax(x)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,20 +149,6 @@ class MovingAverageMinMaxObserver(Observer):
         c = self.spec.averaging_constant
         self.min_val.add_(c * (mn - self.min_val))
         self.max_val.add_(c * (mx - self.max_val))
-
-
-def _param_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``x`` as a ``(P, n)`` float32 matrix, one row per scale, rows in the scale's (flattened) order."""
-    x = x.detach().float()
-    g = spec.granularity
-    if g is Granularity.PER_CHANNEL:
-        axis = spec.axis % x.dim()
-        return x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (.., C, ..) -> (C, rest)
-    if g is Granularity.PER_GROUP:
-        return x.reshape(-1, spec.group_size)  # (.., K) -> (.. * K/g, g)
-    if g is Granularity.PER_TOKEN:
-        return x.reshape(-1, x.shape[-1])  # (.., K) -> (rows, K)
-    return x.reshape(1, -1)
 
 
 def _subsample(rows: torch.Tensor, max_elements: int) -> torch.Tensor:
@@ -273,7 +206,7 @@ class PercentileObserver(_AveragedRangeObserver):
 
     @torch.no_grad()
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = _subsample(_param_rows(x, self.spec), self.max_elements)
+        rows = _subsample(self.layout.rows(x.detach().float()), self.max_elements)
         q = torch.tensor([1.0 - self.spec.percentile / 100.0, self.spec.percentile / 100.0], device=rows.device)
         mn, mx = torch.quantile(rows, q, dim=1)  # (2, P)
         return mn, mx
@@ -300,7 +233,7 @@ class MSEObserver(_AveragedRangeObserver):
 
     @torch.no_grad()
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = _subsample(_param_rows(x, self.spec), self.max_elements)
+        rows = _subsample(self.layout.rows(x.detach().float()), self.max_elements)
         mn, mx = torch.aminmax(rows, dim=1)  # (P,)
         mn, mx = torch.clamp(mn, max=0.0), torch.clamp(mx, min=0.0)
         best_err = torch.full_like(mn, float("inf"))
@@ -346,7 +279,7 @@ class GGUFQ4_0Observer(Observer):
         super().__init__(spec, shape, sync=sync)
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = _param_rows(x, self.spec)  # (P, n)
+        rows = self.layout.rows(x.detach().float())  # (P, n)
         idx = rows.abs().argmax(dim=1, keepdim=True)  # first index of the largest magnitude
         m = rows.gather(1, idx).squeeze(1)  # (P,) signed extreme
         return m, m

@@ -53,7 +53,8 @@ from qat.kernels.reference import broadcast_param, round_with_mode
 from .errors import QATConfigError
 from .fake_quant import FakeQuantizer
 from .modules import QuantModuleMixin
-from .observers import qparams_from_range, reduce_minmax
+from .granularity import weight_view_shape
+from .observers import qparams_from_range
 from .prepare import quant_layers
 from .spec import Granularity
 
@@ -93,7 +94,7 @@ def _grid(fq: FakeQuantizer, w32: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     grouped ``w32`` (``(..., K) -> (..., K // g, g)`` for per-group)."""
     spec = fq.spec
     if spec.dynamic:  # the range of the current weights, as FakeQuantizer._dynamic computes it
-        s, z = qparams_from_range(*reduce_minmax(w32, spec), spec)
+        s, z = qparams_from_range(*fq.layout.aminmax(w32), spec)
     else:
         if not fq.is_initialized:
             raise RuntimeError(
@@ -346,7 +347,7 @@ class OscillationTracker:
                 continue
             fq = layer.weight_quantizer
             w = layer.weight
-            shape = layer._weight_view_shape(fq.spec)  # the shape of _latent(layer)
+            shape = weight_view_shape(layer.weight.shape, fq.spec)  # the shape of _latent(layer)
             # the grid needs the weights' values only for dynamic ranges, else their shape
             s, z, _ = _grid(fq, _latent(layer).detach().float() if fq.spec.dynamic else w.detach().view(shape))
             code = _grouped(fq, self._prev[lo:hi].view(shape).float())

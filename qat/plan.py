@@ -26,17 +26,15 @@ import torch.nn as nn
 import yaml
 
 from .errors import QATConfigError
-from .spec import Estimator, Granularity, QuantSpec
+from .granularity import Layout, weight_view_shape
+from .modules import LAYER_TYPES, layer_type
+from .spec import Estimator, LayerQuant, QuantSpec
 
 __all__ = ["LayerRule", "LayerQuant", "QuantPlan", "SUPPORTED_TYPES", "available_presets", "load_plan"]
 
-#: The module types a plan can quantize, by the name rules use in ``types``.
-SUPPORTED_TYPES: dict[str, type[nn.Module]] = {
-    "Linear": nn.Linear,
-    "Conv1d": nn.Conv1d,
-    "Conv2d": nn.Conv2d,
-    "Embedding": nn.Embedding,
-}
+#: The module types a plan can quantize, by the name rules use in ``types`` (a view of
+#: :data:`qat.modules.LAYER_TYPES`).
+SUPPORTED_TYPES: dict[str, type[nn.Module]] = {t.name: t.float for t in LAYER_TYPES}
 
 _RULE_FIELDS = ("match", "types", "weight", "input", "skip")
 
@@ -116,27 +114,6 @@ class LayerRule:
         return not self.types or any(type(module) is SUPPORTED_TYPES[t] for t in self.types)
 
 
-@dataclass(frozen=True)
-class LayerQuant:
-    """What one layer gets: a weight spec and an input spec, each ``None`` for float."""
-
-    weight: Optional[QuantSpec] = None
-    input: Optional[QuantSpec] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "weight": None if self.weight is None else self.weight.to_dict(),
-            "input": None if self.input is None else self.input.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LayerQuant":
-        return cls(
-            weight=None if data.get("weight") is None else QuantSpec.from_dict(data["weight"]),
-            input=None if data.get("input") is None else QuantSpec.from_dict(data["input"]),
-        )
-
-
 def _check_layer(name: str, module: nn.Module, lq: LayerQuant) -> None:
     """Shape checks that need the layer: group sizes, axes, activation granularity."""
     kind = type(module).__name__
@@ -145,33 +122,29 @@ def _check_layer(name: str, module: nn.Module, lq: LayerQuant) -> None:
         where = f"layer {name!r} ({kind}) weight"
         if w.estimator is Estimator.PACT:
             raise QATConfigError(f"{where}: estimator pact is for activations; valid weight estimators: [ste, lsq, lsq_plus]")
-        if w.dynamic or w.granularity is Granularity.PER_TOKEN:
+        layout = Layout.of(w)
+        if w.dynamic or layout.per_row:
             raise QATConfigError(f"{where}: dynamic / per_token apply to input activations only")
-        shape = tuple(module.weight.shape)
-        if w.granularity is Granularity.PER_CHANNEL and not -len(shape) <= w.axis < len(shape):
-            raise QATConfigError(f"{where}: axis={w.axis} out of range for weight of shape {shape}; valid axes: 0..{len(shape) - 1}")
-        if w.granularity is Granularity.PER_GROUP:
-            width = shape[1] if len(shape) == 2 else int(module.weight[0].numel())
-            if width % w.group_size:
-                raise QATConfigError(
-                    f"{where}: group_size={w.group_size} does not divide the layer's input width {width}; "
-                    f"valid group sizes divide {width}"
-                )
+        why = layout.check_shape(weight_view_shape(module.weight.shape, w), "weight", "the layer's input width")
+        if why:
+            raise QATConfigError(f"{where}: {why}")
     a = lq.input
     if a is not None:
         where = f"layer {name!r} ({kind}) input"
-        if a.granularity is Granularity.PER_CHANNEL:
-            valid = (-1,) if isinstance(module, nn.Linear) else (1,)
+        layout = Layout.of(a)
+        linear = isinstance(module, nn.Linear)
+        if layout.axis is not None:
+            valid = (-1,) if linear else (1,)
             if a.axis not in valid:
                 raise QATConfigError(f"{where}: per_channel activations need axis in {list(valid)} (the feature axis), got {a.axis}")
-        if a.granularity is Granularity.PER_GROUP:
+        if layout.group_size is not None:
             if not a.dynamic:
                 raise QATConfigError(f"{where}: per_group activations need dynamic: true")
-            width = module.in_features if isinstance(module, nn.Linear) else None
-            if width is None:
+            if not linear:
                 raise QATConfigError(f"{where}: per_group activations are supported for Linear layers only")
-            if width % a.group_size:
-                raise QATConfigError(f"{where}: group_size={a.group_size} does not divide in_features={width}")
+            why = layout.check_shape((module.in_features,), "the input", "in_features")
+            if why:
+                raise QATConfigError(f"{where}: {why}")
 
 
 @dataclass(frozen=True)
@@ -268,7 +241,7 @@ class QuantPlan:
             if st["skip"]:
                 continue
             weight = None if st["weight"] is None else QuantSpec.from_dict(st["weight"], f"layer {n!r} weight")
-            inp = None if st["input"] is None or isinstance(m, nn.Embedding) else QuantSpec.from_dict(st["input"], f"layer {n!r} input")
+            inp = None if st["input"] is None or not layer_type(m).quantizes_input else QuantSpec.from_dict(st["input"], f"layer {n!r} input")
             if weight is None and inp is None:
                 continue
             lq = LayerQuant(weight, inp)

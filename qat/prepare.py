@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .errors import QATConfigError
 from .fake_quant import FakeQuantizer
-from .modules import QUANT_MODULES, QuantModuleMixin
+from .modules import QuantModuleMixin, layer_type
 from .plan import QuantPlan, load_plan
 
 __all__ = [
@@ -57,7 +57,7 @@ def prepare(model: nn.Module, plan: PlanLike, fold_bn: bool = False) -> nn.Modul
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         float_mod = getattr(parent, child)
-        setattr(parent, child, QUANT_MODULES[type(float_mod)].from_float(float_mod, lq))
+        setattr(parent, child, layer_type(float_mod).quant.from_float(float_mod, lq))
     model.qat_plan = plan
     model.qat_layers = resolved
     if fold_bn:

@@ -93,7 +93,7 @@ def _float_pass(
     """
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
-    states = [(q, q._flags["fake_quant_enabled"], q._flags["observer_enabled"]) for q in quantizers_off]
+    states = [(q, q.flag("fake_quant_enabled"), q.flag("observer_enabled")) for q in quantizers_off]
     handles = [m.register_forward_pre_hook(h) for m, h in pre_hooks]
     was_training = model.training
     model.eval()

@@ -8,9 +8,11 @@ import enum
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
+import torch
+
 from .errors import QATConfigError
 
-__all__ = ["Granularity", "ObserverKind", "Estimator", "RoundMode", "ScaleDtype", "QuantSpec"]
+__all__ = ["Granularity", "ObserverKind", "Estimator", "RoundMode", "ROUND_MODES", "round_with_mode", "ScaleDtype", "QuantSpec", "LayerQuant"]
 
 
 class _ChoiceEnum(str, enum.Enum):
@@ -54,9 +56,34 @@ class Estimator(_ChoiceEnum):
 
 
 class RoundMode(_ChoiceEnum):
-    HALF_EVEN = "half_even"
-    HALF_AWAY = "half_away"
-    HALF_UP = "half_up"
+    """How ``x * inv_s`` is rounded to an integer code (:func:`round_with_mode`)."""
+
+    HALF_EVEN = "half_even"  # torch.round / CUDA rintf
+    HALF_AWAY = "half_away"  # C roundf: GGUF's Q8_0
+    HALF_UP = "half_up"  # floor(v + 0.5): GGUF's Q4_0
+
+
+#: The rounding modes as the fake-quant ops take them (strings), in the kernels' enumeration order.
+ROUND_MODES = tuple(m.value for m in RoundMode)
+
+
+def round_with_mode(v: torch.Tensor, round_mode: str) -> torch.Tensor:
+    """Round a float32 tensor with one of :data:`ROUND_MODES`: half to even (``torch.round``, CUDA
+    ``rintf``), half away from zero (C ``roundf``) or half up (``floor(v + 0.5)``).
+
+    Example::
+
+        >>> v = torch.tensor([0.5, 1.5, -0.5])
+        >>> round_with_mode(v, "half_even"), round_with_mode(v, "half_away"), round_with_mode(v, "half_up")
+        (tensor([0., 2., -0.]), tensor([ 1.,  2., -1.]), tensor([1., 2., 0.]))
+    """
+    if round_mode == "half_even":
+        return torch.round(v)
+    if round_mode == "half_away":
+        return torch.sign(v) * torch.floor(torch.abs(v) + 0.5)
+    if round_mode == "half_up":
+        return torch.floor(v + 0.5)
+    raise ValueError(f"round_mode must be one of {ROUND_MODES}, got {round_mode!r}")
 
 
 class ScaleDtype(_ChoiceEnum):
@@ -201,3 +228,30 @@ class QuantSpec:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """What one layer gets: a weight spec and an input spec, each ``None`` for float.
+
+    Example::
+
+        >>> LayerQuant(QuantSpec(bits=4)).to_dict()["weight"]["bits"]
+        4
+    """
+
+    weight: Optional[QuantSpec] = None
+    input: Optional[QuantSpec] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weight": None if self.weight is None else self.weight.to_dict(),
+            "input": None if self.input is None else self.input.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerQuant":
+        return cls(
+            weight=None if data.get("weight") is None else QuantSpec.from_dict(data["weight"]),
+            input=None if data.get("input") is None else QuantSpec.from_dict(data["input"]),
+        )

@@ -49,7 +49,7 @@ def quantizer_stats(fq: FakeQuantizer, x: torch.Tensor, x_hat: torch.Tensor | No
     if not fq.is_initialized and not fq.spec.dynamic:
         return {"bits": float(fq.spec.bits), "scale_mean": float("nan"), "clip_rate": float("nan"), "sqnr_db": float("nan")}
     if x_hat is None:
-        was_obs = fq._flags["observer_enabled"]
+        was_obs = fq.flag("observer_enabled")
         fq.enable_observer(False)
         try:
             x_hat = fq.forward(x)  # not fq(x): skips hooks

@@ -2,7 +2,8 @@
 DequantizeLinear) and GGUF (llama.cpp).
 
 ONNX and GGUF writers import ``onnx`` / ``gguf`` lazily, inside their functions, so
-``import qat.export`` needs neither.
+``import qat.export`` needs neither. The writers themselves load on first use of their names
+(PEP 562), so the core's integer layers can use :mod:`qat.export.packing` without importing them.
 
 Example::
 
@@ -13,24 +14,38 @@ Example::
     export_onnx(int_model, example_input, "model.onnx")
 """
 
-from .formats import FORMATS as EXPORT_FORMATS, check_formats, export_formats
-from .gguf import export_gguf, gguf_blocks, gguf_type_for
-from .onnx import export_float_onnx, export_onnx
-from .packed import FORMAT, PackedCheckpoint, PackedFormatError, load_packed, read_packed, save_packed
+from importlib import import_module
 
-__all__ = [
-    "FORMAT",
-    "PackedCheckpoint",
-    "PackedFormatError",
-    "load_packed",
-    "read_packed",
-    "save_packed",
-    "export_onnx",
-    "export_float_onnx",
-    "export_gguf",
-    "gguf_blocks",
-    "gguf_type_for",
-    "EXPORT_FORMATS",
-    "check_formats",
-    "export_formats",
-]
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "FORMAT": "packed",
+    "PackedCheckpoint": "packed",
+    "PackedFormatError": "packed",
+    "load_packed": "packed",
+    "read_packed": "packed",
+    "save_packed": "packed",
+    "export_onnx": "onnx",
+    "export_float_onnx": "onnx",
+    "export_gguf": "gguf",
+    "gguf_blocks": "gguf",
+    "gguf_type_for": "gguf",
+    "check_formats": "formats",
+    "export_formats": "formats",
+    "pack_codes": "packing",
+    "unpack_codes": "packing",
+    "packed_numel": "packing",
+}
+
+__all__ = [*_EXPORTS, "EXPORT_FORMATS"]
+
+
+def __getattr__(name: str):
+    if name == "EXPORT_FORMATS":
+        return import_module(".formats", __name__).FORMATS
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..convert import IntModuleMixin
+from ..int_modules import IntModuleMixin
 from ..errors import QATConfigError
 from ..spec import Granularity
 

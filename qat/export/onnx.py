@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..convert import IntConv1d, IntConv2d, IntModuleMixin, is_converted
+from ..convert import is_converted
+from ..int_modules import IntConv1d, IntConv2d, IntModuleMixin
 from ..errors import QATConfigError
 from ..spec import Granularity, RoundMode
 

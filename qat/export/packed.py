@@ -25,7 +25,11 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..convert import INT_MODULES, IntModuleMixin, _dequantize, is_converted, unpack_codes
+from ..convert import is_converted
+from ..granularity import dequantize
+from ..int_modules import IntModuleMixin
+from ..modules import LAYER_TYPES
+from .packing import unpack_codes
 from ..errors import QATConfigError
 from ..plan import QuantPlan
 from ..spec import QuantSpec
@@ -38,7 +42,7 @@ FORMAT_VERSION = "1"
 PathLike = Union[str, os.PathLike]
 
 #: float type name in a layer record -> integer layer class
-_BY_FLOAT_NAME = {cls._FLOAT.__name__: cls for cls in INT_MODULES.values()}
+_BY_FLOAT_NAME = {t.name: t.int for t in LAYER_TYPES}
 
 
 class PackedFormatError(ValueError):
@@ -119,7 +123,7 @@ class PackedCheckpoint:
                 view = (shape[0], int(torch.Size(shape[1:]).numel()))
             q = unpack_codes(out.pop(prefix + "qweight"), spec, view)
             zp = out.pop(prefix + "weight_zero_point", None)
-            w = _dequantize(q, out.pop(prefix + "weight_scale"), zp, spec).reshape(shape)
+            w = dequantize(q, out.pop(prefix + "weight_scale"), zp, spec).reshape(shape)
             if rec.get("input_smooth"):  # codes of W * s: the float layer (no smoothing) gets (W * s)_q / s
                 w = w / out[prefix + "input_smooth"].float()
             out[prefix + "weight"] = w

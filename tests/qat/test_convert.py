@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 
 from qat import QATConfigError, QuantLinear, convert, prepare
-from qat.convert import IntConv1d, IntConv2d, IntEmbedding, IntLinear, is_converted, pack_codes, packed_numel, unpack_codes
+from qat.convert import is_converted
+from qat.export.packing import pack_codes, packed_numel, unpack_codes
+from qat.int_modules import IntConv1d, IntConv2d, IntEmbedding, IntLinear
 from qat.prepare import enable_observers
 from qat.size import model_size_bytes
 from qat.spec import QuantSpec

@@ -24,7 +24,7 @@ from qat import (
 )
 from qat.kernels import fake_quantize
 from qat.observers import MinMaxObserver, MovingAverageMinMaxObserver, qparams_from_range
-from qat.plan import LayerQuant
+from qat import LayerQuant
 
 
 def test_quant_linear_equals_manual_fake_quant():
@@ -222,5 +222,5 @@ def test_flag_mirrors_follow_load_state_dict():
     dst = FakeQuantizer(QuantSpec(bits=8), (4,))
     assert not dst.is_initialized
     dst.load_state_dict(src.state_dict())
-    assert dst.is_initialized and not dst._flags["observer_enabled"]
+    assert dst.is_initialized and not dst.flag("observer_enabled")
     torch.testing.assert_close(dst(torch.ones(2, 4)), src(torch.ones(2, 4)), atol=0, rtol=0)

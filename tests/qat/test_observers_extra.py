@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from qat import FakeQuantizer, QATConfigError, QuantSpec
-from qat.observers import OBSERVERS, MSEObserver, PercentileObserver, make_observer, param_shape
+from qat.granularity import Layout
+from qat.observers import OBSERVERS, MSEObserver, PercentileObserver, make_observer
 from qat.spec import ObserverKind
 
 
@@ -39,7 +40,7 @@ def test_percentile_exact_on_arange():
 def test_percentile_matches_quantile_per_scale(granularity, shape, extra):
     spec = QuantSpec(bits=8, observer="percentile", percentile=97.5, granularity=granularity, **extra)
     x = torch.randn(shape)
-    pshape = param_shape(spec, shape)
+    pshape = Layout.of(spec).param_shape(shape)
     obs = PercentileObserver(spec, pshape)
     obs(x)
     if granularity == "per_tensor":

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from qat import QATConfigError, QuantPlan, init_smoothing, prepare, quant_layers
-from qat.convert import quantize_codes
+from qat.granularity import quantize_codes
 from qat.oscillation import OscillationTracker, dampening_loss, weight_layers
 
 GRANULARITIES = {
