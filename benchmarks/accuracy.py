@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 import warnings
 from types import SimpleNamespace
@@ -24,6 +25,12 @@ from typing import Any, Callable, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
+
+# Python puts a script's folder first on sys.path, and benchmarks/kernels.py would then shadow the
+# ``kernels`` package that transformers imports when it is installed (ImportError: CUDAProperties):
+# keep this folder off the path. Scripts that import a sibling (``from accuracy import ...``) do so first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch
 import torch.nn as nn
@@ -345,11 +352,12 @@ def _plot(xlabels, series: dict, fp: float, title: str, ylabel: str, path: str) 
 
 # ============================================================================ MiniLM
 
-#: (name, weight bits, activation bits or None): per-group-32 symmetric weights on every encoder
-#: Linear; activations 8-bit dynamic per-token asymmetric (torchao's int8 dynamic activations)
+#: (name, weight bits, activation bits or None): per-group-32 weights (affine unless
+#: MINILM_SYMMETRIC) on every encoder Linear; activations 8-bit dynamic per-token asymmetric
+#: (torchao's int8 dynamic activations)
 MINILM_CONFIGS = [("W4A8", 4, 8), ("W4A16", 4, None), ("W8A8", 8, 8)]
 #: the distillation recipe every QAT method of the table gets (``qat.recipes.minilm.distill``'s
-#: arguments), chosen by ``benchmarks/minilm_recipe_search.py`` (results/minilm_recipe_search*.md)
+#: arguments), chosen by ``research/minilm_recipe_search.py`` (research/results/minilm_recipe_search_h100.md)
 MINILM_RECIPE: dict[str, Any] = {
     "steps": 1000, "batch": 64, "max_length": 64, "scale_lr": 1e-5, "cos_weight": 10.0, "mse_weight": 1.0,
     "layer_weight": 10.0, "corpus": "lee+wiki",
@@ -358,7 +366,7 @@ MINILM_RECIPE: dict[str, Any] = {
 #: step only knocks it off; 4-bit needs the larger one
 MINILM_LR = {8: 1e-5, 4: 3e-5}
 MINILM_GROUP = 32
-#: the best recipe of ``minilm_recipe_search.py`` (row 43, ``--grid stack``), for ``--recipe best``:
+#: the best recipe of ``research/minilm_recipe_search.py`` (row 43, ``--grid stack``), for ``--recipe best``:
 #: 2000 steps of 256 sentences, TF32, 15% random token replacement, biases / LayerNorms at lr 1e-3;
 #: ours adds per-input-channel smoothing (``qat.smooth_inputs``, alpha ``smooth``, trained at
 #: ``smooth_lr``), which torchao's quantizers have no counterpart of
@@ -374,7 +382,10 @@ MINILM_BRECQ: dict[str, Any] = {"sentences": 512, "iters": 400, "lr": 1e-4}
 MINILM_SYMMETRIC = False
 
 
-def _minilm_plan(name: str, wb: int, ab: Optional[int], estimator: str, observer: str, symmetric: bool = MINILM_SYMMETRIC) -> QuantPlan:
+def minilm_plan(name: str, wb: int, ab: Optional[int], estimator: str, observer: str, symmetric: bool = MINILM_SYMMETRIC) -> QuantPlan:
+    """The MiniLM tables' plan: ``wb``-bit per-group-32 weights on every encoder Linear (``estimator``,
+    ``observer``), and ``ab``-bit dynamic per-token unsigned affine inputs (none when ``ab`` is None).
+    Public: ``minilm_blockwise.py`` and ``research/`` scripts import it."""
     w = {"bits": wb, "granularity": "per_group", "group_size": MINILM_GROUP, "observer": observer, "estimator": estimator,
          "symmetric": symmetric}
     rule: dict[str, Any] = {"match": "encoder.*", "types": ["Linear"], "weight": w}
@@ -474,7 +485,7 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
         methods = methods or list(MINILM_LABELS)
 
         def calibrated(estimator: str, observer: str, smoothed: bool = False) -> nn.Module:
-            m = prepare(fresh(), _minilm_plan(name, wb, ab, estimator, observer))
+            m = prepare(fresh(), minilm_plan(name, wb, ab, estimator, observer))
             if smoothed and smooth:
                 smooth_inputs(m, calib, alpha=smooth, learnable=bool(recipe.get("smooth_lr")), forward_fn=lambda mod, b: mod(**b))
             calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))
@@ -513,7 +524,7 @@ def run_minilm(steps: Optional[int] = None, batch: Optional[int] = None, lr: Opt
             # (STE, GPTQ's scales kept) distilled from there with the same recipe as the others
             from qat.gptq import gptq
 
-            m = prepare(fresh(), _minilm_plan(name, wb, ab, "ste", "minmax"))
+            m = prepare(fresh(), minilm_plan(name, wb, ab, "ste", "minmax"))
             gptq(m, calib, forward_fn=lambda mod, b: mod(**b))
             if ab is not None:
                 calibrate(m, calib, forward_fn=lambda mod, b: mod(**b))  # dynamic inputs: a no-op pass

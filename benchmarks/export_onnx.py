@@ -17,8 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
+
+# Python puts a script's folder first on sys.path, and benchmarks/kernels.py would then shadow the
+# ``kernels`` package that transformers imports when it is installed (ImportError: CUDAProperties):
+# keep this folder off the path. Scripts that import a sibling (``from accuracy import ...``) do so first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import numpy as np
 import torch

@@ -23,8 +23,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import MINILM_CONFIGS, _minilm_plan, minilm_reconstruct, minilm_setup  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # accuracy.py takes it off again on import
+from accuracy import MINILM_CONFIGS, minilm_plan, minilm_reconstruct, minilm_setup  # noqa: E402
 
 from qat import prepare  # noqa: E402
 from qat.ptq import calibrate  # noqa: E402
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     setup = minilm_setup(args.device)
     teacher, tok, held, ref = setup.teacher, setup.tok, setup.held, setup.ref
     pool = setup.train + setup.wiki
-    student = prepare(setup.fresh(), _minilm_plan(name, wb, ab, "lsq_plus", "mse"))
+    student = prepare(setup.fresh(), minilm_plan(name, wb, ab, "lsq_plus", "mse"))
     calibrate(student, setup.calib, forward_fn=lambda mod, b: mod(**b))
     res = {"bits": name, "args": vars(args), "cos_calibrated": cosine_to(ref, embed(student, tok, held))}
     print(f"{name} calibrated (MSE ranges): {res['cos_calibrated']:.5f}", flush=True)

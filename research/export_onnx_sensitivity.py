@@ -1,11 +1,11 @@
-"""How far apart can two correct runtimes of the fake-quantized W8A8 MiniLM be? Perturb the
+"""Research: how far apart can two correct runtimes of the fake-quantized W8A8 MiniLM be? Perturb the
 fake-quantized model's own float computation by ulp-level noise (relative 1e-7 on the embedding
 LayerNorm output, about one float32 ulp) and compare its sentence embeddings with the unperturbed
 ones. Activation quantizers turn such differences into whole-step flips that cascade through the
 layers, so this bounds the agreement any runtime whose float kernels differ from PyTorch's can
 reach (ONNX Runtime's MLAS GELU / MatMul differ by about that much).
 
-    python benchmarks/export_onnx_sensitivity.py      # ~1 min; writes results/export_onnx_sensitivity.json
+    python research/export_onnx_sensitivity.py      # ~1 min; writes research/results/export_onnx_sensitivity.json
 """
 
 from __future__ import annotations

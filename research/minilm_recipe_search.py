@@ -1,15 +1,20 @@
-"""Recipe search for MiniLM QAT by distillation: which knobs close PTQ's gap, measured, not guessed.
+"""Research: the recipe search for MiniLM QAT by distillation (which knobs close PTQ's gap, measured,
+not guessed). Not part of the installed package; it imports ``benchmarks/accuracy.py``'s MiniLM setup.
 
 Runs a list of QAT recipes for one bit-width on all-MiniLM-L6-v2 (the same model, corpus, held-out
 sentences and metric as ``benchmarks/accuracy.py minilm``) and prints one row per recipe: the mean
 cosine of the held-out sentence embeddings to the full-precision model's and the share of
 round-to-nearest PTQ's gap that QAT closes. Seeds are fixed; a GPU makes a grid take minutes::
 
-    python benchmarks/minilm_recipe_search.py --bits W4A8 --device cuda --grid default
-    python benchmarks/minilm_recipe_search.py --bits W4A8 --set steps=300,lr=2e-4 --set steps=600
+    python research/minilm_recipe_search.py --bits W4A8 --device cuda --grid default
+    python research/minilm_recipe_search.py --bits W4A8 --set steps=300,lr=2e-4 --set steps=600
 
 Each ``--set`` is one recipe (overrides of ``BASE`` as ``key=value`` pairs); ``--grid NAME`` adds a
-named list from ``GRIDS``. Results go to ``--out`` (JSON lines + a Markdown table).
+named list from ``GRIDS``. Results go to ``--out`` (JSON lines + a Markdown table; default
+``research/results/``). ``research/results/minilm_recipe_search_h100.md`` holds every row measured so
+far, including rows of knobs that measured no gain and were removed since (``ema``, ``markov`` /
+``markov_order``, ``anchor``, ``concat``: rows 22-23, 59-61 and 66); their grid rows are gone from
+``GRIDS``.
 
 Knobs (``BASE``): ``steps``, ``batch``, ``max_length`` (training tokens), ``lr`` (weights),
 ``scale_lr`` (quantizer scales / offsets), ``warmup`` (share of steps), ``cos_weight`` /
@@ -18,8 +23,7 @@ encoder layer's output, averaged), ``estimator`` / ``observer`` (weight quantize
 ``corpus`` (``lee`` or ``lee+wiki``: the Lee training sentences plus 16,630 sentences of the Wikipedia
 dump gensim ships; the held-out sentences are always Lee's), ``splice`` (share of each batch made of synthetic sentences: the first half of one training
 sentence joined to the second half of another), ``weights`` (``train`` or ``freeze``: learn only the
-quantizers), ``ema`` (decay of the parameters' moving average the run ends with; 0: off),
-``compile`` (1: ``torch.compile`` the student), ``zp_lr`` (learning rate of the LSQ+
+quantizers), ``compile`` (1: ``torch.compile`` the student), ``zp_lr`` (learning rate of the LSQ+
 offsets; default: ``scale_lr``), ``tf32`` (1: TF32 matmuls while training), ``token_noise`` (share of
 tokens replaced by random ones of the batch), ``noise_mode`` (``batch`` or ``neighbor``: the replacements are
 embedding neighbors), ``attn_weight`` (attention-distribution KL loss), ``norm_lr`` (learning rate of biases
@@ -31,14 +35,10 @@ estimator / observer and is reused by later rows), ``seed``. Weight oscillations
 of the quantized latent weights to their bin centres, cosine-ramped from 0; 0: off), ``osc_freeze``
 (freeze weights whose oscillation frequency, an EMA with momentum ``osc_momentum``, exceeds it; 0:
 off; the row records the ``frozen`` share of the quantized weights), ``osc_freeze_start`` (share of
-the steps that only track before freezing begins). ``markov`` (share of each batch replaced by
-sentences sampled from a word-level Markov chain of the training sentences, ``markov_order`` words
-of context), ``anchor`` (decoupled pull of the weights back to their starting values, ``w -= lr_t *
-anchor * (w - w_start)`` after each step; 0: off), ``polish`` (steps of a second run after the first
+the steps that only track before freezing begins). ``polish`` (steps of a second run after the first
 that trains only the quantizers' scales and offsets, at ``polish_lr``, the float weights frozen; 0:
 off), ``corpus_share`` (train on a fixed-seed random subset of this share of the corpus' sentences:
-the data-scaling probe), ``concat`` (share of each batch extended by a second, random training
-sentence: longer inputs). ``corpus`` also takes ``lee4+wiki``: the Lee training sentences four
+the data-scaling probe). ``corpus`` also takes ``lee4+wiki``: the Lee training sentences four
 times over (38% of the list instead of 13%: more of the news text the held-out sentences come from)
 plus the Wikipedia ones.
 """
@@ -57,8 +57,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import MINILM_BRECQ, MINILM_CONFIGS, MINILM_RECIPE, _minilm_plan, minilm_reconstruct, minilm_setup  # noqa: E402
+#: the product benchmarks (``accuracy.py``'s MiniLM setup and plan) live next door, in benchmarks/
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)  # accuracy.py takes it off again on import (see its comment)
+from accuracy import MINILM_BRECQ, MINILM_CONFIGS, MINILM_RECIPE, minilm_plan, minilm_reconstruct, minilm_setup  # noqa: E402
 
 from qat import prepare, smooth_inputs  # noqa: E402
 from qat.ptq import calibrate  # noqa: E402
@@ -66,11 +68,11 @@ from qat.ptq import calibrate  # noqa: E402
 BASE: dict[str, Any] = {
     "steps": 150, "batch": 16, "max_length": 32, "lr": 1e-4, "scale_lr": 1e-5, "warmup": 0.0,
     "cos_weight": 10.0, "mse_weight": 1.0, "layer_weight": 0.0, "estimator": "lsq_plus", "observer": "mse",
-    "splice": 0.0, "weights": "train", "seed": 0, "corpus": "lee", "ema": 0.0, "compile": 0, "init": "calib",
+    "splice": 0.0, "weights": "train", "seed": 0, "corpus": "lee", "compile": 0, "init": "calib",
     "zp_lr": None, "tf32": 0, "token_noise": 0.0, "noise_mode": "batch", "attn_weight": 0.0, "norm_lr": None,
     "embeddings": "train", "smooth": 0.0, "smooth_match": "*", "smooth_lr": 0.0,
     "osc_dampen": 0.0, "osc_freeze": 0.0, "osc_momentum": 0.99, "osc_freeze_start": 0.0,
-    "markov": 0.0, "markov_order": 2, "anchor": 0.0, "polish": 0, "polish_lr": 1e-4, "concat": 0.0, "corpus_share": 1.0,
+    "polish": 0, "polish_lr": 1e-4, "corpus_share": 1.0,
 }
 
 #: accuracy.py's MiniLM recipe at 4 bits, as overrides of BASE
@@ -116,13 +118,12 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {"steps": 1000, "max_length": 64, "lr": 5e-5, "layer_weight": 10.0, "batch": 64, "corpus": "lee+wiki"},
         {"steps": 1000, "max_length": 64, "lr": 3e-5, "layer_weight": 30.0, "batch": 64, "corpus": "lee+wiki"},
     ],
-    # fourth round (rows 20-24): start from block-wise reconstruction; average the weights over the
-    # run; torch.compile (no faster: the step is not bound by the student's forward)
+    # fourth round (rows 20-24): start from block-wise reconstruction; torch.compile (no faster: the
+    # step is not bound by the student's forward). Rows 22-23 (a moving average of the weights, the
+    # removed ``ema`` knob: 77-82%) are only in the results table now.
     "brecq": [
         {**_COMMITTED, "compile": 1},
         {**_COMMITTED, "compile": 1, "init": "brecq"},
-        {**_COMMITTED, "compile": 1, "init": "brecq", "ema": 0.995},
-        {**_COMMITTED, "compile": 1, "ema": 0.995},
         {**_COMMITTED, "compile": 1, "init": "brecq", "lr": 1e-5},
     ],
     # fifth round (rows 25-30): larger batches, TF32, a learning rate of their own for the LSQ+ offsets
@@ -212,19 +213,10 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {**_STACK, "osc_dampen": 1e-3, "osc_freeze": 0.015,
          "steps": 3000},
     ],
-    # sixteenth round: the limit is now generalization from 19,196 training sentences (round15: 3000
-    # steps fit them further, held-out stays at 0.9966). More distinct inputs, sentences sampled from a
-    # word-level Markov chain of the training text (order 2: mostly sentences the corpus lacks), a quarter or half of each
-    # batch; and a pull of the weights back towards their start (anchor 20: the deviation decays by
-    # about e^-0.6 over a 1000-step cosine run at lr 6e-5 when nothing else moves it). Against row 54's
-    # 1000-step recipe (0.99648).
-    "round16": [
-        {**_OSC, "markov": 0.5},
-        {**_OSC, "markov": 0.25},
-        {**_OSC, "anchor": 20.0},
-    ],
-    # seventeenth round: round16's three rows all measured below row 54 (Markov sentences 0.99639 /
-    # 0.99638, anchor 0.99612: the student needs to move away from its start). Instead: more of the
+    # sixteenth round (rows 59-61; grid removed with its knobs): Markov-chain sentences as half / a
+    # quarter of each batch (``markov``) 0.99639 / 0.99638, a pull back to the starting weights
+    # (``anchor`` 20) 0.99612, all below row 54's 0.99648.
+    # seventeenth round: instead of round16's synthetic inputs and anchor, more of the
     # in-domain news text (Lee x4); a second, scale-only phase after the first (the codes nearly fixed:
     # 2 parameters per group of 32 weights, little to overfit); a 5% learning-rate warm-up.
     "round17": [
@@ -233,13 +225,11 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {**_OSC, "warmup": 0.05},
     ],
     # eighteenth round: round17 (Lee x4 0.99647, scale-only second phase 0.99386, warm-up 0.99640)
-    # left the plateau where it was. Held-out sentences run longer than the training ones (35 tokens on
-    # average, p90 50, against 30 and 47 for as many Lee training sentences; --per-sentence records
-    # both): the 1000-step recipe again with per-sentence cosines, and with a quarter of each batch
-    # made two-sentence inputs (up to 64 tokens).
+    # left the plateau where it was: the 1000-step recipe again with per-sentence cosines (row 65).
+    # Its second row (row 66: a quarter of each batch made two-sentence inputs, the removed
+    # ``concat`` knob, 0.99636) is only in the results table now.
     "round18": [
         {**_OSC},
-        {**_OSC, "concat": 0.25},
     ],
     # nineteenth round: round18's first row, row 54's recipe run again, measured 0.99638 against row 54's
     # 0.99648 (GPU runs are not bit-reproducible: TF32, atomics): the best row (55, 2000 steps, 0.99662)
@@ -286,8 +276,8 @@ def run_recipe(student, teacher, tok, train: list[str], cfg: dict[str, Any], log
     from qat.recipes.minilm import distill
 
     kw = {k: cfg[k] for k in ("steps", "batch", "max_length", "lr", "scale_lr", "warmup", "cos_weight", "mse_weight",
-                              "layer_weight", "splice", "seed", "ema", "zp_lr", "token_noise", "noise_mode", "attn_weight", "norm_lr",
-                              "osc_dampen", "osc_freeze", "osc_momentum", "osc_freeze_start", "markov", "markov_order", "anchor", "concat")}
+                              "layer_weight", "splice", "seed", "zp_lr", "token_noise", "noise_mode", "attn_weight", "norm_lr",
+                              "osc_dampen", "osc_freeze", "osc_momentum", "osc_freeze_start")}
     if cfg["smooth_lr"]:
         kw["smooth_lr"] = cfg["smooth_lr"]
     stats: dict[str, Any] = {}
@@ -347,7 +337,7 @@ def main(argv: Optional[list] = None) -> None:
         setup.teacher, setup.tok, setup.train, setup.held, setup.wiki, setup.ref, setup.calib, setup.fresh)
     ref_train = embed(teacher, tok, train[: len(held)])
 
-    rtn = prepare(fresh(), _minilm_plan(name, wb, ab, "ste", "minmax"))
+    rtn = prepare(fresh(), minilm_plan(name, wb, ab, "ste", "minmax"))
     calibrate(rtn, calib, forward_fn=lambda mod, b: mod(**b))
     cos_rtn = cosine_to(ref, embed(rtn, tok, held))
     del rtn
@@ -361,7 +351,7 @@ def main(argv: Optional[list] = None) -> None:
             p.error(f"init must be calib or brecq, got {cfg['init']!r}")
         torch.manual_seed(int(cfg["seed"]))
         t0 = time.time()
-        m = prepare(fresh(), _minilm_plan(name, wb, ab, cfg["estimator"], cfg["observer"]))
+        m = prepare(fresh(), minilm_plan(name, wb, ab, cfg["estimator"], cfg["observer"]))
         if cfg["smooth"]:
             smooth_inputs(m, calib, alpha=float(cfg["smooth"]), match=cfg["smooth_match"], learnable=bool(cfg["smooth_lr"]),
                           forward_fn=lambda mod, b: mod(**b))

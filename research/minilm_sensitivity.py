@@ -1,10 +1,10 @@
-"""Which of MiniLM's 36 encoder Linear layers carry the 4-bit weight error (CPU, ~1 minute).
+"""Research: which of MiniLM's 36 encoder Linear layers carry the 4-bit weight error (CPU, ~1 minute).
 
 Each layer alone gets the W4 per-group-32 affine weights of ``accuracy.py minilm`` (MSE-optimal
 ranges, round to nearest, float activations); the row is the held-out embedding error
 ``1 - cosine`` to the float model that this one layer causes. The last line quantizes them all::
 
-    python benchmarks/minilm_sensitivity.py        # -> results/minilm_sensitivity_cpu.md
+    python research/minilm_sensitivity.py        # -> research/results/minilm_sensitivity_cpu.md
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+#: the product benchmarks (``accuracy.py``'s MiniLM setup) live next door, in benchmarks/
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)  # accuracy.py takes it off again on import (see its comment)
 from accuracy import MINILM_GROUP, minilm_setup  # noqa: E402
 
 from qat import QuantPlan, prepare  # noqa: E402
@@ -59,7 +61,7 @@ def main(argv=None) -> None:
     everything = 1.0 - cosine_to(s.ref, embed(m, s.tok, s.held))
     total = sum(sum(v) for v in table.values())
     lines = [f"# MiniLM: held-out embedding error (1 - cosine) from W{args.bits} g{MINILM_GROUP} weights on one layer at a time",
-             "", f"CPU, torch {torch.__version__}; `python benchmarks/minilm_sensitivity.py`; affine groups, MSE-optimal ranges, "
+             "", f"CPU, torch {torch.__version__}; `python research/minilm_sensitivity.py`; affine groups, MSE-optimal ranges, "
              "round to nearest, float activations; 141 held-out Lee sentences.", "",
              "| layer | " + " | ".join(str(i) for i in range(n_layers)) + " | sum |",
              "|---|" + "---:|" * (n_layers + 1)]

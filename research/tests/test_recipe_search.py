@@ -1,31 +1,44 @@
-"""``benchmarks/minilm_recipe_search.py``: its grids name only real knobs, and ``run_recipe`` passes
-them to ``distill`` (the second, scale-only ``polish`` phase included)."""
+"""``research/minilm_recipe_search.py``: its grids name only real knobs, and ``run_recipe`` passes
+them to ``distill`` (the second, scale-only ``polish`` phase included).
+
+Research code: not collected by the default ``pytest`` (testpaths is ``tests``); run it with
+``pytest -q research/tests``."""
 
 import importlib.util
 import os
-import sys
 
 import pytest
 
-_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+_RESEARCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def search():
-    sys.path.insert(0, _DIR)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_recipe_search", os.path.join(_DIR, "minilm_recipe_search.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(_DIR)
+    spec = importlib.util.spec_from_file_location("research_recipe_search", os.path.join(_RESEARCH, "minilm_recipe_search.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # puts benchmarks/ on sys.path for its ``from accuracy import ...``
     return mod
 
 
 def test_every_grid_row_uses_known_knobs(search):
     for name, rows in search.GRIDS.items():
+        assert rows, name
         for row in rows:
             assert set(row) <= set(search.BASE), (name, sorted(set(row) - set(search.BASE)))
+
+
+def test_every_knob_is_a_distill_argument_or_handled_by_the_search(search):
+    """Each knob ``run_recipe`` passes on is one ``distill`` takes (the removed markov / anchor /
+    concat / ema knobs are gone from BASE with their grid rows)."""
+    import inspect
+
+    from qat.recipes.minilm import distill
+
+    own = {"weights", "embeddings", "compile", "tf32", "estimator", "observer", "corpus", "corpus_share", "init", "smooth",
+           "smooth_match", "polish", "polish_lr"}  # handled by the search itself
+    params = set(inspect.signature(distill).parameters)
+    assert set(search.BASE) - own <= params, sorted(set(search.BASE) - own - params)
+    assert not {"ema", "markov", "markov_order", "anchor", "concat"} & set(search.BASE)
 
 
 def test_run_recipe_passes_the_knobs_and_the_polish_phase(search, monkeypatch):
@@ -33,10 +46,10 @@ def test_run_recipe_passes_the_knobs_and_the_polish_phase(search, monkeypatch):
 
     calls = []
     monkeypatch.setattr(minilm, "distill", lambda *a, **kw: calls.append(kw) or [])
-    cfg = {**search.BASE, "steps": 7, "markov": 0.5, "anchor": 2.0, "concat": 0.25, "osc_freeze": 0.01, "polish": 3, "polish_lr": 1e-6}
+    cfg = {**search.BASE, "steps": 7, "token_noise": 0.15, "norm_lr": 1e-3, "osc_freeze": 0.01, "polish": 3, "polish_lr": 1e-6}
     search.run_recipe(None, None, None, ["a"], cfg)
     first, second = calls
-    assert first["steps"] == 7 and first["markov"] == 0.5 and first["anchor"] == 2.0 and first["concat"] == 0.25
+    assert first["steps"] == 7 and first["token_noise"] == 0.15 and first["norm_lr"] == 1e-3
     assert first["train_weights"] is True and first["osc_freeze"] == 0.01
     assert second["steps"] == 3 and second["scale_lr"] == 1e-6 and second["train_weights"] is False
     assert second["osc_freeze"] == 0.0 and second["osc_dampen"] == 0.0 and second["seed"] == first["seed"] + 1
