@@ -15,20 +15,19 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from qat.kernels.reference import round_with_mode
-
 from .errors import QATConfigError
+from .granularity import Layout
 from .modules import QuantLinear
 from .observers import qparams_from_range
 from .prepare import quant_layers
-from .ptq import _float_pass, default_forward
-from .spec import Granularity, QuantSpec
+from .ptq import default_forward, float_pass
+from .spec import QuantSpec, round_with_mode
 
 __all__ = ["gptq"]
 
 
 def _qdq(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Fake-quantize a column ``w`` (rows,) with per-row ``s``, ``z``: the math of DESIGN.md."""
+    """Fake-quantize a column ``w`` (rows,) with per-row ``s``, ``z``: the fake-quant op's math."""
     q = torch.clamp(round_with_mode(w * (1.0 / s), spec.round_mode.value) + z, spec.qmin, spec.qmax)
     return (q - z) * s
 
@@ -50,12 +49,13 @@ def _gptq_layer(layer: QuantLinear, H: torch.Tensor, damp: float, block_size: in
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    g = spec.group_size if spec.granularity is Granularity.PER_GROUP else None
+    layout = Layout.of(spec)
+    g = layout.group_size
     if g is not None:
         block_size = g * max(1, block_size // g)  # groups never straddle blocks
         scales = torch.empty(rows, cols // g)
         zps = torch.empty(rows, cols // g)
-    elif spec.granularity is Granularity.PER_CHANNEL:
+    elif layout.axis is not None:  # per output row (axis 0: gptq() refuses others)
         s_row, z_row = _row_qparams(W, spec)
     else:  # per tensor: one range over the whole weight
         s1, z1 = qparams_from_range(W.min().reshape(1), W.max().reshape(1), spec)
@@ -88,7 +88,7 @@ def _gptq_layer(layer: QuantLinear, H: torch.Tensor, damp: float, block_size: in
     fq = layer.weight_quantizer
     if g is not None:
         s_final, z_final = scales, zps
-    elif spec.granularity is Granularity.PER_CHANNEL:
+    elif layout.axis is not None:
         s_final, z_final = s_row, z_row
     else:
         s_final, z_final = s1, z1
@@ -145,7 +145,7 @@ def gptq(
         raise QATConfigError(f"gptq: damp must be in [0, 1), got {damp}")
     for name, layer in layers:
         spec = layer.weight_quantizer.spec
-        if spec.granularity is Granularity.PER_CHANNEL and spec.axis % 2 != 0:
+        if Layout.of(spec).axis is not None and spec.axis % 2 != 0:
             raise QATConfigError(f"gptq: layer {name!r} weight is per_channel along axis {spec.axis}; GPTQ needs axis 0 (output rows)")
         if spec.learned:
             raise QATConfigError(f"gptq: layer {name!r} weight uses estimator {spec.estimator.value}; GPTQ sets fixed scales, use ste")
@@ -166,7 +166,7 @@ def gptq(
 
         return fn
 
-    _float_pass(model, calibration, [(layer, hook(name)) for name, layer in layers],
+    float_pass(model, calibration, [(layer, hook(name)) for name, layer in layers],
                [q for _, l in layers for _, q in l.quantizers()], num_batches, forward_fn)
     if not any(counts.values()):
         raise QATConfigError("gptq: the calibration data produced no batch")

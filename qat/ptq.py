@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .prepare import quantizers
 
-__all__ = ["calibrate", "default_forward"]
+__all__ = ["calibrate", "default_forward", "float_pass", "move_batch"]
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -65,7 +65,7 @@ def calibrate(
     for batch in batches:
         if num_batches is not None and seen >= num_batches:
             break
-        forward_fn(model, _to(batch, device))
+        forward_fn(model, move_batch(batch, device))
         seen += 1
     for q in qs:
         q.load_from_observer()
@@ -75,7 +75,7 @@ def calibrate(
 
 
 @torch.no_grad()
-def _float_pass(
+def float_pass(
     model: nn.Module,
     batches: Iterable[Any],
     pre_hooks: Iterable[tuple[nn.Module, Callable]],
@@ -90,6 +90,18 @@ def _float_pass(
 
     Returns:
         the number of batches run.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> from qat import prepare, quantizers
+        >>> model = prepare(nn.Sequential(nn.Linear(4, 2)), "w8a8")
+        >>> seen = []
+        >>> hook = lambda module, args: seen.append(args[0].shape)
+        >>> float_pass(model, [torch.randn(3, 4)], [(model[0], hook)], [q for _, q in quantizers(model)])
+        1
+        >>> seen
+        [torch.Size([3, 4])]
     """
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
@@ -105,7 +117,7 @@ def _float_pass(
         for batch in batches:
             if num_batches is not None and seen >= num_batches:
                 break
-            forward_fn(model, _to(batch, device))
+            forward_fn(model, move_batch(batch, device))
             seen += 1
     finally:
         for h in handles:
@@ -117,11 +129,18 @@ def _float_pass(
     return seen
 
 
-def _to(batch: Any, device: torch.device) -> Any:
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (nested lists, tuples, dicts) moved to ``device``.
+
+    Example::
+
+        >>> move_batch({"x": [torch.zeros(1)], "n": 3}, torch.device("cpu"))
+        {'x': [tensor([0.])], 'n': 3}
+    """
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(b, device) for b in batch)
+        return type(batch)(move_batch(b, device) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: move_batch(v, device) for k, v in batch.items()}
     return batch

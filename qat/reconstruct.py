@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import QATConfigError
-from .ptq import _to, default_forward
+from .ptq import default_forward, move_batch
 
 __all__ = ["reconstruct"]
 
@@ -113,7 +113,7 @@ def reconstruct(
             valid = [n for n, m in t_mods.items() if n and len(list(m.children())) > 0][:12]
             raise QATConfigError(f"reconstruct: no block named {name!r}; block-like modules are e.g. {valid}")
     device = next(student.parameters()).device
-    batches = [_to(b, device) for b in batches]
+    batches = [move_batch(b, device) for b in batches]
     weights = [None if weight_fn is None else weight_fn(b) for b in batches]
     calls = _capture(teacher, t_mods[blocks[0]], batches, forward_fn)
     t_in = [a[0] for a, _ in calls]

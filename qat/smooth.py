@@ -23,7 +23,7 @@ import torch.nn as nn
 from .errors import QATConfigError
 from .modules import QuantLinear
 from .prepare import quant_layers
-from .ptq import _float_pass, default_forward
+from .ptq import default_forward, float_pass
 
 __all__ = ["smooth_inputs", "init_smoothing"]
 
@@ -139,7 +139,7 @@ def smooth_inputs(
             counts[name] = counts.get(name, 0) + x.shape[0]
         return record
 
-    seen = _float_pass(model, batches, [(m, hook(n)) for n, m in layers.items()],
+    seen = float_pass(model, batches, [(m, hook(n)) for n, m in layers.items()],
                       [q for _, m in quant_layers(model) for _, q in m.quantizers()], num_batches, forward_fn)
     if not seen:
         raise QATConfigError("smooth_inputs: no batch given; pass calibration batches")

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .fake_quant import FakeQuantizer
+from .granularity import quantize_codes
 from .spec import Estimator
 
 __all__ = ["quantizer_stats", "sqnr_db"]
@@ -62,14 +63,7 @@ def quantizer_stats(fq: FakeQuantizer, x: torch.Tensor, x_hat: torch.Tensor | No
     elif spec.dynamic:
         clipped = torch.zeros((), dtype=torch.bool)  # dynamic ranges cover each batch
     else:
-        from qat.kernels.reference import broadcast_param, round_with_mode
-
-        xg = x.float()
-        if fq.group_size is not None:
-            xg = xg.reshape(*x.shape[:-1], x.shape[-1] // fq.group_size, fq.group_size)
-        sb = broadcast_param(s, x, fq.axis, fq.group_size)
-        zb = broadcast_param(z, x, fq.axis, fq.group_size)
-        q = round_with_mode(xg * (1.0 / sb), spec.round_mode.value) + zb
+        q = quantize_codes(x, s, z, spec, clamp=False)
         clipped = (q < spec.qmin) | (q > spec.qmax)
     return {
         "bits": float(spec.bits),

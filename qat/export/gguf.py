@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..int_modules import IntModuleMixin
 from ..errors import QATConfigError
-from ..spec import Granularity
+from ..granularity import Layout
 
 __all__ = ["export_gguf", "gguf_blocks", "gguf_type_for", "llama_embed"]
 
@@ -55,7 +55,7 @@ def gguf_type_for(mod: IntModuleMixin, name: str = "") -> str:
             f"{where}: the layer is smoothed (qat.smooth_inputs) and llama.cpp has no per-channel input scale "
             f"to divide its input by; train without smoothing for GGUF; {hint}"
         )
-    if spec.granularity is not Granularity.PER_GROUP or spec.group_size != QK or len(mod.view_shape) != 2:
+    if Layout.of(spec).group_size != QK or len(mod.view_shape) != 2:
         raise QATConfigError(
             f"{where}: GGUF Q8_0 / Q4_0 need per_group weights with group_size {QK} along the last axis, "
             f"got {spec.granularity.value} (group_size={spec.group_size}); {hint}"

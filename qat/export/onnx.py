@@ -33,7 +33,8 @@ import torch.nn as nn
 from ..convert import is_converted
 from ..int_modules import IntConv1d, IntConv2d, IntModuleMixin
 from ..errors import QATConfigError
-from ..spec import Granularity, RoundMode
+from ..granularity import Layout
+from ..spec import RoundMode
 
 __all__ = ["export_onnx", "export_float_onnx", "OPSET", "IR_VERSION"]
 
@@ -142,13 +143,14 @@ def _weight_nodes(prefix: str, mod: IntModuleMixin, out_name: str):
     s = mod.weight_scale.detach().float().cpu().numpy()
     z = np.zeros(s.shape, dtype=np.int64) if mod.weight_zero_point is None else mod.weight_zero_point.cpu().numpy().astype(np.int64)
     attrs: dict[str, Any] = {}
-    if spec.granularity is Granularity.PER_TENSOR:
+    layout = Layout.of(spec)
+    if layout.is_per_tensor:
         s, z = s.reshape(()), z.reshape(())
-    elif spec.granularity is Granularity.PER_CHANNEL:
-        attrs["axis"] = spec.axis
-    elif spec.granularity is Granularity.PER_GROUP:
+    elif layout.axis is not None:
+        attrs["axis"] = layout.axis
+    else:  # per group: ONNX's blocked DequantizeLinear along the last axis
         attrs["axis"] = q.ndim - 1
-        attrs["block_size"] = spec.group_size
+        attrs["block_size"] = layout.group_size
     inits = [
         _int_tensor(f"{prefix}qweight", q, spec.bits, spec.signed),
         _f32(f"{prefix}weight_scale", s),
@@ -190,7 +192,8 @@ def _input_nodes(prefix: str, mod: IntModuleMixin, in_name: str, out_name: str, 
         )
     s = mod.input_scale.detach().float().cpu().numpy()
     z = mod.input_zero_point.detach().float().cpu().numpy()
-    per_channel = spec.granularity is Granularity.PER_CHANNEL
+    layout = Layout.of(spec)
+    per_channel = layout.axis is not None
     # 8-bit only: ONNX Runtime's graph optimizer (ORT_ENABLE_ALL) moves a UINT4 activation
     # QuantizeLinear across MaxPool and then rejects its own graph; 4-bit inputs use the float form
     full = {(8, True): (-128, 127), (8, False): (0, 255)}
@@ -198,7 +201,7 @@ def _input_nodes(prefix: str, mod: IntModuleMixin, in_name: str, out_name: str, 
         _NATIVE_QDQ
         and spec.round_mode is RoundMode.HALF_EVEN
         and full.get((spec.bits, spec.signed)) == (spec.qmin, spec.qmax)
-        and spec.granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
+        and (layout.is_per_tensor or per_channel)
     )
     if native:
         attrs = {"axis": 1 if isinstance(mod, (IntConv1d, IntConv2d)) else -1} if per_channel else {}
