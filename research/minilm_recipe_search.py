@@ -82,7 +82,7 @@ _BIG: dict[str, Any] = {**_COMMITTED, "batch": 256, "lr": 6e-5, "tf32": 1}
 
 #: the "stack" grid's recipe (row 42: 0.99624 at 1000 steps): token noise, trained smoothing, biases / LayerNorms at 1e-3
 _STACK: dict[str, Any] = {**_BIG, "token_noise": 0.15, "smooth": 0.5, "smooth_lr": 3e-5, "norm_lr": 1e-3}
-#: round12-13's best recipe at 1000 steps (row 54: 0.99648): the stack with oscillation dampening and freezing
+#: round12's best recipe at 1000 steps (row 53 of the table: 0.99648): the stack with oscillation dampening and freezing
 _OSC: dict[str, Any] = {**_STACK, "osc_dampen": 1e-3, "osc_freeze": 0.015}
 
 GRIDS: dict[str, list[dict[str, Any]]] = {
@@ -215,7 +215,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     ],
     # sixteenth round (rows 59-61; grid removed with its knobs): Markov-chain sentences as half / a
     # quarter of each batch (``markov``) 0.99639 / 0.99638, a pull back to the starting weights
-    # (``anchor`` 20) 0.99612, all below row 54's 0.99648.
+    # (``anchor`` 20) 0.99612, all below row 53's 0.99648.
     # seventeenth round: instead of round16's synthetic inputs and anchor, more of the
     # in-domain news text (Lee x4); a second, scale-only phase after the first (the codes nearly fixed:
     # 2 parameters per group of 32 weights, little to overfit); a 5% learning-rate warm-up.
@@ -231,7 +231,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "round18": [
         {**_OSC},
     ],
-    # nineteenth round: round18's first row, row 54's recipe run again, measured 0.99638 against row 54's
+    # nineteenth round: round18's first row, row 53's recipe run again, measured 0.99638 against row 53's
     # 0.99648 (GPU runs are not bit-reproducible: TF32, atomics): the best row (55, 2000 steps, 0.99662)
     # run again, with per-sentence cosines, for the spread of the best result
     "round19": [
@@ -239,7 +239,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     ],
     # twentieth round: how much would more real text buy? The same 1000-step recipe on a random half and
     # a random quarter of the 19,196 sentences (same steps and batches: more epochs of fewer sentences),
-    # against the full corpus (rows 54 and 65: 0.99648, 0.99638)
+    # against the full corpus (rows 53 and 65: 0.99648, 0.99638)
     "round20": [
         {**_OSC, "corpus_share": 0.5},
         {**_OSC, "corpus_share": 0.25},
