@@ -21,13 +21,20 @@ For every op x dtype x granularity on 64M elements (a (4096, 16384) tensor), for
 
 Options: ``--numel``, ``--out DIR``, ``--no-compile`` (skip the torch.compile baselines);
 for tuning: ``--only PATTERN[,PATTERN]`` (``op/dtype/granularity`` globs, e.g. ``lsq/*/group128``),
-``--quick`` (kernel times and the copy only; prints, writes nothing) and ``--define NAME=VALUE``
-(overrides a tuning macro of the CUDA sources, e.g. ``QAT_COLS_ROWS_MM=8``; repeatable).
+``--quick`` (kernel times and the copy only; prints, writes nothing), ``--set FIELD=VALUE`` (a field of
+:class:`qat.kernels.tuning.KernelTuning` for the whole run, e.g. ``cols_rows_minmax=4`` or
+``tile_lsq=(2,2,2)``; repeatable) and ``--sweep 'FIELD=VALUE ...'`` (with ``--quick``: one run per such
+configuration, each a ``dataclasses.replace`` of the run's tuning passed to the kernels; compile-time
+fields recompile the sources). Nothing in the backend is patched: every configuration is a
+``KernelTuning`` handed to the backend functions (``tuning=``), or installed with
+``cupy_backend.use_tuning`` around the public ops.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import datetime
 import fnmatch
 import json
@@ -42,6 +49,7 @@ from typing import Optional
 import torch
 
 from qat.kernels import cupy_backend, fake_quantize, reference
+from qat.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
 GRANULARITIES = {
     "tensor": dict(axis=None, group_size=None),
@@ -162,54 +170,73 @@ def minimal_bytes(op, n, esize, nparams):
 # ----------------------------------------------------------------------------- the three contenders
 
 
-def ours_parts(op, x, g, s, z, axis, gs):
+def ours_parts(op, x, g, s, z, axis, gs, tuning: KernelTuning = DEFAULT_TUNING):
     """(forward, backward) callables of the kernels alone (inputs of the backward made once)."""
-    be = cupy_backend
+    be, t = cupy_backend, tuning
     if op == "ste":
-        _, m = be.fake_quantize_forward(x, s, z, QMIN, QMAX, axis, gs)
-        return (lambda: be.fake_quantize_forward(x, s, z, QMIN, QMAX, axis, gs), lambda: be.fake_quantize_backward(g, m))
+        _, m = be.fake_quantize_forward(x, s, z, QMIN, QMAX, axis, gs, tuning=t)
+        return (
+            lambda: be.fake_quantize_forward(x, s, z, QMIN, QMAX, axis, gs, tuning=t),
+            lambda: be.fake_quantize_backward(g, m, tuning=t),
+        )
     if op == "lsq":
         return (
-            lambda: be.fake_quantize_lsq_forward(x, s, z, QMIN, QMAX, axis, gs),
-            lambda: be.fake_quantize_lsq_backward(g, x, s, z, QMIN, QMAX, axis, gs, 0.01),
+            lambda: be.fake_quantize_lsq_forward(x, s, z, QMIN, QMAX, axis, gs, tuning=t),
+            lambda: be.fake_quantize_lsq_backward(g, x, s, z, QMIN, QMAX, axis, gs, 0.01, tuning=t),
         )
     if op == "pact":
         alpha = torch.tensor([2.0], device="cuda")
-        return (lambda: be.fake_quantize_pact_forward(x, alpha, 0, 15), lambda: be.fake_quantize_pact_backward(g, x, alpha))
-    return (lambda: be._aminmax_kernel(x, axis, gs), None)
+        return (
+            lambda: be.fake_quantize_pact_forward(x, alpha, 0, 15, tuning=t),
+            lambda: be.fake_quantize_pact_backward(g, x, alpha, tuning=t),
+        )
+    return (lambda: be._aminmax_kernel(x, axis, gs, tuning=t), None)
 
 
-def ours_fn(op, x, g, s, z, axis, gs):
-    be = cupy_backend
+def ours_fn(op, x, g, s, z, axis, gs, tuning: KernelTuning = DEFAULT_TUNING):
+    be, t = cupy_backend, tuning
     if op == "ste":
 
         def fn():
-            _, m = be.fake_quantize_forward(x, s, z, QMIN, QMAX, axis, gs)
-            be.fake_quantize_backward(g, m)
+            _, m = be.fake_quantize_forward(x, s, z, QMIN, QMAX, axis, gs, tuning=t)
+            be.fake_quantize_backward(g, m, tuning=t)
 
     elif op == "lsq":
 
         def fn():
-            be.fake_quantize_lsq_forward(x, s, z, QMIN, QMAX, axis, gs)
-            be.fake_quantize_lsq_backward(g, x, s, z, QMIN, QMAX, axis, gs, 0.01)
+            be.fake_quantize_lsq_forward(x, s, z, QMIN, QMAX, axis, gs, tuning=t)
+            be.fake_quantize_lsq_backward(g, x, s, z, QMIN, QMAX, axis, gs, 0.01, tuning=t)
 
     elif op == "pact":
         alpha = torch.tensor([2.0], device="cuda")
 
         def fn():
-            be.fake_quantize_pact_forward(x, alpha, 0, 15)
-            be.fake_quantize_pact_backward(g, x, alpha)
+            be.fake_quantize_pact_forward(x, alpha, 0, 15, tuning=t)
+            be.fake_quantize_pact_backward(g, x, alpha, tuning=t)
 
     else:
 
         def fn():
-            be._aminmax_kernel(x, axis, gs)
+            be._aminmax_kernel(x, axis, gs, tuning=t)
 
     return fn
 
 
-def ours_op_fn(op, x, g, s, z, axis, gs):
-    """The public ops (custom-op dispatch + autograd) around the same kernels, forward + backward."""
+def ours_op_fn(op, x, g, s, z, axis, gs, tuning: KernelTuning = DEFAULT_TUNING):
+    """The public ops (custom-op dispatch + autograd) around the same kernels, forward + backward; the
+    ops take no tuning argument, so ``tuning`` is installed around each call (``use_tuning``)."""
+    fn = _op_fn(op, x, g, s, z, axis, gs)
+    if tuning is cupy_backend.current_tuning():
+        return fn
+
+    def tuned():
+        with cupy_backend.use_tuning(tuning):
+            return fn()
+
+    return tuned
+
+
+def _op_fn(op, x, g, s, z, axis, gs):
     from qat.kernels import fake_quantize_lsq, fake_quantize_pact
 
     if op == "aminmax":
@@ -369,7 +396,7 @@ SHAPES = (
 )
 
 
-def shape_sweep(shapes=SHAPES):
+def shape_sweep(shapes=SHAPES, tuning: KernelTuning = DEFAULT_TUNING):
     """fp32 per-channel STE (forward + backward) on several shapes: torch's op, ours, the copy."""
     out = []
     for shape, axis in shapes:
@@ -378,7 +405,7 @@ def shape_sweep(shapes=SHAPES):
         n = x.numel()
         nbytes = minimal_bytes("ste", n, 4, s.numel())
         r = dict(shape=list(shape), axis=axis, numel=n, bytes=nbytes)
-        fn = ours_fn("ste", x, g, s, z, axis, None)
+        fn = ours_fn("ste", x, g, s, z, axis, None, tuning)
         r["ours_us"] = bench_graph(fn)
         r["ours_eager_us"] = bench(fn)
         r["torch_us"] = bench(torch_fn("ste", x, g, s, z, axis, None))
@@ -407,7 +434,7 @@ def _fmt_shape(r):
 # ----------------------------------------------------------------------------- main
 
 
-def run(numel: int, with_compile: bool, only=None, quick=False):
+def run(numel: int, with_compile: bool, only=None, quick=False, tuning: KernelTuning = DEFAULT_TUNING):
     rows = []
     k = 16384 if numel % 16384 == 0 else 128
     shape = (numel // k, k)
@@ -425,14 +452,14 @@ def run(numel: int, with_compile: bool, only=None, quick=False):
                 esize = x.element_size()
                 nbytes = minimal_bytes(op, numel, esize, nparams)
                 row = dict(op=op, dtype=dname, granularity=gname, numel=numel, bytes=nbytes)
-                fn = ours_fn(op, x, g, s, z, axis, gs)
+                fn = ours_fn(op, x, g, s, z, axis, gs, tuning)
                 row["ours_eager_us"] = None if quick else bench(fn)
                 row["ours_us"] = bench_graph(fn)  # GPU time of the kernels (graph replay)
-                row["ours_op_us"] = None if quick else bench(ours_op_fn(op, x, g, s, z, axis, gs))
+                row["ours_op_us"] = None if quick else bench(ours_op_fn(op, x, g, s, z, axis, gs, tuning))
                 row["copy_us"] = copy_time(nbytes)
                 row["ratio_copy"] = row["ours_us"] / row["copy_us"]
                 row["ours_TBps"] = nbytes / row["ours_us"] / 1e6
-                fwd, bwd = ours_parts(op, x, g, s, z, axis, gs)
+                fwd, bwd = ours_parts(op, x, g, s, z, axis, gs, tuning)
                 row["fwd_us"] = bench_graph(fwd)
                 row["bwd_us"] = bench_graph(bwd) if bwd is not None else None
                 for name, maker in (("torch", torch_fn), ("compile", compiled_fn)):
@@ -511,10 +538,10 @@ def targets(rows, bits):
     return out
 
 
-def explore(numel: int):
-    """Kernel-only times (graph replay) of forward and backward under several grid sizes."""
+def explore(numel: int, base: KernelTuning = DEFAULT_TUNING):
+    """Kernel-only times (graph replay) of forward and backward under several grid sizes (the seg
+    reductions' and the element-wise kernels' waves)."""
     shape = (numel // 16384, 16384)
-    waves_default = cupy_backend._GRID_WAVES, cupy_backend._ELEMENTWISE_WAVES
     print("| op | dtype | gran | waves | fwd us | fwd/copy | bwd us | bwd/copy |")
     for op, dname, gname in (
         ("ste", "fp32", "channel0"), ("ste", "bf16", "channel0"), ("lsq", "fp32", "tensor"),
@@ -526,15 +553,13 @@ def explore(numel: int):
         fwd_bytes = {"ste": 2 * numel * e + numel // 8, "lsq": 2 * numel * e, "aminmax": numel * e}[op]
         bwd_bytes = {"ste": 2 * numel * e + numel // 8, "lsq": 3 * numel * e, "aminmax": 0}[op]
         for waves in (1, 2, 8):
-            cupy_backend._GRID_WAVES = waves  # reductions
-            cupy_backend._ELEMENTWISE_WAVES = waves  # element-wise kernels
-            fwd, bwd = ours_parts(op, x, g, s, z, gran["axis"], gran["group_size"])
+            tuning = dataclasses.replace(base, seg_waves=waves, elementwise_waves=waves)
+            fwd, bwd = ours_parts(op, x, g, s, z, gran["axis"], gran["group_size"], tuning)
             tf = bench_graph(fwd)
             tb = bench_graph(bwd) if bwd else float("nan")
             cf = copy_time(fwd_bytes)
             cb = copy_time(bwd_bytes) if bwd_bytes else float("nan")
             print(f"| {op} | {dname} | {gname} | {waves} | {tf:.1f} | {tf / cf:.3f} | {tb:.1f} | {tb / cb:.3f} |", flush=True)
-        cupy_backend._GRID_WAVES, cupy_backend._ELEMENTWISE_WAVES = waves_default
         del x, g, s, z
 
 
@@ -576,34 +601,32 @@ def launch_overhead():
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
-def _set_knob(name: str, value: str):
-    """Set a module-level tuning knob of cupy_backend (``_ROWS_SPLIT`` ...); returns the old value."""
-    import ast
-
-    if not hasattr(cupy_backend, name):
-        raise SystemExit(f"cupy_backend has no knob {name}")
-    old = getattr(cupy_backend, name)
-    setattr(cupy_backend, name, ast.literal_eval(value))
-    return old
-
-
-def sweep(numel: int, only, configs):
-    """Kernel and copy times (as --quick) once per config: macros (QAT_*) recompile the sources."""
-    base = cupy_backend.EXTRA_OPTIONS
-    for cfg in configs:
-        items = [kv.split("=", 1) for kv in cfg.split()]
-        cupy_backend.EXTRA_OPTIONS = base + tuple(f"-D{k}={v}" for k, v in items if k.startswith("QAT_"))
-        cupy_backend._module.cache_clear()
-        cupy_backend._kernel.cache_clear()
-        cupy_backend._occupancy.clear()
-        saved = {k: _set_knob(k, v) for k, v in items if not k.startswith("QAT_")}
-        print(f"## config: {cfg or '(defaults)'}", flush=True)
+def tuning_from(items, base: KernelTuning = DEFAULT_TUNING) -> KernelTuning:
+    """``base`` with ``FIELD=VALUE`` items applied (values are Python literals: ``4``, ``(2,2,2)``,
+    ``True``); an unknown field or an invalid value exits with the reason."""
+    fields = {f.name for f in dataclasses.fields(KernelTuning)}
+    changes = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"not a KernelTuning field assignment: {item!r} (fields: {', '.join(sorted(fields))})")
         try:
-            run(numel, False, only, True)
-        finally:
-            for k, v in saved.items():
-                setattr(cupy_backend, k, v)
-    cupy_backend.EXTRA_OPTIONS = base
+            changes[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as exc:
+            raise SystemExit(f"{item!r}: the value must be a Python literal ({exc})") from exc
+    try:
+        return dataclasses.replace(base, **changes)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(str(exc)) from exc
+
+
+def sweep(numel: int, only, configs, base: KernelTuning = DEFAULT_TUNING):
+    """Kernel and copy times (as --quick) once per config (``'FIELD=VALUE ...'``, applied to ``base``);
+    configs that change compile-time fields compile their own modules."""
+    tunings = [tuning_from(cfg.split(), base) for cfg in configs]  # all parsed before any GPU work
+    for cfg, tuning in zip(configs, tunings):
+        print(f"## config: {cfg or '(defaults)'}", flush=True)
+        run(numel, False, only, True, tuning)
 
 
 def main(argv=None):
@@ -614,23 +637,18 @@ def main(argv=None):
     ap.add_argument("--explore", action="store_true", help="grid-size sweep and launch overhead, then exit")
     ap.add_argument("--only", default=None, help="comma-separated op/dtype/granularity globs (e.g. 'lsq/*/group128')")
     ap.add_argument("--quick", action="store_true", help="kernel and copy times only; print, write nothing")
-    ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
-                    help="override a tuning macro of the CUDA sources (repeatable)")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="override a tuning knob of cupy_backend, e.g. _ROWS_SPLIT=4 (repeatable)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a KernelTuning field for the whole run, e.g. cols_rows_minmax=4 (repeatable)")
     ap.add_argument("--shapes", action="store_true", help="only the fp32 per-channel STE shape sweep; print")
-    ap.add_argument("--sweep", action="append", default=[], metavar="'NAME=VALUE ...'",
-                    help="with --quick: run once per such config (QAT_* names are macros, others backend knobs)")
+    ap.add_argument("--sweep", action="append", default=[], metavar="'FIELD=VALUE ...'",
+                    help="with --quick: run once per such config of KernelTuning fields (on top of --set)")
     args = ap.parse_args(argv)
-    if args.define:  # else the environment's QAT_KERNEL_DEFINES (cupy_backend), if any
-        cupy_backend.EXTRA_OPTIONS = tuple(f"-D{d}" for d in args.define)
-    for item in args.set:
-        _set_knob(*item.split("=", 1))
+    tuning = tuning_from(args.set)
     if not (torch.cuda.is_available() and cupy_backend.available()):
         sys.exit("benchmarks/kernels.py needs a CUDA GPU and CuPy")
     if args.explore:
         launch_overhead()
-        explore(args.numel)
+        explore(args.numel, tuning)
         return
     import cupy
 
@@ -646,24 +664,24 @@ def main(argv=None):
         numel=args.numel,
         qrange=[QMIN, QMAX],
         timing="median of triton.testing.do_bench (CUDA events)",
-        defines=[o[2:] for o in cupy_backend.EXTRA_OPTIONS if o.startswith("-D")],
+        tuning={k: list(v) if isinstance(v, tuple) else v for k, v in tuning.changes().items()},
     )
     if args.shapes:
         print(SHAPE_HEADER, flush=True)
-        shape_sweep()
+        shape_sweep(tuning=tuning)
         return
     print(HEADER, flush=True)
     only = [p.strip() for p in args.only.split(",")] if args.only else None
     if args.sweep:
-        sweep(args.numel, only, args.sweep)
+        sweep(args.numel, only, args.sweep, tuning)
         return
-    rows = run(args.numel, not args.no_compile, only, args.quick)
+    rows = run(args.numel, not args.no_compile, only, args.quick, tuning)
     if args.quick:
         return
     shapes = None
     if not only:
         print(SHAPE_HEADER, flush=True)
-        shapes = shape_sweep()
+        shapes = shape_sweep(tuning=tuning)
     bits = saved_bits_per_element()
     checks = targets(rows, bits)
     meta["seconds"] = round(time.time() - t0, 1)
@@ -677,7 +695,7 @@ def main(argv=None):
         "",
         f"{meta['date']}; torch {meta['torch']} (CUDA {meta['cuda']}), CuPy {meta['cupy']}; "
         f"{args.numel:,} elements, int4 [{QMIN}, {QMAX}], forward + backward; median times (us)"
-        + (f"; NVRTC defines {' '.join(meta['defines'])}." if meta["defines"] else "."),
+        + (f"; tuning (KernelTuning, non-default fields) {meta['tuning']}." if meta["tuning"] else "."),
         "`kernels`: GPU time of the CuPy kernels (forward + backward replayed from a CUDA graph, so no launch",
         "overhead); `fwd / bwd`: each alone; `eager`: the same calls timed eagerly with CUDA events; `via op`:",
         "through the public ops and autograd (eager). `copy`: a device-to-device copy moving the op's minimal",

@@ -9,27 +9,36 @@ outputs, the packed int32 STE mask, float32 parameter gradients), computed by th
 * ``reduce.cu``: LSQ/LSQ+ and PACT backward passes that write ``dx`` and reduce ``dscale``/``dzero_point``
   (``dalpha``) in the same pass, and the observer's per-tensor/channel/group min/max.
 
-Each source is compiled by NVRTC once per (dtype, vector width) and cached (in memory here, on disk by
-CuPy). Kernels run on PyTorch's current stream, take raw device pointers, and index with 64-bit
-integers. Inputs this backend does not cover (float64, mixed dtypes, CPU parameters) go to the
-reference, so every call returns the reference's answer.
+Tuning: every launch-shape, dispatch and compile-time setting is a field of one frozen
+:class:`~qat.kernels.tuning.KernelTuning`; :data:`~qat.kernels.tuning.DEFAULT_TUNING` holds the measured
+defaults. Each public function takes ``tuning=`` (None: the active tuning, :data:`DEFAULT_TUNING` unless
+a :func:`use_tuning` block installed another), and the launchers below take it explicitly; nothing else
+in this module is a knob. Its device fields become NVRTC ``-D`` options (the CUDA sources have no
+defaults of their own), so each source is compiled by NVRTC once per (dtype, vector width, device
+tuning) and cached (in memory here, on disk by CuPy).
+
+Kernels run on PyTorch's current stream, take raw device pointers, and index with 64-bit integers.
+Inputs this backend does not cover (float64, mixed dtypes, CPU parameters) go to the reference, so
+every call returns the reference's answer.
 
 :func:`compile_all` compiles every instantiation through NVRTC without touching a GPU (the CPU test).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
-import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from . import reference
+from .tuning import DEFAULT_TUNING, ByDtype, KernelTuning
 
 try:  # CuPy is optional: without it ops.py keeps every tensor on the reference.
     import cupy
@@ -39,8 +48,12 @@ except ImportError:  # pragma: no cover - exercised where CuPy is absent
     np = None
 
 __all__ = [
+    "DEFAULT_TUNING",
+    "KernelTuning",
     "available",
     "compile_all",
+    "current_tuning",
+    "use_tuning",
     "aminmax",
     "fake_quantize_forward",
     "fake_quantize_backward",
@@ -84,9 +97,52 @@ _KERNELS = {
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ESIZE = {0: 4, 1: 2, 2: 2}
 _ROUND = {mode: i for i, mode in enumerate(reference.ROUND_MODES)}
+#: threads of a block (the sources' QAT_THREADS, passed as a define); the tile kernels take fewer
+#: (KernelTuning.tile_threads, fwd_tile_threads)
 _THREADS = 256
-#: a (C, inner) layout whose rows are at most this wide uses the column kernel (see reduce.cu)
-_COLS_MAX_WIDTH = 1024
+
+
+# ----------------------------------------------------------------------------- tuning
+
+_active_tuning: KernelTuning = DEFAULT_TUNING
+_tuning_lock = threading.Lock()
+
+
+def current_tuning() -> KernelTuning:
+    """The tuning that calls without ``tuning=`` use (:data:`DEFAULT_TUNING` outside :func:`use_tuning`)."""
+    return _active_tuning
+
+
+@contextlib.contextmanager
+def use_tuning(tuning: Optional[KernelTuning] = None, **changes) -> Iterator[KernelTuning]:
+    """Install ``tuning`` (default: the current one), with ``changes`` applied by ``dataclasses.replace``,
+    as the process-wide tuning of this backend for the block; the previous one is restored on exit.
+
+    For sweeps and tests that go through the public ops (which take no tuning argument): every thread
+    sees it, autograd's backward threads too. Blocks nest; do not interleave them across threads.
+
+    Example::
+
+        with cupy_backend.use_tuning(cols_rows_lsq=2):  # a compile-time field: recompiles reduce.cu
+            fake_quantize_lsq(x, s, z, -8, 7, axis=1).sum().backward()
+    """
+    global _active_tuning
+    new = _active_tuning if tuning is None else tuning
+    if not isinstance(new, KernelTuning):
+        raise TypeError(f"use_tuning takes a KernelTuning, not {type(new).__name__}")
+    if changes:
+        new = dataclasses.replace(new, **changes)
+    with _tuning_lock:
+        prev, _active_tuning = _active_tuning, new
+    try:
+        yield new
+    finally:
+        with _tuning_lock:
+            _active_tuning = prev
+
+
+def _tn(tuning: Optional[KernelTuning]) -> KernelTuning:
+    return _active_tuning if tuning is None else tuning
 
 
 # ----------------------------------------------------------------------------- compilation
@@ -99,16 +155,12 @@ def _source(name: str) -> str:
     return text.replace('#include "common.cuh"', header)
 
 
-#: extra NVRTC options (``-DNAME=VALUE`` overrides of the sources' tuning macros, such as
-#: ``QAT_COLS_ROWS_LSQ``); set by ``benchmarks/kernels.py --define`` before the first launch, or from
-#: the environment variable ``QAT_KERNEL_DEFINES`` (``"QAT_MM_PACKED=1 QAT_FWD_PF=1"``: the GPU
-#: tests of a candidate setting run as ``QAT_KERNEL_DEFINES=... pytest -m cuda tests/kernels``)
-EXTRA_OPTIONS: tuple[str, ...] = tuple(f"-D{d}" for d in os.environ.get("QAT_KERNEL_DEFINES", "").split())
-
-
-def _options(dtype_code: int, vec: int) -> tuple[str, ...]:
+def _options(dtype_code: int, vec: int, defines: tuple[str, ...]) -> tuple[str, ...]:
+    """NVRTC options of one module: the instantiation (dtype, vector width, block size) and the tuning's
+    device fields (``KernelTuning.defines(dtype_code)``); the sources define nothing of these themselves."""
     # --fmad=false: no a*b+c contraction, so every float op rounds like PyTorch's (bit-exact parity).
-    return ("-std=c++17", "--fmad=false", f"-DQAT_DTYPE={dtype_code}", f"-DQAT_VEC={vec}", *EXTRA_OPTIONS)
+    return ("-std=c++17", "--fmad=false", f"-DQAT_DTYPE={dtype_code}", f"-DQAT_VEC={vec}",
+            f"-DQAT_THREADS={_THREADS}", *defines)  # fmt: skip
 
 
 def _variants():
@@ -119,13 +171,36 @@ def _variants():
                 yield name, code, vec
 
 
-def compile_all(arch: str = "sm_90") -> dict[tuple[str, int, int], int]:
-    """Compile every kernel instantiation with NVRTC for ``arch``, without a GPU.
+def _compile(name: str, code: int, vec: int, arch: str, tuning: KernelTuning) -> tuple[str, int]:
+    """NVRTC-compile one instantiation without a GPU: ``(ptx, size)``, size that of the cubin for a real
+    ``arch`` (of the PTX for a virtual one)."""
+    from cupy.cuda import nvrtc
+
+    prog = nvrtc.createProgram(_source(name), name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, [*_options(code, vec, tuning.defines(code)), f"--gpu-architecture={arch}"])
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(prog)
+            raise RuntimeError(f"NVRTC failed on {name} (dtype {code}, vec {vec}): {exc}\n{log}") from exc
+        ptx = nvrtc.getPTX(prog)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        missing = [k for k in _KERNELS[name] if f".entry {k}(" not in ptx]
+        if missing:
+            raise RuntimeError(f"{name} (dtype {code}, vec {vec}) compiled without kernels {missing}")
+        return ptx, len(ptx) if arch.startswith("compute_") else len(nvrtc.getCUBIN(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def compile_all(arch: str = "sm_90", tuning: KernelTuning = DEFAULT_TUNING) -> dict[tuple[str, int, int], int]:
+    """Compile every kernel instantiation with NVRTC for ``arch`` and ``tuning``, without a GPU.
 
     Args:
         arch: a real architecture (``"sm_90"``): NVRTC compiles down to machine code, so assembler
             errors (inline PTX) surface too; or a virtual one (``"compute_90"``): PTX only, about
             three times faster.
+        tuning: whose device fields become the sources' defines (:data:`DEFAULT_TUNING`).
 
     Returns:
         ``{(source, dtype_code, vec): size in bytes of the cubin (or the PTX)}``.
@@ -137,41 +212,33 @@ def compile_all(arch: str = "sm_90") -> dict[tuple[str, int, int], int]:
     """
     if cupy is None:
         raise ImportError("compile_all needs CuPy")
-    from cupy.cuda import nvrtc
-
-    sizes = {}
-    for name, code, vec in _variants():
-        prog = nvrtc.createProgram(_source(name), name, [], [])
-        try:
-            try:
-                nvrtc.compileProgram(prog, [*_options(code, vec), f"--gpu-architecture={arch}"])
-            except nvrtc.NVRTCError as exc:
-                log = nvrtc.getProgramLog(prog)
-                raise RuntimeError(f"NVRTC failed on {name} (dtype {code}, vec {vec}): {exc}\n{log}") from exc
-            ptx = nvrtc.getPTX(prog)
-            ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-            missing = [k for k in _KERNELS[name] if f".entry {k}(" not in ptx]
-            if missing:
-                raise RuntimeError(f"{name} (dtype {code}, vec {vec}) compiled without kernels {missing}")
-            sizes[(name, code, vec)] = len(ptx) if arch.startswith("compute_") else len(nvrtc.getCUBIN(prog))
-        finally:
-            nvrtc.destroyProgram(prog)
-    return sizes
+    return {(name, code, vec): _compile(name, code, vec, arch, tuning)[1] for name, code, vec in _variants()}
 
 
 _lock = threading.Lock()
 
 
+def _cache_key(name: str, dtype_code: int, vec: int, tuning: KernelTuning) -> tuple:
+    """What a compiled module is cached under: the instantiation and the tuning's device fields (host
+    fields need no recompile)."""
+    return name, dtype_code, vec, tuning.defines(dtype_code)
+
+
 @functools.lru_cache(maxsize=None)
-def _module(name: str, dtype_code: int, vec: int, device: int):
+def _module(name: str, dtype_code: int, vec: int, defines: tuple[str, ...], device: int):
     with cupy.cuda.Device(device):
-        return cupy.RawModule(code=_source(name), options=_options(dtype_code, vec))
+        return cupy.RawModule(code=_source(name), options=_options(dtype_code, vec, defines))
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, kernel: str, dtype_code: int, vec: int, device: int):
+def _kernel(name: str, kernel: str, dtype_code: int, vec: int, defines: tuple[str, ...], device: int):
     with _lock, cupy.cuda.Device(device):
-        return _module(name, dtype_code, vec, device).get_function(kernel)
+        return _module(name, dtype_code, vec, defines, device).get_function(kernel)
+
+
+def _get(name: str, kernel: str, dtype_code: int, vec: int, device: int, tn: KernelTuning):
+    """The compiled ``kernel`` of source ``name`` for this instantiation and tuning."""
+    return _kernel(name, kernel, dtype_code, vec, tn.defines(dtype_code), device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,21 +262,12 @@ def _blocks_per_sm(kern, shared_mem: int) -> int:
     return _occupancy[key]
 
 
-def _wave(kern, device: int, shared_mem: int = 0, waves: Optional[float] = None) -> int:
+def _wave(kern, device: int, waves: float, shared_mem: int = 0) -> int:
     """Blocks of ``waves`` full waves (every block resident at once); loops stride over the rest."""
-    waves = _GRID_WAVES if waves is None else waves
     return max(1, int(_num_sms(device) * _blocks_per_sm(kern, shared_mem) * waves))
 
 
 _streams: dict[tuple[int, int], object] = {}
-#: grid size in full waves (every block resident once); the kernels stride over the rest
-_GRID_WAVES = 1
-#: the element-wise kernels (no atomics) take more waves: measured 2-4% faster on an H100; 0: no
-#: grid-stride loop, one block per 16 warp steps (forward: each warp's two steps; backward: two vectors
-#: a thread), as Inductor's pointwise kernels launch
-_ELEMENTWISE_WAVES = 8
-#: the clipped-STE backward's grid (None: as _ELEMENTWISE_WAVES)
-_BACKWARD_WAVES = None
 _direct_launch = True  # Function(grid, block, args, shared_mem, stream): no context managers
 
 
@@ -307,48 +365,26 @@ def _fastdiv(d: int) -> tuple:
     return np.int64(d), np.uint32(((1 << p) + d - 1) // d), np.int32(p - 32)
 
 
-def _use_cols(inner: int, c: int) -> bool:
-    return c > 1 and (inner == 1 or c * inner <= _COLS_MAX_WIDTH)
+def _use_cols(inner: int, c: int, tn: KernelTuning) -> bool:
+    """A ``(C, inner)`` layout for the cols kernels: channels on the last axis, or rows at most
+    ``tn.cols_max_width`` wide."""
+    return c > 1 and (inner == 1 or c * inner <= tn.cols_max_width)
 
 
-def _use_rows(inner: int, c: int, vec: int) -> bool:
+def _use_rows(inner: int, c: int, vec: int, tn: KernelTuning) -> bool:
     """Long contiguous runs (channels on axis 0, large per-channel inner sizes) of ``vec``-element
     vectors: the rows kernels."""
-    return _ROWS and c > 1 and inner // vec >= _ROWS_MIN_VECS
+    return c > 1 and inner // vec >= tn.rows_min_vecs
 
 
-#: rows kernels (reduce.cu rows_body): on where a key's run has at least this many vectors
-_ROWS = True
-_ROWS_MIN_VECS = 1024
-#: per-tensor reductions (one parameter: LSQ backward, min/max) on the rows kernels: the tensor cut into
-#: about this many virtual rows of at least _ROWS_MIN_VECS vectors (0: off, the seg kernel), where that
-#: gives at least _TENSOR_ROWS_MIN_WAVES rows per SM. The v12 sweep (benchmarks/results/
-#: kernels_h100_v12_sweep.md, 64M elements): 8192 rows took LSQ fp32 per-tensor fwd + bwd from 494.6 to
-#: 461.3 us and min/max fp32 from 107.3 to 94.7 (16-bit: -2.5..-8%)
-_TENSOR_ROWS = 8192
-_TENSOR_ROWS_MIN_WAVES = 4
-#: blocks per row (segments of a row; > 1: one atomic per block instead of a store)
-_ROWS_SPLIT = 1
-#: grid of the rows kernels in waves (0: one block per segment)
-_ROWS_WAVES = 0
-#: cols kernels: row order (0: each block row a contiguous range; 1: interleaved groups of rows),
-#: grid rows rounded down to fit one wave (True) or up (False), grid size in waves. Rounding up left
-#: about 10-30% of the blocks to a second, partial wave (each block's rows run start to end): on an H100
-#: fitting one wave took aminmax 16-bit channel1 from 1.43 to 1.15x of the copy and the LSQ bf16
-#: channel1 backward from 184 to 160 us (benchmarks/results/kernels_h100_v8_sweep.md)
-_COLS_INTERLEAVE = 0
-_COLS_FIT = True
-_COLS_WAVES = 1
-
-
-def _tensor_rows(kind: str, n: int, c: int, vec: int, device: int) -> Optional[tuple[int, int]]:
+def _tensor_rows(kind: str, n: int, c: int, vec: int, device: int, tn: KernelTuning) -> Optional[tuple[int, int]]:
     """``(nrows, rowv)`` of a per-tensor reduction on the rows kernels, or None (the seg kernel)."""
-    if not _TENSOR_ROWS or c != 1 or kind == "pact_backward" or vec == 1:
+    if c != 1 or kind == "pact_backward" or vec == 1:
         return None
     nv = n // vec
-    rowv = max(_ROWS_MIN_VECS, -(-nv // _TENSOR_ROWS))
+    rowv = max(tn.rows_min_vecs, -(-nv // tn.tensor_rows))
     nrows = nv // rowv
-    if nrows < 1 or nrows < _TENSOR_ROWS_MIN_WAVES * _num_sms(device):
+    if nrows < 1 or nrows < tn.tensor_rows_min_waves * _num_sms(device):
         return None
     return nrows, rowv
 
@@ -357,28 +393,27 @@ def _no_init(poison: bool = False) -> None:
     pass
 
 
-#: tests: before a kernel that stores every key, fill its outputs with NaN (so a key it leaves unwritten
-#: fails the parity checks instead of reading whatever the allocator's block held)
-_POISON = False
-
-
-def _init_unless(stores_all: bool, init: Callable[[bool], None]) -> None:
+def _init_unless(stores_all: bool, init: Callable[[bool], None], tn: KernelTuning) -> None:
     if not stores_all:
         init(False)
-    elif _POISON:
+    elif tn.poison_outputs:
         init(True)
 
 
-def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tuple, device: int,
+def _by_kind(kind: str, lsq: ByDtype, minmax: ByDtype, code: int):
+    return (lsq if kind == "lsq_backward" else minmax)[code]
+
+
+def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tuple, device: int, tn: KernelTuning,
                    tensor_rows: bool = True, init: Optional[Callable[[bool], None]] = None) -> None:
-    """Launch ``{kind}_rows``, ``_cols``, ``_grp``, ``_tile`` or ``_seg`` (reduce.cu) for the layout
-    ``(inner, C)``; ``tensor_rows=False`` keeps a per-tensor reduction off the rows kernels (its tail).
+    """Launch ``{kind}_rows``, ``_cols``, ``_colsh``, ``_grp``, ``_tile`` or ``_seg`` (reduce.cu) for the
+    layout ``(inner, C)``; ``tensor_rows=False`` keeps a per-tensor reduction off the rows kernels (its tail).
 
     ``init(poison)`` sets the parameter-sized outputs to the reduction's identity (zeros, +-inf), or to
-    NaN with ``poison`` (``_POISON``, for tests: a key a storing kernel leaves unwritten shows). It runs only
-    before kernels that add into them (atomics); the kernels that store every key's total (tile, grp on
-    per-group layouts, rows with one block per key) leave the outputs unset before they run, which
-    saves two fills of the parameters' size (about 5 us at 64M elements in groups of 128)."""
+    NaN with ``poison`` (``tn.poison_outputs``, for tests: a key a storing kernel leaves unwritten shows).
+    It runs only before kernels that add into them (atomics); the kernels that store every key's total
+    (tile, grp on per-group layouts, rows with one block per key) leave the outputs unset before they run,
+    which saves two fills of the parameters' size (about 5 us at 64M elements in groups of 128)."""
     if init is None:
         init = _no_init
     code = _DTYPE_CODE[x.dtype]
@@ -386,68 +421,61 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
     tensors = [t for t in (x, g, dx) if t is not None]
     aligned = _aligned(*tensors)
     vec_rows = vec_full if aligned and inner % vec_full == 0 else 1
-    rows_t = _tensor_rows(kind, n, c, vec_full if aligned else 1, device) if tensor_rows else None
+    rows_t = _tensor_rows(kind, n, c, vec_full if aligned else 1, device, tn) if tensor_rows else None
     if rows_t is not None:
         # one parameter for the whole tensor: the rows kernels over virtual rows of rowv vectors (one
         # atomic per row), the tail past the last whole row on the seg kernel
         nrows, rowv = rows_t
         init(False)
-        kern = _kernel("reduce.cu", f"{kind}_rows", code, vec_full, device)
-        shape = (np.int64(nrows), np.int64(rowv), np.int64(1), np.int64(rowv), np.int32(1), np.int32(0))
+        kern = _get("reduce.cu", f"{kind}_rows", code, vec_full, device, tn)
+        shape = (np.int64(nrows), np.int64(rowv), np.int64(1), np.int32(0))
         _launch(kern, nrows, (*ptrs, *shape, *tail_args), device)
         head = nrows * rowv * vec_full
         if head < n:
             off = head * _ESIZE[code]
             streamed = len(tensors)  # ptrs start with those of x (, grad, dx)
             tail_ptrs = tuple(np.uint64(int(p) + off) if i < streamed else p for i, p in enumerate(ptrs))
-            _launch_reduce(kind, x, g, dx, n - head, n - head, 1, tail_args, tail_ptrs, device, tensor_rows=False)
+            _launch_reduce(kind, x, g, dx, n - head, n - head, 1, tail_args, tail_ptrs, device, tn, tensor_rows=False)
         return
-    if kind != "pact_backward" and _use_rows(inner, c, vec_rows):
+    if kind != "pact_backward" and _use_rows(inner, c, vec_rows, tn):
+        # one block per row (grid-stride over rows past 2**31 - 1 blocks)
         vec = vec_rows
-        kern = _kernel("reduce.cu", f"{kind}_rows", code, vec, device)
+        kern = _get("reduce.cu", f"{kind}_rows", code, vec, device, tn)
         nrows = n // inner
-        innerv = inner // vec
-        split = max(1, min(_ROWS_SPLIT, innerv // _THREADS))
-        segv = -(-innerv // split)
-        nblk = nrows * split
-        grid = nblk if not _ROWS_WAVES else min(nblk, _wave(kern, device, waves=_ROWS_WAVES))
-        grid = min(grid, 2**31 - 1)
-        store = np.int32(split == 1 and nrows == c)  # one block per key: plain stores
-        _init_unless(store, init)
-        shape = (np.int64(nrows), np.int64(innerv), np.int64(c), np.int64(segv), np.int32(split), store)
-        args = (*ptrs, *shape, *tail_args)
-        _launch(kern, grid, args, device)
-    elif _use_cols(inner, c):
+        grid = min(nrows, 2**31 - 1)
+        store = np.int32(nrows == c)  # one block per key: plain stores
+        _init_unless(bool(store), init, tn)
+        shape = (np.int64(nrows), np.int64(inner // vec), np.int64(c), store)
+        _launch(kern, grid, (*ptrs, *shape, *tail_args), device)
+    elif _use_cols(inner, c, tn):
         wd = c * inner
         rows = n // wd
         vec = vec_full if aligned and wd % vec_full == 0 else 1
-        half = vec > 1 and bool(_COLS_HALF.get((kind, code), _COLS_HALF.get(kind, False)))
-        kern = _kernel("reduce.cu", f"{kind}_colsh" if half else f"{kind}_cols", code, vec, device)
+        half = vec > 1 and bool(_by_kind(kind, tn.cols_half_lsq, tn.cols_half_minmax, code))
+        kern = _get("reduce.cu", f"{kind}_colsh" if half else f"{kind}_cols", code, vec, device, tn)
         cv = vec // 2 if half else vec  # columns a thread
         wdv = wd // cv
-        colsv = min(wdv, _COLS_HALF_VECS if half else _COLS_VECS)
+        colsv = min(wdv, tn.cols_half_vecs if half else tn.cols_vecs)
         r = _THREADS // colsv
         shared = 2 * _THREADS * cv * 4
         gx = -(-wdv // colsv)
-        wave = _wave(kern, device, shared, waves=_COLS_WAVES)
-        gy_fit = wave // gx if _COLS_FIT else -(-wave // gx)  # fit: no block waits for a second wave
-        gy = max(1, min(-(-rows // r), gy_fit))
-        ilv = np.int32(_COLS_INTERLEAVE)
+        # the grid fits one wave: each block owns its rows start to end, so no block waits for a second one
+        gy = max(1, min(-(-rows // r), _wave(kern, device, 1, shared) // gx))
         init(False)
-        args = (*ptrs, np.int64(rows), np.int64(wd), np.int64(inner), np.int32(colsv), np.int32(r), ilv, *tail_args)
+        args = (*ptrs, np.int64(rows), np.int64(wd), np.int64(inner), np.int32(colsv), np.int32(r), *tail_args)
         _launch(kern, (gx, gy), args, device, shared)
     else:
         vec = vec_full if aligned and (c == 1 or inner % vec_full == 0) else 1
         run = inner // vec  # vectors of a key's run
-        k = _grp_k(run, kind, code) if c > 1 and inner % vec == 0 else None
-        # per-group layouts (every key one run): the tile kernel where _TILE asks for it
-        t = _tile_t(run, kind, code) if k is not None and c * inner == n else None
-        grid = -(-n // (_TILE_THREADS * (t or 1) * vec))  # one tile of _TILE_THREADS // 32 * t units a block
+        k = _grp_k(run, kind, tn) if c > 1 and inner % vec == 0 else None
+        # per-group layouts (every key one run): the tile kernel where the tuning asks for it
+        t = _tile_t(run, kind, code, tn) if k is not None and c * inner == n else None
+        grid = -(-n // (tn.tile_threads * (t or 1) * vec))  # one tile of tile_threads // 32 * t units a block
         if t is not None and grid < 2**31:
-            _init_unless(True, init)
-            kern = _kernel("reduce.cu", f"{kind}_tile{t}", code, vec, device)
-            args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), np.int32(1), *tail_args, np.int64(_TILE_ADJ))
-            _launch(kern, grid, args, device, threads=_TILE_THREADS)
+            _init_unless(True, init, tn)
+            kern = _get("reduce.cu", f"{kind}_tile{t}", code, vec, device, tn)
+            args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), *tail_args)
+            _launch(kern, grid, args, device, threads=tn.tile_threads)
             return
         wpb = _THREADS // 32
         if kind == "pact_backward":
@@ -458,16 +486,13 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
             name = f"{kind}_seg0"  # long runs: accumulate in registers
         else:
             name = f"{kind}_seg2"  # general: segmented scan
-        kern = _kernel("reduce.cu", name, code, vec, device)
+        kern = _get("reduce.cu", name, code, vec, device, tn)
         nsteps = -(-n // (32 * vec * (k or 1)))
-        grid = max(1, min(-(-nsteps // wpb), _wave(kern, device, waves=_GRP_WAVES if k else None)))
+        grid = max(1, min(-(-nsteps // wpb), _wave(kern, device, tn.grp_waves if k else tn.seg_waves)))
         # seg: teams of `wil` warps interleave their steps (reduce.cu, seg_body). Per tensor, one
         # team (grid-stride) ran 1-3% faster on an H100 than per-warp ranges; per channel (axis 0),
         # teams of 2-4 blocks ran 2-25% slower, so there each warp keeps its contiguous range.
-        if k is None and c == 1 and _SEG_TEAMS:
-            team = grid  # one key: a plain grid-stride loop
-        else:
-            team = 1  # each warp a contiguous range (teams across channels measured slower)
+        team = grid if k is None and c == 1 else 1
         if team > 1:
             grid = max(team, grid // team * team)
         wil = np.int64(team * wpb if team > 1 else 1)
@@ -476,87 +501,38 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         else:
             unique = np.int32(c * inner == n)  # every key is one run (per-group): plain stores
             args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), unique, *tail_args, wil)
-        _init_unless(kind != "pact_backward" and k is not None and c * inner == n, init)  # grp stores
+        _init_unless(kind != "pact_backward" and k is not None and c * inner == n, init, tn)  # grp stores
         _launch(kern, grid, args, device)
 
 
-#: per-tensor seg kernels: all warps interleave their steps (False: each warp a contiguous range)
-_SEG_TEAMS = True
-#: cols kernels: vectors (columns / QAT_VEC) a block spans (the rest of its threads take other rows)
-_COLS_VECS = 32
-#: colsh kernels (reduce.cu colsh_body: cols with QAT_VEC / 2 columns a thread, 8-byte accesses in 16-bit
-#: types) by kind, or by ``(kind, dtype code)``: truthy = on; and the half vectors a block spans
-#: Defaults from the v11 sweep (benchmarks/results/kernels_h100_v11_sweep.md): 16-bit LSQ, and min/max
-#: in every dtype.
-_COLS_HALF: dict = {("lsq_backward", 1): True, ("lsq_backward", 2): True,
-                    ("minmax", 0): True, ("minmax", 1): True, ("minmax", 2): True}
-_COLS_HALF_VECS = 64
-
-
-#: grp kernels: preferred loads per lane (x, or x and grad), and grid size in waves
-_GRP_LOADS = {"minmax": 2, "lsq_backward": 2}
-_GRP_WAVES = 16
-
-
-#: tile kernels (reduce.cu tile_body): loads per lane T by kind, or by ``(kind, dtype code)`` for one
-#: dtype; 0 or absent: the grp kernel. Inductor's persistent reductions launch this shape (one tile a
-#: program, every load issued up front, no grid-stride loop). Runs of at most 32 vectors only.
-#: Defaults from the v10 sweep (benchmarks/results/kernels_h100_v10_sweep.md, by dtype code: 0 fp32,
-#: 1 fp16, 2 bf16).
-_TILE: dict = {("lsq_backward", 0): 4, ("lsq_backward", 1): 2, ("lsq_backward", 2): 2,
-               ("minmax", 0): 4, ("minmax", 1): 2, ("minmax", 2): 4}
-#: threads of a tile kernel's block (Inductor's fp32 LSQ group128 backward uses 2 warps; 4 measured
-#: as fast and was the sweep's pick)
-_TILE_THREADS = 128
-#: tile kernels: a warp's T units adjacent (1), or unit t of the block's warps adjacent (0: Triton's
-#: blocked layout, as Inductor's persistent reductions load)
-_TILE_ADJ = 1
-
-
-def _tile_t(run: int, kind: str, code: int) -> Optional[int]:
+def _tile_t(run: int, kind: str, code: int, tn: KernelTuning) -> Optional[int]:
     """Loads per lane T of the tile kernel for runs of ``run`` vectors, or None (the grp kernel)."""
-    t = _TILE.get((kind, code), _TILE.get(kind, 0))
-    if not t or run > 32 or t not in _TILE_T or _TILE_THREADS % 32 or not 32 <= _TILE_THREADS <= _THREADS:
+    t = _by_kind(kind, tn.tile_lsq, tn.tile_minmax, code)
+    if not t or run > 32:
         return None
     return t
 
 
-def _grp_k(run: int, kind: str, code: int = 0) -> Optional[int]:
+def _grp_k(run: int, kind: str, tn: KernelTuning) -> Optional[int]:
     """Loads per lane K of a grp kernel for runs of ``run`` vectors (``run = K * L``, L a power of two
-    <= 32 lanes), or None where the layout is not one. ``_GRP_LOADS`` is keyed by kind, or by
-    ``(kind, dtype code)`` for one dtype."""
+    <= 32 lanes), or None where the layout is not one."""
     if run < 1 or run & (run - 1) or run > 32 * max(_GRP_K):
         return None
-    k = min(_GRP_LOADS.get((kind, code), _GRP_LOADS.get(kind, 4)), run)
+    k = min(tn.grp_loads_lsq if kind == "lsq_backward" else tn.grp_loads_minmax, run)
     while run // k > 32:
         k *= 2
     return k if k in _GRP_K else None
 
 
-#: tile forward of key mode 1 (fake_quant.cu fq_forward_t<T>_<variant>_1: per-group, and channels whose
-#: inner size is a multiple of the vector): warp steps per warp T by dtype code (0 fp32, 1 fp16, 2 bf16);
-#: 0 or absent: the grid-stride kernel fq_forward_<variant>_1. Inductor's pointwise launch shape (one
-#: tile a block, every load up front, no grid-stride loop) with 32-bit offsets, so tensors of 2**31
-#: elements or more always take the grid-stride kernel (64-bit).
-#: Default from the v11 sweep: fp32, T 1 (16-bit measured 0.98-1.01 of the grid-stride kernel: off).
-_FWD_TILE: dict = {0: 1}
-#: threads of a tile forward block (a multiple of 32, at most 256)
-_FWD_TILE_THREADS = 128
-#: 1: a warp's T steps adjacent; 0: step t of the block's warps adjacent (Triton's blocked layout)
-_FWD_TILE_ADJ = 0
-
-
-def _fwd_tile_t(keymode: int, variant: int, code: int, n: int) -> Optional[int]:
+def _fwd_tile_t(keymode: int, variant: int, code: int, n: int, tn: KernelTuning) -> Optional[int]:
     """Warp steps per warp T of the tile forward, or None (the grid-stride forward)."""
     if keymode != 1 or variant not in (0, 1) or n >= 2**31:
         return None
-    t = _FWD_TILE.get(code, 0)
-    if t not in _FWD_TILE_T or _FWD_TILE_THREADS % 32 or not 32 <= _FWD_TILE_THREADS <= _THREADS:
-        return None
-    return t
+    return tn.fwd_tile[code] or None
 
 
-def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask):
+def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask,
+             tn: KernelTuning):
     xc = x.contiguous()
     n = xc.numel()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -584,29 +560,20 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
     else:
         keymode = 2
     nsteps = -(-n // (32 * vec))
-    t = _fwd_tile_t(keymode, variant, code, n)
-    if t is not None:  # one tile of _FWD_TILE_THREADS // 32 * t warp steps a block, 32-bit offsets
-        kern = _kernel("fake_quant.cu", f"fq_forward_t{t}_{variant}_1", code, vec, device)
-        grid = -(-nsteps // (_FWD_TILE_THREADS // 32 * t))
-        args = (
-            _ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a),
-            np.int64(n), *_fastdiv(inner), *_fastdiv(c),
-            np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]), np.int32(1 if _FWD_TILE_ADJ else 0),
-        )  # fmt: skip
-        _launch(kern, grid, args, device, threads=_FWD_TILE_THREADS)
-        return y, mask
-    kern = _kernel("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device)
-    if _ELEMENTWISE_WAVES:
-        grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, waves=_ELEMENTWISE_WAVES)))
-    else:  # one pass: two steps a warp
-        grid = max(1, -(-nsteps // (2 * (_THREADS // 32))))
-    grid = min(grid, 2**31 - 1)
     args = (
         _ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a),
         np.int64(n), *_fastdiv(inner), *_fastdiv(c),
         np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]),
     )  # fmt: skip
-    _launch(kern, grid, args, device)
+    t = _fwd_tile_t(keymode, variant, code, n, tn)
+    if t is not None:  # one tile of fwd_tile_threads // 32 * t warp steps a block, 32-bit offsets
+        kern = _get("fake_quant.cu", f"fq_forward_t{t}_{variant}_1", code, vec, device, tn)
+        grid = -(-nsteps // (tn.fwd_tile_threads // 32 * t))
+        _launch(kern, grid, args, device, threads=tn.fwd_tile_threads)
+        return y, mask
+    kern = _get("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device, tn)
+    grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, tn.elementwise_waves)))
+    _launch(kern, min(grid, 2**31 - 1), args, device)
     return y, mask
 
 
@@ -622,14 +589,18 @@ def fake_quantize_forward(
     axis: Optional[int] = None,
     group_size: Optional[int] = None,
     round_mode: str = "half_even",
+    tuning: Optional[KernelTuning] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize-dequantize ``x``; returns ``(x_hat, packed_mask)`` (see reference)."""
+    """Quantize-dequantize ``x``; returns ``(x_hat, packed_mask)`` (see reference). ``tuning``: the
+    kernels' :class:`KernelTuning` (None: :func:`current_tuning`), as in every function below."""
     if not _supported(x, scale, zero_point):
         return reference.fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
-    return _forward(x, scale, zero_point, None, qmin, qmax, axis, group_size, round_mode, 0, True)
+    return _forward(x, scale, zero_point, None, qmin, qmax, axis, group_size, round_mode, 0, True, _tn(tuning))
 
 
-def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def fake_quantize_backward(
+    grad: torch.Tensor, mask: torch.Tensor, tuning: Optional[KernelTuning] = None
+) -> torch.Tensor:
     """Clipped-STE backward: ``grad`` where the saved mask bit is set, 0 elsewhere."""
     if not _supported(grad, mask) or mask.dtype != torch.int32:
         return reference.fake_quantize_backward(grad, mask)
@@ -642,27 +613,27 @@ def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     device = grad.device.index
     code = _DTYPE_CODE[grad.dtype]
     vec = 16 // _ESIZE[code] if _aligned(g, dx) else 1
-    kern = _kernel("fake_quant.cu", "fq_backward", code, vec, device)
+    tn = _tn(tuning)
+    kern = _get("fake_quant.cu", "fq_backward", code, vec, device, tn)
     nvec = -(-n // vec)
-    waves = _ELEMENTWISE_WAVES if _BACKWARD_WAVES is None else _BACKWARD_WAVES
-    if waves:
-        grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, waves=waves)))
-    else:  # one pass: two vectors a thread
-        grid = min(max(1, -(-nvec // (2 * _THREADS))), 2**31 - 1)
+    grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, tn.elementwise_waves)))
     _launch(kern, grid, (_ptr(g), _ptr(m), _ptr(dx), np.int64(n)), device)
     return dx
 
 
-def fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis=None, group_size=None, round_mode="half_even"):
+def fake_quantize_lsq_forward(
+    x, scale, zero_point, qmin, qmax, axis=None, group_size=None, round_mode="half_even", tuning=None
+):
     """Forward of the learned-step (LSQ / LSQ+) quantizer (zero point used as clamp(rint(z)))."""
     if not _supported(x, scale, zero_point):
         return reference.fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
-    y, _ = _forward(x, scale, zero_point, None, qmin, qmax, axis, group_size, round_mode, 1, False)
+    y, _ = _forward(x, scale, zero_point, None, qmin, qmax, axis, group_size, round_mode, 1, False, _tn(tuning))
     return y
 
 
 def fake_quantize_lsq_backward(
-    grad, x, scale, zero_point, qmin, qmax, axis=None, group_size=None, grad_factor=1.0, round_mode="half_even"
+    grad, x, scale, zero_point, qmin, qmax, axis=None, group_size=None, grad_factor=1.0, round_mode="half_even",
+    tuning=None,
 ):
     """Gradients of the LSQ / LSQ+ quantizer, ``(dx, dscale, dzero_point)``, in one pass over x and grad."""
     if not _supported(x, grad, scale, zero_point) or grad.dtype != x.dtype:
@@ -686,19 +657,19 @@ def fake_quantize_lsq_backward(
         s, z = _params(scale), _params(zero_point)
         tail = (np.float32(qmin), np.float32(qmax), np.float32(grad_factor), np.int32(_ROUND[round_mode]))
         ptrs = (_ptr(xc), _ptr(g), _ptr(dx), _ptr(s), _ptr(z), _ptr(ds), _ptr(dz))
-        _launch_reduce("lsq_backward", xc, g, dx, n, inner, c, tail, ptrs, x.device.index, init=init)
+        _launch_reduce("lsq_backward", xc, g, dx, n, inner, c, tail, ptrs, x.device.index, _tn(tuning), init=init)
     return dx, ds.reshape(scale.shape), dz.reshape(zero_point.shape)
 
 
-def fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode="half_even"):
+def fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode="half_even", tuning=None):
     """PACT forward: clip to ``[0, alpha]``, quantize with ``s = alpha / (qmax - qmin)``, ``z = qmin``."""
     if not _supported(x, alpha):
         return reference.fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode)
-    y, _ = _forward(x, None, None, alpha, qmin, qmax, None, None, round_mode, 2, False)
+    y, _ = _forward(x, None, None, alpha, qmin, qmax, None, None, round_mode, 2, False, _tn(tuning))
     return y
 
 
-def fake_quantize_pact_backward(grad, x, alpha):
+def fake_quantize_pact_backward(grad, x, alpha, tuning=None):
     """PACT gradients ``(dx, dalpha)`` in one pass."""
     if not _supported(x, grad, alpha) or grad.dtype != x.dtype:
         return reference.fake_quantize_pact_backward(grad, x, alpha)
@@ -709,7 +680,7 @@ def fake_quantize_pact_backward(grad, x, alpha):
     if n:
         a = _params(alpha)
         ptrs = (_ptr(xc), _ptr(g), _ptr(dx), _ptr(a), _ptr(da))
-        _launch_reduce("pact_backward", xc, g, dx, n, n, 1, (), ptrs, x.device.index)
+        _launch_reduce("pact_backward", xc, g, dx, n, n, 1, (), ptrs, x.device.index, _tn(tuning))
     return dx, da.reshape(alpha.shape)
 
 
@@ -724,7 +695,7 @@ def _param_shape(x: torch.Tensor, axis: Optional[int], group_size: Optional[int]
     return (1,)
 
 
-def _aminmax_use_kernel(x: torch.Tensor, axis: Optional[int], group_size: Optional[int]) -> bool:
+def _aminmax_use_kernel(x: torch.Tensor, axis: Optional[int], group_size: Optional[int], tn: KernelTuning) -> bool:
     """Where the kernel beat PyTorch's reductions on an H100 (benchmarks/results/kernels_h100.md, 64M
     elements): per-group and per-channel on a non-leading axis always (1.8-4x), float16 / bfloat16
     everywhere (1.2-1.5x); float32 per-tensor and per-channel on axis 0 where the rows kernels take
@@ -738,8 +709,8 @@ def _aminmax_use_kernel(x: torch.Tensor, axis: Optional[int], group_size: Option
         return False  # scalar loads: neither rows kernel applies
     inner, c = _layout(x, axis, group_size)
     if c == 1:
-        return _tensor_rows("minmax", x.numel(), 1, 4, x.device.index) is not None
-    return inner % 4 == 0 and _use_rows(inner, c, 4)
+        return _tensor_rows("minmax", x.numel(), 1, 4, x.device.index, tn) is not None
+    return inner % 4 == 0 and _use_rows(inner, c, 4, tn)
 
 
 def _aminmax_torch(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):
@@ -759,7 +730,8 @@ def _aminmax_torch(x: torch.Tensor, axis: Optional[int] = None, group_size: Opti
     return mn.float().reshape(shape), mx.float().reshape(shape)
 
 
-def _aminmax_kernel(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):
+def _aminmax_kernel(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None,
+                    tuning: Optional[KernelTuning] = None):
     """Min/max per parameter with the fused kernel (NaN ignored)."""
     xc = x.contiguous()
     n = xc.numel()
@@ -774,12 +746,14 @@ def _aminmax_kernel(x: torch.Tensor, axis: Optional[int] = None, group_size: Opt
     if not n:
         init()
     else:
-        _launch_reduce("minmax", xc, None, None, n, inner, c, (), (_ptr(xc), _ptr(mn), _ptr(mx)), x.device.index, init=init)
+        ptrs = (_ptr(xc), _ptr(mn), _ptr(mx))
+        _launch_reduce("minmax", xc, None, None, n, inner, c, (), ptrs, x.device.index, _tn(tuning), init=init)
     shape = _param_shape(x, axis, group_size)
     return mn.reshape(shape), mx.reshape(shape)
 
 
-def aminmax(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):
+def aminmax(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None,
+            tuning: Optional[KernelTuning] = None):
     """Per-tensor / per-channel / per-group ``(min, max)`` of ``x`` as float32, parameter-shaped.
 
     Shapes follow the parameters of :func:`qat.kernels.fake_quantize`: ``(1,)`` per tensor,
@@ -794,6 +768,7 @@ def aminmax(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[in
         >>> mn, mx
         (tensor([-2.0000,  0.5000]), tensor([1., 3.]))
     """
-    if _supported(x) and _aminmax_use_kernel(x, axis, group_size):
-        return _aminmax_kernel(x, axis, group_size)
+    tn = _tn(tuning)
+    if _supported(x) and _aminmax_use_kernel(x, axis, group_size, tn):
+        return _aminmax_kernel(x, axis, group_size, tn)
     return _aminmax_torch(x, axis, group_size)

@@ -1,9 +1,13 @@
 // Shared device helpers of the fake-quant kernels (included textually by cupy_backend.py).
 //
-// Compile-time configuration, one module per (dtype, vector width):
-//   QAT_DTYPE  0 = float32, 1 = float16, 2 = bfloat16 (storage of x, y, grad, dx);
-//   QAT_VEC    elements per thread per access: 16 bytes' worth (4 fp32 / 8 half) when every
-//              pointer is 16-byte aligned, else 1.
+// Compile-time configuration, all of it from the host (cupy_backend._options): one module per
+// (dtype, vector width, tuning); these sources keep no defaults of their own, a missing define is an
+// #error. Here:
+//   QAT_DTYPE    0 = float32, 1 = float16, 2 = bfloat16 (storage of x, y, grad, dx);
+//   QAT_VEC      elements per thread per access: 16 bytes' worth (4 fp32 / 8 half) when every
+//                pointer is 16-byte aligned, else 1;
+//   QAT_THREADS  threads of a block (cupy_backend._THREADS);
+// and in reduce.cu the tuning macros that qat.kernels.tuning.KernelTuning.defines() renders.
 // Scales, zero points and all arithmetic are float32. The half types are carried as their raw 16
 // bits and converted with PTX `cvt` (round to nearest even, as torch's .to()), so no CUDA header
 // is needed and NVRTC compiles these sources without a GPU.
@@ -14,11 +18,8 @@
 // per-group of g along the last axis: C = numel / g, inner = g. Indices are 64-bit.
 #pragma once
 
-#ifndef QAT_DTYPE
-#define QAT_DTYPE 0
-#endif
-#ifndef QAT_VEC
-#define QAT_VEC 1
+#if !defined(QAT_DTYPE) || !defined(QAT_VEC) || !defined(QAT_THREADS)
+#error "QAT_DTYPE, QAT_VEC and QAT_THREADS are set by cupy_backend (-D options)"
 #endif
 
 #if QAT_DTYPE == 0
@@ -56,27 +57,15 @@ __device__ __forceinline__ unsigned short scalar_zero() { return 0; }
 #endif
 
 #define QAT_VEC_BYTES (QAT_VEC * QAT_ESIZE)
-// a tuning default by storage type: float32, 16-bit (usable in #if)
-#define QAT_BY_DTYPE(f32, h16) (QAT_ESIZE == 4 ? (f32) : (h16))
 #if QAT_VEC_BYTES != 16 && QAT_VEC != 1
 #error "QAT_VEC must be 1 or 16 / sizeof(scalar_t)"
 #endif
 
-#define QAT_THREADS 256
 #define QAT_FULL 0xffffffffu
 
-// 16-byte loads and stores of the streamed tensors: 1 = cache-streaming hints (ld.global.cs /
-// st.global.cs: evict first), 0 = plain (ld.global.nc through the read-only path / st.global)
-#ifndef QAT_CS
-#define QAT_CS QAT_BY_DTYPE(1, 1)
-#endif
-#if QAT_CS
-#define QAT_LD16(p) __ldcs(p)
-#define QAT_ST16(p, v) __stcs(p, v)
-#else
-#define QAT_LD16(p) __ldg(p)
-#define QAT_ST16(p, v) (*(p) = (v))
-#endif
+// The streamed tensors' 16-byte (and colsh's 8-byte) loads and stores carry cache-streaming hints
+// (__ldcs / __stcs: ld.global.cs / st.global.cs, evict first): plain loads through the read-only path
+// measured no better (v9: class means 1.000 fp32, 0.997 16-bit).
 
 // One thread's slice: QAT_VEC consecutive elements, loaded with one 16-byte access when vectorized.
 union RawVec {
@@ -92,7 +81,7 @@ __device__ __forceinline__ RawVec load_vec(const scalar_t* __restrict__ p, long 
   RawVec r;
 #if QAT_VEC_BYTES == 16
   if (nvalid == QAT_VEC) {
-    r.u = QAT_LD16(reinterpret_cast<const uint4*>(p + e));  // streamed once
+    r.u = __ldcs(reinterpret_cast<const uint4*>(p + e));  // streamed once
     return r;
   }
 #endif
@@ -104,7 +93,7 @@ __device__ __forceinline__ RawVec load_vec(const scalar_t* __restrict__ p, long 
 __device__ __forceinline__ void store_vec(scalar_t* __restrict__ p, long long e, int nvalid, const RawVec& r) {
 #if QAT_VEC_BYTES == 16
   if (nvalid == QAT_VEC) {
-    QAT_ST16(reinterpret_cast<uint4*>(p + e), r.u);
+    __stcs(reinterpret_cast<uint4*>(p + e), r.u);
     return;
   }
 #endif
@@ -213,44 +202,6 @@ __device__ __forceinline__ float qclamp(float q, float qmin, float qmax) {
   asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(r), "f"(qmax));
   return r;
 }
-
-// Packed min / max of two 16-bit values per 32-bit word (min.f16x2 / min.bf16x2, sm_80+): the same
-// result as fminf / fmaxf on the converted floats (conversion to float32 is exact and monotone; a NaN
-// operand is ignored, as fminf does), at two instructions per 8 elements less than converting first.
-#if QAT_ESIZE == 2
-#if QAT_DTYPE == 1
-#define QAT_H2_T "f16x2"
-#define QAT_H2_INF 0x7c007c00u
-#define QAT_H2_NINF 0xfc00fc00u
-#else
-#define QAT_H2_T "bf16x2"
-#define QAT_H2_INF 0x7f807f80u
-#define QAT_H2_NINF 0xff80ff80u
-#endif
-__device__ __forceinline__ unsigned h2min(unsigned a, unsigned b) {
-  unsigned d;
-  asm("min." QAT_H2_T " %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned h2max(unsigned a, unsigned b) {
-  unsigned d;
-  asm("max." QAT_H2_T " %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-#if QAT_VEC_BYTES == 16
-// fold one 16-byte vector (4 words = 8 values) into packed running minima / maxima
-__device__ __forceinline__ void h2acc(unsigned* pa, unsigned* pb, const RawVec& v) {
-  const unsigned w[4] = {v.u.x, v.u.y, v.u.z, v.u.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    pa[j] = h2min(pa[j], w[j]);
-    pb[j] = h2max(pb[j], w[j]);
-  }
-}
-#endif
-__device__ __forceinline__ float h2lo(unsigned w) { return to_f((unsigned short)(w & 0xffffu)); }
-__device__ __forceinline__ float h2hi(unsigned w) { return to_f((unsigned short)(w >> 16)); }
-#endif
 
 // Float atomics for min/max (the observer): order-preserving integer views of float32.
 __device__ __forceinline__ void atomic_min_f(float* addr, float v) {

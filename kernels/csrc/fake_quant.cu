@@ -14,42 +14,15 @@
 // the mask of one step is QAT_VEC whole 32-bit words: each lane ORs its QAT_VEC bits with the
 // 32/QAT_VEC - 1 neighbours that share its word (xor shuffles; a ballot when QAT_VEC == 1).
 // Bytes: reads x (and the parameters, cached), writes y and numel/8 bytes of mask.
-// QAT_FWD_PF 1: key mode 1 loads both steps' parameters together with x (see fwd_body)
-#ifndef QAT_FWD_PF
-#define QAT_FWD_PF QAT_BY_DTYPE(1, 1)
-#endif
-// QAT_FWD_ADJ 1: a warp's two steps of an iteration are adjacent (2w, 2w + 1) instead of w and
-// w + nwarps
-#ifndef QAT_FWD_ADJ
-#define QAT_FWD_ADJ QAT_BY_DTYPE(1, 1)
-#endif
-// minimum resident blocks per SM of the forward kernels (0: no __launch_bounds__ minimum, ptxas's choice)
-#ifndef QAT_FWD_MINB
-#define QAT_FWD_MINB QAT_BY_DTYPE(0, 0)
-#endif
-#if QAT_FWD_MINB > 0
-#define QAT_FWD_BOUNDS __launch_bounds__(QAT_THREADS, QAT_FWD_MINB)
-#else
-#define QAT_FWD_BOUNDS __launch_bounds__(QAT_THREADS)
-#endif
-// the same for the key mode 1 entry points alone (per-group, and channels with inner % QAT_VEC == 0)
-#ifndef QAT_FWD_MINB_K1
-#define QAT_FWD_MINB_K1 QAT_FWD_MINB
-#endif
-#if QAT_FWD_MINB_K1 > 0
-#define QAT_FWD_BOUNDS_1 __launch_bounds__(QAT_THREADS, QAT_FWD_MINB_K1)
-#else
-#define QAT_FWD_BOUNDS_1 __launch_bounds__(QAT_THREADS)
-#endif
-#define QAT_FWD_BOUNDS_0 QAT_FWD_BOUNDS
-#define QAT_FWD_BOUNDS_2 QAT_FWD_BOUNDS
-#define QAT_FWD_BOUNDS_3 QAT_FWD_BOUNDS
+// A warp's two steps of an iteration are adjacent (2w, 2w + 1), and key mode 1 loads both steps'
+// parameters together with x (v9: forward 0.980 fp32 / 0.975 16-bit of steps w and w + nwarps with the
+// parameters loaded at each step's work). Launch bounds: QAT_THREADS, no minimum (ptxas's choice).
 
 template <int VARIANT>
 struct FwdParam {
   float s, z, inv_s, a;
   long long key;
-  // from parameters already loaded (QAT_FWD_PF): s and the raw zero point of key k
+  // from parameters already loaded (key mode 1, fwd_body): s and the raw zero point of key k
   __device__ __forceinline__ void set(long long k, float s_, float z_, float qmin, float qmax) {
     if (k == key) return;
     key = k;
@@ -72,11 +45,6 @@ struct FwdParam {
     }
     inv_s = 1.0f / s;
   }
-};
-
-// QAT_FWD_PF >= 2, key mode 3: a vector's QAT_VEC channel parameters, loaded with x by fwd_body
-struct ColParams {
-  float s[QAT_VEC], z[QAT_VEC];
 };
 
 template <int VARIANT, int RMODE>
@@ -103,9 +71,10 @@ __device__ __forceinline__ void write_mask(unsigned* __restrict__ mask, long lon
 }
 
 // One lane's vector. FULL: all QAT_VEC elements are inside the tensor (every step but the last).
+// Key modes 0 and 1 find p set (key mode 1: by fwd_body, with both steps' parameters).
 template <int VARIANT, int KEYMODE, int RMODE, bool FULL>
 __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, RawVec& yv, long long e0, int nvalid,
-                                        unsigned& bits, const ColParams& pre, const float* __restrict__ scale,
+                                        unsigned& bits, const float* __restrict__ scale,
                                         const float* __restrict__ zp,
                                         const float* __restrict__ alpha, const FastDiv& inner, const FastDiv& C,
                                         float qmin, float qmax) {
@@ -123,16 +92,12 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
     }
   } else if (KEYMODE == 3) {
     // channels on the last axis (inner == 1, C % QAT_VEC == 0): the vector's QAT_VEC consecutive
-    // channels' parameters are themselves read as 16-byte vectors
-#if QAT_FWD_PF >= 2
-    const float(&sv)[QAT_VEC] = pre.s;
-    const float(&zv)[QAT_VEC] = pre.z;
-#else
+    // channels' parameters are themselves read as 16-byte vectors (loading them with x, before any
+    // work, measured 0.995 fp32 and took 62-66 registers in 16-bit: v9)
     const long long k0 = e0 - C.div(e0) * C.d;  // inner == 1
     float sv[QAT_VEC], zv[QAT_VEC];
     load_params(scale + k0, sv);
     load_params(zp + k0, zv);
-#endif
 #pragma unroll
     for (int j = 0; j < QAT_VEC; ++j) {
       FwdParam<VARIANT> pj;
@@ -144,10 +109,6 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
       bits |= (unsigned)(inside && (FULL || j < nvalid)) << j;
     }
   } else {
-    if (KEYMODE == 1 && !QAT_FWD_PF) {
-      long long r;
-      p.load(key_of(e0, inner, C, r), scale, zp, alpha, qmin, qmax);
-    }
 #pragma unroll
     for (int j = 0; j < QAT_VEC; ++j) {
       bool inside;
@@ -160,21 +121,21 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
 template <int VARIANT, int KEYMODE, int RMODE>
 __device__ __forceinline__ void fwd_one(FwdParam<VARIANT>& p, const RawVec& xv, scalar_t* __restrict__ y,
                                         unsigned* __restrict__ mask, long long st, long long e, int nv, long long nwords,
-                                        const ColParams& pre, const float* __restrict__ scale,
+                                        const float* __restrict__ scale,
                                         const float* __restrict__ zp,
                                         const float* __restrict__ alpha, const FastDiv& inner, const FastDiv& C,
                                         float qmin, float qmax) {
   RawVec yv;
   unsigned bits;
   if (nv == QAT_VEC) {
-    fwd_vec<VARIANT, KEYMODE, RMODE, true>(p, xv, yv, e, nv, bits, pre, scale, zp, alpha, inner, C, qmin, qmax);
+    fwd_vec<VARIANT, KEYMODE, RMODE, true>(p, xv, yv, e, nv, bits, scale, zp, alpha, inner, C, qmin, qmax);
 #if QAT_VEC_BYTES == 16
-    QAT_ST16(reinterpret_cast<uint4*>(y + e), yv.u);
+    __stcs(reinterpret_cast<uint4*>(y + e), yv.u);
 #else
     y[e] = yv.s[0];
 #endif
   } else {
-    fwd_vec<VARIANT, KEYMODE, RMODE, false>(p, xv, yv, e, nv, bits, pre, scale, zp, alpha, inner, C, qmin, qmax);
+    fwd_vec<VARIANT, KEYMODE, RMODE, false>(p, xv, yv, e, nv, bits, scale, zp, alpha, inner, C, qmin, qmax);
     store_vec(y, e, nv, yv);
   }
   if (VARIANT == 0) write_mask(mask, st, bits, nwords);
@@ -198,13 +159,8 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
   const long long nwords = (n + 31) >> 5;
   // Grid-stride over warp steps, two steps per iteration: both loads are issued before either is
   // used. (A deeper software pipeline cost registers and ran ~7% slower on an H100.)
-#if QAT_FWD_ADJ
   for (long long st0 = 2 * warp; st0 < nsteps; st0 += 2 * nwarps) {
     const long long st1 = st0 + 1;  // adjacent steps: one run of a long channel keeps its parameters
-#else
-  for (long long st0 = warp; st0 < nsteps; st0 += 2 * nwarps) {
-    const long long st1 = st0 + nwarps;
-#endif
     const bool has1 = st1 < nsteps;  // warp-uniform
     const long long e0 = st0 * step_elems + (long long)lane * QAT_VEC;
     const long long e1 = st1 * step_elems + (long long)lane * QAT_VEC;
@@ -213,17 +169,6 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
     const RawVec x0 = load_vec(x, e0, nv0);
     RawVec x1;
     if (has1) x1 = load_vec(x, e1, nv1);
-    ColParams pre0, pre1;
-#if QAT_FWD_PF >= 2
-    if (KEYMODE == 3) {  // inner == 1: the vectors' channels
-      const long long k0 = e0 - C.div(e0) * C.d, k1 = has1 ? e1 - C.div(e1) * C.d : k0;
-      load_params(scale + k0, pre0.s);
-      load_params(zp + k0, pre0.z);
-      load_params(scale + k1, pre1.s);
-      load_params(zp + k1, pre1.z);
-    }
-#endif
-#if QAT_FWD_PF
     if (KEYMODE == 1) {
       // both steps' parameters loaded together with x (a key per vector: one run of a channel or a
       // group), so the second step does not wait for its parameter load after the first is done
@@ -233,24 +178,23 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
       const float s0 = __ldg(scale + k0), z0 = __ldg(zp + k0);
       const float s1 = __ldg(scale + k1), z1 = __ldg(zp + k1);
       p.set(k0, s0, z0, qmin, qmax);
-      fwd_one<VARIANT, KEYMODE, RMODE>(p, x0, y, mask, st0, e0, nv0, nwords, pre0, scale, zp, alpha, inner, C, qmin, qmax);
+      fwd_one<VARIANT, KEYMODE, RMODE>(p, x0, y, mask, st0, e0, nv0, nwords, scale, zp, alpha, inner, C, qmin, qmax);
       if (has1) {
         p.set(k1, s1, z1, qmin, qmax);
-        fwd_one<VARIANT, KEYMODE, RMODE>(p, x1, y, mask, st1, e1, nv1, nwords, pre1, scale, zp, alpha, inner, C, qmin, qmax);
+        fwd_one<VARIANT, KEYMODE, RMODE>(p, x1, y, mask, st1, e1, nv1, nwords, scale, zp, alpha, inner, C, qmin, qmax);
       }
       continue;
     }
-#endif
-    fwd_one<VARIANT, KEYMODE, RMODE>(p, x0, y, mask, st0, e0, nv0, nwords, pre0, scale, zp, alpha, inner, C, qmin, qmax);
+    fwd_one<VARIANT, KEYMODE, RMODE>(p, x0, y, mask, st0, e0, nv0, nwords, scale, zp, alpha, inner, C, qmin, qmax);
     if (has1)
-      fwd_one<VARIANT, KEYMODE, RMODE>(p, x1, y, mask, st1, e1, nv1, nwords, pre1, scale, zp, alpha, inner, C, qmin, qmax);
+      fwd_one<VARIANT, KEYMODE, RMODE>(p, x1, y, mask, st1, e1, nv1, nwords, scale, zp, alpha, inner, C, qmin, qmax);
   }
 }
 
 // One entry point per (variant, key mode), so each gets its own register allocation:
 // fq_forward_<variant>_<keymode>, variant 0 STE (writes the mask), 1 LSQ, 2 PACT (key mode 0).
 #define QAT_FWD_KERNEL(V, K)                                                                                   \
-  extern "C" __global__ void QAT_FWD_BOUNDS_##K fq_forward_##V##_##K(                                                  \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_forward_##V##_##K(                                                  \
       const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
       long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \
@@ -276,18 +220,9 @@ QAT_FWD_KERNEL(2, 0)
 // launches its pointwise kernels: every block owns one tile of W * T warp steps (W = blockDim.x / 32),
 // issues all T loads of x and the T steps' parameters before any work, and exits: no grid-stride loop
 // (the grid covers the tensor). Offsets, keys and the magic-number divisions are 32-bit, so the host
-// launches it only for n < 2^31 (larger tensors take fq_forward_<variant>_1, 64-bit). `adj` 1: a
-// warp's T steps are adjacent; 0: step t of the block's W warps are adjacent (Triton's blocked layout:
-// load t of the block covers blockDim.x * QAT_VEC contiguous elements).
-// minimum resident blocks per SM of the tile forward (0: no __launch_bounds__ minimum)
-#ifndef QAT_FTILE_MINB
-#define QAT_FTILE_MINB QAT_BY_DTYPE(0, 0)
-#endif
-#if QAT_FTILE_MINB > 0
-#define QAT_FTILE_BOUNDS __launch_bounds__(QAT_THREADS, QAT_FTILE_MINB)
-#else
-#define QAT_FTILE_BOUNDS __launch_bounds__(QAT_THREADS)
-#endif
+// launches it only for n < 2^31 (larger tensors take fq_forward_<variant>_1, 64-bit). Step t of the
+// block's W warps are adjacent (Triton's blocked layout: load t of the block covers blockDim.x * QAT_VEC
+// contiguous elements; a warp's T steps adjacent instead measured the same, v11).
 
 // v / d for v < 2^31 with FastDiv's magic number (mul == 0: d == 1, the only such d below 2^31)
 __device__ __forceinline__ unsigned fdiv32(unsigned v, unsigned mul, int shr) {
@@ -372,10 +307,10 @@ __device__ __forceinline__ void fwd_tile_body(const scalar_t* __restrict__ x, sc
                                               unsigned* __restrict__ mask, const float* __restrict__ scale,
                                               const float* __restrict__ zp, unsigned n, unsigned inner_d,
                                               unsigned inner_mul, int inner_shr, unsigned C_d, unsigned C_mul,
-                                              int C_shr, float qmin, float qmax, int adj) {
+                                              int C_shr, float qmin, float qmax) {
   const unsigned W = blockDim.x >> 5, w = threadIdx.x >> 5;
-  const unsigned st0 = adj ? (blockIdx.x * W + w) * T : blockIdx.x * W * T + w;  // the warp's first step
-  const unsigned sstride = adj ? 1u : W;
+  const unsigned st0 = blockIdx.x * W * T + w;  // the warp's first step
+  const unsigned sstride = W;
   // n < 2^31 and a tile is at most 256 * T * QAT_VEC elements, so these products stay below 2^32
   if ((blockIdx.x + 1) * W * T * 32u * QAT_VEC <= n)
     fwd_tile_work<VARIANT, RMODE, T, true>(x, y, mask, scale, zp, n, inner_d, inner_mul, inner_shr, C_d, C_mul, C_shr,
@@ -385,21 +320,21 @@ __device__ __forceinline__ void fwd_tile_body(const scalar_t* __restrict__ x, sc
                                             C_shr, qmin, qmax, st0, sstride);
 }
 
-// Same arguments as fq_forward_<V>_<K> plus `adj` (alpha unused); the host guarantees 1 < C, inner % QAT_VEC
-// == 0 and n < 2^31.
+// Same arguments as fq_forward_<V>_<K> (alpha unused); the host guarantees 1 < C, inner % QAT_VEC == 0
+// and n < 2^31.
 #define QAT_FWD_TILE_KERNEL(V, T)                                                                              \
-  extern "C" __global__ void QAT_FTILE_BOUNDS fq_forward_t##T##_##V##_1(                                       \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_forward_t##T##_##V##_1(                        \
       const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
       long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \
-      float qmax, int round_mode, int adj) {                                                                    \
+      float qmax, int round_mode) {                                                                             \
     const unsigned n32 = (unsigned)n, id = (unsigned)inner_d, cd = (unsigned)C_d;                             \
     if (round_mode == 0)                                                                                        \
-      fwd_tile_body<V, 0, T>(x, y, mask, scale, zp, n32, id, inner_mul, inner_shr, cd, C_mul, C_shr, qmin, qmax, adj); \
+      fwd_tile_body<V, 0, T>(x, y, mask, scale, zp, n32, id, inner_mul, inner_shr, cd, C_mul, C_shr, qmin, qmax); \
     else if (round_mode == 1)                                                                                   \
-      fwd_tile_body<V, 1, T>(x, y, mask, scale, zp, n32, id, inner_mul, inner_shr, cd, C_mul, C_shr, qmin, qmax, adj); \
+      fwd_tile_body<V, 1, T>(x, y, mask, scale, zp, n32, id, inner_mul, inner_shr, cd, C_mul, C_shr, qmin, qmax); \
     else                                                                                                        \
-      fwd_tile_body<V, 2, T>(x, y, mask, scale, zp, n32, id, inner_mul, inner_shr, cd, C_mul, C_shr, qmin, qmax, adj); \
+      fwd_tile_body<V, 2, T>(x, y, mask, scale, zp, n32, id, inner_mul, inner_shr, cd, C_mul, C_shr, qmin, qmax); \
   }
 QAT_FWD_TILE_KERNEL(0, 1)
 QAT_FWD_TILE_KERNEL(0, 2)

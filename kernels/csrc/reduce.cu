@@ -138,51 +138,20 @@ struct MinMaxOp {
 
 // ---------------------------------------------------------------- seg: runs of keys
 
-// Warp steps a warp loads before working on them (seg) / rows a thread loads (cols).
-#ifndef QAT_SEG_STEPS_LSQ
-#define QAT_SEG_STEPS_LSQ 2
+// Tuning (qat.kernels.tuning.KernelTuning, rendered by its defines(); no defaults here):
+//   QAT_SEG_STEPS_LSQ / _MM    seg kernels: warp steps a warp loads before working on them;
+//   QAT_ROWS_U_LSQ / _MM       rows kernels: vectors a thread loads before working on them;
+//   QAT_COLS_ROWS_LSQ / _MM    cols kernels: rows a thread loads before working on them;
+//   QAT_COLSH_ROWS_LSQ / _MM   colsh kernels: the same;
+//   QAT_LSQ_MINB               minimum resident blocks per SM of the LSQ seg, grp and rows kernels.
+#if !defined(QAT_SEG_STEPS_LSQ) || !defined(QAT_SEG_STEPS_MM) || !defined(QAT_ROWS_U_LSQ) || !defined(QAT_ROWS_U_MM)
+#error "reduce.cu: the seg / rows tuning macros are set by cupy_backend (KernelTuning.defines())"
 #endif
-#ifndef QAT_SEG_STEPS_MM
-#define QAT_SEG_STEPS_MM 2
+#if !defined(QAT_COLS_ROWS_LSQ) || !defined(QAT_COLS_ROWS_MM) || !defined(QAT_COLSH_ROWS_LSQ) || !defined(QAT_COLSH_ROWS_MM)
+#error "reduce.cu: the cols / colsh tuning macros are set by cupy_backend (KernelTuning.defines())"
 #endif
-#ifndef QAT_COLS_ROWS_LSQ
-#define QAT_COLS_ROWS_LSQ 4
-#endif
-#ifndef QAT_COLS_ROWS_MM
-#define QAT_COLS_ROWS_MM 8
-#endif
-// minimum resident blocks per SM of minmax_cols (1: no register cap)
-#ifndef QAT_COLS_MINB_MM
-#define QAT_COLS_MINB_MM 1
-#endif
-// rows kernels: vectors a thread loads before working on them
-#ifndef QAT_ROWS_U_LSQ
-#define QAT_ROWS_U_LSQ 4
-#endif
-#ifndef QAT_ROWS_U_MM
-#define QAT_ROWS_U_MM 8
-#endif
-// 16-bit min/max on packed pairs (min.bf16x2 / min.f16x2) in the cols and rows kernels
-#ifndef QAT_MM_PACKED
-#define QAT_MM_PACKED QAT_BY_DTYPE(0, 0)
-#endif
-#if QAT_ESIZE != 2 || QAT_VEC != 8
-#undef QAT_MM_PACKED
-#define QAT_MM_PACKED 0
-#endif
-// grp kernels: a run's parameters are loaded before (1) or after (0) its x and grad
-#ifndef QAT_GRP_PF
-#define QAT_GRP_PF QAT_BY_DTYPE(0, 0)
-#endif
-// minimum resident blocks per SM of the LSQ seg / grp kernels (caps registers at 64 / 80): 4 ran
-// 5% faster in float32 on an H100, 3 about 2% faster in 16-bit types
-#ifndef QAT_LSQ_MINB
-#define QAT_LSQ_MINB QAT_BY_DTYPE(4, 3)
-#endif
-
-// minimum resident blocks per SM of the LSQ grp kernels (short aligned runs)
-#ifndef QAT_GRP_MINB
-#define QAT_GRP_MINB QAT_LSQ_MINB
+#if !defined(QAT_LSQ_MINB)
+#error "reduce.cu: QAT_LSQ_MINB is set by cupy_backend (KernelTuning.defines())"
 #endif
 
 // The parameters of the last key a lane saw (runs are long: reloaded only where the key changes).
@@ -400,7 +369,8 @@ __device__ __forceinline__ void seg_body(const Op& op, const scalar_t* __restric
 // work is 32 * K vectors = 32 / L whole runs; lane (gi, sub) = (lane / L, lane % L) loads vectors
 // sub, sub + L, ..., sub + (K-1) * L of run gi (each load instruction: 32 / L runs' L contiguous
 // vectors), sums them in registers, then log2(L) butterfly levels give each run's total. `unique`:
-// every key has one run (per-group), so the total is stored, not added.
+// every key has one run (per-group), so the total is stored, not added. The run's parameters are
+// loaded after its data (before it: 1.017 fp32, 1.009 16-bit, v9).
 template <class Op, int K>
 __device__ __forceinline__ void grp_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                          scalar_t* __restrict__ dx, long long n, const FastDiv& inner, const FastDiv& C,
@@ -424,11 +394,6 @@ __device__ __forceinline__ void grp_body(const Op& op, const scalar_t* __restric
         key = key_of(head, inner, C, r);
       }
     }
-#if QAT_GRP_PF
-    // the run's parameters requested before its data (per-group parameters are read once, from DRAM)
-    typename Op::P p;
-    if (key >= 0) p = op.param(key);
-#endif
     RawVec xv[K], gv[K];
     int nv[K];
 #pragma unroll
@@ -440,9 +405,7 @@ __device__ __forceinline__ void grp_body(const Op& op, const scalar_t* __restric
     }
     float a = Op::ida(), b = Op::idb();
     if (key >= 0) {
-#if !QAT_GRP_PF
       const typename Op::P p = op.param(key);
-#endif
 #pragma unroll
       for (int j = 0; j < K; ++j) vec_work(op, p, xv[j], gv[j], dx, e0 + (long long)j * L * QAT_VEC, nv[j], a, b);
     }
@@ -459,19 +422,13 @@ __device__ __forceinline__ void grp_body(const Op& op, const scalar_t* __restric
 // Inductor's persistent-reduction launch shape for the same short aligned runs (grp's layout with
 // K = 1: a run is L = inner / QAT_VEC <= 32 vectors, each lane one vector of a run per load, a unit
 // of 32 contiguous vectors = 32 / L whole runs): every block owns one tile of W * T consecutive units
-// (W = blockDim.x / 32 warps; `adj` 1: each warp T consecutive units; 0: unit t of the W warps
-// adjacent, Triton's blocked layout), issues all T loads of x (and grad) and the T runs' parameters
-// before any work, reduces each run with log2(L) butterfly levels, stores, and exits: no grid-stride
-// loop (the grid covers the tensor). The T loads of a lane sit `ustep` units apart from one address.
+// (W = blockDim.x / 32 warps, each T consecutive units; unit t of the W warps adjacent instead, Triton's
+// blocked layout, measured 1.000-1.006, v12), issues all T loads of x (and grad) and then the T runs'
+// parameters before any work (parameters at each run's work: 0.96-1.00 of that, v10), reduces each run
+// with log2(L) butterfly levels, stores, and exits: no grid-stride loop (the grid covers the tensor).
+// The T loads of a lane sit `ustep` units apart from one address.
 // Per-group layouts only (C * inner == n: every key one run, stored, not added).
 // FULL: the tile lies inside the tensor (every block but the last), no bounds.
-#ifndef QAT_TILE_MINB
-#define QAT_TILE_MINB QAT_BY_DTYPE(1, 1)
-#endif
-// tile kernels: the T runs' parameters requested right after the data (1), or at each run's work (0)
-#ifndef QAT_TILE_PF
-#define QAT_TILE_PF QAT_BY_DTYPE(1, 1)
-#endif
 template <class Op, int T, bool FULL>
 __device__ __forceinline__ void tile_work(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                           scalar_t* __restrict__ dx, long long n, const FastDiv& inner,
@@ -490,22 +447,16 @@ __device__ __forceinline__ void tile_work(const Op& op, const scalar_t* __restri
     xv[t] = load_vec(x, e, nv[t]);
     if (Op::kGrad) gv[t] = load_vec(g, e, nv[t]);
   }
-#if QAT_TILE_PF
   typename Op::P p[T];
 #pragma unroll
   for (int t = 0; t < T; ++t)
     if (FULL || head0 + (long long)t * kStride < n) p[t] = op.param(C.d != 1 ? k0 + (long long)t * rstep : 0);
-#endif
 #pragma unroll
   for (int t = 0; t < T; ++t) {
     const bool valid = FULL || head0 + (long long)t * kStride < n;  // whole runs: the run's head decides
     const long long key = C.d != 1 ? k0 + (long long)t * rstep : 0;
     float a = Op::ida(), b = Op::idb();
-#if QAT_TILE_PF
     if (valid) vec_work(op, p[t], xv[t], gv[t], dx, e0 + (long long)t * kStride, nv[t], a, b);
-#else
-    if (valid) vec_work(op, op.param(key), xv[t], gv[t], dx, e0 + (long long)t * kStride, nv[t], a, b);
-#endif
     group_allreduce<Op>(a, b, L);
     if (sub == 0 && valid) op.store(key, a, b);
   }
@@ -513,15 +464,14 @@ __device__ __forceinline__ void tile_work(const Op& op, const scalar_t* __restri
 
 template <class Op, int T>
 __device__ __forceinline__ void tile_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                                          scalar_t* __restrict__ dx, long long n, const FastDiv& inner, const FastDiv& C,
-                                          long long adj) {
+                                          scalar_t* __restrict__ dx, long long n, const FastDiv& inner, const FastDiv& C) {
   const int lane = threadIdx.x & 31;
   const int L = (int)(inner.d / QAT_VEC);
   const int gi = lane / L, sub = lane & (L - 1);
   const long long w = threadIdx.x >> 5;
   const long long tile = (long long)blockDim.x * T * QAT_VEC;  // elements of a block's tile
-  const long long ustep = adj ? 1 : (long long)(blockDim.x >> 5);  // units between a lane's loads
-  const long long head0 = (long long)blockIdx.x * tile + (adj ? w * T : w) * 32 * QAT_VEC +
+  const long long ustep = 1;  // units between a lane's loads
+  const long long head0 = (long long)blockIdx.x * tile + w * T * 32 * QAT_VEC +
                           (long long)gi * L * QAT_VEC;  // first element of the lane's first run
   if ((long long)(blockIdx.x + 1) * tile <= n)
     tile_work<Op, T, true>(op, x, g, dx, n, inner, C, head0, L, sub, ustep);
@@ -553,47 +503,21 @@ __device__ __forceinline__ void block_reduce(float& a, float& b) {
 
 // A key's run is one long contiguous row of innerv vectors (channels on axis 0 of a matrix, or any
 // channel axis with a large inner size; the host guarantees inner % QAT_VEC == 0): row r has key
-// r % C. Each row is cut into `split` segments of segv vectors; one block per segment (grid-stride
-// over segments when there are more than blocks). The block's threads stride through the segment,
-// U vectors (of x, and of grad) loaded per thread before any is worked on; a block reduction and a
-// plain store (`store`: one segment per key) or one atomic per block. No keys per element, no
+// r % C. One block per row (grid-stride over rows when there are more than blocks; several blocks a
+// row with atomics, and a persistent grid, measured slower: v8). The block's threads stride through
+// the row, U vectors (of x, and of grad) loaded per thread before any is worked on; a block reduction
+// and a plain store (`store`: one row per key) or one atomic per block. No keys per element, no
 // segment logic.
 template <class Op, int U>
 __device__ __forceinline__ void rows_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                           scalar_t* __restrict__ dx, long long nrows, long long innerv, long long C,
-                                          long long segv, int split, bool store) {
-  const long long nblk = nrows * split;
-  for (long long blk = blockIdx.x; blk < nblk; blk += gridDim.x) {
-    const long long row = blk / split;
-    const long long v0 = (blk - row * split) * segv;
-    const long long v1 = min(v0 + segv, innerv);
+                                          bool store) {
+  for (long long row = blockIdx.x; row < nrows; row += gridDim.x) {
+    const long long v0 = 0;
+    const long long v1 = innerv;
     const long long key = C == 1 ? 0 : row % C;
     const scalar_t* __restrict__ xr = x + row * innerv * QAT_VEC;
     float a = Op::ida(), b = Op::idb();
-#if QAT_MM_PACKED
-    if constexpr (Op::kMinMax) {
-      unsigned pa[QAT_VEC / 2], pb[QAT_VEC / 2];
-#pragma unroll
-      for (int j = 0; j < QAT_VEC / 2; ++j) {
-        pa[j] = QAT_H2_INF;
-        pb[j] = QAT_H2_NINF;
-      }
-      for (long long v = v0 + threadIdx.x; v < v1; v += (long long)U * QAT_THREADS) {
-        RawVec xv[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-          if (v + u * QAT_THREADS < v1) xv[u] = load_vec(xr, (v + u * QAT_THREADS) * QAT_VEC, QAT_VEC);
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-          if (v + u * QAT_THREADS < v1) h2acc(pa, pb, xv[u]);
-      }
-#pragma unroll
-      for (int j = 0; j < QAT_VEC / 2; ++j) {
-        Op::comb(a, b, h2lo(pa[j]), h2lo(pb[j]));
-        Op::comb(a, b, h2hi(pa[j]), h2hi(pb[j]));
-      }
-    } else
-#endif
     {
       const typename Op::P p = op.param(key);
       const scalar_t* __restrict__ gr = Op::kGrad ? g + row * innerv * QAT_VEC : g;
@@ -628,7 +552,7 @@ struct XG {
 template <class Op, int ROWS>
 __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                           scalar_t* __restrict__ dx, long long rows, long long Wd, long long inner,
-                                          int colsv, int R, int ilv) {
+                                          int colsv, int R) {
   extern __shared__ float sh[];  // 2 * blockDim.x * QAT_VEC floats
   const int tid = threadIdx.x;
   const int cv = tid % colsv;
@@ -636,46 +560,18 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
   const long long Wdv = Wd / QAT_VEC;
   const long long colv = (long long)blockIdx.x * colsv + cv;
   const bool active = rr < R && colv < Wdv;
-  // ilv == 0: block row y owns a contiguous range of rows; ilv == 1: the gridDim.y block rows take
-  // interleaved groups of R rows (all blocks move down the tensor together, like a grid-stride loop)
+  // block row y owns a contiguous range of rows (interleaved groups of R rows, all blocks moving down
+  // the tensor together, measured the same: v8)
   const long long rows_per = (rows + gridDim.y - 1) / gridDim.y;
-  const long long r0 = ilv ? (long long)blockIdx.y * R : (long long)blockIdx.y * rows_per;
-  const long long r1 = ilv ? rows : min(r0 + rows_per, rows);
-  const long long rstep = ilv ? (long long)R * gridDim.y : (long long)R;
+  const long long r0 = (long long)blockIdx.y * rows_per;
+  const long long r1 = min(r0 + rows_per, rows);
+  const long long rstep = (long long)R;
   float a[QAT_VEC], b[QAT_VEC];
 #pragma unroll
   for (int j = 0; j < QAT_VEC; ++j) {
     a[j] = Op::ida();
     b[j] = Op::idb();
   }
-#if QAT_MM_PACKED
-  if constexpr (Op::kMinMax) {  // 16-bit min/max on packed pairs (common.cuh h2min / h2max)
-    if (active) {
-      unsigned pa[QAT_VEC / 2], pb[QAT_VEC / 2];
-#pragma unroll
-      for (int j = 0; j < QAT_VEC / 2; ++j) {
-        pa[j] = QAT_H2_INF;
-        pb[j] = QAT_H2_NINF;
-      }
-      for (long long r = r0 + rr; r < r1; r += rstep * ROWS) {
-        RawVec v[ROWS];
-#pragma unroll
-        for (int u = 0; u < ROWS; ++u)
-          if (r + u * rstep < r1) v[u] = load_vec(x, (r + u * rstep) * Wd + colv * QAT_VEC, QAT_VEC);
-#pragma unroll
-        for (int u = 0; u < ROWS; ++u)
-          if (r + u * rstep < r1) h2acc(pa, pb, v[u]);
-      }
-#pragma unroll
-      for (int j = 0; j < QAT_VEC / 2; ++j) {
-        a[2 * j] = h2lo(pa[j]);
-        a[2 * j + 1] = h2hi(pa[j]);
-        b[2 * j] = h2lo(pb[j]);
-        b[2 * j + 1] = h2hi(pb[j]);
-      }
-    }
-  } else
-#endif
   if (active) {
     typename Op::P p[QAT_VEC];
 #pragma unroll
@@ -734,13 +630,7 @@ __device__ __forceinline__ void cols_body(const Op& op, const scalar_t* __restri
 // parameters, sums and load registers of a thread, so more blocks fit on an SM (the 16-bit cols
 // kernels hold 8 columns' parameters and sums in 95-111 registers, 2 blocks an SM). `colsv` and the
 // column index count CV-element half vectors. Same reduction as cols_body (shared memory, then one
-// atomic per column and block). No packed min/max path.
-#ifndef QAT_COLSH_ROWS_LSQ
-#define QAT_COLSH_ROWS_LSQ 4
-#endif
-#ifndef QAT_COLSH_ROWS_MM
-#define QAT_COLSH_ROWS_MM 8
-#endif
+// atomic per column and block).
 #define QAT_CV (QAT_VEC > 1 ? QAT_VEC / 2 : 1)
 union HalfVec {
 #if QAT_VEC > 1 && QAT_CV * QAT_ESIZE == 8
@@ -751,11 +641,7 @@ union HalfVec {
 __device__ __forceinline__ HalfVec load_hvec(const scalar_t* __restrict__ p, long long e) {
   HalfVec r;
 #if QAT_VEC > 1 && QAT_CV * QAT_ESIZE == 8
-#if QAT_CS
   r.u = __ldcs(reinterpret_cast<const uint2*>(p + e));
-#else
-  r.u = __ldg(reinterpret_cast<const uint2*>(p + e));
-#endif
 #else
 #pragma unroll
   for (int j = 0; j < QAT_CV; ++j) r.s[j] = p[e + j];
@@ -764,11 +650,7 @@ __device__ __forceinline__ HalfVec load_hvec(const scalar_t* __restrict__ p, lon
 }
 __device__ __forceinline__ void store_hvec(scalar_t* __restrict__ p, long long e, const HalfVec& r) {
 #if QAT_VEC > 1 && QAT_CV * QAT_ESIZE == 8
-#if QAT_CS
   __stcs(reinterpret_cast<uint2*>(p + e), r.u);
-#else
-  *reinterpret_cast<uint2*>(p + e) = r.u;
-#endif
 #else
 #pragma unroll
   for (int j = 0; j < QAT_CV; ++j) p[e + j] = r.s[j];
@@ -782,7 +664,7 @@ struct XGh {
 template <class Op, int ROWS>
 __device__ __forceinline__ void colsh_body(const Op& op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                            scalar_t* __restrict__ dx, long long rows, long long Wd, long long inner,
-                                           int colsv, int R, int ilv) {
+                                           int colsv, int R) {
   constexpr int CV = QAT_CV;
   extern __shared__ float sh[];  // 2 * blockDim.x * CV floats
   const int tid = threadIdx.x;
@@ -792,9 +674,9 @@ __device__ __forceinline__ void colsh_body(const Op& op, const scalar_t* __restr
   const long long colv = (long long)blockIdx.x * colsv + cv;
   const bool active = rr < R && colv < Wdv;
   const long long rows_per = (rows + gridDim.y - 1) / gridDim.y;
-  const long long r0 = ilv ? (long long)blockIdx.y * R : (long long)blockIdx.y * rows_per;
-  const long long r1 = ilv ? rows : min(r0 + rows_per, rows);
-  const long long rstep = ilv ? (long long)R * gridDim.y : (long long)R;
+  const long long r0 = (long long)blockIdx.y * rows_per;
+  const long long r1 = min(r0 + rows_per, rows);
+  const long long rstep = (long long)R;
   float a[CV], b[CV];
 #pragma unroll
   for (int j = 0; j < CV; ++j) {
@@ -851,13 +733,15 @@ __device__ __forceinline__ void colsh_body(const Op& op, const scalar_t* __restr
 // ---------------------------------------------------------------- entry points
 
 // lsq_backward_seg<mode> / minmax_seg<mode>: one entry point per seg_body mode (own registers);
-// lsq_backward_grp<K> / minmax_grp<K>: one per loads-per-lane K of grp_body;
+// lsq_backward_grp<K> / minmax_grp<K>: one per loads-per-lane K of grp_body (seg and grp share one
+// argument list: `unique` is grp's, `wil` seg's);
 // lsq_backward_tile<T> / minmax_tile<T>: one per loads-per-lane T of tile_body.
-#define QAT_LSQ_ARGS                                                                                            \
+#define QAT_LSQ_HEAD                                                                                            \
   const scalar_t *__restrict__ x, const scalar_t *__restrict__ g, scalar_t *__restrict__ dx,                    \
       const float *__restrict__ scale, const float *__restrict__ zp, float *ds, float *dz, long long n,         \
-      long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, int unique, \
-      float qmin, float qmax, float f, int round_mode, long long wil
+      long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr
+#define QAT_LSQ_ARGS QAT_LSQ_HEAD, int unique, float qmin, float qmax, float f, int round_mode, long long wil
+#define QAT_LSQ_TILE_ARGS QAT_LSQ_HEAD, float qmin, float qmax, float f, int round_mode
 #define QAT_LSQ_DISPATCH(CALL)                                                                                  \
   const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                   \
   if (round_mode == 0) {                                                                                        \
@@ -878,7 +762,7 @@ __device__ __forceinline__ void colsh_body(const Op& op, const scalar_t* __restr
     QAT_LSQ_DISPATCH((seg_body<OpT, M, QAT_SEG_STEPS_LSQ>(op, x, g, dx, n, inner, C, wil)))                                    \
   }
 #define QAT_LSQ_GRP(K)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_GRP_MINB) lsq_backward_grp##K(QAT_LSQ_ARGS) {      \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB) lsq_backward_grp##K(QAT_LSQ_ARGS) {      \
     QAT_LSQ_DISPATCH((grp_body<OpT, K>(op, x, g, dx, n, inner, C, unique)))                            \
   }
 QAT_LSQ_SEG(0)
@@ -888,8 +772,8 @@ QAT_LSQ_GRP(2)
 QAT_LSQ_GRP(4)
 QAT_LSQ_GRP(8)
 #define QAT_LSQ_TILE(T)                                                                                         \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_TILE_MINB) lsq_backward_tile##T(QAT_LSQ_ARGS) {    \
-    QAT_LSQ_DISPATCH((tile_body<OpT, T>(op, x, g, dx, n, inner, C, wil)))                            \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS) lsq_backward_tile##T(QAT_LSQ_TILE_ARGS) {            \
+    QAT_LSQ_DISPATCH((tile_body<OpT, T>(op, x, g, dx, n, inner, C)))                                              \
   }
 QAT_LSQ_TILE(2)
 QAT_LSQ_TILE(4)
@@ -901,27 +785,25 @@ QAT_LSQ_TILE(8)
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 lsq_backward_cols(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long rows,
-                  long long Wd, long long inner, int colsv, int R, int ilv, float qmin, float qmax, float f,
-                  int round_mode) {
+                  long long Wd, long long inner, int colsv, int R, float qmin, float qmax, float f, int round_mode) {
   if (round_mode == 0)
-    cols_body<LsqOp<0>, QAT_COLS_ROWS_LSQ>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
+    cols_body<LsqOp<0>, QAT_COLS_ROWS_LSQ>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
   else if (round_mode == 1)
-    cols_body<LsqOp<1>, QAT_COLS_ROWS_LSQ>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
+    cols_body<LsqOp<1>, QAT_COLS_ROWS_LSQ>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
   else
-    cols_body<LsqOp<2>, QAT_COLS_ROWS_LSQ>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
+    cols_body<LsqOp<2>, QAT_COLS_ROWS_LSQ>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
 }
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 lsq_backward_colsh(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                    const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long rows,
-                   long long Wd, long long inner, int colsv, int R, int ilv, float qmin, float qmax, float f,
-                   int round_mode) {
+                   long long Wd, long long inner, int colsv, int R, float qmin, float qmax, float f, int round_mode) {
   if (round_mode == 0)
-    colsh_body<LsqOp<0>, QAT_COLSH_ROWS_LSQ>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
+    colsh_body<LsqOp<0>, QAT_COLSH_ROWS_LSQ>(LsqOp<0>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
   else if (round_mode == 1)
-    colsh_body<LsqOp<1>, QAT_COLSH_ROWS_LSQ>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
+    colsh_body<LsqOp<1>, QAT_COLSH_ROWS_LSQ>(LsqOp<1>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
   else
-    colsh_body<LsqOp<2>, QAT_COLSH_ROWS_LSQ>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R, ilv);
+    colsh_body<LsqOp<2>, QAT_COLSH_ROWS_LSQ>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
 }
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
@@ -932,9 +814,10 @@ pact_backward_seg(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g
   seg_body<PactOp, 0, QAT_SEG_STEPS_LSQ>(op, x, g, dx, n, inner, C, wil);
 }
 
-#define QAT_MINMAX_ARGS                                                                                         \
+#define QAT_MINMAX_HEAD                                                                                         \
   const scalar_t *__restrict__ x, float *mn, float *mx, long long n, long long inner_d, unsigned inner_mul,     \
-      int inner_shr, long long C_d, unsigned C_mul, int C_shr, int unique, long long wil
+      int inner_shr, long long C_d, unsigned C_mul, int C_shr
+#define QAT_MINMAX_ARGS QAT_MINMAX_HEAD, int unique, long long wil
 #define QAT_MINMAX_SEG(M)                                                                                       \
   extern "C" __global__ void __launch_bounds__(QAT_THREADS) minmax_seg##M(QAT_MINMAX_ARGS) {                     \
     const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
@@ -952,9 +835,9 @@ QAT_MINMAX_GRP(2)
 QAT_MINMAX_GRP(4)
 QAT_MINMAX_GRP(8)
 #define QAT_MINMAX_TILE(T)                                                                                      \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_TILE_MINB) minmax_tile##T(QAT_MINMAX_ARGS) {      \
+  extern "C" __global__ void __launch_bounds__(QAT_THREADS) minmax_tile##T(QAT_MINMAX_HEAD) {                    \
     const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
-    tile_body<MinMaxOp, T>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C, wil); \
+    tile_body<MinMaxOp, T>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C);    \
   }
 QAT_MINMAX_TILE(2)
 QAT_MINMAX_TILE(4)
@@ -963,35 +846,34 @@ QAT_MINMAX_TILE(8)
 #undef QAT_MINMAX_GRP
 #undef QAT_MINMAX_TILE
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_COLS_MINB_MM)
+extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 minmax_cols(const scalar_t* __restrict__ x, float* mn, float* mx, long long rows, long long Wd, long long inner,
-            int colsv, int R, int ilv) {
+            int colsv, int R) {
   cols_body<MinMaxOp, QAT_COLS_ROWS_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, rows, Wd,
-                                        inner, colsv, R, ilv);
+                                        inner, colsv, R);
 }
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 minmax_colsh(const scalar_t* __restrict__ x, float* mn, float* mx, long long rows, long long Wd, long long inner,
-             int colsv, int R, int ilv) {
+             int colsv, int R) {
   colsh_body<MinMaxOp, QAT_COLSH_ROWS_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, rows, Wd,
-                                          inner, colsv, R, ilv);
+                                          inner, colsv, R);
 }
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 minmax_rows(const scalar_t* __restrict__ x, float* mn, float* mx, long long nrows, long long innerv, long long C,
-            long long segv, int split, int store) {
+            int store) {
   rows_body<MinMaxOp, QAT_ROWS_U_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, nrows, innerv,
-                                     C, segv, split, store != 0);
+                                     C, store != 0);
 }
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB)
 lsq_backward_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long nrows,
-                  long long innerv, long long C, long long segv, int split, int store, float qmin, float qmax, float f,
-                  int round_mode) {
+                  long long innerv, long long C, int store, float qmin, float qmax, float f, int round_mode) {
 #define QAT_LSQ_ROWS(M)                                                                                         \
-  rows_body<LsqOp<M>, QAT_ROWS_U_LSQ>(LsqOp<M>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, nrows, innerv, C, segv, \
-                                      split, store != 0)
+  rows_body<LsqOp<M>, QAT_ROWS_U_LSQ>(LsqOp<M>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, nrows, innerv, C,      \
+                                      store != 0)
   if (round_mode == 0) QAT_LSQ_ROWS(0);
   else if (round_mode == 1) QAT_LSQ_ROWS(1);
   else QAT_LSQ_ROWS(2);

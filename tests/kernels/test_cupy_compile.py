@@ -38,16 +38,6 @@ def test_every_kernel_assembles_for_sm90():
     _check_all("sm_90")
 
 
-def test_packed_minmax_option_assembles(monkeypatch):
-    """The opt-in packed 16-bit min / max (``-DQAT_MM_PACKED=1``, off by default) down to sm_90
-    machine code, so its inline PTX (min.f16x2 / min.bf16x2) is assembled in CI as well."""
-    _nvrtc_version()
-    monkeypatch.setattr(cupy_backend, "EXTRA_OPTIONS", ("-DQAT_MM_PACKED=1",))
-    monkeypatch.setattr(cupy_backend, "_variants", lambda: iter([("reduce.cu", 1, 8), ("reduce.cu", 2, 8)]))
-    sizes = cupy_backend.compile_all(arch="sm_90")
-    assert set(sizes) == {("reduce.cu", 1, 8), ("reduce.cu", 2, 8)} and all(v > 0 for v in sizes.values())
-
-
 def test_compile_error_is_reported(monkeypatch):
     _nvrtc_version()
     monkeypatch.setattr(cupy_backend, "_source", lambda name: "this is not CUDA;")

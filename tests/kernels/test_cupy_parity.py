@@ -7,6 +7,7 @@ bound of 1e-5 of the sum of the magnitudes of their terms. Fresh random inputs f
 part of the values on the rounding ties so the three rounding modes differ.
 """
 
+import contextlib
 import math
 import zlib
 
@@ -133,9 +134,18 @@ CASES = [
 
 
 @pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
+def _poison_outputs():
     """Outputs of the reductions that store every key start as NaN here, so a key left unwritten fails."""
-    monkeypatch.setattr(cupy_backend, "_POISON", True)
+    with cupy_backend.use_tuning(poison_outputs=True):
+        yield
+
+
+@pytest.fixture
+def tune():
+    """``tune(**fields)``: the kernels' tuning (``KernelTuning`` fields) for the rest of the test, on top
+    of the poisoned outputs."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **fields: stack.enter_context(cupy_backend.use_tuning(**fields))
 
 
 def _case_id(case):
@@ -376,21 +386,25 @@ def test_more_than_2_pow_31_elements():
         assert abs(float(ds[c]) - float(ds_ref)) <= 1e-4 * float(bound), (c, float(ds[c]), float(ds_ref))
 
 
-def _set_knobs(monkeypatch, knobs: dict, spy: bool = False) -> list:
-    """Set cupy_backend's launch knobs for one test; with ``spy``, also record the names of the
-    kernels it fetches (returned list, filled as they launch)."""
-    for name, value in knobs.items():
-        monkeypatch.setattr(cupy_backend, name, value)
+def _spy(monkeypatch) -> list:
+    """Record the names of the kernels the backend fetches (returned list, filled as they launch)."""
     launched: list = []
-    if spy:
-        kernel = cupy_backend._kernel
+    kernel = cupy_backend._kernel
 
-        def record(name, kern, *args):
-            launched.append(kern)
-            return kernel(name, kern, *args)
+    def record(name, kern, *args):
+        launched.append(kern)
+        return kernel(name, kern, *args)
 
-        monkeypatch.setattr(cupy_backend, "_kernel", record)
+    monkeypatch.setattr(cupy_backend, "_kernel", record)
     return launched
+
+
+def _knob_id(knobs: dict) -> str:
+    return "-".join(f"{n}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for n, v in knobs.items())
+
+
+NO_TILE = (0, 0, 0)  # per-group layouts on the grp kernels
+ALL_HALF = dict(cols_half_lsq=(True, True, True), cols_half_minmax=(True, True, True))
 
 
 def _vec(dtype) -> int:
@@ -398,18 +412,16 @@ def _vec(dtype) -> int:
     return 16 // torch.tensor([], dtype=dtype).element_size()
 
 
-# the launch knobs of the reduction kernels that the defaults do not exercise: rows kernels with
-# several blocks per row (atomics) and a grid smaller than the segments (grid-stride), a short-row
-# threshold that sends channel-0 layouts of ~1000 elements to them; cols kernels with interleaved
-# row groups and a grid that fits one wave; per-group layouts on the grp kernels instead of tiles
+# tunings of the reduction kernels that the defaults do not exercise on these layouts: per-group layouts
+# on the grp kernels instead of tiles (with 4 loads a lane and one unit per warp); channel-last
+# reductions on the full-vector cols kernels in every dtype; a short-row threshold that sends channel-0
+# layouts of ~1000 elements to the rows kernels, and one that keeps every layout off them (seg kernels)
 KNOBS = [
-    dict(_ROWS_SPLIT=3, _ROWS_WAVES=0.05),
-    dict(_GRP_LOADS={"minmax": 4, "lsq_backward": 2, ("lsq_backward", 0): 4}, _GRP_WAVES=100000, _TILE={}),
-    dict(_TILE={}),  # per-group layouts on the grp kernels (the default before the tile kernels)
-    dict(_COLS_HALF={}),  # channel-last reductions on the full-vector cols kernels (the default before colsh)
-    dict(_ROWS_MIN_VECS=64),
-    dict(_COLS_INTERLEAVE=1, _COLS_FIT=True),
-    dict(_ROWS=False, _COLS_FIT=True),
+    dict(grp_loads_minmax=4, grp_loads_lsq=4, grp_waves=100000, tile_lsq=NO_TILE, tile_minmax=NO_TILE),
+    dict(tile_lsq=NO_TILE, tile_minmax=NO_TILE),
+    dict(cols_half_lsq=(False, False, False), cols_half_minmax=(False, False, False)),
+    dict(rows_min_vecs=64),
+    dict(rows_min_vecs=2**40),
 ]
 KNOB_CASES = [
     ((5, 16392), 0, None),
@@ -423,19 +435,19 @@ KNOB_CASES = [
 ]
 
 
-@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: "-".join(f"{n.strip('_')}={v}" for n, v in k.items()))
+@pytest.mark.parametrize("knobs", KNOBS, ids=_knob_id)
 @pytest.mark.parametrize("case", KNOB_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_reduction_launch_knobs(knobs, case, dtype, monkeypatch):
-    _set_knobs(monkeypatch, knobs)
+def test_reduction_launch_knobs(knobs, case, dtype, tune):
+    tune(**knobs)
     _check_reductions(case, dtype)
 
 
 # reduce.cu's tile kernels (per-group layouts launched one tile a block): loads per lane T and block
 # sizes, groups whose run is 1 to 32 vectors, tensors smaller than one tile and a partial last tile
 TILE_KNOBS = [
-    dict(_TILE={"minmax": t, "lsq_backward": t}, _TILE_THREADS=th, _TILE_ADJ=adj)
-    for t, th, adj in ((2, 64, 1), (4, 64, 1), (8, 32, 1), (4, 256, 1), (2, 128, 1), (4, 128, 0), (8, 64, 0), (2, 256, 0))
+    dict(tile_lsq=(t, t, t), tile_minmax=(t, t, t), tile_threads=th)
+    for t, th in ((2, 64), (4, 64), (8, 32), (4, 256), (2, 128), (4, 128), (8, 64), (2, 256))
 ]
 TILE_CASES = [
     ((64, 2048), None, 128),
@@ -450,20 +462,21 @@ TILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("knobs", TILE_KNOBS, ids=lambda k: f"T{k['_TILE']['lsq_backward']}-threads{k['_TILE_THREADS']}-adj{k['_TILE_ADJ']}")
+@pytest.mark.parametrize("knobs", TILE_KNOBS, ids=lambda k: f"T{k['tile_lsq'][0]}-threads{k['tile_threads']}")
 @pytest.mark.parametrize("case", TILE_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tile_kernels(knobs, case, dtype, monkeypatch):
-    launched = _set_knobs(monkeypatch, knobs, spy=True)
+def test_tile_kernels(knobs, case, dtype, tune, monkeypatch):
+    tn = tune(**knobs)
+    launched = _spy(monkeypatch)
     _check_reductions(case, dtype)
     shape, _, gs = case
     vec = _vec(dtype)
     if gs % vec:
         vec = 1  # unaligned groups: scalar loads
-    t = knobs["_TILE"]["lsq_backward"]
+    t = knobs["tile_lsq"][0]
     c = math.prod(shape) // gs
-    # layouts at most _COLS_MAX_WIDTH wide go to the cols kernels first; runs over 32 vectors to grp
-    use_tile = gs // vec <= 32 and not cupy_backend._use_cols(gs, c)
+    # layouts at most cols_max_width wide go to the cols kernels first; runs over 32 vectors to grp
+    use_tile = gs // vec <= 32 and not cupy_backend._use_cols(gs, c, tn)
     expected = [f"minmax_tile{t}", f"lsq_backward_tile{t}"] if use_tile else []
     assert [k for k in launched if "_tile" in k] == expected, launched
 
@@ -490,17 +503,17 @@ def _check_reductions(case, dtype):
 
 
 
-# grids of the element-wise kernels: one pass (no grid-stride loop: two steps a warp, two vectors a
-# thread) and a tiny grid (many grid-stride iterations per warp); key mode 1 on the grid-stride forward
-# (_FWD_TILE={}) whatever the default
+# grids of the element-wise kernels: a tiny grid (many grid-stride iterations per warp) and one so
+# large that most warps have no step; key mode 1 on the grid-stride forward (fwd_tile off) whatever
+# the default
 @pytest.mark.parametrize(
     "knobs",
     [
-        dict(_ELEMENTWISE_WAVES=0, _FWD_TILE={}),
-        dict(_ELEMENTWISE_WAVES=0.01, _BACKWARD_WAVES=0, _FWD_TILE={}),
-        dict(_BACKWARD_WAVES=0.01, _FWD_TILE={}),
+        dict(elementwise_waves=0.01, fwd_tile=NO_TILE),
+        dict(elementwise_waves=10000, fwd_tile=NO_TILE),
+        dict(fwd_tile=NO_TILE),
     ],
-    ids=lambda k: "-".join(f"{n.strip('_')}={v}" for n, v in k.items()),
+    ids=_knob_id,
 )
 @pytest.mark.parametrize(
     "case",
@@ -508,8 +521,8 @@ def _check_reductions(case, dtype):
     ids=_case_id,
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_elementwise_grid_knobs(knobs, case, dtype, monkeypatch):
-    _set_knobs(monkeypatch, knobs)
+def test_elementwise_grid_knobs(knobs, case, dtype, tune):
+    tune(**knobs)
     test_fake_quantize_forward_backward(case, dtype)
     shape, axis, gs = case
     gen = torch.Generator().manual_seed(7 + zlib.crc32(repr((shape, axis, gs, dtype)).encode()))
@@ -524,8 +537,7 @@ def test_elementwise_grid_knobs(knobs, case, dtype, monkeypatch):
 # whose inner size is a multiple of the vector (and scalar loads where it is not 16-byte aligned),
 # tensors smaller than one tile and partial last tiles and steps
 FWD_TILE_KNOBS = [
-    dict(_FWD_TILE={0: t, 1: t, 2: t}, _FWD_TILE_THREADS=th, _FWD_TILE_ADJ=adj)
-    for t, th, adj in ((2, 128, 0), (2, 128, 1), (1, 256, 0), (4, 64, 0), (4, 32, 1), (2, 256, 0))
+    dict(fwd_tile=(t, t, t), fwd_tile_threads=th) for t, th in ((1, 128), (2, 128), (1, 256), (4, 64), (4, 32), (2, 256))
 ]
 FWD_TILE_CASES = [
     ((64, 2048), None, 128),
@@ -539,13 +551,12 @@ FWD_TILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "knobs", FWD_TILE_KNOBS, ids=lambda k: f"T{k['_FWD_TILE'][0]}-threads{k['_FWD_TILE_THREADS']}-adj{k['_FWD_TILE_ADJ']}"
-)
+@pytest.mark.parametrize("knobs", FWD_TILE_KNOBS, ids=lambda k: f"T{k['fwd_tile'][0]}-threads{k['fwd_tile_threads']}")
 @pytest.mark.parametrize("case", FWD_TILE_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_tile_kernels(knobs, case, dtype, monkeypatch):
-    launched = _set_knobs(monkeypatch, knobs, spy=True)
+def test_forward_tile_kernels(knobs, case, dtype, tune, monkeypatch):
+    tune(**knobs)
+    launched = _spy(monkeypatch)
     test_fake_quantize_forward_backward(case, dtype)
     shape, axis, gs = case
     gen = torch.Generator().manual_seed(9 + zlib.crc32(repr((shape, axis, gs, dtype)).encode()))
@@ -558,7 +569,7 @@ def test_forward_tile_kernels(knobs, case, dtype, monkeypatch):
     # the tile kernel ran wherever the layout is key mode 1 (a key per vector), the 64-bit one nowhere
     inner, c = cupy_backend._layout(x, axis, gs)
     vec = _vec(dtype)
-    t = knobs["_FWD_TILE"][0]
+    t = knobs["fwd_tile"][0]
     key1 = c > 1 and inner % vec == 0
     assert {k for k in launched if k.startswith("fq_forward_t")} == ({f"fq_forward_t{t}_0_1", f"fq_forward_t{t}_1_1"} if key1 else set()), launched
     assert not {"fq_forward_0_1", "fq_forward_1_1"} & set(launched), launched
@@ -573,14 +584,14 @@ def test_forward_tile_kernels(knobs, case, dtype, monkeypatch):
     assert (f"fq_forward_t{t}_0_1" in launched) == (c > 1), launched
 
 
-def test_forward_tile_falls_back_to_64_bit_offsets(monkeypatch):
+def test_forward_tile_falls_back_to_64_bit_offsets(tune, monkeypatch):
     """With the tile forward on, a key mode 1 tensor of more than 2^31 elements takes the 64-bit
     grid-stride kernel (fq_forward_0_1), and its values and mask are right across 2^31."""
     free, _ = torch.cuda.mem_get_info()
     if free < 12 * 2**30:
         pytest.skip(f"needs 12 GiB of free GPU memory, {free / 2**30:.1f} available")
-    monkeypatch.setattr(cupy_backend, "_FWD_TILE", {0: 2, 1: 2, 2: 2})
-    launched = _set_knobs(monkeypatch, {}, spy=True)
+    tune(fwd_tile=(2, 2, 2))
+    launched = _spy(monkeypatch)
     C, K = 2, 2**30 + 64  # inner % 8 == 0: key mode 1
     n = C * K
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -596,13 +607,10 @@ def test_forward_tile_falls_back_to_64_bit_offsets(monkeypatch):
 
 
 # reduce.cu's colsh kernels (cols with QAT_VEC / 2 columns a thread, 8-byte accesses): channels on the
-# last axis, per-group layouts at most _COLS_MAX_WIDTH wide (keys changing inside a thread's columns),
-# row counts that are not a multiple of the block's rows, a block wider than the row, both row orders
-COLSH_KNOBS = [
-    dict(_COLS_HALF={"minmax": True, "lsq_backward": True}),
-    dict(_COLS_HALF={"minmax": True, "lsq_backward": True}, _COLS_HALF_VECS=64, _COLS_INTERLEAVE=1),
-    dict(_COLS_HALF={"minmax": 1, "lsq_backward": 1}, _COLS_HALF_VECS=8, _COLS_FIT=False),
-]
+# last axis, per-group layouts at most cols_max_width wide (keys changing inside a thread's columns),
+# row counts that are not a multiple of the block's rows, a block wider than the row, blocks of 8-64
+# half vectors
+COLSH_KNOBS = [dict(ALL_HALF), dict(ALL_HALF, cols_half_vecs=32), dict(ALL_HALF, cols_half_vecs=8)]
 COLSH_CASES = [
     ((64, 2048), 1, None),
     ((257, 1040), 1, None),
@@ -614,18 +622,19 @@ COLSH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("knobs", COLSH_KNOBS, ids=lambda k: "-".join(f"{n.strip('_')}={v}" for n, v in k.items() if n != "_COLS_HALF") or "half")
+@pytest.mark.parametrize("knobs", COLSH_KNOBS, ids=lambda k: f"vecs{k.get('cols_half_vecs', 'default')}")
 @pytest.mark.parametrize("case", COLSH_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cols_half_kernels(knobs, case, dtype, monkeypatch):
-    launched = _set_knobs(monkeypatch, knobs, spy=True)
+def test_cols_half_kernels(knobs, case, dtype, tune, monkeypatch):
+    tn = tune(**knobs)
+    launched = _spy(monkeypatch)
     _check_reductions(case, dtype)
     shape, axis, gs = case
     x = torch.empty(shape)
     inner, c = cupy_backend._layout(x, axis, gs)
     vec = _vec(dtype)
     wd = c * inner
-    assert cupy_backend._use_cols(inner, c)
+    assert cupy_backend._use_cols(inner, c, tn)
     half = wd % vec == 0  # 16-byte vectors possible: their halves; else the scalar cols kernel
     assert [k for k in launched if "_cols" in k] == (
         ["minmax_colsh", "lsq_backward_colsh"] if half else ["minmax_cols", "lsq_backward_cols"]
@@ -636,9 +645,9 @@ def test_cols_half_kernels(knobs, case, dtype, monkeypatch):
 # whole row on the seg kernel): thresholds lowered so small tensors take that path, rows that divide
 # the tensor and rows that leave a tail, a tail that is not a whole vector
 TENSOR_ROWS_KNOBS = [
-    dict(_TENSOR_ROWS=8, _TENSOR_ROWS_MIN_WAVES=0, _ROWS_MIN_VECS=16),
-    dict(_TENSOR_ROWS=4096, _TENSOR_ROWS_MIN_WAVES=0, _ROWS_MIN_VECS=16),
-    dict(_TENSOR_ROWS=4096, _TENSOR_ROWS_MIN_WAVES=0),
+    dict(tensor_rows=8, tensor_rows_min_waves=0, rows_min_vecs=16),
+    dict(tensor_rows=4096, tensor_rows_min_waves=0, rows_min_vecs=16),
+    dict(tensor_rows=4096, tensor_rows_min_waves=0),
 ]
 TENSOR_ROWS_CASES = [
     ((64, 2048), None, None),
@@ -649,15 +658,16 @@ TENSOR_ROWS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("knobs", TENSOR_ROWS_KNOBS, ids=lambda k: "-".join(f"{n.strip('_')}={v}" for n, v in k.items()))
+@pytest.mark.parametrize("knobs", TENSOR_ROWS_KNOBS, ids=_knob_id)
 @pytest.mark.parametrize("case", TENSOR_ROWS_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tensor_rows_kernels(knobs, case, dtype, monkeypatch):
-    launched = _set_knobs(monkeypatch, knobs, spy=True)
+def test_tensor_rows_kernels(knobs, case, dtype, tune, monkeypatch):
+    tn = tune(**knobs)
+    launched = _spy(monkeypatch)
     _check_reductions(case, dtype)
     n = math.prod(case[0])
     vec = _vec(dtype)
-    plan = cupy_backend._tensor_rows("minmax", n, 1, vec, torch.cuda.current_device())
+    plan = cupy_backend._tensor_rows("minmax", n, 1, vec, torch.cuda.current_device(), tn)
     rows = [k for k in launched if k.endswith("_rows")]
     if plan is None:
         assert rows == [], launched
@@ -673,10 +683,11 @@ def test_aminmax_dispatch_float32_per_tensor_and_axis0():
     tensors), to torch.aminmax elsewhere; the public function is exact either way."""
     big = torch.randn(4096 * 1024, device="cuda")
     small = torch.randn(1000, device="cuda")
-    assert cupy_backend._aminmax_use_kernel(big, None, None)
-    assert cupy_backend._aminmax_use_kernel(big.reshape(256, -1), 0, None)
-    assert not cupy_backend._aminmax_use_kernel(small, None, None)
-    assert not cupy_backend._aminmax_use_kernel(big[1:], None, None)  # unaligned: scalar loads
+    tn = cupy_backend.current_tuning()
+    assert cupy_backend._aminmax_use_kernel(big, None, None, tn)
+    assert cupy_backend._aminmax_use_kernel(big.reshape(256, -1), 0, None, tn)
+    assert not cupy_backend._aminmax_use_kernel(small, None, None, tn)
+    assert not cupy_backend._aminmax_use_kernel(big[1:], None, None, tn)  # unaligned: scalar loads
     for x, axis in ((big, None), (big.reshape(256, -1), 0), (small, None), (big[1:], None)):
         mn, mx = cupy_backend.aminmax(x, axis)
         mn_ref, mx_ref = cupy_backend._aminmax_torch(x.cpu(), axis)
