@@ -109,7 +109,8 @@ class QuantSpec:
     Args:
         bits: integer bit-width, 2..16.
         signed: signed range ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
-        symmetric: zero point fixed at 0 (signed) or mid-range (unsigned); else fitted (affine).
+        symmetric: zero point fixed at 0 (signed: a range symmetric about 0; unsigned: ``[0, max]``); else
+            fitted (affine).
         narrow_range: drop the most negative code (``[-(2^(b-1)-1), 2^(b-1)-1]``), signed only.
         granularity: ``per_tensor``, ``per_channel`` (along ``axis``), ``per_group`` (``group_size``
             consecutive elements of the last axis) or ``per_token`` (dynamic activations only).
