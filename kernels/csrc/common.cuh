@@ -169,7 +169,7 @@ struct KeyIter {
   }
 };
 
-// Rounding of v = x * inv_s, exactly as reference.round_with_mode (torch ops, float32):
+// Rounding of v = x * inv_s, exactly as qat.spec.round_with_mode (torch ops, float32):
 //   0 half_even: torch.round       -> rintf
 //   1 half_away: sign(v) * floor(|v| + 0.5)
 //   2 half_up:   floor(v + 0.5)

@@ -14,6 +14,7 @@ import zlib
 import pytest
 import torch
 
+from qat.granularity import Layout
 from qat.kernels import cupy_backend, reference
 
 pytestmark = [
@@ -85,7 +86,7 @@ def _per_param_abs_sum(t, x, axis, group_size):
     tg = t.abs().float()
     if group_size is not None:
         tg = tg.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
-    return reference._reduce_to_param(tg, x.float(), axis, group_size)
+    return Layout(axis=axis, group_size=group_size).sum_to_param(tg, x.float())
 
 
 def _assert_reduced(out, ref, bound):
