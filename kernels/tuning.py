@@ -2,8 +2,8 @@
 frozen object.
 
 :class:`KernelTuning` holds each knob that a measurement set (the numbers in the field docstrings are
-from the H100 sweeps in ``benchmarks/results/kernels_h100_v*_sweep.md``, 64M elements, forward +
-backward). Fields of two kinds:
+from the H100 sweeps v2-v12 of ``research/NOTES_kernels.md``, 64M elements, forward + backward; the
+sweep files are in commit c8ba9c9, ``benchmarks/results/kernels_h100_v*_sweep.md``). Fields of two kinds:
 
 * host fields: grid sizes, dispatch thresholds and which kernel a layout takes, read by
   :mod:`qat.kernels.cupy_backend` at each launch;
@@ -48,7 +48,7 @@ class KernelTuning:
     """Tuning of the fused fake-quant kernels (immutable; derive variants with ``dataclasses.replace``).
 
     Every field is a setting the default code path uses; settings that measured no gain were removed
-    with their code paths (``benchmarks/NOTES_kernels.md``, "Kernel tuning")."""
+    with their code paths (``research/NOTES_kernels.md``, "Kernel tuning: one object")."""
 
     # ------------------------------------------------------------------ element-wise kernels (host)
     elementwise_waves: float = 8
