@@ -37,6 +37,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from qat.granularity import Layout
+
 from . import reference
 from .tuning import DEFAULT_TUNING, ByDtype, KernelTuning
 
@@ -687,14 +689,6 @@ def fake_quantize_pact_backward(grad, x, alpha, tuning=None):
 # ----------------------------------------------------------------------------- observer
 
 
-def _param_shape(x: torch.Tensor, axis: Optional[int], group_size: Optional[int]) -> tuple[int, ...]:
-    if group_size is not None:
-        return tuple(x.shape[:-1]) + (x.shape[-1] // group_size,)
-    if axis is not None:
-        return (x.shape[axis % x.dim()],)
-    return (1,)
-
-
 def _aminmax_use_kernel(x: torch.Tensor, axis: Optional[int], group_size: Optional[int], tn: KernelTuning) -> bool:
     """Where the kernel beat PyTorch's reductions on an H100 (benchmarks/results/kernels_h100.md, 64M
     elements): per-group and per-channel on a non-leading axis always (1.8-4x), float16 / bfloat16
@@ -715,7 +709,7 @@ def _aminmax_use_kernel(x: torch.Tensor, axis: Optional[int], group_size: Option
 
 def _aminmax_torch(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):
     """The same statistics through PyTorch's reductions (the fastest formulation we found)."""
-    shape = _param_shape(x, axis, group_size)
+    shape = Layout(axis=axis, group_size=group_size).param_shape(x.shape)
     if group_size is not None:
         mn, mx = torch.aminmax(x.reshape(-1, group_size), dim=1)  # (..., K) -> (N*K/g, g)
     elif axis is not None:
@@ -748,7 +742,7 @@ def _aminmax_kernel(x: torch.Tensor, axis: Optional[int] = None, group_size: Opt
     else:
         ptrs = (_ptr(xc), _ptr(mn), _ptr(mx))
         _launch_reduce("minmax", xc, None, None, n, inner, c, (), ptrs, x.device.index, _tn(tuning), init=init)
-    shape = _param_shape(x, axis, group_size)
+    shape = Layout(axis=axis, group_size=group_size).param_shape(x.shape)
     return mn.reshape(shape), mx.reshape(shape)
 
 

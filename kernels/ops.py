@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qat.granularity import Layout
+
 from . import reference
 
 __all__ = [
@@ -283,14 +285,12 @@ def _check(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, a
         k = x.shape[-1] if x.dim() else 1
         if group_size <= 0 or k % group_size:
             raise ValueError(f"fake_quantize: group_size={group_size} must divide the last dimension {k}")
-        expected = tuple(x.shape[:-1]) + (k // group_size,)
     elif axis is not None:
         if not -x.dim() <= axis < x.dim():
             raise ValueError(f"fake_quantize: axis={axis} out of range for a {x.dim()}-d tensor")
         axis = axis % x.dim()
-        expected = (x.shape[axis],)
-    else:
-        expected = None
+    layout = Layout(axis=axis, group_size=group_size)
+    expected = None if layout.is_per_tensor else layout.param_shape(x.shape)
     for name, p in (("scale", scale), ("zero_point", zero_point)):
         if expected is None:
             if p.numel() != 1:

@@ -112,7 +112,7 @@ class Layout:
         if self.axis is not None:
             return (shape[self.axis],)
         if self.group_size is not None:
-            return shape[:-1] + (shape[-1] // self.group_size,)
+            return shape[:-1] + ((shape[-1] if shape else 1) // self.group_size,)  # a 0-d tensor is one element
         if self.per_row:
             return shape[:-1] + (1,)
         return (1,)
