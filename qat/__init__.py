@@ -19,7 +19,7 @@ from .errors import QATConfigError
 from .fake_quant import FakeQuantizer
 from .modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, Observer, PercentileObserver
-from .oscillation import OscillationTracker, dampening_loss
+from .oscillation import OscillationController, OscillationTracker, dampening_loss
 from .plan import LayerQuant, LayerRule, QuantPlan, available_presets, load_plan
 from .prepare import (
     enable_fake_quant,
@@ -33,7 +33,7 @@ from .prepare import (
 )
 from .ptq import calibrate
 from .reconstruct import reconstruct
-from .smooth import init_smoothing, smooth_inputs
+from .smooth import SmoothingSpec, fit_smoothing, init_smoothing, smooth_inputs
 from .spec import Estimator, Granularity, ObserverKind, QuantSpec, RoundMode
 
 __all__ = [
@@ -61,6 +61,8 @@ __all__ = [
     "prepare",
     "smooth_inputs",
     "init_smoothing",
+    "fit_smoothing",
+    "SmoothingSpec",
     "convert",
     "is_converted",
     "unprepare",
@@ -75,6 +77,7 @@ __all__ = [
     "QuantConvBn2d",
     "fuse_conv_bn",
     "fold_bn",
+    "OscillationController",
     "OscillationTracker",
     "dampening_loss",
 ]

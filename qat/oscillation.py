@@ -17,6 +17,12 @@ paper's two fixes, on the weight quantizers of a :func:`qat.prepare`-d model:
   frequency exceeds ``threshold`` is frozen to the rounded moving average of its codes and stays at
   that integer for the rest of training.
 
+:class:`OscillationController` drives both from any training loop, one call after the backward and
+one after the optimizer step: the cosine ramp of the dampening weight (:func:`dampening_weight`),
+the dampening gradient added to the weights' ``.grad``, the tracker and when freezing starts. The
+Lightning callback :class:`qat.callbacks.OscillationControl` and
+:func:`qat.recipes.minilm.distill` both run on it.
+
 "Weight" here is what the weight quantizer sees: ``weight * input_smooth`` for a smoothed layer
 (:func:`qat.smooth_inputs`), ``weight.flatten(1)`` for a per-group convolution. Codes are computed
 with the fake-quant op's own math (:func:`qat.kernels.reference.round_with_mode`,
@@ -58,14 +64,27 @@ from .observers import qparams_from_range
 from .prepare import quant_layers
 from .spec import Granularity
 
-__all__ = ["dampening_loss", "dampening_weight", "OscillationTracker", "weight_layers"]
+__all__ = ["dampening_loss", "dampening_weight", "OscillationController", "OscillationTracker", "weight_codes", "weight_layers"]
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, QuantModuleMixin]]:
     """``(name, layer)`` for every quantized layer of ``model`` that has a weight quantizer.
 
+    Args:
+        model: a :func:`qat.prepare`-d model.
+
+    Returns:
+        the layers, in module order.
+
     Raises:
         QATConfigError: the model has none (not prepared, or a plan with activations only).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from qat import prepare
+        >>> [name for name, _ in weight_layers(prepare(nn.Sequential(nn.Linear(8, 4), nn.ReLU()), "w4a8"))]
+        ['0']
     """
     layers = [(n, m) for n, m in quant_layers(model) if m.weight_quantizer is not None]
     if not layers:
@@ -115,6 +134,35 @@ def _codes(fq: FakeQuantizer, wg: torch.Tensor, z: torch.Tensor, inv_s: torch.Te
     """``clamp(rnd(w * inv_s) + z, qmin, qmax)``: the reference's float32 math, element for element."""
     spec = fq.spec
     return torch.clamp(round_with_mode(wg * inv_s, spec.round_mode.value) + z, spec.qmin, spec.qmax)
+
+
+def weight_codes(layer: QuantModuleMixin) -> torch.Tensor:
+    """The integer codes the forward pass uses for ``layer``'s weight now, shaped like the weight.
+
+    Computed as :class:`OscillationTracker` computes them (the fake-quant op's float32 math on what
+    the weight quantizer sees, ``weight * input_smooth`` for a smoothed layer), returned as float32.
+
+    Args:
+        layer: a quantized layer with a weight quantizer that holds a scale.
+
+    Raises:
+        RuntimeError: the weight quantizer has no scale yet.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> from qat import prepare
+        >>> model = prepare(nn.Sequential(nn.Linear(8, 4)), "w4a8")
+        >>> _ = model(torch.randn(2, 8))                   # the first forward sets the ranges
+        >>> codes = weight_codes(model[0])
+        >>> codes.shape, bool(codes.min() >= -8), bool(codes.max() <= 7)
+        (torch.Size([4, 8]), True, True)
+    """
+    fq = layer.weight_quantizer
+    with torch.no_grad():
+        w32 = _latent(layer).detach().float()
+        _, z, inv_s = _grid(fq, w32)
+        return _codes(fq, _grouped(fq, w32), z, inv_s).reshape(layer.weight.shape)
 
 
 # ----------------------------------------------------------------------------- dampening
@@ -245,12 +293,21 @@ class OscillationTracker:
 
     Example::
 
-        tracker = OscillationTracker(student, momentum=0.99, threshold=0.015)
-        for batch in batches:
-            loss = task_loss(student, batch)
-            opt.zero_grad(); loss.backward(); opt.step()
-            tracker.step()
-        print(tracker.stats())   # {'frozen': 0.004, 'flip_rate': 1e-4, ...}
+        >>> import torch, torch.nn as nn
+        >>> from qat import prepare
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> student = prepare(nn.Sequential(nn.Linear(16, 8)), "w4a8")
+        >>> _ = student(torch.randn(4, 16))
+        >>> opt = torch.optim.SGD(student.parameters(), lr=0.5)
+        >>> tracker = OscillationTracker(student, momentum=0.9, threshold=0.05)
+        >>> for _ in range(20):
+        ...     loss = student(torch.randn(4, 16)).pow(2).mean()
+        ...     opt.zero_grad(); loss.backward(); opt.step()
+        ...     tracker.step()
+        >>> st = tracker.stats()
+        >>> st["steps"], 0.0 <= st["frozen"] <= 1.0
+        (20, True)
     """
 
     def __init__(self, model: nn.Module, momentum: float = 0.99, threshold: Optional[float] = 0.01):
@@ -396,3 +453,209 @@ class OscillationTracker:
     def __repr__(self) -> str:
         return (f"OscillationTracker(layers={len(self.layers)}, weights={self.numel}, momentum={self.momentum}, "
                 f"threshold={self.threshold}, steps={self.steps})")
+
+
+# ----------------------------------------------------------------------------- the per-step driver
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class OscillationController:
+    """Oscillation dampening and iterative weight freezing for any training loop, one call after
+    the backward and one after the optimizer step.
+
+    The one implementation of the schedule that :class:`qat.callbacks.OscillationControl` (Lightning)
+    and :func:`qat.recipes.minilm.distill` (a plain loop) share. With ``T`` optimizer steps and ``t``
+    the 0-based index of the current one:
+
+    * :meth:`after_backward` (after the task loss' backward, before the optimizer step) adds
+      ``lambda_t * grad(dampening_loss(model))`` to the ``.grad`` of every quantized weight that
+      requires a gradient, ``lambda_t = dampen * (1 - cos(pi * t / (T - 1))) / 2``
+      (:func:`dampening_weight`). The regularizer's gradient goes in through
+      ``torch.autograd.grad``, not through the task loss: the result equals adding
+      ``lambda_t * dampening_loss(model)`` to the loss before one backward (the same float
+      operations, as long as each weight enters the task loss once), and it works where the loop
+      cannot change the loss. ``scale`` multiplies the term (a gradient-accumulation divisor, an AMP
+      loss scale). With ``freeze`` on, the first call also creates the tracker if
+      :meth:`start_tracking` has not (a quantizer without a scale yet: the next call tries again).
+    * :meth:`after_step` (after the optimizer step ``t``) updates the :class:`OscillationTracker`,
+      which freezes weights from step ``int(freeze_start * T)`` on and holds the frozen ones.
+
+    Call :meth:`begin` once before training with the model and ``T``.
+
+    Args:
+        dampen: ``lambda_max`` of the dampening regularizer (Nagel et al. 2022), a number >= 0;
+            0: off.
+        freeze: oscillation-frequency threshold in (0, 1) above which a weight is frozen on its
+            average code; ``None`` or 0: off.
+        momentum: momentum of the tracker's moving averages, in (0, 1) (0.99: about the last 100
+            steps).
+        freeze_start: share of the ``T`` steps, in [0, 1), that only track before freezing begins.
+        arg_prefix: how error messages name the arguments (``arg_prefix + "dampen"``, ...), so a
+            caller reports its own argument names.
+
+    Raises:
+        QATConfigError: an argument outside its range (the message names it and the range).
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> from qat import prepare
+        >>> model = prepare(nn.Sequential(nn.Linear(16, 8)), "w4a8")
+        >>> _ = model(torch.randn(4, 16))                   # the weight quantizer gets its scale
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> osc = OscillationController(dampen=1e-3, freeze=0.02, momentum=0.9)
+        >>> osc.begin(model, total_steps=10)
+        >>> for step in range(10):
+        ...     loss = model(torch.randn(4, 16)).pow(2).mean()
+        ...     opt.zero_grad(); loss.backward()
+        ...     osc.after_backward(step)                    # + lambda_t * grad(dampening_loss)
+        ...     opt.step()
+        ...     osc.after_step(step)                        # track, freeze, hold the frozen weights
+        >>> osc.dampening_at(0), osc.dampening_at(9)
+        (0.0, 0.001)
+        >>> sorted(osc.stats())
+        ['dampen', 'flip_rate', 'frozen', 'osc_freq', 'osc_rate', 'steps']
+    """
+
+    def __init__(
+        self,
+        dampen: float = 0.0,
+        freeze: Optional[float] = None,
+        momentum: float = 0.99,
+        freeze_start: float = 0.0,
+        *,
+        arg_prefix: str = "OscillationController.",
+    ) -> None:
+        p = arg_prefix
+        if not _is_number(dampen) or dampen < 0:
+            raise QATConfigError(f"{p}dampen must be a number >= 0 (0: off), got {dampen!r}")
+        if freeze is not None and (not _is_number(freeze) or not 0.0 <= freeze < 1.0):
+            raise QATConfigError(f"{p}freeze must be a number in (0, 1), or 0 / None (off), got {freeze!r}")
+        if not _is_number(momentum) or not 0.0 < momentum < 1.0:
+            raise QATConfigError(f"{p}momentum must be a number in (0, 1), got {momentum!r}")
+        if not _is_number(freeze_start) or not 0.0 <= freeze_start < 1.0:
+            raise QATConfigError(f"{p}freeze_start must be a number in [0, 1), got {freeze_start!r}")
+        self.dampen = float(dampen)
+        self.freeze = float(freeze) if freeze else None
+        self.momentum = float(momentum)
+        self.freeze_start = float(freeze_start)
+        self.arg_prefix = arg_prefix
+        self.model: Optional[nn.Module] = None
+        self.tracker: Optional[OscillationTracker] = None
+        self.total_steps: Optional[float] = None
+        self.freeze_from = 0
+        self._last_dampen: Optional[torch.Tensor] = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether dampening or freezing is on (off, every call is a no-op)."""
+        return self.dampen > 0 or self.freeze is not None
+
+    def begin(self, model: nn.Module, total_steps: Optional[float], unbounded_hint: str = "give a finite total_steps") -> None:
+        """Start a run on ``model`` of ``total_steps`` optimizer steps (``None`` or infinite: unbounded).
+
+        Forgets an earlier run's tracker and statistics. Off (:attr:`enabled` false), it only
+        records its arguments.
+
+        Args:
+            model: the :func:`qat.prepare`-d model whose weights are dampened / frozen.
+            total_steps: the run's optimizer steps: the dampening ramp's length and what
+                ``freeze_start`` is a share of.
+            unbounded_hint: what the error for an unbounded run tells the user to do.
+
+        Raises:
+            QATConfigError: the model has no weight quantizers; or the run is unbounded with
+                ``dampen`` on (the ramp needs an end) or with ``freeze_start`` > 0.
+        """
+        p = self.arg_prefix
+        finite = total_steps is not None and math.isfinite(total_steps)
+        if self.enabled:
+            weight_layers(model)  # QATConfigError now if the plan quantizes no weights
+            if not finite and self.dampen > 0:
+                raise QATConfigError(f"{p}dampen needs a finite number of training steps for its cosine ramp; {unbounded_hint}")
+            if not finite and self.freeze is not None and self.freeze_start != 0:
+                raise QATConfigError(
+                    f"{p}freeze_start={self.freeze_start} is a share of the training's steps, but the number of steps "
+                    f"is unbounded; {unbounded_hint}, or {p}freeze_start=0 (freeze from the start)"
+                )
+        self.model = model
+        self.total_steps = float(total_steps) if finite else None
+        self.freeze_from = int(self.freeze_start * total_steps) if finite else 0
+        self.tracker = None
+        self._last_dampen = None
+
+    def start_tracking(self) -> Optional[OscillationTracker]:
+        """Create the :class:`OscillationTracker` now from the current codes (freezing on only;
+        else ``None``). Without this call the first :meth:`after_backward` creates it.
+
+        Raises:
+            RuntimeError: a weight quantizer has no scale yet (calibrate, or run a forward first).
+        """
+        if self.model is None:
+            raise RuntimeError("OscillationController: call begin(model, total_steps) first")
+        if self.freeze is not None and self.tracker is None:
+            self.tracker = OscillationTracker(self.model, self.momentum, self.freeze)
+        return self.tracker
+
+    def dampening_at(self, step: int) -> float:
+        """The dampening weight ``lambda_t`` at optimizer step ``step`` (0-based); 0 when off or
+        before :meth:`begin`."""
+        if not self.dampen or self.total_steps is None:
+            return 0.0
+        return dampening_weight(self.dampen, step, self.total_steps)
+
+    def after_backward(self, step: int, scale: float = 1.0) -> None:
+        """Add ``scale * lambda_step * grad(dampening_loss)`` to the weights' ``.grad``; call it
+        after the task loss' backward of optimizer step ``step`` (each micro-batch's, with
+        ``scale = 1 / k`` for ``k`` accumulated micro-batches)."""
+        if not self.enabled or self.model is None:
+            return
+        if self.freeze is not None and self.tracker is None:
+            try:  # every quantizer has its scale by now (calibrated, or from this forward)
+                self.start_tracking()
+            except RuntimeError:  # a weight quantizer without a scale yet: try again next time
+                pass
+        lam = self.dampening_at(step)
+        if not lam:
+            return
+        weights = [layer.weight for _, layer in weight_layers(self.model) if layer.weight.requires_grad]
+        with torch.enable_grad():
+            loss = dampening_loss(self.model)
+        self._last_dampen = loss.detach()  # read by stats(): no device sync a step
+        if not weights:
+            return
+        # d(lambda * loss) through the graph: the same float operations as a backward of the loss term
+        weight = torch.full((), lam * scale, dtype=loss.dtype, device=loss.device)
+        grads = torch.autograd.grad(loss, weights, grad_outputs=weight, allow_unused=True)
+        with torch.no_grad():
+            for w, g in zip(weights, grads):
+                if g is None:
+                    continue
+                g = g.to(w.dtype)
+                if w.grad is None:
+                    w.grad = g
+                else:
+                    w.grad.add_(g)
+
+    def after_step(self, step: int) -> None:
+        """Track the codes after optimizer step ``step`` (0-based), freezing from
+        :attr:`freeze_from` on; a no-op without freezing (or before the tracker exists)."""
+        if self.tracker is not None:
+            self.tracker.step(freeze=step >= self.freeze_from)
+
+    def stats(self) -> dict[str, float]:
+        """The tracker's :meth:`OscillationTracker.stats` (freezing on) and ``dampen``, the last
+        unweighted dampening loss (dampening on, after its first nonzero step)."""
+        out: dict[str, float] = {}
+        if self.tracker is not None:
+            out.update(self.tracker.stats())
+        if self._last_dampen is not None:
+            out["dampen"] = float(self._last_dampen)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"OscillationController(dampen={self.dampen}, freeze={self.freeze}, momentum={self.momentum}, "
+                f"freeze_start={self.freeze_start})")

@@ -4,7 +4,7 @@ the lifecycle uses (observers, fake quant, BatchNorm statistics)."""
 from __future__ import annotations
 
 import os
-from typing import Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Iterator, Mapping, Union
 
 import torch.nn as nn
 
@@ -24,10 +24,13 @@ __all__ = [
     "freeze_bn_stats",
 ]
 
+if TYPE_CHECKING:
+    from .smooth import SmoothingLike
+
 PlanLike = Union[str, os.PathLike, Mapping, QuantPlan]
 
 
-def prepare(model: nn.Module, plan: PlanLike, fold_bn: bool = False) -> nn.Module:
+def prepare(model: nn.Module, plan: PlanLike, fold_bn: bool = False, smooth: "SmoothingLike" = None) -> nn.Module:
     """Replace each layer the plan names by its fake-quantized twin, in place.
 
     Args:
@@ -35,22 +38,38 @@ def prepare(model: nn.Module, plan: PlanLike, fold_bn: bool = False) -> nn.Modul
         plan: a preset name (``"w4a8"``), a YAML path, a dict / DictConfig, or a :class:`QuantPlan`.
         fold_bn: fold each BatchNorm2d that directly follows a quantized Conv2d into its weight
             before weight fake-quant (:func:`qat.bn_fold.fuse_conv_bn`).
+        smooth: per-input-channel smoothing of the quantized Linear layers
+            (:class:`qat.smooth.SmoothingSpec`, or what :meth:`~qat.smooth.SmoothingSpec.parse`
+            takes: an ``alpha``, a mapping of ``alpha`` / ``match`` / ``learnable``); ``None``:
+            off. The matched layers get identity factors now (:func:`qat.init_smoothing`: the
+            parameters exist before an optimizer is built) and the spec is kept as
+            ``model.qat_smoothing``; :func:`qat.smooth.fit_smoothing` then sets the factors
+            from calibration batches.
 
     Returns:
         ``model`` itself, with ``model.qat_plan`` (the :class:`QuantPlan`) and ``model.qat_layers``
         (qualified name -> :class:`LayerQuant`) set.
 
     Raises:
-        QATConfigError: the plan is invalid for this model, or the model is already prepared.
+        QATConfigError: the plan or ``smooth`` is invalid for this model, or the model is already
+            prepared.
 
     Example::
 
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         >>> prepare(model, "w4a8")[0].__class__.__name__
         'QuantLinear'
+        >>> smoothed = prepare(nn.Sequential(nn.Linear(8, 4)), "w4a8", smooth={"alpha": 0.5})
+        >>> smoothed.qat_smoothing, smoothed[0].input_smooth.shape
+        (SmoothingSpec(alpha=0.5, match='*', learnable=False), torch.Size([8]))
     """
     if is_prepared(model):
         raise QATConfigError("model is already prepared for QAT (it holds quantized layers); prepare it once")
+    smoothing = None
+    if smooth is not None:
+        from .smooth import SmoothingSpec  # smooth imports this module; keep the imports acyclic
+
+        smoothing = SmoothingSpec.parse(smooth, "prepare: smooth")  # a bad spec fails before the model changes
     plan = load_plan(plan)
     resolved = plan.resolve(model)
     for name, lq in resolved.items():
@@ -64,6 +83,11 @@ def prepare(model: nn.Module, plan: PlanLike, fold_bn: bool = False) -> nn.Modul
         from .bn_fold import fuse_conv_bn  # bn_fold imports modules; keep this module's imports acyclic
 
         fuse_conv_bn(model)
+    if smoothing is not None:
+        from .smooth import init_smoothing
+
+        init_smoothing(model, smoothing.match, learnable=smoothing.learnable)
+        model.qat_smoothing = smoothing
     return model
 
 
@@ -73,7 +97,7 @@ def unprepare(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, mod.to_float())
-    for attr in ("qat_plan", "qat_layers"):
+    for attr in ("qat_plan", "qat_layers", "qat_smoothing"):
         model.__dict__.pop(attr, None)
     return model
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -13,10 +13,30 @@ __all__ = ["calibrate", "default_forward", "float_pass", "move_batch"]
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """``(x, y)`` -> ``model(x)``; a dict -> ``model(**batch)``; anything else -> ``model(batch)``."""
+    """Run one batch through ``model`` the way data loaders usually lay batches out.
+
+    ``(x, y, ...)`` -> ``model(x)``; a mapping (a dict, a tokenizer's ``BatchEncoding``) ->
+    ``model(**batch)``; anything else -> ``model(batch)``. The default ``forward_fn`` of
+    :func:`calibrate`, :func:`qat.smooth_inputs` and :class:`qat.callbacks.QuantizationAwareTraining`.
+
+    Args:
+        model: the module.
+        batch: one batch.
+
+    Returns:
+        what ``model`` returns.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> default_forward(nn.Identity(), (torch.ones(2), torch.zeros(2)))
+        tensor([1., 1.])
+        >>> default_forward(lambda input: input * 2, {"input": torch.ones(1)})
+        tensor([2.])
+    """
     if isinstance(batch, (list, tuple)):
         return model(batch[0])
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return model(**batch)
     return model(batch)
 

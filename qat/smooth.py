@@ -10,12 +10,32 @@ holds ``input_smooth`` (``s``, one per input channel): its forward fake-quantize
 equivalent transformation, as in OmniQuant). Where ``s`` cannot be folded into the previous op (a
 LayerNorm whose output also feeds a residual, a GELU), a deployment applies ``x / s`` in the
 activation-quantize step; :func:`qat.convert` keeps it and the ONNX export writes it as a ``Div``.
+
+Two ways in: call :func:`smooth_inputs` on a prepared model before calibrating it; or say what to
+smooth when preparing (``qat.prepare(model, plan, smooth=SmoothingSpec(...))``, which sets up
+identity factors at once, before an optimizer exists) and fit them from calibration batches with
+:func:`fit_smoothing`. :class:`qat.callbacks.QuantizationAwareTraining` takes the second way
+(its ``smooth`` argument goes to ``prepare``, and its calibration fits the factors).
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> from qat import prepare
+    >>> from qat.ptq import calibrate
+    >>> x = torch.randn(64, 8); x[:, 0] *= 30                    # one outlier channel
+    >>> model = prepare(nn.Sequential(nn.Linear(8, 4)), "w4a8", smooth=SmoothingSpec(alpha=0.5))
+    >>> factors = fit_smoothing(model, [(x, None)])               # before calibrating
+    >>> calibrate(model, [(x, None)])
+    1
+    >>> bool(factors["0"][0] > 3 * factors["0"][1:].max())
+    True
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -25,7 +45,100 @@ from .modules import QuantLinear
 from .prepare import quant_layers
 from .ptq import default_forward, float_pass
 
-__all__ = ["smooth_inputs", "init_smoothing"]
+__all__ = ["SmoothingSpec", "fit_smoothing", "init_smoothing", "smooth_inputs"]
+
+
+def _check_spec(alpha: Any, match: Any, learnable: Any, where: str) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise QATConfigError(f"{where}.alpha must be a number in [0, 1], got {alpha!r}")
+    if not isinstance(match, str) or not match:
+        raise QATConfigError(f"{where}.match must be a non-empty glob on layer names (e.g. '*'), got {match!r}")
+    if not isinstance(learnable, bool):
+        raise QATConfigError(f"{where}.learnable must be true or false, got {learnable!r}")
+
+
+@dataclass(frozen=True)
+class SmoothingSpec:
+    """What to smooth, for :func:`qat.prepare` (``smooth=``) and :func:`fit_smoothing`.
+
+    Args:
+        alpha: migration strength in [0, 1] (:func:`smooth_inputs`): 0 leaves the layers as they
+            are, 1 moves all of the input's range into the weight.
+        match: glob on the qualified names of the quantized Linear layers to smooth.
+        learnable: train the smoothing factors with the model.
+
+    Raises:
+        QATConfigError: a field outside its range.
+
+    Example::
+
+        >>> SmoothingSpec(alpha=0.5, match="*attention*")
+        SmoothingSpec(alpha=0.5, match='*attention*', learnable=False)
+        >>> SmoothingSpec.parse(0.3), SmoothingSpec.parse(None)
+        (SmoothingSpec(alpha=0.3, match='*', learnable=False), None)
+        >>> SmoothingSpec.parse({"alpha": 0.5, "learnable": True}).learnable
+        True
+    """
+
+    alpha: float = 0.5
+    match: str = "*"
+    learnable: bool = False
+
+    def __post_init__(self) -> None:
+        _check_spec(self.alpha, self.match, self.learnable, "SmoothingSpec")
+
+    @classmethod
+    def parse(cls, value: "SmoothingLike", where: str = "smooth") -> Optional["SmoothingSpec"]:
+        """A :class:`SmoothingSpec` from what configs and arguments give.
+
+        Args:
+            value: ``None`` / ``False`` (off), ``True`` (the defaults), a number (``alpha``), a
+                mapping or ``DictConfig`` of the fields (``alpha: null`` in it: off, so a config
+                can hold ``match`` / ``learnable`` with smoothing off), or a :class:`SmoothingSpec`.
+            where: how error messages name the value (``f"{where}.alpha must be ..."``).
+
+        Returns:
+            the spec, or ``None`` for off.
+
+        Raises:
+            QATConfigError: another type, an unknown field, or a field outside its range.
+
+        Example::
+
+            >>> SmoothingSpec.parse(True)
+            SmoothingSpec(alpha=0.5, match='*', learnable=False)
+            >>> SmoothingSpec.parse({"alpha": None, "learnable": True}) is None    # off
+            True
+            >>> SmoothingSpec.parse({"alpha": 2.0}, where="QuantizationAwareTraining.smooth")
+            Traceback (most recent call last):
+            ...
+            qat.errors.QATConfigError: QuantizationAwareTraining.smooth.alpha must be a number in [0, 1], got 2.0
+        """
+        if value is None or value is False:
+            return None
+        if isinstance(value, cls):
+            return value
+        if value is True:
+            return cls()
+        if isinstance(value, (int, float)):
+            fields = {"alpha": value}
+        elif isinstance(value, Mapping) or hasattr(value, "items"):  # dict, DictConfig
+            fields = dict(value.items())
+            unknown = sorted(set(fields) - {"alpha", "match", "learnable"})
+            if unknown:
+                raise QATConfigError(f"{where}: unknown field(s) {unknown}; valid fields: ['alpha', 'learnable', 'match']")
+            if "alpha" in fields and fields["alpha"] is None:
+                return None
+        else:
+            raise QATConfigError(
+                f"{where} must be null, true, a number (alpha) or a mapping of alpha / match / learnable, got {value!r}"
+            )
+        fields = {"alpha": 0.5, "match": "*", "learnable": False, **fields}
+        _check_spec(fields["alpha"], fields["match"], fields["learnable"], where)
+        return cls(**fields)
+
+
+SmoothingLike = Union[None, bool, float, Mapping, SmoothingSpec]
 
 
 def _select(model: nn.Module, match: str, who: str) -> dict[str, QuantLinear]:
@@ -65,6 +178,46 @@ def init_smoothing(model: nn.Module, match: str = "*", learnable: bool = False) 
         else:
             m.input_smooth.requires_grad_(learnable)
     return list(layers)
+
+
+def fit_smoothing(
+    model: nn.Module,
+    batches: Iterable[Any],
+    reset_ranges: bool = False,
+    num_batches: Optional[int] = None,
+    forward_fn: Callable[[nn.Module, Any], Any] = default_forward,
+) -> dict[str, torch.Tensor]:
+    """Fit the smoothing factors that ``qat.prepare(model, plan, smooth=...)`` set up, from ``batches``.
+
+    :func:`smooth_inputs` with the :class:`SmoothingSpec` the model was prepared with (kept as
+    ``model.qat_smoothing``); call it before :func:`qat.ptq.calibrate`.
+
+    Args:
+        model: a model prepared with ``smooth``.
+        batches: calibration batches.
+        reset_ranges / num_batches / forward_fn: as :func:`smooth_inputs`.
+
+    Returns:
+        ``{layer name: s}`` of the smoothed layers.
+
+    Raises:
+        QATConfigError: the model was not prepared with ``smooth`` (and what :func:`smooth_inputs` raises).
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> from qat import prepare
+        >>> model = prepare(nn.Sequential(nn.Linear(8, 4)), "w4a8", smooth={"alpha": 0.5, "learnable": True})
+        >>> s = fit_smoothing(model, [(torch.randn(16, 8), None)])
+        >>> sorted(s), model[0].input_smooth.requires_grad
+        (['0'], True)
+    """
+    spec = getattr(model, "qat_smoothing", None)
+    if spec is None:
+        raise QATConfigError("fit_smoothing: the model was not prepared with smoothing; use qat.prepare(model, plan, smooth=...) "
+                             "or qat.smooth_inputs(model, batches, alpha=...)")
+    return smooth_inputs(model, batches, alpha=spec.alpha, match=spec.match, learnable=spec.learnable,
+                         reset_ranges=reset_ranges, num_batches=num_batches, forward_fn=forward_fn)
 
 
 @torch.no_grad()

