@@ -17,12 +17,15 @@ converted float32 model gives the very outputs of the fake-quantized one (tested
 Example::
 
     >>> import torch, torch.nn as nn
-    >>> from qat import prepare, convert
-    >>> model = prepare(nn.Sequential(nn.Linear(64, 32)), "w4a8")
-    >>> _ = model(torch.randn(8, 64)); _ = model.eval()
-    >>> layer = convert(model)[0]
-    >>> type(layer).__name__, layer.qweight.dtype, tuple(layer.qweight.shape), tuple(layer.codes().shape)
-    ('IntLinear', torch.uint8, (1024,), (32, 64))
+    >>> from qat import convert, prepare
+    >>> plan = {"rules": [{"match": "*", "weight": {"bits": 4, "granularity": "per_group", "group_size": 27}}]}
+    >>> model = prepare(nn.Sequential(nn.Conv2d(3, 8, 3)), plan)
+    >>> x = torch.randn(2, 3, 8, 8); _ = model(x)
+    >>> conv = convert(model.eval())[0]
+    >>> type(conv).__name__, conv.view_shape, tuple(conv.dequantized_weight().shape)   # groups along I*k*k
+    ('IntConv2d', (8, 27), (8, 3, 3, 3))
+    >>> torch.equal(conv(x), model(x))
+    True
 """
 
 from __future__ import annotations
