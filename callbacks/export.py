@@ -13,6 +13,8 @@ from pytorch_lightning.callbacks import Callback
 from qat import QATConfigError, convert, is_prepared
 from qat.export.formats import check_formats, export_formats
 
+from .qat import target_module
+
 __all__ = ["QuantizedExport"]
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,24 @@ class QuantizedExport(Callback):
         filename: the files' stem.
         gguf_tokenizer_dir: the tokenizer directory for GGUF.
 
+    Raises:
+        QATConfigError: an unknown format; at the end of ``fit``, a model that is not prepared or a
+            ``module_attr`` the LightningModule does not have.
+
     Example::
 
-        trainer = Trainer(callbacks=[QuantizationAwareTraining("w8a8", module_attr="net"),
-                                     QuantizedExport("exported", formats=["safetensors", "onnx"], module_attr="net")])
+        >>> import os, tempfile
+        >>> import pytorch_lightning as pl
+        >>> from qat.callbacks import QuantizationAwareTraining
+        >>> from qat.recipes.digits import ClassifierModule, DigitsCNN, DigitsDataModule
+        >>> out = tempfile.mkdtemp()
+        >>> export = QuantizedExport(out, formats=["safetensors"], module_attr="net")
+        >>> trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False,
+        ...                      callbacks=[QuantizationAwareTraining("w8a8", module_attr="net"), export])
+        >>> trainer.fit(ClassifierModule(DigitsCNN(channels=4)), DigitsDataModule())
+        >>> sorted(export.paths), os.path.basename(export.paths["safetensors"])
+        (['safetensors'], 'model.safetensors')
     """
 
     def __init__(
@@ -60,11 +76,7 @@ class QuantizedExport(Callback):
         self.paths: dict[str, str] = {}
 
     def _target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
-        if self.module_attr is None:
-            return pl_module
-        if not hasattr(pl_module, self.module_attr):
-            raise QATConfigError(f"QuantizedExport.module_attr={self.module_attr!r}: the LightningModule has no such attribute")
-        return getattr(pl_module, self.module_attr)
+        return target_module(pl_module, self.module_attr, "QuantizedExport")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.example_input is None and "onnx" in self.formats:

@@ -11,6 +11,8 @@ from qat import QATConfigError, quant_layers
 from qat.size import float_size_bytes, model_size_bytes
 from qat.telemetry import quantizer_stats
 
+from .qat import target_module
+
 __all__ = ["QuantizationTelemetry"]
 
 
@@ -28,10 +30,26 @@ class QuantizationTelemetry(Callback):
         module_attr: the quantized submodule of the LightningModule (as in
             :class:`QuantizationAwareTraining`); the whole module if None.
 
+    Raises:
+        QATConfigError: ``every_n_steps`` is not a positive integer; in training, a ``module_attr``
+            the LightningModule does not have.
+
     Example::
 
-        trainer = Trainer(callbacks=[QuantizationAwareTraining("w4a8"), QuantizationTelemetry(every_n_steps=50)],
-                          logger=WandbLogger(offline=True))
+        >>> import csv, tempfile
+        >>> import pytorch_lightning as pl
+        >>> from pytorch_lightning.loggers import CSVLogger
+        >>> from qat.callbacks import QuantizationAwareTraining
+        >>> from qat.recipes.digits import ClassifierModule, DigitsCNN, DigitsDataModule
+        >>> logger = CSVLogger(tempfile.mkdtemp(), name="telemetry")
+        >>> trainer = pl.Trainer(max_steps=2, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False, callbacks=[QuantizationAwareTraining("w4a8", module_attr="net"),
+        ...                                                             QuantizationTelemetry(every_n_steps=1, module_attr="net")])
+        >>> trainer.fit(ClassifierModule(DigitsCNN(channels=4)), DigitsDataModule())
+        >>> with open(f"{logger.log_dir}/metrics.csv") as f:
+        ...     keys = next(csv.reader(f))
+        >>> "qat/0/weight/sqnr_db" in keys, "qat/compression" in keys
+        (True, True)
     """
 
     def __init__(self, every_n_steps: int = 50, module_attr: Optional[str] = None) -> None:
@@ -43,7 +61,7 @@ class QuantizationTelemetry(Callback):
         self._metrics: dict[str, float] = {}
 
     def _target(self, pl_module):
-        return pl_module if self.module_attr is None else getattr(pl_module, self.module_attr)
+        return target_module(pl_module, self.module_attr, "QuantizationTelemetry")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps:

@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExportConfig:
+    """The top level of ``configs/export.yaml`` (``export_schema``).
+
+    Example::
+
+        >>> ExportConfig(checkpoint="run1/qat_model.pt").formats
+        ['safetensors', 'onnx']
+    """
+
     model: Any = None
     checkpoint: str = "???"
     formats: list = field(default_factory=lambda: ["safetensors", "onnx"])
@@ -43,7 +51,15 @@ class ExportConfig:
 
 
 def register_export_configs() -> None:
-    """Register ``export_schema`` in Hydra's ConfigStore (called by :func:`main`, never at import)."""
+    """Register ``export_schema`` in Hydra's ConfigStore (called by :func:`main`, never at import).
+
+    Example::
+
+        >>> from hydra.core.config_store import ConfigStore
+        >>> register_export_configs()
+        >>> "export_schema.yaml" in ConfigStore.instance().list("")
+        True
+    """
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="export_schema", node=ExportConfig)
@@ -51,14 +67,40 @@ def register_export_configs() -> None:
 
 def freeze_input_observers(net: torch.nn.Module) -> None:
     """Stop activation observers (a deployed model's input ranges are fixed); weight observers
-    keep tracking the weights, as the fake-quantized forward and ``convert`` both do."""
+    keep tracking the weights, as the fake-quantized forward and ``convert`` both do.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from qat import prepare
+        >>> net = prepare(nn.Sequential(nn.Linear(4, 4)), "w8a8")
+        >>> freeze_input_observers(net)
+        >>> bool(net[0].input_quantizer.observer_enabled), bool(net[0].weight_quantizer.observer_enabled)
+        (False, True)
+    """
     for name, q in quantizers(net):
         if name.endswith("input_quantizer"):
             q.enable_observer(False)
 
 
 def load_qat_checkpoint(path: str) -> dict[str, Any]:
-    """``{plan, state_dict}`` from a ``qat_model.pt``, with clear errors for anything else."""
+    """``{plan, state_dict}`` from a ``qat_model.pt``, with clear errors for anything else.
+
+    Raises:
+        QATConfigError: the file is missing, not a PyTorch checkpoint, or not ``{plan, state_dict}``.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "qat_model.pt")
+        >>> torch.save({"plan": {"name": "w8a8", "rules": []}, "state_dict": {}}, path)
+        >>> sorted(load_qat_checkpoint(path))
+        ['plan', 'state_dict']
+        >>> load_qat_checkpoint(path + ".missing")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: checkpoint '...qat_model.pt.missing' does not exist (give the qat_model.pt that qat-train wrote)
+    """
     if not os.path.isfile(path):
         raise QATConfigError(f"checkpoint {path!r} does not exist (give the qat_model.pt that qat-train wrote)")
     try:
@@ -72,7 +114,27 @@ def load_qat_checkpoint(path: str) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Load, convert, export; returns (and writes as ``export.json``) paths and sizes."""
+    """Load, convert, export; returns (and writes as ``export.json``) paths and sizes.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> from hydra import compose, initialize_config_module
+        >>> from qat import load_plan, prepare
+        >>> from qat.recipes.digits import DigitsCNN
+        >>> out = tempfile.mkdtemp()
+        >>> net = prepare(DigitsCNN(channels=4), "w8a8")
+        >>> _ = net(torch.rand(8, 1, 8, 8))
+        >>> torch.save({"plan": load_plan("w8a8").to_dict(), "state_dict": net.state_dict()}, os.path.join(out, "qat_model.pt"))
+        >>> register_export_configs()
+        >>> with initialize_config_module("qat.configs", version_base="1.3"):
+        ...     cfg = compose("export", [f"checkpoint={out}/qat_model.pt", "formats=[safetensors]", "model.net.channels=4"])
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()):     # the result as JSON
+        ...     res = run(cfg)
+        >>> sorted(res["files"]), res["max_abs_diff_converted_vs_fake_quant"]
+        (['safetensors'], 0.0)
+    """
     formats = check_formats(cfg.formats)
     ckpt = load_qat_checkpoint(str(cfg.checkpoint))
     model = instantiate(cfg.model)
@@ -123,7 +185,16 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point ``qat-export`` (Hydra app over ``configs/export.yaml``)."""
+    """Console entry point ``qat-export`` (Hydra app over ``configs/export.yaml``).
+
+    Example::
+
+        >>> import subprocess, sys
+        >>> out = subprocess.run([sys.executable, "-m", "qat.recipes.export", "--cfg", "job", "checkpoint=x.pt"],
+        ...                      capture_output=True, text=True)
+        >>> "checkpoint: x.pt" in out.stdout
+        True
+    """
     register_export_configs()
     hydra.main(version_base="1.3", config_path="../configs", config_name="export")(_task)()
 

@@ -33,23 +33,25 @@ from qat.callbacks import QuantizationAwareTraining
 from qat.ptq import calibrate
 from qat.size import float_size_bytes, model_size_bytes
 
-from .config import FPStage
-from .train import _test_acc, _trainer
+from .config import FPStage, PTQStage, build_trainer
+from .digits import evaluate_accuracy
 
-__all__ = ["PTQConfig", "PTQStage", "main", "run", "register_ptq_configs", "with_observer"]
+__all__ = ["PTQConfig", "main", "run", "register_ptq_configs", "with_observer"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PTQStage:
-    calibration_batches: int = 8
-    observer: Optional[str] = None  # override every quantizer's observer (minmax, moving_average, percentile, mse)
-    fold_bn: bool = False
-
-
-@dataclass
 class PTQConfig:
+    """The top level of ``configs/ptq.yaml`` (``ptq_schema``); the stages are
+    :class:`qat.recipes.config.FPStage` and :class:`qat.recipes.config.PTQStage`, as in ``qat-train``.
+
+    Example::
+
+        >>> PTQConfig().ptq
+        PTQStage(calibration_batches=8, observer=None, fold_bn=False)
+    """
+
     quant: Any = None
     model: Any = None
     data: Any = None
@@ -64,7 +66,15 @@ class PTQConfig:
 
 
 def register_ptq_configs() -> None:
-    """Register ``ptq_schema`` (and the shared schemas of ``qat-train``) in Hydra's ConfigStore."""
+    """Register ``ptq_schema`` (and the shared schemas of ``qat-train``) in Hydra's ConfigStore.
+
+    Example::
+
+        >>> from hydra.core.config_store import ConfigStore
+        >>> register_ptq_configs()
+        >>> "ptq_schema.yaml" in ConfigStore.instance().list("")
+        True
+    """
     from hydra.core.config_store import ConfigStore
 
     from .config import register_configs
@@ -78,6 +88,13 @@ def with_observer(plan: QuantPlan, observer: Optional[str]) -> QuantPlan:
 
     Raises:
         QATConfigError: an unknown observer name.
+
+    Example::
+
+        >>> from qat import load_plan
+        >>> plan = with_observer(load_plan("w4a8"), "mse")
+        >>> plan.name, plan.rules[0].weight["observer"]
+        ('w4a8_mse', 'mse')
     """
     if observer is None:
         return plan
@@ -95,7 +112,25 @@ def with_observer(plan: QuantPlan, observer: Optional[str]) -> QuantPlan:
 
 
 def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
-    """FP -> PTQ (-> QAT from the calibrated model); returns (and writes ``results.json``) the results."""
+    """FP -> PTQ (-> QAT from the calibrated model); returns (and writes ``results.json``) the results.
+
+    The float weights come from ``cfg.checkpoint`` or ``cfg.fp.epochs`` of training; the PTQ
+    model (``ptq_model.pt``) is calibrated on ``cfg.ptq.calibration_batches`` batches; with
+    ``cfg.qat_epochs > 0`` QAT continues from it. Bad plans, observers or checkpoints fail first.
+
+    Example::
+
+        >>> import tempfile
+        >>> from hydra import compose, initialize_config_module
+        >>> register_ptq_configs()
+        >>> with initialize_config_module("qat.configs", version_base="1.3"):
+        ...     cfg = compose("ptq", ["logger=none", "fp.epochs=1", "model.net.channels=4", "ptq.calibration_batches=1"])
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()):     # the results table
+        ...     res = run(cfg, tempfile.mkdtemp())
+        >>> res["plan"], res["ptq"]["calibration_batches"]
+        ('w8a8', 1)
+    """
     output_dir = output_dir or os.getcwd()
     os.makedirs(output_dir, exist_ok=True)
     plan = with_observer(load_plan(cfg.quant), cfg.ptq.observer)  # a bad plan fails here, before any work
@@ -115,15 +150,15 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         fp.load_state_dict(state.get("state_dict", state))
     else:
         fp.lr = cfg.fp.lr
-        _trainer(cfg, cfg.fp.epochs, logger, [], output_dir).fit(fp, datamodule=dm)
+        build_trainer(cfg, cfg.fp.epochs, logger, [], output_dir).fit(fp, datamodule=dm)
         torch.save(fp.state_dict(), os.path.join(output_dir, "fp_model.pt"))
-    fp_acc = _test_acc(_trainer(cfg, 1, False, [], output_dir), fp, dm)
+    fp_acc = evaluate_accuracy(build_trainer(cfg, 1, False, [], output_dir), fp, dm)
     fp_bytes = float_size_bytes(fp.net)
 
     # post-training quantization: static calibration of every observer, no gradient step
     prepare(fp.net, plan, fold_bn=cfg.ptq.fold_bn)
     seen = calibrate(fp.net, dm.train_dataloader(), num_batches=cfg.ptq.calibration_batches)
-    ptq_acc = _test_acc(_trainer(cfg, 1, False, [], output_dir), fp, dm)
+    ptq_acc = evaluate_accuracy(build_trainer(cfg, 1, False, [], output_dir), fp, dm)
     q_bytes = model_size_bytes(fp.net)
     torch.save({"plan": plan.to_dict(), "state_dict": fp.net.state_dict()}, os.path.join(output_dir, "ptq_model.pt"))
     results: dict[str, Any] = {
@@ -136,9 +171,9 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         # QAT from the calibrated model: the callback finds it prepared and keeps its calibrated ranges
         fp.lr = cfg.qat_lr
         cb = QuantizationAwareTraining(plan, module_attr="net")
-        trainer = _trainer(cfg, cfg.qat_epochs, logger, [cb], output_dir)
+        trainer = build_trainer(cfg, cfg.qat_epochs, logger, [cb], output_dir)
         trainer.fit(fp, datamodule=dm)
-        results["qat"] = {"test_acc": _test_acc(trainer, fp, dm), "bytes": model_size_bytes(fp.net)}
+        results["qat"] = {"test_acc": evaluate_accuracy(trainer, fp, dm), "bytes": model_size_bytes(fp.net)}
 
     results["seconds"] = round(time.time() - t0, 1)
     results["output_dir"] = output_dir
@@ -172,7 +207,15 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point ``qat-ptq`` (Hydra app over ``configs/ptq.yaml``)."""
+    """Console entry point ``qat-ptq`` (Hydra app over ``configs/ptq.yaml``).
+
+    Example::
+
+        >>> import subprocess, sys
+        >>> out = subprocess.run([sys.executable, "-m", "qat.recipes.ptq", "--cfg", "job"], capture_output=True, text=True)
+        >>> "calibration_batches: 8" in out.stdout
+        True
+    """
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     register_ptq_configs()
     hydra.main(version_base="1.3", config_path="../configs", config_name="ptq")(_task)()

@@ -16,7 +16,26 @@ __all__ = ["SweepSummary"]
 class SweepSummary(Callback):
     """Reads each job's ``results.json`` under the sweep directory and prints a summary table.
 
-    Also writes ``summary.json`` beside the jobs.
+    Also writes ``summary.json`` beside the jobs. ``configs/train.yaml`` registers it under
+    ``hydra.callbacks``, so every ``qat-train -m ...`` sweep ends with it.
+
+    Example::
+
+        >>> import json, os, tempfile
+        >>> from omegaconf import OmegaConf
+        >>> sweep = tempfile.mkdtemp()
+        >>> os.makedirs(f"{sweep}/0_w4a4")
+        >>> r = {"plan": "w4a4", "fp": {"test_acc": 0.99, "bytes": 4096}, "ptq": {"test_acc": 0.98, "bytes": 1024},
+        ...      "qat": {"test_acc": 0.985, "bytes": 1024}}
+        >>> with open(f"{sweep}/0_w4a4/results.json", "w") as f:
+        ...     json.dump(r, f)
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": sweep}}}))
+        >>> "sweep summary (1 runs)" in out.getvalue()
+        True
+        >>> json.load(open(f"{sweep}/summary.json"))[0]["plan"]
+        'w4a4'
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

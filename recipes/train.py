@@ -2,7 +2,12 @@
 
     qat-train                                   # digits CNN, W4A4, W&B offline
     qat-train quant=w8a8 logger=csv             # another preset, CSV logs
+    qat-train callbacks.qat.freeze_bn_epoch=3 callbacks.oscillation.dampen=1e-3   # callback arguments
     qat-train -m quant=w8a8,w4a8,w4a4,w2a2      # Hydra multirun + summary table
+
+The QAT stage's Lightning callbacks are the ``callbacks`` group's ``_target_`` nodes
+(``configs/callbacks/default.yaml``), instantiated with ``hydra.utils.instantiate``
+(:func:`qat.recipes.config.instantiate_callbacks`); the plan comes from the ``quant`` group.
 """
 
 from __future__ import annotations
@@ -21,31 +26,50 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qat import load_plan, prepare
-from qat.callbacks import QuantizationAwareTraining, QuantizationTelemetry
+from qat.callbacks import QuantizationTelemetry
 from qat.ptq import calibrate
 from qat.size import float_size_bytes, model_size_bytes
 
-from .config import register_configs
+from .config import build_trainer, instantiate_callbacks, register_configs
+from .digits import evaluate_accuracy
+from .ptq import with_observer
 
 __all__ = ["main", "run", "print_results"]
 
 log = logging.getLogger(__name__)
 
 
-def _trainer(cfg: DictConfig, epochs: int, logger: Any, callbacks: list, root: str) -> pl.Trainer:
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) or {}
-    return pl.Trainer(max_epochs=epochs, logger=logger, callbacks=callbacks, default_root_dir=root, **kwargs)
-
-
-def _test_acc(trainer: pl.Trainer, module: pl.LightningModule, dm) -> float:
-    return float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
-
-
 def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
-    """Run the three stages; returns (and writes to ``results.json``) the results."""
+    """Run the three stages; returns (and writes to ``results.json``) the results.
+
+    1. Full precision: ``cfg.model`` trained ``cfg.fp.epochs``.
+    2. PTQ: a copy prepared with the ``quant`` plan (``cfg.ptq.observer`` / ``fold_bn`` applied)
+       and calibrated on ``cfg.ptq.calibration_batches`` training batches.
+    3. QAT: a copy trained ``cfg.qat.epochs`` with the ``cfg.callbacks`` (telemetry only with a
+       logger).
+
+    A bad plan or callback argument fails before any training. Besides ``results.json`` the
+    output directory gets ``qat_model.pt`` (``{plan, state_dict}`` of the quantized network).
+
+    Example::
+
+        >>> import tempfile
+        >>> from hydra import compose, initialize_config_module
+        >>> register_configs()
+        >>> with initialize_config_module("qat.configs", version_base="1.3"):
+        ...     cfg = compose("train", ["logger=none", "fp.epochs=1", "qat.epochs=1", "model.net.channels=4",
+        ...                             "callbacks.qat.calibration_batches=1", "ptq.calibration_batches=1"])
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()):     # the results table
+        ...     res = run(cfg, tempfile.mkdtemp())
+        >>> res["plan"], sorted(k for k in res if k in ("fp", "ptq", "qat"))
+        ('w4a4', ['fp', 'ptq', 'qat'])
+    """
     output_dir = output_dir or os.getcwd()
     os.makedirs(output_dir, exist_ok=True)
     plan = load_plan(cfg.quant)  # a bad plan fails here, before any training
+    ptq_plan = with_observer(plan, cfg.ptq.observer)
+    callbacks = list(instantiate_callbacks(cfg.get("callbacks")).values())  # so do bad callback arguments
     pl.seed_everything(cfg.seed, workers=True)
     t0 = time.time()
     dm = instantiate(cfg.data)
@@ -53,46 +77,31 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    else:  # nothing to send per-layer statistics to
+        callbacks = [cb for cb in callbacks if not isinstance(cb, QuantizationTelemetry)]
 
     # 1. full precision
     fp = instantiate(cfg.model, lr=cfg.fp.lr)
-    trainer = _trainer(cfg, cfg.fp.epochs, logger, [], output_dir)
+    trainer = build_trainer(cfg, cfg.fp.epochs, logger, [], output_dir)
     trainer.fit(fp, datamodule=dm)
-    fp_acc = _test_acc(trainer, fp, dm)
+    fp_acc = evaluate_accuracy(trainer, fp, dm)
     fp_state = {k: v.detach().clone() for k, v in fp.state_dict().items()}
 
     # 2. post-training quantization: calibrate the observers, no training
     ptq = instantiate(cfg.model, lr=cfg.fp.lr)
     ptq.load_state_dict(fp_state)
-    prepare(ptq.net, plan)
+    prepare(ptq.net, ptq_plan, fold_bn=cfg.ptq.fold_bn)
     calibrate(ptq.net, dm.train_dataloader(), num_batches=cfg.ptq.calibration_batches)
-    ptq_acc = _test_acc(_trainer(cfg, 1, False, [], output_dir), ptq, dm)
+    ptq_acc = evaluate_accuracy(build_trainer(cfg, 1, False, [], output_dir), ptq, dm)
 
     # 3. quantization-aware training, starting from the full-precision weights
     qat_module = instantiate(cfg.model, lr=cfg.qat.lr)
     qat_module.load_state_dict(fp_state)
-    callback = QuantizationAwareTraining(
-        plan,
-        module_attr="net",
-        calibration_batches=cfg.qat.calibration_batches,
-        freeze_observers_epoch=cfg.qat.freeze_observers_epoch,
-        freeze_bn_epoch=cfg.qat.freeze_bn_epoch,
-        fold_bn=cfg.qat.fold_bn,
-        smooth_alpha=cfg.qat.smooth_alpha,
-        smooth_match=cfg.qat.smooth_match,
-        smooth_learnable=cfg.qat.smooth_learnable,
-        osc_dampen=cfg.qat.osc_dampen,
-        osc_freeze=cfg.qat.osc_freeze,
-        osc_momentum=cfg.qat.osc_momentum,
-        osc_freeze_start=cfg.qat.osc_freeze_start,
-    )
-    callbacks = [callback]
-    if cfg.qat.telemetry_every_n_steps and logger:
-        callbacks.append(QuantizationTelemetry(cfg.qat.telemetry_every_n_steps, module_attr="net"))
-    trainer = _trainer(cfg, cfg.qat.epochs, logger, callbacks, output_dir)
+    trainer = build_trainer(cfg, cfg.qat.epochs, logger, callbacks, output_dir)
     trainer.fit(qat_module, datamodule=dm)
-    qat_acc = _test_acc(trainer, qat_module, dm)
-    torch.save({"plan": plan.to_dict(), "state_dict": qat_module.net.state_dict()}, os.path.join(output_dir, "qat_model.pt"))
+    qat_acc = evaluate_accuracy(trainer, qat_module, dm)
+    qat_plan = getattr(qat_module.net, "qat_plan", plan)  # the plan the callback prepared the network with
+    torch.save({"plan": qat_plan.to_dict(), "state_dict": qat_module.net.state_dict()}, os.path.join(output_dir, "qat_model.pt"))
 
     fp_bytes = float_size_bytes(fp.net)
     q_bytes = model_size_bytes(qat_module.net)
@@ -121,7 +130,18 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
 
 
 def print_results(all_results: list[dict[str, Any]], title: str = "lightning-qat: full precision vs PTQ vs QAT") -> None:
-    """A rich table of one or more runs' results."""
+    """Print a rich table of one or more runs' results (what :func:`run` returns).
+
+    Example::
+
+        >>> r = {"plan": "w4a4", "fp": {"test_acc": 0.99, "bytes": 4096}, "ptq": {"test_acc": 0.98, "bytes": 1024},
+        ...      "qat": {"test_acc": 0.985, "bytes": 1024}}
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     print_results([r], title="demo")
+        >>> "demo" in out.getvalue() and "99.00" in out.getvalue()
+        True
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -149,7 +169,15 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point ``qat-train`` (Hydra app over ``configs/train.yaml``)."""
+    """Console entry point ``qat-train`` (Hydra app over ``configs/train.yaml``).
+
+    Example::
+
+        >>> import subprocess, sys
+        >>> out = subprocess.run([sys.executable, "-m", "qat.recipes.train", "--help"], capture_output=True, text=True)
+        >>> "callbacks: default" in out.stdout
+        True
+    """
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     register_configs()
     hydra.main(version_base="1.3", config_path="../configs", config_name="train")(_task)()

@@ -44,7 +44,7 @@ class DumpObservers(pl.Callback):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 @pytest.mark.parametrize("smooth", [False, True])
 def test_observer_statistics_identical_across_ranks(tmp_path, smooth):
-    """With ``smooth_alpha`` the smoothing factors come from all ranks' calibration batches too."""
+    """With ``smooth`` the smoothing factors come from all ranks' calibration batches too."""
     g = torch.Generator().manual_seed(0)
     # the samples differ wildly in range, so each rank's shard sees a different range
     x = torch.randn(64, 8, generator=g) * torch.linspace(0.1, 10, 64).unsqueeze(1)
@@ -59,7 +59,7 @@ def test_observer_statistics_identical_across_ranks(tmp_path, smooth):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[QuantizationAwareTraining("w4a8", **(dict(calibration_batches=2, smooth_alpha=0.5) if smooth else {})),
+        callbacks=[QuantizationAwareTraining("w4a8", **(dict(calibration_batches=2, smooth=0.5) if smooth else {})),
                    DumpObservers(str(tmp_path))],
     )
     trainer.fit(Net(), loader)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from qat import QATConfigError, QuantLinear, quantizers
+from qat import QATConfigError, QuantLinear, SmoothingSpec, quantizers
 from qat.callbacks import QuantizationAwareTraining
 
 PLAN = {
@@ -195,8 +195,10 @@ def test_preset_name_and_module_attr(tmp_path):
         (dict(freeze_observers_step=1, freeze_observers_epoch=1), r"give freeze_observers_step or freeze_observers_epoch, not both"),
         (dict(freeze_bn_epoch=-1), r"freeze_bn_epoch must be a non-negative integer or None, got -1"),
         (dict(calibration_batches=1.5), r"calibration_batches must be a non-negative integer"),
-        (dict(smooth_alpha=0.5), r"smooth_alpha needs calibration_batches > 0"),
-        (dict(smooth_alpha=1.5, calibration_batches=2), r"smooth_alpha must be a number in \[0, 1\] or None, got 1.5"),
+        (dict(smooth=0.5), r"smooth needs calibration_batches > 0"),
+        (dict(smooth=1.5, calibration_batches=2), r"QuantizationAwareTraining.smooth.alpha must be a number in \[0, 1\], got 1.5"),
+        (dict(smooth={"alpha": 0.5, "learn": True}, calibration_batches=2), r"smooth: unknown field\(s\) \['learn'\]"),
+        (dict(smooth="yes", calibration_batches=2), r"smooth must be null, true, a number \(alpha\) or a mapping"),
     ],
 )
 def test_constructor_errors(kwargs, match):
@@ -205,7 +207,7 @@ def test_constructor_errors(kwargs, match):
 
 
 def test_smoothing_is_calibrated_trained_and_survives_checkpoints(tmp_path):
-    """smooth_alpha: factors exist from setup (in the optimizer), are set from the calibration
+    """smooth: factors exist from setup (in the optimizer), are set from the calibration
     batches (outlier channel -> large factor), train with the model, and a checkpoint of the
     smoothed model validates to the same loss in a fresh run and loads into a fresh prepared net."""
     from qat import prepare
@@ -217,7 +219,8 @@ def test_smoothing_is_calibrated_trained_and_survives_checkpoints(tmp_path):
 
     seen = Seen()
     model = Tiny()
-    cb = QuantizationAwareTraining(PLAN, calibration_batches=2, smooth_alpha=0.5, smooth_match="net.0", smooth_learnable=True)
+    smooth = {"alpha": 0.5, "match": "net.0", "learnable": True}
+    cb = QuantizationAwareTraining(PLAN, calibration_batches=2, smooth=smooth)
     t = _trainer(tmp_path, [cb, seen], max_epochs=2)
     t.fit(model, _loader(scale=torch.tensor([1, 1, 30, 1, 1, 1, 1, 1.0])))
     s = model.net[0].input_smooth
@@ -227,7 +230,7 @@ def test_smoothing_is_calibrated_trained_and_survives_checkpoints(tmp_path):
     ckpt = os.path.join(tmp_path, "s.ckpt")
     t.save_checkpoint(ckpt)
     expected = t.validate(model, _loader(seed=1), verbose=False)[0]["val_loss"]
-    cb2 = QuantizationAwareTraining(PLAN, calibration_batches=2, smooth_alpha=0.5, smooth_match="net.0", smooth_learnable=True)
+    cb2 = QuantizationAwareTraining(PLAN, calibration_batches=2, smooth=SmoothingSpec(0.5, "net.0", learnable=True))
     got = _trainer(tmp_path, [cb2]).validate(Tiny(), _loader(seed=1), ckpt_path=ckpt, verbose=False)[0]["val_loss"]
     assert got == pytest.approx(expected, abs=0)
     net = prepare(Tiny().net, PLAN)  # no smoothing set up: the state dict brings it
@@ -282,3 +285,13 @@ def test_fold_bn_option(tmp_path):
     assert isinstance(model.net[0], QuantConvBn2d)
     with pytest.raises(QATConfigError, match="fold_bn must be true or false"):
         QuantizationAwareTraining("w8a8", fold_bn="yes")
+
+
+def test_smooth_on_a_model_prepared_without_it_is_an_error(tmp_path):
+    from qat import prepare
+
+    model = Tiny()
+    prepare(model.net, PLAN)
+    with pytest.raises(QATConfigError, match=r"smooth: the model was prepared before, without smoothing"):
+        _trainer(tmp_path, [QuantizationAwareTraining(PLAN, module_attr="net", calibration_batches=2, smooth=0.5)]).fit(
+            model, _loader())

@@ -30,7 +30,7 @@ def _checkpoint(tmp_path, plan="w4a4", channels=8, smooth=False):
     """What qat-train writes: {plan, state_dict} of the quantized network."""
     torch.manual_seed(0)
     net = prepare(DigitsCNN(channels=channels), plan)
-    if smooth:  # qat.smooth_inputs on the classifier Linear (qat-train qat.smooth_alpha=0.5)
+    if smooth:  # qat.smooth_inputs on the classifier Linear (qat-train callbacks.qat.smooth.alpha=0.5)
         from qat import smooth_inputs
 
         smooth_inputs(net, [torch.rand(64, 1, 8, 8)], alpha=0.5)

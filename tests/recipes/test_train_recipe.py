@@ -15,7 +15,7 @@ from qat import QATConfigError
 from qat.recipes.config import register_configs
 
 CONFIG_DIR = str(pathlib.Path(train_mod.__file__).resolve().parent.parent / "configs")
-FAST = ["fp.epochs=2", "qat.epochs=1", "ptq.calibration_batches=2", "qat.calibration_batches=2", "model.net.channels=8"]
+FAST = ["fp.epochs=2", "qat.epochs=1", "ptq.calibration_batches=2", "callbacks.qat.calibration_batches=2", "model.net.channels=8"]
 
 
 def _compose(overrides):
@@ -31,7 +31,7 @@ def test_compose_defaults():
     assert cfg.model.net._target_ == "qat.recipes.digits.DigitsCNN"
 
 
-@pytest.mark.parametrize("preset,extra", [("w8a8", []), ("w2a2", ["qat.smooth_alpha=0.5", "qat.smooth_learnable=true"])])
+@pytest.mark.parametrize("preset,extra", [("w8a8", []), ("w2a2", ["callbacks.qat.smooth.alpha=0.5", "callbacks.qat.smooth.learnable=true"])])
 def test_run_writes_results(tmp_path, preset, extra):
     cfg = _compose([f"quant={preset}", "logger=none", *FAST, *extra])
     res = train_mod.run(cfg, str(tmp_path))
@@ -85,6 +85,52 @@ def test_cli_multirun_summary(tmp_path):
 
 def test_oscillation_keys_compose_off_by_default():
     cfg = _compose(["logger=none"])
-    assert (cfg.qat.osc_dampen, cfg.qat.osc_freeze, cfg.qat.osc_momentum, cfg.qat.osc_freeze_start) == (0.0, None, 0.99, 0.0)
-    cfg = _compose(["logger=none", "qat.osc_dampen=1e-3", "qat.osc_freeze=0.015", "qat.osc_freeze_start=0.1"])
-    assert (cfg.qat.osc_dampen, cfg.qat.osc_freeze, cfg.qat.osc_freeze_start) == (1e-3, 0.015, 0.1)
+    osc = cfg.callbacks.oscillation
+    assert (osc.dampen, osc.freeze, osc.momentum, osc.freeze_start) == (0.0, None, 0.99, 0.0)
+    cfg = _compose(["logger=none", "callbacks.oscillation.dampen=1e-3", "callbacks.oscillation.freeze=0.015",
+                    "callbacks.oscillation.freeze_start=0.1"])
+    osc = cfg.callbacks.oscillation
+    assert (osc.dampen, osc.freeze, osc.freeze_start) == (1e-3, 0.015, 0.1)
+
+
+def test_callbacks_are_instantiated_from_the_config_tree():
+    """The callbacks group holds _target_ nodes; qat-train instantiates them (plan from the quant group)."""
+    from qat.callbacks import OscillationControl, QuantizationAwareTraining, QuantizationTelemetry
+    from qat.recipes.config import instantiate_callbacks
+
+    cfg = _compose(["logger=none", "quant=w8a8", "callbacks.qat.freeze_bn_epoch=3", "callbacks.qat.smooth.alpha=0.5",
+                    "callbacks.oscillation.freeze=0.015", "callbacks.telemetry.every_n_steps=5"])
+    cbs = instantiate_callbacks(cfg.callbacks)
+    assert list(cbs) == ["qat", "oscillation", "telemetry"]
+    qat, osc, tel = cbs.values()
+    assert isinstance(qat, QuantizationAwareTraining) and isinstance(osc, OscillationControl)
+    assert isinstance(tel, QuantizationTelemetry) and tel.every_n_steps == 5
+    assert qat.plan.name == "w8a8" and qat.freeze_bn_epoch == 3 and qat.module_attr == "net"
+    assert (qat.smooth.alpha, qat.smooth.match, qat.smooth.learnable) == (0.5, "*", False)
+    assert osc.freeze == 0.015 and osc.dampen == 0.0
+    assert list(instantiate_callbacks(_compose(["logger=none", "callbacks.telemetry=null"]).callbacks)) == ["qat", "oscillation"]
+    assert instantiate_callbacks(_compose(["logger=none"]).callbacks)["qat"].smooth is None  # alpha null: off
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("+callbacks.qat.freeze_bn_epok=3", r"callbacks.qat: QuantizationAwareTraining takes no argument 'freeze_bn_epok'"),
+        ("callbacks.qat.freeze_bn_epoch=-1", r"freeze_bn_epoch must be a non-negative integer or None, got -1"),
+        ("callbacks.oscillation.freeze=2", r"OscillationControl.freeze must be a number in \(0, 1\)"),
+        ("callbacks.qat.smooth.alpha=3", r"QuantizationAwareTraining.smooth.alpha must be a number in \[0, 1\], got 3"),
+        ("callbacks.telemetry._target_=qat.callbacks.Nope", r"callbacks.telemetry._target_='qat.callbacks.Nope' is not an importable class"),
+    ],
+)
+def test_bad_callback_arguments_fail_before_training(tmp_path, override, match):
+    """An argument the callback does not take (added with ``+``) or out of its range fails in ``run``
+    before any training, naming it."""
+    cfg = _compose(["logger=none", *FAST, override])
+    with pytest.raises(QATConfigError, match=match):
+        train_mod.run(cfg, str(tmp_path))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unknown_callback_key_is_rejected_at_composition():
+    with pytest.raises(Exception, match="freeze_bn_epok"):
+        _compose(["logger=none", "callbacks.qat.freeze_bn_epok=3"])
