@@ -25,7 +25,7 @@ Lightning callback :class:`qat.callbacks.OscillationControl` and
 
 "Weight" here is what the weight quantizer sees: ``weight * input_smooth`` for a smoothed layer
 (:func:`qat.smooth_inputs`), ``weight.flatten(1)`` for a per-group convolution. Codes are computed
-with the fake-quant op's own math (:func:`qat.kernels.reference.round_with_mode`,
+with the fake-quant op's own math (:func:`qat.spec.round_with_mode`,
 ``clamp(rnd(w * (1/s)) + z, qmin, qmax)`` in float32), so they are the codes the forward pass uses.
 
 Example::
@@ -54,15 +54,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from qat.kernels.reference import broadcast_param, round_with_mode
-
 from .errors import QATConfigError
 from .fake_quant import FakeQuantizer
 from .modules import QuantModuleMixin
 from .granularity import weight_view_shape
 from .observers import qparams_from_range
 from .prepare import quant_layers
-from .spec import Granularity
+from .spec import round_with_mode
 
 __all__ = ["dampening_loss", "dampening_weight", "OscillationController", "OscillationTracker", "weight_codes", "weight_layers"]
 
@@ -100,12 +98,7 @@ def weight_layers(model: nn.Module) -> list[tuple[str, QuantModuleMixin]]:
 def _latent(layer: QuantModuleMixin) -> torch.Tensor:
     """The tensor the weight quantizer sees, with autograd to ``weight`` (the smoothing factors
     are detached: the dampening pull is on the latent weights only)."""
-    w = layer.weight
-    if layer.input_smooth is not None:
-        w = w * layer.input_smooth.detach()
-    if layer.weight_quantizer.spec.granularity is Granularity.PER_GROUP and w.dim() > 2:
-        w = w.flatten(1)  # (O, I, *k) -> (O, I*k): groups run along I*k, as the forward's
-    return w
+    return layer.latent_weight(detach_smooth=True)
 
 
 def _grid(fq: FakeQuantizer, w32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,14 +113,9 @@ def _grid(fq: FakeQuantizer, w32: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
                 "oscillation: a weight quantizer has no scale yet; calibrate the model or run one forward pass first"
             )
         s, z = fq.current_qparams()  # detached; LSQ+'s offset rounded and clamped as the forward uses it
-    s = broadcast_param(s.float(), w32, fq.axis, fq.group_size)
-    z = broadcast_param(z.float(), w32, fq.axis, fq.group_size)
+    s = fq.layout.broadcast(s.float(), w32)
+    z = fq.layout.broadcast(z.float(), w32)
     return s, z, 1.0 / s
-
-
-def _grouped(fq: FakeQuantizer, w: torch.Tensor) -> torch.Tensor:
-    group = fq.group_size
-    return w if group is None else w.reshape(*w.shape[:-1], w.shape[-1] // group, group)  # (.., K) -> (.., K/g, g)
 
 
 def _codes(fq: FakeQuantizer, wg: torch.Tensor, z: torch.Tensor, inv_s: torch.Tensor) -> torch.Tensor:
@@ -162,7 +150,7 @@ def weight_codes(layer: QuantModuleMixin) -> torch.Tensor:
     with torch.no_grad():
         w32 = _latent(layer).detach().float()
         _, z, inv_s = _grid(fq, w32)
-        return _codes(fq, _grouped(fq, w32), z, inv_s).reshape(layer.weight.shape)
+        return _codes(fq, fq.layout.grouped(w32), z, inv_s).reshape(layer.weight.shape)
 
 
 # ----------------------------------------------------------------------------- dampening
@@ -225,7 +213,7 @@ def dampening_loss(model: nn.Module, in_steps: bool = False, reduction: str = "s
         w = _latent(layer).float()
         with torch.no_grad():
             s, z, inv_s = _grid(fq, w.detach())
-        term = _Dampen.apply(_grouped(fq, w), fq, s, z, inv_s, in_steps)
+        term = _Dampen.apply(fq.layout.grouped(w), fq, s, z, inv_s, in_steps)
         total = term if total is None else total + term
         n += w.numel()
     return total if reduction == "sum" else total / n
@@ -349,7 +337,7 @@ class OscillationTracker:
             fq = layer.weight_quantizer
             w32 = _latent(layer).detach().float()
             _, z, inv_s = _grid(fq, w32)
-            q = _codes(fq, _grouped(fq, w32), z, inv_s).reshape(-1)
+            q = _codes(fq, fq.layout.grouped(w32), z, inv_s).reshape(-1)
             if out is None:
                 parts.append(q)
             else:
@@ -407,7 +395,7 @@ class OscillationTracker:
             shape = weight_view_shape(layer.weight.shape, fq.spec)  # the shape of _latent(layer)
             # the grid needs the weights' values only for dynamic ranges, else their shape
             s, z, _ = _grid(fq, _latent(layer).detach().float() if fq.spec.dynamic else w.detach().view(shape))
-            code = _grouped(fq, self._prev[lo:hi].view(shape).float())
+            code = fq.layout.grouped(self._prev[lo:hi].view(shape).float())
             target = ((code - z) * s).reshape(w.shape)  # grouped view -> the weight's own shape
             if layer.input_smooth is not None:  # the quantizer sees weight * smooth
                 target = target / layer.input_smooth.detach()
