@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from qat import QATConfigError
 from qat.oscillation import OscillationController
 
 __all__ = [
@@ -343,6 +344,9 @@ def embedding_neighbors(embeddings: torch.Tensor, k: int = 8, exclude: Sequence[
     Returns:
         ``(vocab, k)`` int64 ids on the CPU, nearest first.
 
+    Raises:
+        QATConfigError: ``k`` outside [1, vocab).
+
     Example::
 
         >>> e = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
@@ -350,7 +354,7 @@ def embedding_neighbors(embeddings: torch.Tensor, k: int = 8, exclude: Sequence[
         [1, 0, 3, 2]
     """
     if k < 1 or k >= embeddings.shape[0]:
-        raise ValueError(f"k must be in [1, vocab), got {k} for a vocabulary of {embeddings.shape[0]}")
+        raise QATConfigError(f"embedding_neighbors: k must be in [1, vocab), got {k} for a vocabulary of {embeddings.shape[0]}")
     e = F.normalize(embeddings.detach().float(), dim=-1)
     out = []
     bad = torch.tensor(sorted(set(exclude)), dtype=torch.long, device=e.device)
@@ -492,8 +496,7 @@ def distill(
         the loss of every step (the distillation loss, without the dampening term).
 
     Raises:
-        ValueError: an argument outside its range (``qat.QATConfigError``, a ValueError, for the
-            ``osc_*`` ones), before any model work.
+        QATConfigError: an argument outside its range (naming it), before any model work.
 
     Example::
 
@@ -514,13 +517,13 @@ def distill(
         (2, ['dampen', 'flip_rate', 'frozen', 'osc_freq', 'osc_rate', 'steps'])
     """
     if steps < 1 or batch < 1:
-        raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
+        raise QATConfigError(f"distill: steps and batch must be >= 1, got steps={steps}, batch={batch}")
     if not 0.0 <= token_noise < 1.0:
-        raise ValueError(f"token_noise must be in [0, 1), got {token_noise}")
+        raise QATConfigError(f"distill: token_noise must be in [0, 1), got {token_noise}")
     if noise_mode not in ("batch", "neighbor"):
-        raise ValueError(f"noise_mode must be 'batch' or 'neighbor', got {noise_mode!r}")
+        raise QATConfigError(f"distill: noise_mode must be 'batch' or 'neighbor', got {noise_mode!r}")
     if attn_weight < 0:
-        raise ValueError(f"attn_weight must be >= 0, got {attn_weight}")
+        raise QATConfigError(f"distill: attn_weight must be >= 0, got {attn_weight}")
     osc = OscillationController(osc_dampen, osc_freeze, osc_momentum, osc_freeze_start, arg_prefix="distill: osc_")
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     device = next(student.parameters()).device
@@ -550,7 +553,7 @@ def distill(
         if ps
     ]
     if not groups:
-        raise ValueError("the student has no trainable parameters")
+        raise QATConfigError("distill: the student has no trainable parameters (train_weights=False and no learned quantizer scales?)")
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = int(warmup * steps)
 

@@ -43,8 +43,11 @@ class DumpObservers(pl.Callback):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 @pytest.mark.parametrize("smooth", [False, True])
-def test_observer_statistics_identical_across_ranks(tmp_path, smooth):
+def test_observer_statistics_identical_across_ranks(tmp_path, smooth, monkeypatch):
     """With ``smooth`` the smoothing factors come from all ranks' calibration batches too."""
+    # ddp_spawn's workers unpickle Net / DumpObservers by this module's name (tests.callbacks.test_ddp)
+    # with the parent's sys.path; under --import-mode=importlib the checkout is not on it
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     g = torch.Generator().manual_seed(0)
     # the samples differ wildly in range, so each rank's shard sees a different range
     x = torch.randn(64, 8, generator=g) * torch.linspace(0.1, 10, 64).unsqueeze(1)
