@@ -16,6 +16,7 @@ plan reads like "everything W4A8, but the classifier W8 and the stem in float"::
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import os
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import yaml
 from .errors import QATConfigError
 from .granularity import Layout, weight_view_shape
 from .modules import LAYER_TYPES, layer_type
-from .spec import Estimator, LayerQuant, QuantSpec
+from .spec import Estimator, LayerQuant, QuantSpec, check_field
 
 __all__ = ["LayerRule", "LayerQuant", "QuantPlan", "SUPPORTED_TYPES", "available_presets", "load_plan"]
 
@@ -40,7 +41,9 @@ _RULE_FIELDS = ("match", "types", "weight", "input", "skip")
 
 
 def _spec_overrides(value: Any, where: str) -> Union[None, bool, dict]:
-    """A rule's ``weight`` / ``input``: None (untouched), False (disable) or a dict of fields."""
+    """A rule's ``weight`` / ``input``: None (untouched), False (disable) or a dict of fields, each
+    value checked on its own (:func:`qat.spec.check_field`) and normalized (enums as their strings),
+    so a plan never holds, or saves, a value its spec would refuse."""
     if value is None or value is False:
         return value
     if value is True:
@@ -52,7 +55,13 @@ def _spec_overrides(value: Any, where: str) -> Union[None, bool, dict]:
     unknown = sorted(set(value) - set(QuantSpec.field_names()))
     if unknown:
         raise QATConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(QuantSpec.field_names())}")
-    return dict(value)
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise QATConfigError(f"{where}: field names must be strings, got {k!r}")
+        v = check_field(k, v, where)
+        out[k] = v.value if isinstance(v, enum.Enum) else v
+    return out
 
 
 @dataclass(frozen=True)
@@ -84,17 +93,29 @@ class LayerRule:
     def __post_init__(self) -> None:
         if not isinstance(self.match, str) or not self.match:
             raise QATConfigError(f"LayerRule.match must be a non-empty glob string, got {self.match!r}")
-        types = (self.types,) if isinstance(self.types, str) else tuple(self.types or ())
+        if self.types is None:
+            types = ()
+        elif isinstance(self.types, str):
+            types = (self.types,)
+        elif isinstance(self.types, (list, tuple)):
+            types = tuple(self.types)
+        else:
+            raise QATConfigError(
+                f"LayerRule(match={self.match!r}).types must be a module type name or a list of them "
+                f"(valid choices: {sorted(SUPPORTED_TYPES)}), got {self.types!r} ({type(self.types).__name__})"
+            )
         for t in types:
-            if t not in SUPPORTED_TYPES:
+            if not isinstance(t, str) or t not in SUPPORTED_TYPES:
                 raise QATConfigError(
                     f"LayerRule(match={self.match!r}).types: unsupported module type {t!r}; valid choices: {sorted(SUPPORTED_TYPES)}"
                 )
         object.__setattr__(self, "types", types)
         object.__setattr__(self, "weight", _spec_overrides(self.weight, f"LayerRule(match={self.match!r}).weight"))
         object.__setattr__(self, "input", _spec_overrides(self.input, f"LayerRule(match={self.match!r}).input"))
-        if not isinstance(self.skip, bool):
-            raise QATConfigError(f"LayerRule(match={self.match!r}).skip must be true or false, got {self.skip!r}")
+        if not isinstance(self.skip, bool):  # "false" / "no" are strings, and bool("false") is True
+            raise QATConfigError(
+                f"LayerRule(match={self.match!r}).skip must be true or false (a boolean), got {self.skip!r} ({type(self.skip).__name__})"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], index: int = 0) -> "LayerRule":
@@ -103,7 +124,10 @@ class LayerRule:
         unknown = sorted(set(data) - set(_RULE_FIELDS))
         if unknown:
             raise QATConfigError(f"rules[{index}]: unknown field(s) {unknown}; valid fields: {list(_RULE_FIELDS)}")
-        return cls(**dict(data))
+        try:
+            return cls(**dict(data))
+        except QATConfigError as exc:
+            raise QATConfigError(f"rules[{index}]: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"match": self.match, "types": list(self.types), "weight": self.weight, "input": self.input, "skip": self.skip}
@@ -170,6 +194,10 @@ class QuantPlan:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise QATConfigError(f"QuantPlan.name must be a non-empty string, got {self.name!r} ({type(self.name).__name__})")
+        if isinstance(self.rules, (str, bytes, Mapping)) or not isinstance(self.rules, Sequence):
+            raise QATConfigError(f"QuantPlan.rules must be a list of rules, got {self.rules!r}")
         rules = tuple(r if isinstance(r, LayerRule) else LayerRule.from_dict(r, i) for i, r in enumerate(self.rules))
         if not rules:
             raise QATConfigError("QuantPlan.rules is empty; give at least one rule (e.g. {match: '*', weight: {bits: 8}})")
@@ -188,7 +216,7 @@ class QuantPlan:
         rules = data.get("rules")
         if not isinstance(rules, Sequence) or isinstance(rules, (str, bytes)):
             raise QATConfigError(f"plan.rules must be a list of rules, got {rules!r}")
-        return cls(rules=tuple(LayerRule.from_dict(r, i) for i, r in enumerate(rules)), name=str(data.get("name", "custom")))
+        return cls(rules=tuple(LayerRule.from_dict(r, i) for i, r in enumerate(rules)), name=data.get("name", "custom"))
 
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike]) -> "QuantPlan":

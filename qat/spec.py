@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
@@ -12,7 +14,19 @@ import torch
 
 from .errors import QATConfigError
 
-__all__ = ["Granularity", "ObserverKind", "Estimator", "RoundMode", "ROUND_MODES", "round_with_mode", "ScaleDtype", "QuantSpec", "LayerQuant"]
+__all__ = [
+    "Granularity",
+    "ObserverKind",
+    "Estimator",
+    "RoundMode",
+    "ROUND_MODES",
+    "round_with_mode",
+    "ScaleDtype",
+    "NonFinite",
+    "QuantSpec",
+    "LayerQuant",
+    "check_field",
+]
 
 
 class _ChoiceEnum(str, enum.Enum):
@@ -20,10 +34,12 @@ class _ChoiceEnum(str, enum.Enum):
     def parse(cls, value: Any, field: str) -> "_ChoiceEnum":
         if isinstance(value, cls):
             return value
+        choices = ", ".join(m.value for m in cls)
+        if not isinstance(value, str):  # a bool or a number is never a choice (str(True) is 'True')
+            raise QATConfigError(f"{field} must be one of [{choices}] (a string), got {value!r} ({type(value).__name__})")
         try:
-            return cls(str(value).lower())
+            return cls(value.lower())
         except ValueError:
-            choices = ", ".join(m.value for m in cls)
             raise QATConfigError(f"{field} must be one of [{choices}], got {value!r}") from None
 
 
@@ -93,13 +109,92 @@ class ScaleDtype(_ChoiceEnum):
     FLOAT16 = "float16"
 
 
+class NonFinite(_ChoiceEnum):
+    """What an observer does with NaN / Inf elements of a batch (``docs/math.md``, section 11)."""
+
+    IGNORE = "ignore"  # ranges over the finite elements only (no device sync)
+    RAISE = "raise"  # a QATConfigError on the first batch holding one (one device sync a batch)
+
+
 _ENUM_FIELDS = {
     "granularity": Granularity,
     "observer": ObserverKind,
     "estimator": Estimator,
     "round_mode": RoundMode,
     "scale_dtype": ScaleDtype,
+    "nonfinite": NonFinite,
 }
+
+_BOOL_FIELDS = ("signed", "symmetric", "narrow_range", "dynamic")
+_INT_FIELDS = ("bits", "axis")
+_FLOAT_FIELDS = ("averaging_constant", "percentile")
+
+
+def _check_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):  # "false", "no", 0 and 1 are not booleans: bool("false") is True
+        raise QATConfigError(f"{where} must be true or false (a boolean), got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise QATConfigError(f"{where} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _check_float(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise QATConfigError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise QATConfigError(f"{where} must be a finite number, got {value!r}")
+    return value
+
+
+def check_field(name: str, value: Any, where: str = "QuantSpec") -> Any:
+    """Check one :class:`QuantSpec` field's value on its own (its type, then what it alone allows)
+    and return it normalized: enums parsed, integers as ``int``, numbers as ``float``. Checks that
+    involve several fields (``narrow_range`` needs ``signed``, ...) are :class:`QuantSpec`'s.
+
+    Raises:
+        QATConfigError: an unknown field, or a value of the wrong type or out of range, naming
+            ``where.name`` and what it takes.
+
+    Example::
+
+        >>> check_field("bits", 4), check_field("granularity", "PER_CHANNEL").value
+        (4, 'per_channel')
+        >>> check_field("signed", "no")
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: QuantSpec.signed must be true or false (a boolean), got 'no' (str)
+    """
+    field = f"{where}.{name}"
+    if name in _ENUM_FIELDS:
+        return _ENUM_FIELDS[name].parse(value, field)
+    if name in _BOOL_FIELDS:
+        return _check_bool(value, field)
+    if name in _INT_FIELDS:
+        value = _check_int(value, field)
+        if name == "bits" and not 2 <= value <= 16:
+            raise QATConfigError(f"{field} must be in 2..16, got {value}")
+        return value
+    if name == "group_size":
+        if value is None:
+            return None
+        value = _check_int(value, field)
+        if value < 1:
+            raise QATConfigError(f"{field} must be a positive integer, got {value}")
+        return value
+    if name in _FLOAT_FIELDS:
+        value = _check_float(value, field)
+        if name == "averaging_constant" and not 0.0 < value <= 1.0:
+            raise QATConfigError(f"{field} must be in (0, 1], got {value}")
+        if name == "percentile" and not 50.0 < value <= 100.0:
+            raise QATConfigError(f"{field} must be in (50, 100], got {value}")
+        return value
+    valid = [f.name for f in fields(QuantSpec)]
+    raise QATConfigError(f"{where}: unknown field {name!r}; valid fields: {sorted(valid)}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +218,14 @@ class QuantSpec:
         round_mode: ``half_even`` (torch.round), ``half_away`` or ``half_up``.
         scale_dtype: ``float32``, or ``float16`` to round scales to float16 (GGUF).
         dynamic: compute the range from each batch (no observer state), for activations.
+        nonfinite: what observers do with NaN / Inf elements: ``ignore`` (default: ranges over the
+            finite elements only; a parameter with none keeps its range) or ``raise`` (a
+            ``QATConfigError``; costs one device sync a batch on a GPU).
+
+    Every field is checked by type before range: booleans must be ``True`` / ``False`` (the
+    strings ``"false"`` or ``"no"`` are refused, not read as true), integers must be integers
+    (not bools, floats or strings), numbers may be ints or floats but not bools, strings, NaN or
+    infinity.
 
     Example::
 
@@ -147,20 +250,16 @@ class QuantSpec:
     round_mode: RoundMode = RoundMode.HALF_EVEN
     scale_dtype: ScaleDtype = ScaleDtype.FLOAT32
     dynamic: bool = False
+    nonfinite: NonFinite = NonFinite.IGNORE
 
     def __post_init__(self) -> None:
-        for name, enum_cls in _ENUM_FIELDS.items():
-            object.__setattr__(self, name, enum_cls.parse(getattr(self, name), f"QuantSpec.{name}"))
-        for name in ("bits", "axis"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise QATConfigError(f"QuantSpec.{name} must be an integer, got {v!r}")
-        if not 2 <= self.bits <= 16:
-            raise QATConfigError(f"QuantSpec.bits must be in 2..16, got {self.bits}")
+        # every field on its own first (type, then range), in declaration order
+        for f in fields(self):
+            object.__setattr__(self, f.name, check_field(f.name, getattr(self, f.name)))
         if self.narrow_range and not self.signed:
             raise QATConfigError("QuantSpec.narrow_range applies to signed ranges only; set signed: true or narrow_range: false")
         if self.granularity is Granularity.PER_GROUP:
-            if self.group_size is None or isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            if self.group_size is None:
                 raise QATConfigError(
                     f"QuantSpec.group_size must be a positive integer when granularity is per_group, got {self.group_size!r}"
                 )
@@ -170,10 +269,6 @@ class QuantSpec:
             )
         if self.granularity is Granularity.PER_TOKEN and not self.dynamic:
             raise QATConfigError("QuantSpec.granularity per_token needs dynamic: true (per-token scales come from each batch)")
-        if not 0.0 < self.averaging_constant <= 1.0:
-            raise QATConfigError(f"QuantSpec.averaging_constant must be in (0, 1], got {self.averaging_constant}")
-        if not 50.0 < self.percentile <= 100.0:
-            raise QATConfigError(f"QuantSpec.percentile must be in (50, 100], got {self.percentile}")
         if self.estimator is Estimator.PACT:
             if self.signed:
                 raise QATConfigError("QuantSpec.estimator pact clips to [0, alpha]: it needs signed: false")
