@@ -8,13 +8,37 @@ output shapes); in eager mode the public functions call the same backend through
 * anything else -> :mod:`qat.kernels.reference` (PyTorch).
 
 The choice is logged once per backend on the ``qat.kernels`` logger, and :func:`backend_name`
-reports it. Set ``QAT_KERNELS=reference`` to force the reference everywhere.
+reports it. Set ``QAT_KERNELS=reference`` to force the reference everywhere. Empty tensors always
+run the reference.
+
+Parameter checks, as PyTorch's own fake-quant ops make them, and a few more (``docs/math.md``,
+section 11):
+
+* Always (no tensor is read): ``qmin`` / ``qmax`` are Python integers (not bools or floats) with
+  ``qmin < qmax``; ``axis`` / ``group_size`` integers or ``None``; ``round_mode`` one of
+  :data:`~qat.spec.ROUND_MODES`; dtypes, devices and shapes of ``scale`` / ``zero_point`` /
+  ``alpha``; ``grad_factor`` a finite number.
+* Values (they read the parameters, which on a GPU is a device sync): every scale finite and
+  nonzero with ``1 / scale`` and ``scale * (qmax - qmin)`` finite, so the math cannot make a NaN
+  or Inf of a finite input (its sign is free: GGUF Q4_0's block scales are negative where the
+  block's extreme is positive); for :func:`fake_quantize`, zero points integer-valued within ``[qmin, qmax]``; for
+  LSQ, zero points finite (they are rounded and clamped); PACT's ``alpha`` finite and positive.
+  They run when the tensors are on the CPU (reading them there costs no sync) and never inside
+  ``torch.compile`` / ``torch.export`` tracing. On a GPU they are off unless asked for:
+  ``QAT_CHECK_PARAMS=1`` in the environment or :func:`set_param_checks` ``(True)`` turns them on
+  everywhere, ``QAT_CHECK_PARAMS=0`` / ``set_param_checks(False)`` off everywhere.
+
+A failed check raises ``TypeError`` (a wrong type) or ``ValueError`` (a wrong value) naming the
+op, the argument and what it takes. PyTorch computes a scale of 0 as 0 output (and NaN for
+``x = 0`` here, as ``0 * inf``), so a zero scale is refused rather than matched.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
+import numbers
 import os
 from types import ModuleType
 from typing import Optional
@@ -31,9 +55,56 @@ __all__ = [
     "fake_quantize_lsq",
     "fake_quantize_pact",
     "backend_name",
+    "set_param_checks",
+    "param_checks",
 ]
 
 log = logging.getLogger("qat.kernels")
+
+
+def _env_param_checks() -> Optional[bool]:
+    v = os.environ.get("QAT_CHECK_PARAMS", "").strip().lower()
+    if v in ("1", "true", "yes", "on", "all"):
+        return True
+    if v in ("0", "false", "no", "off", "none"):
+        return False
+    return None  # unset / "cpu" / "auto": CPU tensors only
+
+
+_PARAM_CHECKS: Optional[bool] = _env_param_checks()
+
+
+def set_param_checks(enabled: Optional[bool]) -> Optional[bool]:
+    """Turn the ops' value checks of their parameters (finite, nonzero scales; zero points in
+    range; PACT's positive clip) on everywhere (``True``: GPU tensors too, one device sync a call),
+    off everywhere (``False``), or back to the default (``None``: CPU tensors only). Overrides the
+    ``QAT_CHECK_PARAMS`` environment variable. Returns the previous setting.
+
+    Example::
+
+        >>> previous = set_param_checks(True)
+        >>> fake_quantize(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0]), -8, 7)
+        Traceback (most recent call last):
+        ...
+        ValueError: fake_quantize: scale must be finite and nonzero, with 1 / scale and scale * (qmax - qmin) finite, got 0.0 at index 0 of 1
+        >>> _ = set_param_checks(previous)
+    """
+    global _PARAM_CHECKS
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"set_param_checks: enabled must be True, False or None, got {enabled!r}")
+    previous, _PARAM_CHECKS = _PARAM_CHECKS, enabled
+    return previous
+
+
+def param_checks() -> Optional[bool]:
+    """The value-check setting: ``True`` (everywhere), ``False`` (nowhere) or ``None`` (CPU only).
+
+    Example::
+
+        >>> param_checks() in (None, True, False)
+        True
+    """
+    return _PARAM_CHECKS
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,7 +125,7 @@ def _cupy_backend() -> Optional[ModuleType]:
 
 
 def _backend(x: Tensor) -> ModuleType:
-    if x.is_cuda:
+    if x.is_cuda and x.numel() > 0:
         cp = _cupy_backend()
         if cp is not None:
             return cp
@@ -266,37 +337,83 @@ class _PACTFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public API
 
 
-def _check(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis, group_size, round_mode):
-    """Validate arguments before launch; returns the axis normalized to be non-negative."""
-    if not x.is_floating_point():
-        raise TypeError(f"fake_quantize: x must be a floating tensor, got {x.dtype}")
-    for name, p in (("scale", scale), ("zero_point", zero_point)):
-        if p.dtype != torch.float32:
-            raise TypeError(f"fake_quantize: {name} must be float32, got {p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"fake_quantize: {name} is on {p.device} but x is on {x.device}")
+def _check_ints(op: str, qmin, qmax, axis, group_size, round_mode) -> None:
+    """The checks that read no tensor: argument types and the integer range."""
+    for name, v in (("qmin", qmin), ("qmax", qmax)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{op}: {name} must be a Python int, got {v!r} ({type(v).__name__})")
     if not qmin < qmax:
-        raise ValueError(f"fake_quantize: need qmin < qmax, got qmin={qmin}, qmax={qmax}")
-    if round_mode not in reference.ROUND_MODES:
-        raise ValueError(f"fake_quantize: round_mode must be one of {reference.ROUND_MODES}, got {round_mode!r}")
+        raise ValueError(f"{op}: need qmin < qmax, got qmin={qmin}, qmax={qmax}")
+    for name, v in (("axis", axis), ("group_size", group_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            raise TypeError(f"{op}: {name} must be an int or None, got {v!r} ({type(v).__name__})")
+    if not isinstance(round_mode, str) or round_mode not in reference.ROUND_MODES:
+        raise ValueError(f"{op}: round_mode must be one of {reference.ROUND_MODES}, got {round_mode!r}")
+
+
+def _checks_values(x: Tensor) -> bool:
+    """Whether this call checks parameter values (see the module docstring)."""
+    if _PARAM_CHECKS is False or _traced(x):
+        return False
+    return _PARAM_CHECKS is True or x.device.type == "cpu"
+
+
+def _first_bad(op: str, name: str, t: Tensor, bad: Tensor, what: str) -> None:
+    idx = int(bad.reshape(-1).nonzero()[0, 0])
+    raise ValueError(f"{op}: {name} must be {what}, got {t.reshape(-1)[idx].item()} at index {idx} of {t.numel()}")
+
+
+_SCALE_RULE = "finite and nonzero, with 1 / scale and scale * (qmax - qmin) finite"
+
+
+def _check_values(op: str, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, lsq: bool) -> None:
+    """Scales finite and nonzero; zero points integer-valued in [qmin, qmax] (LSQ: finite).
+    One read of a boolean (a device sync on a GPU)."""
+    s, z = scale.detach(), zero_point.detach()
+    # finite, nonzero, and the math stays finite: 1/s (a subnormal scale's is inf, and 0 * inf is NaN)
+    # and (q - z) * s, |q - z| <= qmax - qmin
+    bad_s = ~(torch.isfinite(1.0 / s) & torch.isfinite(s * float(qmax - qmin))) | (s == 0)
+    bad_z = ~torch.isfinite(z) if lsq else (z != torch.round(z)) | (z < qmin) | (z > qmax)  # NaN != NaN: bad
+    if not (bad_s.any() | bad_z.any()).item():
+        return
+    if bad_s.any().item():
+        _first_bad(op, "scale", s, bad_s, _SCALE_RULE)
+    what = "finite (it is rounded and clamped to [qmin, qmax])" if lsq else f"an integer in [qmin, qmax] = [{qmin}, {qmax}]"
+    _first_bad(op, "zero_point", z, bad_z, what)
+
+
+def _check(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis, group_size, round_mode, op="fake_quantize", lsq=False):
+    """Validate arguments before launch; returns the axis normalized to be non-negative."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    for name, p in (("scale", scale), ("zero_point", zero_point)):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{op}: {name} must be a float32 tensor, got {type(p).__name__}")
+        if p.dtype != torch.float32:
+            raise TypeError(f"{op}: {name} must be float32, got {p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}")
+    _check_ints(op, qmin, qmax, axis, group_size, round_mode)
     if axis is not None and group_size is not None:
-        raise ValueError("fake_quantize: give axis (per-channel) or group_size (per-group), not both")
+        raise ValueError(f"{op}: give axis (per-channel) or group_size (per-group), not both")
     if group_size is not None:
         k = x.shape[-1] if x.dim() else 1
         if group_size <= 0 or k % group_size:
-            raise ValueError(f"fake_quantize: group_size={group_size} must divide the last dimension {k}")
+            raise ValueError(f"{op}: group_size={group_size} must divide the last dimension {k}")
     elif axis is not None:
         if not -x.dim() <= axis < x.dim():
-            raise ValueError(f"fake_quantize: axis={axis} out of range for a {x.dim()}-d tensor")
+            raise ValueError(f"{op}: axis={axis} out of range for a {x.dim()}-d tensor")
         axis = axis % x.dim()
     layout = Layout(axis=axis, group_size=group_size)
     expected = None if layout.is_per_tensor else layout.param_shape(x.shape)
     for name, p in (("scale", scale), ("zero_point", zero_point)):
         if expected is None:
             if p.numel() != 1:
-                raise ValueError(f"fake_quantize: per-tensor {name} must have one element, got shape {tuple(p.shape)}")
+                raise ValueError(f"{op}: per-tensor {name} must have one element, got shape {tuple(p.shape)}")
         elif tuple(p.shape) != expected:
-            raise ValueError(f"fake_quantize: {name} must have shape {expected}, got {tuple(p.shape)}")
+            raise ValueError(f"{op}: {name} must have shape {expected}, got {tuple(p.shape)}")
+    if _checks_values(x):
+        _check_values(op, scale, zero_point, qmin, qmax, lsq)
     return axis
 
 
@@ -325,6 +442,12 @@ def fake_quantize(
     Returns:
         A tensor of ``x``'s shape and dtype: ``(clamp(round(x / s) + z, qmin, qmax) - z) * s``.
 
+    Raises:
+        TypeError: ``qmin`` / ``qmax`` not Python ints, or a tensor of the wrong dtype.
+        ValueError: ``qmin >= qmax``, shapes that do not fit, or (values checked: see the module
+            docstring) a scale that is 0, NaN or infinite, or a zero point that is not an integer
+            in ``[qmin, qmax]``.
+
     Example::
 
         >>> x = torch.tensor([0.1, 0.26, -3.0])
@@ -332,7 +455,7 @@ def fake_quantize(
         tensor([ 0.0000,  0.2500, -2.0000])
     """
     axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
-    args = (x, scale, zero_point, int(qmin), int(qmax), axis, group_size, round_mode)
+    args = (x, scale, zero_point, int(qmin), int(qmax), axis, None if group_size is None else int(group_size), round_mode)
     if _traced(x):
         return torch.ops.qat.fake_quantize(*args)[0]
     return _FakeQuantizeFn.apply(*args)
@@ -365,7 +488,9 @@ def fake_quantize_lsq(
         >>> y.sum().backward(); s.grad.shape
         torch.Size([4])
     """
-    axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    if isinstance(grad_factor, bool) or not isinstance(grad_factor, numbers.Real) or not math.isfinite(grad_factor):
+        raise TypeError(f"fake_quantize_lsq: grad_factor must be a finite number, got {grad_factor!r}")
+    axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, op="fake_quantize_lsq", lsq=True)
     args = (x, scale, zero_point, int(qmin), int(qmax), axis, group_size, float(grad_factor), round_mode)
     if _traced(x):
         return torch.ops.qat.fake_quantize_lsq(*args)
@@ -377,6 +502,10 @@ def fake_quantize_pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mod
 
     The gradient reaches ``alpha`` from elements at or above it (``dy/dalpha = 1[x >= alpha]``).
 
+    Raises:
+        TypeError / ValueError: as :func:`fake_quantize`; and ``alpha`` not a one-element float32
+            tensor, or (values checked) not finite and positive.
+
     Example::
 
         >>> alpha = torch.tensor([2.0], requires_grad=True)
@@ -384,12 +513,19 @@ def fake_quantize_pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mod
         >>> y.detach()
         tensor([0.0000, 0.5333, 2.0000])
     """
-    if alpha.numel() != 1 or alpha.dtype != torch.float32:
-        raise ValueError(f"fake_quantize_pact: alpha must be a one-element float32 tensor, got {alpha.dtype} {tuple(alpha.shape)}")
-    if not qmin < qmax:
-        raise ValueError(f"fake_quantize_pact: need qmin < qmax, got qmin={qmin}, qmax={qmax}")
-    if round_mode not in reference.ROUND_MODES:
-        raise ValueError(f"fake_quantize_pact: round_mode must be one of {reference.ROUND_MODES}, got {round_mode!r}")
+    op = "fake_quantize_pact"
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(alpha, Tensor) or alpha.numel() != 1 or alpha.dtype != torch.float32:
+        raise ValueError(f"{op}: alpha must be a one-element float32 tensor, got {getattr(alpha, 'dtype', type(alpha).__name__)} {tuple(getattr(alpha, 'shape', ()))}")
+    if alpha.device != x.device:
+        raise ValueError(f"{op}: alpha is on {alpha.device} but x is on {x.device}")
+    _check_ints(op, qmin, qmax, None, None, round_mode)
+    if _checks_values(x):
+        a = alpha.detach()
+        bad = ~(torch.isfinite(a) & torch.isfinite(float(qmax - qmin) / a)) | (a <= 0)  # s = alpha / (qmax - qmin): 1/s finite
+        if bad.any().item():
+            _first_bad(op, "alpha", a, bad, "finite and positive (the clip [0, alpha]), with (qmax - qmin) / alpha finite")
     args = (x, alpha, int(qmin), int(qmax), round_mode)
     if _traced(x):
         return torch.ops.qat.fake_quantize_pact(*args)
