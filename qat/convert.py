@@ -48,6 +48,19 @@ def _stored_scale(s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return s.clone()
 
 
+def _check_finite(name: str, which: str, q) -> None:
+    """A quantizer whose state holds NaN / Inf cannot become integer codes and scales."""
+    if q.spec.dynamic:  # no state of its own: ranges come from each batch
+        return
+    bad = q.nonfinite_state()
+    if bad:
+        raise QATConfigError(
+            f"layer {name!r} {which} quantizer: {', '.join(bad)} not finite (NaN or Inf), so the layer has no valid "
+            f"quantization; recalibrate it (qat.ptq.calibrate) or restore a checkpoint from before the values went bad "
+            f"(qat.fake_quant.nonfinite_quantizers(model) lists every such quantizer)"
+        )
+
+
 @torch.no_grad()
 def _convert_layer(name: str, mod: QuantModuleMixin) -> IntModuleMixin:
     cls = _INT_OF[type(mod)]
@@ -61,6 +74,12 @@ def _convert_layer(name: str, mod: QuantModuleMixin) -> IntModuleMixin:
             mod.quantized_weight()  # refresh the scale exactly as the next forward would (observers track the weight)
         except RuntimeError as exc:
             raise QATConfigError(f"layer {name!r}: weight quantizer has no range: {exc}") from None
+        except ValueError:
+            _check_finite(name, "weight", wq)  # the op refused a NaN / Inf parameter: name the quantizer
+            raise
+        if not bool(torch.isfinite(mod.weight.detach()).all()):
+            raise QATConfigError(f"layer {name!r}: the weight holds NaN or Inf values; integer codes need a finite weight")
+        _check_finite(name, "weight", wq)
         s, z = wq.current_qparams()
         spec = wq.spec
         info.update(
@@ -76,6 +95,7 @@ def _convert_layer(name: str, mod: QuantModuleMixin) -> IntModuleMixin:
                 f"layer {name!r}: input quantizer never saw data, so it has no range; run a forward pass or "
                 f"qat.ptq.calibrate(model, batches) before convert()"
             )
+        _check_finite(name, "input", iq)
         info["input"] = spec.to_dict()
         if not spec.dynamic:
             info["input_scale_shape"] = list(iq.current_qparams()[0].shape)
@@ -111,7 +131,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Raises:
         QATConfigError: the model is not prepared, is already converted, holds a fake-quantized layer
-            type convert has no integer twin for, or an input quantizer that never saw data.
+            type convert has no integer twin for, an input quantizer that never saw data, a weight
+            with NaN / Inf values, or a quantizer whose state (scale, zero point, observed range,
+            PACT clip) is not finite; the message names the layer and the quantizer.
 
     Example::
 

@@ -1,4 +1,11 @@
-"""`FakeQuantizer`: observer + scale / zero-point state + estimator, for one tensor."""
+"""`FakeQuantizer`: observer + scale / zero-point state + estimator, for one tensor.
+
+Non-finite values and dtypes (``docs/math.md``, section 11): observers leave NaN / Inf elements out
+of their ranges (or raise, ``QuantSpec.nonfinite: raise``), an empty batch is skipped, the state
+(scale, zero point, ranges, PACT's clip) stays float32 when the model is cast to float16 /
+bfloat16, and :func:`nonfinite_quantizers` names the quantizers whose state is not finite (what
+``qat.convert`` refuses).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +20,10 @@ from qat.kernels import fake_quantize, fake_quantize_lsq, fake_quantize_pact
 
 from .flags import FlagBuffers
 from .granularity import Layout
-from .observers import make_observer, qparams_from_range
-from .spec import Estimator, QuantSpec
+from .observers import Float32State, _raise_nonfinite, make_observer, qparams_from_range
+from .spec import Estimator, NonFinite, QuantSpec
 
-__all__ = ["FakeQuantizer", "fake_quantize_dynamic"]
+__all__ = ["FakeQuantizer", "fake_quantize_dynamic", "nonfinite_quantizers"]
 
 
 def _sync_mean(t: torch.Tensor, sync: bool) -> torch.Tensor:
@@ -27,7 +34,7 @@ def _sync_mean(t: torch.Tensor, sync: bool) -> torch.Tensor:
     return t
 
 
-class FakeQuantizer(FlagBuffers):
+class FakeQuantizer(Float32State, FlagBuffers):
     """Fake-quantizes one tensor per a :class:`~qat.QuantSpec`.
 
     State (all in ``state_dict``): ``scale`` and ``zero_point`` (buffers, or parameters for the
@@ -42,6 +49,11 @@ class FakeQuantizer(FlagBuffers):
       scale ``1 / sqrt(N * qmax)``, ``N`` the elements per scale.
     * ``pact``: a learned clip ``alpha`` (initialized to the observed max) for unsigned activations.
     * ``dynamic``: the range of each batch (per tensor, per token or per group), nothing stored.
+
+    Ranges come from the finite elements only (``QuantSpec.nonfinite``); until the observer has
+    seen a finite value the quantizer has no range and passes its input through unchanged. The
+    state stays float32 under ``.half()`` / ``.bfloat16()``, and float16 / bfloat16 inputs are
+    fake-quantized in float32 and cast back.
 
     Args:
         spec: how to quantize.
@@ -134,6 +146,8 @@ class FakeQuantizer(FlagBuffers):
         if spec.estimator is Estimator.STE:
             if observing:
                 self._observe(x)
+                if not flags["initialized"]:
+                    return x  # no finite value seen yet (an empty or all-NaN / Inf batch): no range to use
             elif not flags["initialized"]:
                 raise RuntimeError(
                     "FakeQuantizer: observer disabled before it saw any data; calibrate or enable the observer first"
@@ -141,6 +155,8 @@ class FakeQuantizer(FlagBuffers):
             return fake_quantize(x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, rm)
         if not flags["initialized"]:
             self._init_learned(x)
+            if not flags["initialized"]:
+                return x  # no finite value seen yet: nothing to initialize from
         elif observing and not self.training:
             self.observer(x)  # calibration statistics; the learned values stay as they are
         if spec.estimator is Estimator.PACT:
@@ -153,9 +169,9 @@ class FakeQuantizer(FlagBuffers):
     def _observe(self, x: torch.Tensor) -> None:
         """Update the observer; an STE quantizer also takes its scale / zero point from it."""
         if not self.track_history:
-            self.observer.reset()
+            self.observer.reset()  # a parameter without finite values keeps its last range
         self.observer(x)
-        if self.spec.estimator is Estimator.STE:
+        if self.spec.estimator is Estimator.STE and self.observer.is_initialized:
             s, z = self.observer.qparams()
             self.scale.copy_(s)
             self.zero_point.copy_(z)
@@ -166,13 +182,15 @@ class FakeQuantizer(FlagBuffers):
         spec = self.spec
         if self.observer is not None:
             self.observer(x)
+            if not self.observer.is_initialized:
+                return  # no finite value yet (an empty or all-NaN / Inf batch): initialize from a later one
         if spec.estimator is Estimator.PACT:
             self.alpha.copy_(torch.clamp(self.observer.max_val.max().reshape(1), min=1e-3))
         else:
             s_obs, z_obs = self.observer.qparams()
             if spec.estimator is Estimator.LSQ:
                 # LSQ paper init: 2 <|x|> / sqrt(qmax), per scale
-                mean_abs = self.layout.mean_abs(x, self.scale.shape)
+                mean_abs = self.layout.mean_abs(x, self.scale.shape, finite=True)
                 s = _sync_mean(2.0 * mean_abs / math.sqrt(max(spec.qmax, 1)), self.sync)
                 s = torch.clamp(s, min=torch.finfo(torch.float32).eps)
                 self.scale.copy_(s)
@@ -214,6 +232,32 @@ class FakeQuantizer(FlagBuffers):
             z = torch.clamp(torch.round(z), self.spec.qmin, self.spec.qmax)
         return self.scale.detach(), z
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The quantizer's state by name: ``scale``, ``zero_point``, ``alpha`` (PACT) and the
+        observer's ``observer.min_val`` / ``observer.max_val`` (detached)."""
+        out = {"scale": self.scale.detach(), "zero_point": self.zero_point.detach()}
+        if self.spec.estimator is Estimator.PACT:
+            out["alpha"] = self.alpha.detach()
+        if self.observer is not None:
+            out["observer.min_val"] = self.observer.min_val
+            out["observer.max_val"] = self.observer.max_val
+        return out
+
+    def nonfinite_state(self) -> list[str]:
+        """Names of the state tensors (:meth:`state_tensors`) that hold a NaN or Inf; empty when
+        the state is finite. One device sync.
+
+        Example::
+
+            >>> fq = FakeQuantizer(QuantSpec(bits=8), (4,))
+            >>> _ = fq(torch.tensor([1.0, float("nan"), -2.0, 0.5]))   # NaN is left out of the range
+            >>> fq.nonfinite_state()
+            []
+            >>> _ = fq.scale.fill_(float("inf")); fq.nonfinite_state()
+            ['scale']
+        """
+        return _nonfinite_names(self.state_tensors())
+
     def extra_repr(self) -> str:
         s = self.spec
         g = s.granularity.value + (f"(axis={s.axis})" if self.axis is not None else "") + (
@@ -236,7 +280,56 @@ def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, layout: Optional[Lay
         True
     """
     layout = Layout.of(spec) if layout is None else layout
-    with torch.no_grad():
-        s, z = qparams_from_range(*layout.aminmax(x), spec)
+    if x.numel() == 0:
+        return x
+    if spec.nonfinite is NonFinite.RAISE:
+        _raise_nonfinite(x, spec, "dynamic quantizer")
+    with torch.no_grad():  # the range of the finite elements: a NaN row does not poison the others
+        s, z = qparams_from_range(*layout.aminmax(x, finite=True), spec)
     axis, group_size = layout.op_args(x)  # per token: one group spanning the last axis
     return fake_quantize(x, s, z, spec.qmin, spec.qmax, axis, group_size, spec.round_mode.value)
+
+
+def _nonfinite_names(tensors: dict) -> list:
+    """The keys of ``tensors`` whose values are not all finite (one device sync a device)."""
+    if not tensors:
+        return []
+    flags = [torch.isfinite(t.detach()).all() for t in tensors.values()]
+    if len({f.device for f in flags}) == 1:
+        ok = torch.stack(flags).tolist()
+    else:
+        ok = [bool(f) for f in flags]
+    return [n for n, good in zip(tensors, ok) if not good]
+
+
+def nonfinite_quantizers(model: nn.Module) -> dict[str, list[str]]:
+    """The fake quantizers of ``model`` whose state is not finite: qualified quantizer name -> the
+    state tensors at fault (``scale``, ``zero_point``, ``alpha``, ``observer.min_val``,
+    ``observer.max_val``). Empty when every quantizer is healthy.
+
+    What a training loop (or a Lightning callback) calls to skip a step, or stop, once a learned
+    scale or clip has gone NaN / Inf; :func:`qat.convert` refuses such a model. One device sync
+    in all.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from qat import prepare
+        >>> model = prepare(nn.Sequential(nn.Linear(4, 2)), "w8a8")
+        >>> _ = model(torch.tensor([[1.0, float("nan"), 2.0, -1.0]]))
+        >>> nonfinite_quantizers(model)
+        {}
+        >>> _ = model[0].input_quantizer.zero_point.fill_(float("nan"))
+        >>> nonfinite_quantizers(model)
+        {'0.input_quantizer': ['zero_point']}
+    """
+    tensors = {
+        (name, key): t
+        for name, mod in model.named_modules()
+        if isinstance(mod, FakeQuantizer)
+        for key, t in mod.state_tensors().items()
+    }
+    out: dict[str, list[str]] = {}
+    for name, key in _nonfinite_names(tensors):
+        out.setdefault(name, []).append(key)
+    return out

@@ -165,26 +165,78 @@ class Layout:
         return x.reshape(1, -1)
 
     # ------------------------------------------------------------------ reductions
-    def aminmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-parameter ``(min, max)`` of ``x`` in float32, shaped :meth:`param_shape` of ``x``."""
-        x = x.detach().float()
+    def _reduce(self, x: torch.Tensor, fn):
+        """``fn`` (``torch.aminmax``, ``torch.amin``, ``torch.amax``, ...) per parameter, shaped
+        :meth:`param_shape` of ``x`` (a per-tensor result as ``(1,)``)."""
         if self.per_row:
-            return torch.aminmax(x, dim=-1, keepdim=True)  # (.., K) -> (.., 1)
+            return fn(x, dim=-1, keepdim=True)  # (.., K) -> (.., 1)
         if self.axis is not None:
-            return torch.aminmax(self.rows(x), dim=1)  # (C, rest) -> (C,)
+            return fn(self.rows(x), dim=1)  # (C, rest) -> (C,)
         if self.group_size is not None:
-            return torch.aminmax(self.grouped(x), dim=-1)  # (.., K/g, g) -> (.., K/g)
-        mn, mx = torch.aminmax(x)
-        return mn.reshape(1), mx.reshape(1)
+            return fn(self.grouped(x), dim=-1)  # (.., K/g, g) -> (.., K/g)
+        out = fn(x)
+        return tuple(t.reshape(1) for t in out) if isinstance(out, tuple) else out.reshape(1)
 
-    def mean_abs(self, x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """Mean of ``|x|`` per parameter (float32), reshaped to ``shape``."""
+    def aminmax(self, x: torch.Tensor, finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-parameter ``(min, max)`` of ``x`` in float32, shaped :meth:`param_shape` of ``x``.
+
+        Args:
+            x: the tensor.
+            finite: ignore non-finite elements (NaN, +inf, -inf): each parameter's range is that of
+                its finite elements, and a parameter with none (or an empty ``x``) gets the empty
+                range ``(+inf, -inf)`` (min > max), which callers read as "no data". On finite
+                data the result equals ``finite=False`` bit for bit. No device sync and no value
+                read on any device: the non-finite elements are masked (``+inf`` for the min,
+                ``-inf`` for the max) before two reductions; that costs about three more passes
+                over ``x`` than the plain reduction (a fused kernel could do it in one).
+
+        Example::
+
+            >>> x = torch.tensor([[1.0, float("nan"), -2.0], [float("inf"), float("nan"), 3.0]])
+            >>> Layout(axis=0).aminmax(x, finite=True)
+            (tensor([-2.,  3.]), tensor([1., 3.]))
+            >>> Layout(axis=1).aminmax(x, finite=True)[0]   # the middle column has no finite element
+            tensor([ 1., inf, -2.])
+        """
+        x = x.detach().float()
+        if not finite:
+            return self._reduce(x, torch.aminmax)
+        if x.numel() == 0:
+            shape = self.param_shape(x.shape)
+            return x.new_full(shape, float("inf")), x.new_full(shape, float("-inf"))
+        ok = torch.isfinite(x)
+        mn = self._reduce(torch.where(ok, x, float("inf")), torch.amin)
+        mx = self._reduce(torch.where(ok, x, float("-inf")), torch.amax)
+        return mn, mx
+
+    def mean_abs(self, x: torch.Tensor, shape: Sequence[int], finite: bool = False) -> torch.Tensor:
+        """Mean of ``|x|`` per parameter (float32), reshaped to ``shape``.
+
+        ``finite``: average over the finite elements only (a parameter with none gets 0); on finite
+        data the result equals ``finite=False`` bit for bit (the plain mean is kept wherever it is
+        finite), without a device sync.
+
+        Example::
+
+            >>> Layout().mean_abs(torch.tensor([1.0, -3.0, float("nan")]), (1,), finite=True)
+            tensor([2.])
+        """
         absx = x.detach().float().abs()
+        plain = self._mean(absx).reshape(shape)
+        if not finite:
+            return plain
+        ok = torch.isfinite(absx)
+        total = self._reduce(torch.where(ok, absx, 0.0), torch.sum).reshape(shape)
+        count = self._reduce(ok.float(), torch.sum).reshape(shape)
+        masked = torch.where(count > 0, total / count.clamp(min=1.0), torch.zeros_like(total))
+        return torch.where(torch.isfinite(plain), plain, masked)
+
+    def _mean(self, absx: torch.Tensor) -> torch.Tensor:
         if self.axis is not None:
-            return self.rows(absx).mean(dim=1).reshape(shape)
+            return self.rows(absx).mean(dim=1)
         if self.group_size is not None:
-            return self.grouped(absx).mean(dim=-1).reshape(shape)
-        return absx.mean().reshape(shape)
+            return self.grouped(absx).mean(dim=-1)
+        return absx.mean()
 
     def sum_to_param(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Sum a per-element tensor, shaped like :meth:`grouped` of ``x``, down to one value per

@@ -13,6 +13,10 @@
 
 The dequantized weight ``(q - z) * s`` (float32) equals the fake-quantized weight bit for bit, so a
 converted float32 model gives the very outputs of the fake-quantized one (tested with ``atol=0``).
+Cast to float16 / bfloat16 (``.half()``, ``.to(dtype)``), the layers keep their scales and zero
+points as they are and compute in the input's dtype, as the fake-quantized layers do.
+:meth:`IntModuleMixin.nonfinite_state` names the quantization tensors that hold NaN / Inf (what
+``qat.export.save_packed`` and ``export_onnx`` refuse).
 
 Example::
 
@@ -46,7 +50,7 @@ from .fake_quant import fake_quantize_dynamic
 from .granularity import Layout, dequantize, weight_view_shape
 from .spec import QuantSpec
 
-__all__ = ["IntModuleMixin", "IntLinear", "IntConv1d", "IntConv2d", "IntEmbedding", "zero_point_dtype"]
+__all__ = ["IntModuleMixin", "IntLinear", "IntConv1d", "IntConv2d", "IntEmbedding", "zero_point_dtype", "check_int_state_finite"]
 
 
 def zero_point_dtype(spec: QuantSpec) -> torch.dtype:
@@ -60,6 +64,35 @@ def zero_point_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int32
 
 
+def check_int_state_finite(model: nn.Module, what: str) -> None:
+    """Raise a :class:`~qat.QATConfigError` naming every integer layer of ``model`` whose scales,
+    zero points or smoothing factors hold NaN / Inf (``what`` names the caller in the message).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from qat import convert, prepare
+        >>> m = prepare(nn.Sequential(nn.Linear(4, 2)), "w8a8"); _ = m(torch.randn(3, 4))
+        >>> c = convert(m); check_int_state_finite(c, "save_packed()")
+        >>> _ = c[0].weight_scale.fill_(float("inf")); check_int_state_finite(c, "save_packed()")
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: save_packed() refuses a model whose quantization state is not finite (NaN or Inf): layer '0': weight_scale; convert a healthy model (qat.fake_quant.nonfinite_quantizers lists the bad quantizers)
+    """
+    bad = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, IntModuleMixin):
+            names = mod.nonfinite_state()
+            if names:
+                bad[name] = names
+    if bad:
+        where = "; ".join(f"layer {n!r}: {', '.join(v)}" for n, v in bad.items())
+        raise QATConfigError(
+            f"{what} refuses a model whose quantization state is not finite (NaN or Inf): {where}; "
+            "convert a healthy model (qat.fake_quant.nonfinite_quantizers lists the bad quantizers)"
+        )
+
+
 class IntModuleMixin:
     """Shared state and math of the integer layers (see the module docstring for the layout).
 
@@ -71,6 +104,11 @@ class IntModuleMixin:
 
     _FLOAT: type[nn.Module]
     _FLOAT_ATTRS: tuple[str, ...] = ()
+    #: quantization tensors that keep their dtype when the layer is cast (scales are stored as the
+    #: format asks: float32, or float16 for GGUF; integer tensors never change anyway)
+    _KEEP_DTYPE = ("weight_scale", "input_scale", "input_zero_point")
+    #: the float tensors that must be finite for the layer to mean anything
+    _QUANT_STATE = ("weight_scale", "input_scale", "input_zero_point", "input_smooth")
 
     # -------------------------------------------------------------- construction
     def _init_int(self, float_mod: nn.Module, info: dict[str, Any]) -> None:
@@ -83,6 +121,7 @@ class IntModuleMixin:
         ws = self.weight_spec
         self.view_shape = self.weight_shape if ws is None else weight_view_shape(self.weight_shape, ws)
         dev = float_mod.weight.device
+        self._dtype = float_mod.weight.dtype if float_mod.weight.is_floating_point() else torch.float32
         if info.get("input_smooth"):
             if self._FLOAT is not nn.Linear:
                 raise QATConfigError(f"{type(self).__name__}: input smoothing is defined for Linear layers only")
@@ -170,6 +209,34 @@ class IntModuleMixin:
         self._cache = (key, w)
         return w
 
+    def compute_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """:meth:`dequantized_weight` in ``dtype`` (default: the layer's float dtype), as the
+        fake-quantized layer casts its weight back; the float32 tensor itself in float32."""
+        w = self.dequantized_weight()
+        dtype = getattr(self, "_dtype", torch.float32) if dtype is None else dtype
+        return w if w.dtype == dtype else w.to(dtype)
+
+    def nonfinite_state(self) -> list[str]:
+        """Names of this layer's quantization tensors (scales, zero points, smoothing factors) that
+        hold a NaN or Inf; empty when all are finite. One device sync.
+
+        Example::
+
+            >>> import torch.nn as nn
+            >>> from qat import convert, prepare
+            >>> m = prepare(nn.Sequential(nn.Linear(4, 2)), "w8a8"); _ = m(torch.randn(3, 4))
+            >>> layer = convert(m)[0]
+            >>> layer.nonfinite_state()
+            []
+            >>> _ = layer.input_scale.fill_(float("nan")); layer.nonfinite_state()
+            ['input_scale']
+        """
+        tensors = {n: t for n in self._QUANT_STATE if isinstance(t := getattr(self, n, None), torch.Tensor)}
+        if not tensors:
+            return []
+        ok = torch.stack([torch.isfinite(t.detach()).all() for t in tensors.values()]).tolist()
+        return [n for n, good in zip(tensors, ok) if not good]
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize the input as the fake-quantized layer did (static or dynamic range)."""
         spec = self.input_spec
@@ -182,7 +249,18 @@ class IntModuleMixin:
 
     def _apply(self, fn, recurse=True):
         self._cache = None
-        return super()._apply(fn, recurse)
+        keep = {id(b) for n, b in self._buffers.items() if n in self._KEEP_DTYPE and b is not None}
+
+        def keep_dtype(t):
+            out = fn(t)
+            if id(t) in keep and isinstance(out, torch.Tensor) and out.dtype != t.dtype:
+                return out.to(t.dtype)  # scales and zero points stay as stored; devices move
+            return out
+
+        probe = fn(torch.empty(0, dtype=getattr(self, "_dtype", torch.float32)))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self._dtype = probe.dtype  # the dtype the layer now computes in
+        return super()._apply(keep_dtype, recurse)
 
     def extra_repr(self) -> str:
         w = "float" if self.weight_spec is None else f"int{self.weight_spec.bits}"
@@ -199,7 +277,7 @@ class IntLinear(IntModuleMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_smooth is not None:  # (x / s) meets the codes of W * s (qat.smooth_inputs)
             x = x / self.input_smooth
-        return F.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
+        return F.linear(self.quantize_input(x), self.compute_weight(x.dtype), self.bias)
 
 
 _CONV_ATTRS = (
@@ -215,7 +293,7 @@ class IntConv1d(IntModuleMixin, nn.Module):
     _FLOAT_ATTRS = _CONV_ATTRS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.Conv1d._conv_forward(self, self.quantize_input(x), self.dequantized_weight(), self.bias)
+        return nn.Conv1d._conv_forward(self, self.quantize_input(x), self.compute_weight(x.dtype), self.bias)
 
 
 class IntConv2d(IntModuleMixin, nn.Module):
@@ -225,7 +303,7 @@ class IntConv2d(IntModuleMixin, nn.Module):
     _FLOAT_ATTRS = _CONV_ATTRS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.Conv2d._conv_forward(self, self.quantize_input(x), self.dequantized_weight(), self.bias)
+        return nn.Conv2d._conv_forward(self, self.quantize_input(x), self.compute_weight(x.dtype), self.bias)
 
 
 class IntEmbedding(IntModuleMixin, nn.Module):
@@ -235,4 +313,4 @@ class IntEmbedding(IntModuleMixin, nn.Module):
     _FLOAT_ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.dequantized_weight(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return F.embedding(idx, self.compute_weight(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)

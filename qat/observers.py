@@ -6,6 +6,13 @@ per-group along the last axis), keeps
 its state in buffers (so it checkpoints and moves with the module), and, under
 ``torch.distributed``, makes that state identical on every rank with one coalesced all-reduce per
 update.
+
+Non-finite values (``docs/math.md``, section 11): by default (``QuantSpec.nonfinite: ignore``) a
+batch's NaN / Inf elements are left out of every statistic, without a device sync; a parameter
+with no finite element in a batch (or an empty batch) keeps the range it had, and an observer that
+never saw a finite value stays uninitialized. The stored range (``min_val`` / ``max_val``) is
+always finite. ``nonfinite: raise`` raises a :class:`~qat.QATConfigError` instead. The state stays
+float32 when the model is cast to float16 / bfloat16 (``.half()``, ``.to(dtype)``).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch.nn as nn
 from .errors import QATConfigError
 from .flags import FlagBuffers
 from .granularity import Layout
-from .spec import ObserverKind, QuantSpec, ScaleDtype
+from .spec import NonFinite, ObserverKind, QuantSpec, ScaleDtype
 
 __all__ = [
     "Observer",
@@ -31,6 +38,7 @@ __all__ = [
     "OBSERVERS",
     "make_observer",
     "qparams_from_range",
+    "Float32State",
 ]
 
 _EPS = torch.finfo(torch.float32).eps
@@ -43,10 +51,20 @@ def qparams_from_range(mn: torch.Tensor, mx: torch.Tensor, spec: QuantSpec) -> t
     PyTorch's observers do); symmetric unsigned ranges use ``s = mx / qmax`` and ``z = 0``;
     asymmetric ranges fit ``[mn, mx]`` onto ``[qmin, qmax]`` with an integer zero point. Scales never
     fall below float32's epsilon, so a constant or all-zero tensor gives a tiny positive scale,
-    never NaN or inf.
+    never NaN or inf. A NaN bound counts as 0 and an empty range (``mn > mx``, such as the
+    ``(+inf, -inf)`` of a parameter without finite data) gives ``[0, 0]``: the result is always
+    finite.
+
+    Example::
+
+        >>> spec = QuantSpec(bits=8, signed=False, symmetric=False)
+        >>> qparams_from_range(torch.tensor([-1.0]), torch.tensor([2.0]), spec)
+        (tensor([0.0118]), tensor([85.]))
+        >>> qparams_from_range(torch.tensor([float("nan")]), torch.tensor([float("nan")]), spec)
+        (tensor([1.1921e-07]), tensor([0.]))
     """
-    mn = torch.clamp(mn.float(), max=0.0)
-    mx = torch.clamp(mx.float(), min=0.0)
+    mn = torch.clamp(torch.nan_to_num(mn.float(), nan=0.0, posinf=float("inf"), neginf=float("-inf")), max=0.0)
+    mx = torch.clamp(torch.nan_to_num(mx.float(), nan=0.0, posinf=float("inf"), neginf=float("-inf")), min=0.0)
     qmin, qmax = spec.qmin, spec.qmax
     if spec.symmetric:
         if spec.signed:
@@ -80,10 +98,48 @@ def _sync_minmax(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torc
     return (-buf[:n]).reshape(mn.shape), buf[n:].reshape(mx.shape)
 
 
-class Observer(FlagBuffers):
+class Float32State(nn.Module):
+    """Keeps a module's float32 parameters and buffers float32 when the model is cast to another
+    float dtype (``.half()``, ``.bfloat16()``, ``.to(torch.float16)``): quantization state
+    (scales, zero points, ranges, clips) is float32 whatever the model computes in, as the fake-quant
+    ops take it. Device moves apply as usual.
+
+    Example::
+
+        >>> obs = MinMaxObserver(QuantSpec(bits=8), (1,)).half()
+        >>> obs.min_val.dtype
+        torch.float32
+    """
+
+    def _apply(self, fn, recurse=True):
+        def keep_float32(t):
+            out = fn(t)
+            if t.dtype == torch.float32 and isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != torch.float32:
+                return out.float()
+            return out
+
+        return super()._apply(keep_float32, recurse)
+
+
+def _raise_nonfinite(x: torch.Tensor, spec: QuantSpec, who: str) -> None:
+    """``nonfinite: raise``: a QATConfigError if ``x`` holds NaN / Inf (one device sync)."""
+    bad = ~torch.isfinite(x.detach())
+    if bool(bad.any()):
+        n = int(bad.sum())
+        raise QATConfigError(
+            f"{who} ({spec.bits}-bit {spec.granularity.value}): a batch of shape {tuple(x.shape)} holds {n} non-finite "
+            f"value(s) (NaN or Inf) and QuantSpec.nonfinite is raise; valid choices: [ignore, raise] "
+            f"(ignore: ranges over the finite values only)"
+        )
+
+
+class Observer(Float32State, FlagBuffers):
     """Base observer: buffers ``min_val``, ``max_val`` and ``initialized``.
 
-    Subclasses implement :meth:`_combine` (how a new batch's range merges into the state).
+    Subclasses implement :meth:`_merge` (how a new batch's range merges into the state). Non-finite
+    elements and empty batches are handled here, for all of them (see the module docstring): a
+    batch's range comes from :meth:`batch_range` with a parameter that saw no finite element as the
+    empty range ``(+inf, -inf)``, and such parameters keep their stored range.
 
     Args:
         spec: the quantization spec (granularity, bits, ...).
@@ -99,6 +155,7 @@ class Observer(FlagBuffers):
         self.register_buffer("min_val", torch.zeros(shape))
         self.register_buffer("max_val", torch.zeros(shape))
         self._register_flag("initialized", False)
+        self._has_range = False  # min_val / max_val hold a range seen once (kept by reset())
 
     @property
     def is_initialized(self) -> bool:
@@ -106,49 +163,83 @@ class Observer(FlagBuffers):
         return self.flag("initialized")
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This batch's per-parameter range (subclasses may replace min/max by another statistic)."""
-        return self.layout.aminmax(x)
+        """This batch's per-parameter range over its finite elements (subclasses may replace min/max
+        by another statistic); ``(+inf, -inf)`` for a parameter with no finite element."""
+        return self.layout.aminmax(x, finite=True)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mn, mx = self.batch_range(x)
+        if self.spec.nonfinite is NonFinite.RAISE and x.numel():
+            _raise_nonfinite(x, self.spec, f"{type(self).__name__}")
+        if x.numel() == 0:  # an empty batch: no data (still takes part in the all-reduce)
+            mn = torch.full_like(self.min_val, float("inf"))
+            mx = torch.full_like(self.max_val, float("-inf"))
+        else:
+            mn, mx = self.batch_range(x)
         if self.sync:
             mn, mx = _sync_minmax(mn, mx)
         mn, mx = mn.reshape(self.min_val.shape), mx.reshape(self.max_val.shape)
+        has = mn <= mx  # parameters that saw a finite value in this batch (on every rank, after the sync)
         if not self.is_initialized:
-            self.min_val.copy_(mn)
-            self.max_val.copy_(mx)
+            # never held a range: stay uninitialized while no parameter saw data (a device sync, only
+            # until the first range; reset() observers keep theirs as the fallback and never sync)
+            if not self._has_range and not bool(has.any()):
+                return x
+            self._on_start()
+            self.min_val.copy_(torch.where(has, mn, self.min_val))
+            self.max_val.copy_(torch.where(has, mx, self.max_val))
             self._set_flag("initialized", True)
+            self._has_range = True
         else:
-            self._combine(mn, mx)
+            new_mn, new_mx = self._merge(mn, mx)
+            self.min_val.copy_(torch.where(has, new_mn, self.min_val))
+            self.max_val.copy_(torch.where(has, new_mx, self.max_val))
+        self._on_batch(has)
         return x
 
-    def _combine(self, mn: torch.Tensor, mx: torch.Tensor) -> None:
+    def _merge(self, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The state after a batch with range ``(mn, mx)`` (used where the batch had data)."""
         raise NotImplementedError
+
+    def _on_start(self) -> None:
+        """Called when the first batch with data after a reset is stored."""
+
+    def _on_batch(self, has: torch.Tensor) -> None:
+        """Called after each batch that updated the state; ``has`` marks the parameters with data."""
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` for the range seen so far."""
         return qparams_from_range(self.min_val, self.max_val, self.spec)
 
     def reset(self) -> None:
+        """Forget the batches seen: the next batch with data sets the range. The stored range stays
+        as the fallback of parameters that batch gives no finite value."""
         self._set_flag("initialized", False)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._has_range = self.flag("initialized")
 
 
 class MinMaxObserver(Observer):
     """Running min / max over every batch seen (PyTorch's ``MinMaxObserver``)."""
 
-    def _combine(self, mn, mx):
-        torch.minimum(self.min_val, mn, out=self.min_val)
-        torch.maximum(self.max_val, mx, out=self.max_val)
+    def _merge(self, mn, mx):
+        return torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
 
 
 class MovingAverageMinMaxObserver(Observer):
     """Exponential moving average of each batch's min / max, weight ``spec.averaging_constant``."""
 
-    def _combine(self, mn, mx):
+    def _merge(self, mn, mx):
         c = self.spec.averaging_constant
-        self.min_val.add_(c * (mn - self.min_val))
-        self.max_val.add_(c * (mx - self.max_val))
+        return self.min_val + c * (mn - self.min_val), self.max_val + c * (mx - self.max_val)
+
+
+def _mark_empty(mn: torch.Tensor, mx: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mn, mx)`` with the parameters whose row of ``ok`` is all false set to the empty range."""
+    empty = ~ok.any(dim=1)
+    return mn.masked_fill(empty, float("inf")), mx.masked_fill(empty, float("-inf"))
 
 
 def _subsample(rows: torch.Tensor, max_elements: int) -> torch.Tensor:
@@ -173,18 +264,15 @@ class _AveragedRangeObserver(Observer):
         super().__init__(spec, shape, sync=sync)
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.long))
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_initialized:
-            self.num_batches.zero_()
-        super().forward(x)
-        self.num_batches.add_(1)
-        return x
+    def _on_start(self) -> None:
+        self.num_batches.zero_()
 
-    def _combine(self, mn, mx):
+    def _on_batch(self, has: torch.Tensor) -> None:
+        self.num_batches.add_(has.any().to(self.num_batches.dtype))  # a batch without data does not count
+
+    def _merge(self, mn, mx):
         n = self.num_batches.float() + 1.0  # this batch is the n-th (a tensor: no device sync)
-        self.min_val.add_((mn - self.min_val) / n)
-        self.max_val.add_((mx - self.max_val) / n)
+        return self.min_val + (mn - self.min_val) / n, self.max_val + (mx - self.max_val) / n
 
     def reset(self) -> None:
         super().reset()
@@ -208,8 +296,10 @@ class PercentileObserver(_AveragedRangeObserver):
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = _subsample(self.layout.rows(x.detach().float()), self.max_elements)
         q = torch.tensor([1.0 - self.spec.percentile / 100.0, self.spec.percentile / 100.0], device=rows.device)
-        mn, mx = torch.quantile(rows, q, dim=1)  # (2, P)
-        return mn, mx
+        ok = torch.isfinite(rows)
+        # percentiles of the finite elements (nanquantile equals quantile bit for bit on finite rows)
+        mn, mx = torch.nanquantile(torch.where(ok, rows, float("nan")), q, dim=1)  # (2, P)
+        return _mark_empty(mn, mx, ok)
 
 
 class MSEObserver(_AveragedRangeObserver):
@@ -234,6 +324,8 @@ class MSEObserver(_AveragedRangeObserver):
     @torch.no_grad()
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = _subsample(self.layout.rows(x.detach().float()), self.max_elements)
+        ok = torch.isfinite(rows)
+        rows = torch.where(ok, rows, 0.0)  # a non-finite element counts as 0: inside every clip, no error
         mn, mx = torch.aminmax(rows, dim=1)  # (P,)
         mn, mx = torch.clamp(mn, max=0.0), torch.clamp(mx, min=0.0)
         best_err = torch.full_like(mn, float("inf"))
@@ -247,7 +339,7 @@ class MSEObserver(_AveragedRangeObserver):
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_a = torch.where(better, torch.full_like(best_a, a), best_a)
-        return best_a * mn, best_a * mx
+        return _mark_empty(best_a * mn, best_a * mx, ok)
 
 
 class GGUFQ4_0Observer(Observer):
@@ -280,14 +372,16 @@ class GGUFQ4_0Observer(Observer):
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.layout.rows(x.detach().float())  # (P, n)
+        ok = torch.isfinite(rows)
+        rows = torch.where(ok, rows, 0.0)  # non-finite elements are never the extreme
         idx = rows.abs().argmax(dim=1, keepdim=True)  # first index of the largest magnitude
         m = rows.gather(1, idx).squeeze(1)  # (P,) signed extreme
-        return m, m
+        return _mark_empty(m, m, ok)
 
-    def _combine(self, mn, mx):
+    def _merge(self, mn, mx):
         keep = self.max_val.abs() >= mx.abs()
-        self.max_val.copy_(torch.where(keep, self.max_val, mx))
-        self.min_val.copy_(self.max_val)
+        m = torch.where(keep, self.max_val, mx)
+        return m, m
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.max_val.float() / float(self.spec.qmin)

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..convert import is_converted
 from ..granularity import dequantize
-from ..int_modules import IntModuleMixin
+from ..int_modules import IntModuleMixin, check_int_state_finite
 from ..modules import LAYER_TYPES
 from .packing import unpack_codes
 from ..errors import QATConfigError
@@ -61,7 +61,8 @@ def save_packed(model: nn.Module, path: PathLike, extra_metadata: Optional[dict[
         the path written.
 
     Raises:
-        QATConfigError: ``model`` is not converted.
+        QATConfigError: ``model`` is not converted, or an integer layer's scales, zero points or
+            smoothing factors hold NaN / Inf (the message names the layers).
 
     Example::
 
@@ -76,6 +77,7 @@ def save_packed(model: nn.Module, path: PathLike, extra_metadata: Optional[dict[
 
     if not is_converted(model):
         raise QATConfigError("save_packed() needs a converted model: call qat.convert(model) first")
+    check_int_state_finite(model, "save_packed()")
     layers = {n: m.layer_info() for n, m in model.named_modules() if isinstance(m, IntModuleMixin)}
     plan = getattr(model, "qat_plan", None)
     meta = {
@@ -184,7 +186,8 @@ def load_packed(path: PathLike, model: Optional[nn.Module] = None) -> Union[nn.M
 
     Raises:
         PackedFormatError: not our file, or it does not fit ``model`` (a missing layer, another
-            layer type, missing or unexpected tensors, other shapes).
+            layer type, missing or unexpected tensors, other shapes), or its scales / zero points
+            hold NaN / Inf (a file an older version wrote from a poisoned model).
     """
     ckpt = read_packed(path)
     if model is None:
@@ -215,6 +218,10 @@ def load_packed(path: PathLike, model: Optional[nn.Module] = None) -> Union[nn.M
         raise PackedFormatError(
             f"{os.fspath(path)!r} does not fit the model: missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}"
         )
+    try:
+        check_int_state_finite(model, "load_packed()")
+    except QATConfigError as exc:
+        raise PackedFormatError(f"{os.fspath(path)!r}: {exc}") from None
     if ckpt.plan is not None:
         model.qat_plan = ckpt.plan
     model.qat_int_layers = ckpt.layers
