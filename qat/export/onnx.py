@@ -7,14 +7,32 @@ placeholders are then replaced in the ONNX graph:
 * weight -> ``DequantizeLinear`` of an integer initializer holding the trained codes: ``INT4`` /
   ``UINT4`` for widths up to 4 bits, ``INT8`` / ``UINT8`` up to 8, ``INT16`` / ``UINT16`` above;
   per-tensor (scalar scale), per-channel (``axis``) or per-group (opset-21 ``block_size`` along the
-  last axis; a conv weight is dequantized as its ``(O, I*k)`` view and reshaped).
-* input activation -> ``QuantizeLinear`` + ``DequantizeLinear`` where ONNX's own semantics equal the
-  spec (round half to even, static per-tensor or per-channel range, the full ``INT8`` / ``UINT8`` range); otherwise (narrow or other bit ranges, ``half_away`` / ``half_up``
-  rounding) the same math written out in float ops: ``(Clip(rnd(x * inv_s) + z, qmin, qmax) - z) * s``.
-  Dynamic (per-batch) activation ranges are not exported (a clear error says so).
+  last axis; a conv weight is dequantized as its ``(O, I*k)`` view and reshaped). Signed 8-bit
+  codes are stored as ``UINT8`` offset by 128, zero point too (``(q + 128) - (z + 128) = q - z``:
+  the same weights): see below.
+* input activation -> ``Mul(x, 1/s)``, ``QuantizeLinear`` with scale 1, ``DequantizeLinear`` with
+  scale ``s`` where ONNX's own semantics equal the spec (round half to even, static per-tensor or
+  per-channel range, the full ``INT8`` / ``UINT8`` range); otherwise (narrow or other bit ranges,
+  ``half_away`` / ``half_up`` rounding) the same math written out in float ops:
+  ``(Clip(rnd(x * inv_s) + z, qmin, qmax) - z) * s``. Dynamic (per-batch) activation ranges are not
+  exported (a clear error says so).
 
-ONNX's ``QuantizeLinear`` divides by the scale where the fake-quant op multiplies by its float32
-reciprocal: the two round differently in about one element in 10^7.
+Why this form (measured with ONNX Runtime 1.32's default session, ``ORT_ENABLE_ALL``, which fuses
+the QDQ nodes into ``MatMulIntegerToFloat`` / ``QLinearMatMul`` / ``QGemm`` / ``QLinearConv``):
+
+* On x86 CPUs with AVX2 but without AVX512-VNNI / AVX-VNNI, ORT's u8 x s8 integer kernels sum
+  pairs of products with ``VPMADDUBSW``, which saturates at 16 bits: with 8-bit weights and
+  activation codes near 255 a W8A8 Linear's outputs were off by up to 6% of their range. A
+  ``UINT8`` weight makes the product u8 x u8, a kernel without that saturation (signed
+  activations do not help: ORT converts them to u8 and keeps the u8 x s8 kernel).
+* ``QuantizeLinear`` divides by the scale, the fake-quant op multiplies by the float32 reciprocal;
+  the two round differently in about one element in 10^5 (an exact tie one way, not the other).
+  ``Mul(x, 1/s)`` then a division by 1 (exact) gives the op's codes in every element, and keeps a
+  ``QGemm`` from requantizing a Gemm's output with its own rounding.
+
+With both, ORT's default session agrees with the fake-quantized model to float rounding (about
+1e-6 of the output's range), on AVX2 and AVX512-VNNI CPUs alike
+(``tests/qat/test_export_onnx.py::test_default_session_matches_fake_quant_w8a8_linear``).
 
 The model's IR version is 10 (ONNX Runtime 1.31+ reads IR <= 13).
 """
@@ -31,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from ..convert import is_converted
-from ..int_modules import IntConv1d, IntConv2d, IntModuleMixin
+from ..int_modules import IntConv1d, IntConv2d, IntModuleMixin, check_int_state_finite
 from ..errors import QATConfigError
 from ..granularity import Layout
 from ..spec import RoundMode
@@ -118,6 +136,12 @@ def _qtype(bits: int, signed: bool) -> tuple[int, Any]:
     return (TensorProto.INT16 if signed else TensorProto.UINT16), (np.int16 if signed else np.uint16)
 
 
+def _as_unsigned_byte(spec) -> bool:
+    """Signed 8-bit codes are written as UINT8 + 128 (see the module docstring); up to 7 bits they
+    stay INT8 (codes within [-64, 63] cannot saturate a 16-bit pair sum of u8 x s8 products)."""
+    return spec.signed and spec.bits == 8
+
+
 def _int_tensor(name: str, values: np.ndarray, bits: int, signed: bool):
     from onnx import helper, numpy_helper
 
@@ -143,6 +167,9 @@ def _weight_nodes(prefix: str, mod: IntModuleMixin, out_name: str):
     s = mod.weight_scale.detach().float().cpu().numpy()
     z = np.zeros(s.shape, dtype=np.int64) if mod.weight_zero_point is None else mod.weight_zero_point.cpu().numpy().astype(np.int64)
     attrs: dict[str, Any] = {}
+    signed = spec.signed
+    if _as_unsigned_byte(spec):  # u8 x u8 in ORT's integer kernels: no 16-bit saturation on AVX2
+        q, z, signed = q.astype(np.int64) + 128, z + 128, False
     layout = Layout.of(spec)
     if layout.is_per_tensor:
         s, z = s.reshape(()), z.reshape(())
@@ -152,9 +179,9 @@ def _weight_nodes(prefix: str, mod: IntModuleMixin, out_name: str):
         attrs["axis"] = q.ndim - 1
         attrs["block_size"] = layout.group_size
     inits = [
-        _int_tensor(f"{prefix}qweight", q, spec.bits, spec.signed),
+        _int_tensor(f"{prefix}qweight", q, spec.bits, signed),
         _f32(f"{prefix}weight_scale", s),
-        _int_tensor(f"{prefix}weight_zero_point", z, spec.bits, spec.signed),
+        _int_tensor(f"{prefix}weight_zero_point", z, spec.bits, signed),
     ]
     dq_out = out_name if tuple(mod.view_shape) == tuple(mod.weight_shape) else f"{prefix}weight_view"
     nodes = [
@@ -204,13 +231,26 @@ def _input_nodes(prefix: str, mod: IntModuleMixin, in_name: str, out_name: str, 
         and (layout.is_per_tensor or per_channel)
     )
     if native:
+        # x * (1/s) as the op computes it, QuantizeLinear by 1 (exact), DequantizeLinear by s
         attrs = {"axis": 1 if isinstance(mod, (IntConv1d, IntConv2d)) else -1} if per_channel else {}
         ss, zz = (s, z) if per_channel else (s.reshape(()), z.reshape(()))
-        inits = [_f32(f"{prefix}input_scale", ss), _int_tensor(f"{prefix}input_zero_point", zz.astype(np.int64), spec.bits, spec.signed)]
-        args = [f"{prefix}input_scale", f"{prefix}input_zero_point"]
+        inv_s = (np.float32(1.0) / s.astype(np.float32)).reshape(_input_param_shape(mod, s.size) if per_channel else ())
+        inits = [
+            _f32(f"{prefix}input_inv_scale", inv_s),
+            _f32(f"{prefix}input_unit_scale", np.ones_like(ss)),
+            _f32(f"{prefix}input_scale", ss),
+            _int_tensor(f"{prefix}input_zero_point", zz.astype(np.int64), spec.bits, spec.signed),
+        ]
         nodes = [
-            helper.make_node("QuantizeLinear", [in_name] + args, [f"{prefix}input_q"], name=f"{prefix}input_q", **attrs),
-            helper.make_node("DequantizeLinear", [f"{prefix}input_q"] + args, [out_name], name=f"{prefix}input_dq", **attrs),
+            helper.make_node("Mul", [in_name, f"{prefix}input_inv_scale"], [f"{prefix}input_v"], name=f"{prefix}input_mul"),
+            helper.make_node(
+                "QuantizeLinear", [f"{prefix}input_v", f"{prefix}input_unit_scale", f"{prefix}input_zero_point"],
+                [f"{prefix}input_q"], name=f"{prefix}input_q", **attrs,
+            ),
+            helper.make_node(
+                "DequantizeLinear", [f"{prefix}input_q", f"{prefix}input_scale", f"{prefix}input_zero_point"],
+                [out_name], name=f"{prefix}input_dq", **attrs,
+            ),
         ]
         return nodes, inits
     # the fake-quant math in float ops, exactly as the reference computes it
@@ -295,7 +335,8 @@ def export_onnx(
         the path written.
 
     Raises:
-        QATConfigError: ``model`` is not converted, or a layer's spec has no ONNX form (dynamic activations).
+        QATConfigError: ``model`` is not converted, a layer's spec has no ONNX form (dynamic
+            activations), or a layer's scales / zero points hold NaN / Inf.
 
     Example::
 
@@ -306,6 +347,7 @@ def export_onnx(
 
     if not is_converted(model):
         raise QATConfigError("export_onnx() needs a converted model (integer layers): call qat.convert(model) first")
+    check_int_state_finite(model, "export_onnx()")
     path = os.fspath(path)
     args = args if isinstance(args, tuple) else (args,)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, IntModuleMixin)]
