@@ -370,11 +370,13 @@ def _check_values(op: str, scale: Tensor, zero_point: Tensor, qmin: int, qmax: i
     """Scales finite and nonzero; zero points integer-valued in [qmin, qmax] (LSQ: finite).
     One read of a boolean (a device sync on a GPU)."""
     s, z = scale.detach(), zero_point.detach()
-    # finite, nonzero, and the math stays finite: 1/s (a subnormal scale's is inf, and 0 * inf is NaN)
-    # and (q - z) * s, |q - z| <= qmax - qmin
-    bad_s = ~(torch.isfinite(1.0 / s) & torch.isfinite(s * float(qmax - qmin))) | (s == 0)
-    bad_z = ~torch.isfinite(z) if lsq else (z != torch.round(z)) | (z < qmin) | (z > qmax)  # NaN != NaN: bad
-    if not (bad_s.any() | bad_z.any()).item():
+    # finite and nonzero, and the math stays finite: 1/s (a subnormal scale's is inf, and 0 * inf is
+    # NaN) and (q - z) * s with |q - z| <= qmax - qmin. (1/s) * (s * (qmax - qmin)) is finite exactly
+    # then: inf * small, 0 * inf, inf * tiny and NaN all are not.
+    bad_s = ~torch.isfinite(torch.reciprocal(s) * (s * float(qmax - qmin)))
+    # an integer in [qmin, qmax] is its own rounded, clamped value; NaN != NaN
+    bad_z = ~torch.isfinite(z) if lsq else torch.clamp(torch.round(z), qmin, qmax) != z
+    if not torch.cat([bad_s.reshape(-1), bad_z.reshape(-1)]).any().item():
         return
     if bad_s.any().item():
         _first_bad(op, "scale", s, bad_s, _SCALE_RULE)
