@@ -15,15 +15,59 @@ from qat.export.formats import check_formats, export_formats
 
 from .qat import target_module
 
-__all__ = ["QuantizedExport"]
+__all__ = ["QuantizedExport", "export_atomically"]
 
 log = logging.getLogger(__name__)
+
+
+def export_atomically(
+    int_model: torch.nn.Module,
+    formats: Sequence[str],
+    dirpath: str,
+    example_input: Optional[torch.Tensor] = None,
+    tokenizer_dir: Optional[str] = None,
+    filename: str = "model",
+) -> dict[str, str]:
+    """:func:`qat.export.formats.export_formats` all at once or not at all: every file is written to
+    a temporary directory inside ``dirpath``, then renamed into place (``os.replace``); on any
+    error the temporary directory is removed and ``dirpath`` keeps what it held before.
+
+    Returns:
+        format -> path in ``dirpath``.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> from qat import convert, prepare
+        >>> from qat.recipes.digits import DigitsCNN
+        >>> net = prepare(DigitsCNN(channels=4), "w8a8").eval()
+        >>> _ = net(torch.rand(4, 1, 8, 8))
+        >>> out = tempfile.mkdtemp()
+        >>> paths = export_atomically(convert(net), ["safetensors"], out)
+        >>> sorted(os.listdir(out))
+        ['model.safetensors']
+    """
+    import shutil
+    import tempfile
+
+    os.makedirs(dirpath, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{filename}-export-", dir=dirpath)
+    try:
+        written = export_formats(int_model, formats, tmp, example_input, tokenizer_dir, filename)
+        names = sorted(os.listdir(tmp))  # the files of every format (an ONNX external-data file too)
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(dirpath, name))
+        return {fmt: os.path.join(dirpath, os.path.basename(p)) for fmt, p in written.items()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
 
 class QuantizedExport(Callback):
     """Convert the fake-quantized model (``qat.convert``) at the end of ``fit`` and export it.
 
     Use it after :class:`~qat.callbacks.QuantizationAwareTraining` in the callback list. The
-    LightningModule itself is left as it is (a converted copy is written).
+    LightningModule itself is left as it is (a converted copy is written). The files are written
+    atomically (:func:`export_atomically`): an export that fails leaves none behind.
 
     Args:
         dirpath: the directory to write ``<filename>.safetensors`` / ``.onnx`` / ``.gguf`` to
@@ -98,6 +142,6 @@ class QuantizedExport(Callback):
         int_model = convert(target)  # a converted copy; the trained module is untouched
         int_model = int_model.eval().cpu()
         dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "quantized")
-        self.paths = export_formats(int_model, self.formats, dirpath, self.example_input, self.gguf_tokenizer_dir, self.filename)
+        self.paths = export_atomically(int_model, self.formats, dirpath, self.example_input, self.gguf_tokenizer_dir, self.filename)
         target.train(was_training)
         log.info("QuantizedExport wrote %s", self.paths)

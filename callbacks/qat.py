@@ -70,6 +70,48 @@ def _check_schedule(name: str, value: Optional[int]) -> Optional[int]:
     return value
 
 
+def _quantizer_state(model: torch.nn.Module) -> dict[tuple[str, str], torch.Tensor]:
+    """(quantizer name, tensor name) -> the quantizer's state tensor (sharing its storage)."""
+    out: dict[tuple[str, str], torch.Tensor] = {}
+    for name, q in quantizers(model):
+        if hasattr(q, "state_tensors"):  # scale, zero_point, alpha (PACT), observer.min_val / max_val
+            tensors = q.state_tensors()
+        else:
+            tensors = {k: getattr(q, k) for k in ("scale", "zero_point", "alpha") if isinstance(getattr(q, k, None), torch.Tensor)}
+        for key, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                out[(name, key)] = t.detach()
+    return out
+
+
+def _nonfinite(state: dict[tuple[str, str], torch.Tensor]) -> dict[str, list[str]]:
+    """quantizer name -> its non-finite state tensors; one device sync per device."""
+    if not state:
+        return {}
+    flags = [torch.isfinite(t).all() for t in state.values()]
+    by_device: dict[Any, list[int]] = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    ok = [True] * len(flags)
+    for idx in by_device.values():
+        for i, good in zip(idx, torch.stack([flags[i] for i in idx]).tolist()):
+            ok[i] = good
+    out: dict[str, list[str]] = {}
+    for (name, key), good in zip(state, ok):
+        if not good:
+            out.setdefault(name, []).append(key)
+    return out
+
+
+def _drop_nonfinite_optimizer_state(trainer: pl.Trainer, model: torch.nn.Module) -> None:
+    """Forget the optimizer moments of quantizer parameters that hold NaN / Inf (they would re-poison the state)."""
+    params = {id(p) for _, q in quantizers(model) for p in q.parameters()}
+    for opt in getattr(trainer, "optimizers", []):
+        for p, st in list(opt.state.items()):
+            if id(p) in params and any(isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in st.values()):
+                del opt.state[p]
+
+
 class QuantizationAwareTraining(Callback):
     """Quantization-aware training in one line.
 
@@ -98,6 +140,12 @@ class QuantizationAwareTraining(Callback):
             :func:`qat.prepare` (identity factors from ``setup`` on, so ``configure_optimizers``
             sees learnable ones) and fitted by :func:`qat.smooth.fit_smoothing` on the
             calibration batches just before calibrating. Needs ``calibration_batches``.
+        skip_nonfinite: every this many optimizer steps (default 1: each step), after the step,
+            check every quantizer's state (scale, zero point, PACT alpha, observer range) for NaN /
+            Inf; if some is not finite, put back the last finite quantizer state (and drop the
+            optimizer's moments of those parameters), i.e. skip that step's update of the
+            quantizers, and log a warning naming the layers. Each check is one device sync, so on a
+            GPU a larger interval (e.g. 50) keeps it off the hot path; ``0`` turns it off.
 
     Raises:
         QATConfigError: an argument outside its range (before any training), or, in ``setup``,
@@ -133,6 +181,7 @@ class QuantizationAwareTraining(Callback):
         forward_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
         fold_bn: bool = False,
         smooth: SmoothingLike = None,
+        skip_nonfinite: int = 1,
     ) -> None:
         self.plan = load_plan(plan)
         self.smooth = SmoothingSpec.parse(smooth, "QuantizationAwareTraining.smooth")
@@ -154,7 +203,10 @@ class QuantizationAwareTraining(Callback):
                 raise QATConfigError(
                     f"QuantizationAwareTraining: give freeze_{what}_step or freeze_{what}_epoch, not both"
                 )
+        self.skip_nonfinite = _check_schedule("skip_nonfinite", skip_nonfinite) or 0
         self.forward_fn = forward_fn or default_forward
+        self.skipped_steps = 0  # optimizer steps whose quantizer update was undone (non-finite state)
+        self._finite_state: Optional[dict[tuple[str, str], torch.Tensor]] = None
         self.observers_frozen = False
         self.bn_frozen = False
         self.calibrated = False
@@ -231,6 +283,45 @@ class QuantizationAwareTraining(Callback):
         self._apply_schedule(trainer, pl_module)
         if self.bn_frozen:
             freeze_bn_stats(self.target(pl_module))  # Module.train() at epoch start undoes it
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.skip_nonfinite or trainer.global_step % self.skip_nonfinite:
+            return
+        self.check_nonfinite(trainer, pl_module)
+
+    @torch.no_grad()
+    def check_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[str]]:
+        """Check the quantizers' state; restore the last finite one if some is NaN / Inf.
+
+        Called after optimizer steps (every ``skip_nonfinite`` steps). A finite state is kept as
+        the one to restore next time.
+
+        Returns:
+            quantizer name -> the state tensors that were not finite (empty: all finite).
+        """
+        target = self.target(pl_module)
+        state = _quantizer_state(target)
+        bad = _nonfinite(state)
+        if not bad:
+            self._finite_state = {k: t.detach().clone() for k, t in state.items()}
+            return {}
+        restored = []
+        if self._finite_state is not None:
+            for key, t in state.items():
+                old = self._finite_state.get(key)
+                if old is not None and old.shape == t.shape:
+                    t.copy_(old)
+                    restored.append(key[0])
+            _drop_nonfinite_optimizer_state(trainer, target)
+        self.skipped_steps += 1
+        layers = sorted({name.rsplit(".", 1)[0] for name in bad})
+        log.warning(
+            "QAT: non-finite quantizer state at step %d in %s (%s); %s",
+            trainer.global_step, layers, {n: v for n, v in bad.items()},
+            "restored the last finite state (this step's quantizer update skipped)" if restored
+            else "no finite state to restore yet",
+        )
+        return bad
 
     def _apply_schedule(self, trainer, pl_module) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch

@@ -17,7 +17,9 @@ __all__ = ["DigitsDataModule", "DigitsCNN", "ClassifierModule", "evaluate_accura
 class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's digits, split by a fixed seed into train / val / test (70 / 10 / 20 %).
 
-    Pixels are scaled to [0, 1]; images are ``(1, 8, 8)`` tensors.
+    Pixels are scaled to [0, 1]; images are ``(1, 8, 8)`` tensors. The training loader's shuffling
+    generator is part of the module's ``state_dict`` (so of a Lightning checkpoint): a run resumed
+    from a checkpoint sees the batches an uninterrupted run would have seen.
 
     Example::
 
@@ -35,6 +37,8 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.train_set = self.val_set = self.test_set = None
+        self._train_generator: Optional[torch.Generator] = None
+        self._restored_generator_state: Optional[torch.Tensor] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
@@ -55,7 +59,20 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
+        if self._restored_generator_state is not None:  # resuming: continue the shuffling where it stopped
+            g.set_state(self._restored_generator_state)
+            self._restored_generator_state = None
+        self._train_generator = g
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g)
+
+    def state_dict(self) -> dict:
+        """The shuffling generator's state of the latest training loader (saved in checkpoints)."""
+        return {} if self._train_generator is None else {"train_generator": self._train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the shuffling state: the next :meth:`train_dataloader` continues from it."""
+        if "train_generator" in state_dict:
+            self._restored_generator_state = state_dict["train_generator"]
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256)

@@ -22,10 +22,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from qat import QATConfigError, convert, prepare, quantizers
+from qat.callbacks.export import export_atomically
 from qat.export.formats import FORMATS, check_formats, export_formats
+
+from .atomic import write_json
 from qat.size import float_size_bytes
 
-__all__ = ["ExportConfig", "FORMATS", "freeze_input_observers", "main", "run", "load_qat_checkpoint", "export_formats", "register_export_configs"]
+__all__ = ["ExportConfig", "FORMATS", "check_example_input_shape", "freeze_input_observers", "main", "run", "load_qat_checkpoint", "export_formats", "register_export_configs"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,32 @@ def freeze_input_observers(net: torch.nn.Module) -> None:
             q.enable_observer(False)
 
 
+def check_example_input_shape(shape: Any) -> Optional[list[int]]:
+    """``example_input_shape`` as a list of integers >= 1 (``null`` / empty: no example input, so no ONNX).
+
+    Raises:
+        QATConfigError: naming the key and the valid values.
+
+    Example::
+
+        >>> check_example_input_shape([1, 1, 8, 8])
+        [1, 1, 8, 8]
+        >>> check_example_input_shape([1, 0, 8])
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: example_input_shape must be a list of integers >= 1 (one input batch's shape), got [1, 0, 8]
+    """
+    if shape is None:
+        return None
+    dims = list(shape) if not isinstance(shape, (str, bytes)) and hasattr(shape, "__iter__") else None
+    if dims is None or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        shown = dims if dims is not None else shape
+        raise QATConfigError(
+            f"example_input_shape must be a list of integers >= 1 (one input batch's shape), got {shown!r}"
+        )
+    return dims or None
+
+
 def load_qat_checkpoint(path: str) -> dict[str, Any]:
     """``{plan, state_dict}`` from a ``qat_model.pt``, with clear errors for anything else.
 
@@ -116,6 +145,10 @@ def load_qat_checkpoint(path: str) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Load, convert, export; returns (and writes as ``export.json``) paths and sizes.
 
+    Every argument is checked before anything is written (``example_input_shape`` by running the
+    model on it); the files are written atomically (:func:`qat.callbacks.export.export_atomically`),
+    so a failed export leaves none behind and a re-export replaces the files whole.
+
     Example::
 
         >>> import os, tempfile
@@ -136,6 +169,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (['safetensors'], 0.0)
     """
     formats = check_formats(cfg.formats)
+    shape = check_example_input_shape(cfg.example_input_shape)
     ckpt = load_qat_checkpoint(str(cfg.checkpoint))
     model = instantiate(cfg.model)
     net = model
@@ -157,10 +191,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     net.eval()
     freeze_input_observers(net)
+    example = None
+    if shape:
+        example = torch.rand(*shape)
+        try:  # a shape the model cannot take fails here, before anything is written
+            with torch.no_grad():
+                net(example)
+        except Exception as exc:
+            raise QATConfigError(
+                f"example_input_shape={shape} does not fit the model ({type(exc).__name__}: {str(exc)[:300]}); "
+                "give the shape of one input batch, e.g. [1, 1, 8, 8] for the digits CNN"
+            ) from None
     int_model = convert(net)
     out_dir = cfg.output_dir or os.path.dirname(os.path.abspath(str(cfg.checkpoint)))
-    example = torch.rand(*cfg.example_input_shape) if cfg.example_input_shape else None
-    paths = export_formats(int_model, formats, out_dir, example, cfg.gguf_tokenizer_dir)
+    paths = export_atomically(int_model, formats, out_dir, example, cfg.gguf_tokenizer_dir)
     for fmt, path in paths.items():
         log.info("wrote %s (%s)", path, fmt)
     int_bytes = sum(t.numel() * t.element_size() for t in int_model.state_dict().values())
@@ -174,8 +218,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if example is not None:
         with torch.no_grad():
             result["max_abs_diff_converted_vs_fake_quant"] = float((int_model(example) - net(example)).abs().max())
-    with open(os.path.join(out_dir, "export.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(result, os.path.join(out_dir, "export.json"))
     print(json.dumps(result, indent=2))
     return result
 

@@ -14,7 +14,6 @@ ranges come from each batch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,10 +32,11 @@ from qat.callbacks import QuantizationAwareTraining
 from qat.ptq import calibrate
 from qat.size import float_size_bytes, model_size_bytes
 
-from .config import FPStage, PTQStage, build_trainer
+from .atomic import check_checkpoint_file, save_torch, write_json
+from .config import FPStage, PTQStage, build_trainer, check_int, check_lr, check_output_dir, check_plan_fits, validate_train_config
 from .digits import evaluate_accuracy
 
-__all__ = ["PTQConfig", "main", "run", "register_ptq_configs", "with_observer"]
+__all__ = ["PTQConfig", "main", "run", "register_ptq_configs", "validate_ptq_config", "with_observer"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class PTQConfig:
     ptq: PTQStage = field(default_factory=PTQStage)
     qat_epochs: int = 0  # > 0: QAT fine-tuning from the calibrated model
     qat_lr: float = 1e-3
+    overwrite: bool = False  # true: write into a directory that already holds a finished run's results.json
 
 
 def register_ptq_configs() -> None:
@@ -81,6 +82,30 @@ def register_ptq_configs() -> None:
 
     register_configs()
     ConfigStore.instance().store(name="ptq_schema", node=PTQConfig)
+
+
+def validate_ptq_config(cfg: DictConfig) -> None:
+    """Check every number of a ``qat-ptq`` config by type and range, before any work: the keys it
+    shares with ``qat-train`` (:func:`qat.recipes.config.validate_train_config`) and ``qat_epochs``
+    (an integer >= 0; 0: no QAT) / ``qat_lr`` (> 0).
+
+    Raises:
+        QATConfigError: naming the key and its valid range.
+
+    Example::
+
+        >>> from omegaconf import OmegaConf
+        >>> cfg = OmegaConf.structured(PTQConfig)
+        >>> validate_ptq_config(cfg)
+        >>> cfg.ptq.calibration_batches = 0
+        >>> validate_ptq_config(cfg)
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: ptq.calibration_batches must be an integer >= 1, got 0
+    """
+    validate_train_config(cfg)
+    check_int(cfg.qat_epochs, "qat_epochs", 0)
+    check_lr(cfg.qat_lr, "qat_lr")
 
 
 def with_observer(plan: QuantPlan, observer: Optional[str]) -> QuantPlan:
@@ -131,11 +156,16 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         >>> res["plan"], res["ptq"]["calibration_batches"]
         ('w8a8', 1)
     """
-    output_dir = output_dir or os.getcwd()
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir = os.path.abspath(output_dir or os.getcwd())
+    validate_ptq_config(cfg)  # numbers by type and range, trainer keys
+    check_output_dir(output_dir, overwrite=bool(cfg.get("overwrite")))
     plan = with_observer(load_plan(cfg.quant), cfg.ptq.observer)  # a bad plan fails here, before any work
-    if cfg.checkpoint is not None and not os.path.isfile(cfg.checkpoint):
-        raise QATConfigError(f"checkpoint {cfg.checkpoint!r} does not exist; give a float state_dict (.pt) or checkpoint=null")
+    check_plan_fits(instantiate(cfg.model), plan, "net", fold_bn=cfg.ptq.fold_bn)  # ... so does one that does not fit the model
+    if cfg.checkpoint is not None:
+        if not os.path.isfile(cfg.checkpoint):
+            raise QATConfigError(f"checkpoint {cfg.checkpoint!r} does not exist; give a float state_dict (.pt) or checkpoint=null")
+        check_checkpoint_file(cfg.checkpoint, "checkpoint")
+    os.makedirs(output_dir, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     t0 = time.time()
     dm = instantiate(cfg.data)
@@ -151,7 +181,7 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
     else:
         fp.lr = cfg.fp.lr
         build_trainer(cfg, cfg.fp.epochs, logger, [], output_dir).fit(fp, datamodule=dm)
-        torch.save(fp.state_dict(), os.path.join(output_dir, "fp_model.pt"))
+        save_torch(fp.state_dict(), os.path.join(output_dir, "fp_model.pt"))
     fp_acc = evaluate_accuracy(build_trainer(cfg, 1, False, [], output_dir), fp, dm)
     fp_bytes = float_size_bytes(fp.net)
 
@@ -160,7 +190,7 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
     seen = calibrate(fp.net, dm.train_dataloader(), num_batches=cfg.ptq.calibration_batches)
     ptq_acc = evaluate_accuracy(build_trainer(cfg, 1, False, [], output_dir), fp, dm)
     q_bytes = model_size_bytes(fp.net)
-    torch.save({"plan": plan.to_dict(), "state_dict": fp.net.state_dict()}, os.path.join(output_dir, "ptq_model.pt"))
+    save_torch({"plan": plan.to_dict(), "state_dict": fp.net.state_dict()}, os.path.join(output_dir, "ptq_model.pt"))
     results: dict[str, Any] = {
         "plan": plan.name,
         "fp": {"test_acc": fp_acc, "bytes": fp_bytes},
@@ -177,8 +207,7 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
 
     results["seconds"] = round(time.time() - t0, 1)
     results["output_dir"] = output_dir
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(results, os.path.join(output_dir, "results.json"))
     if logger:
         logger.log_metrics({f"{k}/test_acc_final": results[k]["test_acc"] for k in ("fp", "ptq", "qat") if k in results})
         if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):

@@ -1,23 +1,47 @@
-"""A Hydra callback that ends a multirun with one table of every job's results."""
+"""Hydra callbacks of the recipes: :class:`SweepSummary` ends a multirun with one table of every
+job of that sweep, failed ones included; :class:`RunDirGuard` refuses to start a run in a
+directory that holds another run's ``results.json`` before Hydra writes anything there."""
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
-from typing import Any
+import uuid
+from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["SweepSummary"]
+__all__ = ["SweepSummary", "RunDirGuard", "SWEEP_ID_ENV"]
+
+log = logging.getLogger(__name__)
+
+#: The environment variable through which a sweep's id reaches its jobs (written into ``results.json``).
+SWEEP_ID_ENV = "QAT_SWEEP_ID"
+
+
+def _plan_name(config: Any) -> Optional[str]:
+    try:
+        return OmegaConf.select(config, "quant.name", default=None)
+    except Exception:  # an interpolation that does not resolve
+        return None
 
 
 class SweepSummary(Callback):
-    """Reads each job's ``results.json`` under the sweep directory and prints a summary table.
+    """Ends a multirun with a summary of this sweep's jobs: finished ones (their ``results.json``) and
+    failed ones (status, error message) beside them.
 
-    Also writes ``summary.json`` beside the jobs. ``configs/train.yaml`` registers it under
-    ``hydra.callbacks``, so every ``qat-train -m ...`` sweep ends with it.
+    Writes ``summary.json`` (a list: each finished job's results with ``"status": "finished"``, each
+    failed job's ``{"status": "failed", "job", "plan", "output_dir", "overrides", "error"}``) in the
+    sweep directory. Only the jobs of this sweep count: the callback records each job as it ends,
+    and every job's ``results.json`` carries the sweep's id (``sweep_id``), so results that an
+    earlier sweep left in a reused sweep directory are ignored. A failed job does not stop the
+    others nor the summary; the sweep then ends with the first failure's error on stderr and exit
+    status 1.
+    ``configs/train.yaml`` registers it under ``hydra.callbacks``, so every ``qat-train -m ...``
+    sweep ends with it.
 
     Example::
 
@@ -38,17 +62,128 @@ class SweepSummary(Callback):
         'w4a4'
     """
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .train import print_results
+    def __init__(self) -> None:
+        self.sweep_id: Optional[str] = None
+        self.jobs: list[dict[str, Any]] = []
+        self.first_error: Optional[BaseException] = None
 
-        sweep_dir = config.hydra.sweep.dir
-        results = []
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_id = uuid.uuid4().hex[:12]
+        self.jobs, self.first_error = [], None
+        os.environ[SWEEP_ID_ENV] = self.sweep_id
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        out_dir = config.hydra.runtime.output_dir
+        entry = {"job": config.hydra.job.num, "plan": _plan_name(config), "output_dir": out_dir,
+                 "overrides": list(job_return.overrides or [])}
+        if job_return.status == JobStatus.FAILED:
+            exc = job_return._return_value
+            log.error("job %s (%s) failed: %s", entry["job"], " ".join(entry["overrides"]), exc, exc_info=exc)
+            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            if self.first_error is None:
+                self.first_error = exc
+            # let the sweep go on to the other jobs and to on_multirun_end; the error is raised there
+            job_return.status = JobStatus.COMPLETED
+            job_return.return_value = None
+        else:
+            entry["status"] = "finished"
+        self.jobs.append(entry)
+
+    def _finished_without_records(self, sweep_dir: str) -> list[dict[str, Any]]:
+        """No job records (a launcher that runs jobs elsewhere): the results.json of this sweep."""
+        out = []
         for path in sorted(glob.glob(os.path.join(sweep_dir, "*", "results.json"))):
             with open(path) as f:
-                results.append(json.load(f))
-        if not results:
-            print(f"SweepSummary: no results.json under {sweep_dir}")
-            return
-        with open(os.path.join(sweep_dir, "summary.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print_results(results, title=f"lightning-qat sweep summary ({len(results)} runs)")
+                res = json.load(f)
+            if self.sweep_id is None or res.get("sweep_id") == self.sweep_id:
+                out.append({**res, "status": "finished"})
+        return out
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .atomic import write_json
+        from .train import print_results
+
+        try:
+            sweep_dir = config.hydra.sweep.dir
+            if self.jobs:
+                entries = []
+                for job in self.jobs:
+                    path = os.path.join(job["output_dir"], "results.json")
+                    if job["status"] == "finished" and os.path.isfile(path):
+                        with open(path) as f:
+                            entries.append({**json.load(f), "status": "finished", "job": job["job"]})
+                    elif job["status"] == "finished":
+                        entries.append({**job, "status": "failed", "error": f"no results.json in {job['output_dir']}"})
+                    else:
+                        entries.append(job)
+            else:
+                entries = self._finished_without_records(sweep_dir)
+            if not entries:
+                print(f"SweepSummary: no results.json under {sweep_dir}")
+                return
+            write_json(entries, os.path.join(sweep_dir, "summary.json"))
+            finished = [e for e in entries if e["status"] == "finished"]
+            failed = [e for e in entries if e["status"] != "finished"]
+            if finished:
+                title = f"lightning-qat sweep summary ({len(finished)} runs" + (f", {len(failed)} failed)" if failed else ")")
+                print_results(finished, title=title)
+            for e in failed:
+                print(f"FAILED job {e['job']} ({e.get('plan')}): {e['error']}  [{e['output_dir']}]")
+            if failed:
+                print(f"lightning-qat sweep: {len(finished)} finished, {len(failed)} failed (summary: {sweep_dir}/summary.json)")
+        finally:
+            os.environ.pop(SWEEP_ID_ENV, None)
+            self.sweep_id = None
+        if self.first_error is not None:
+            err, self.first_error = self.first_error, None
+            # Hydra turns a callback's exception into a warning: exit non-zero ourselves
+            _exit_with(f"lightning-qat sweep: a job failed, first error: {type(err).__name__}: {err}")
+
+
+class RunDirGuard(Callback):
+    """Refuses a single run whose ``hydra.run.dir`` already holds a ``results.json`` (another run's),
+    before Hydra writes that run's ``.hydra/`` config there; ``overwrite=true`` or ``resume=<dir>``
+    let it through. Registered under ``hydra.callbacks`` by ``configs/train.yaml`` and ``ptq.yaml``.
+    Under Hydra it prints the :class:`qat.QATConfigError` and exits with status 1 (Hydra would turn
+    a callback's exception into a warning); called directly it raises.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> from omegaconf import OmegaConf
+        >>> d = tempfile.mkdtemp()
+        >>> RunDirGuard().on_run_start(OmegaConf.create({"hydra": {"run": {"dir": d}}}))
+        >>> open(os.path.join(d, "results.json"), "w").close()
+        >>> RunDirGuard().on_run_start(OmegaConf.create({"hydra": {"run": {"dir": d}}}))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: ...results.json already exists: another run wrote there; ...
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from qat import QATConfigError
+
+        from .config import check_output_dir
+
+        try:
+            check_output_dir(
+                os.path.abspath(str(config.hydra.run.dir)), overwrite=bool(config.get("overwrite", False)),
+                resume=config.get("resume"),
+            )
+        except QATConfigError as exc:
+            if kwargs.get("config_name") is None:  # called directly (not by Hydra): a plain exception
+                raise
+            _exit_with(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
+
+
+def _exit_with(message: str) -> None:
+    """Hydra turns an exception raised in a callback into a warning; stop the run with ``message`` instead."""
+    import sys
+
+    print(message, file=sys.stderr)
+    raise SystemExit(1)

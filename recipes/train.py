@@ -12,7 +12,6 @@ The QAT stage's Lightning callbacks are the ``callbacks`` group's ``_target_`` n
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -25,18 +24,72 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qat import load_plan, prepare
-from qat.callbacks import QuantizationTelemetry
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from qat import QATConfigError, load_plan, prepare
+from qat.callbacks import QuantizationAwareTraining, QuantizationTelemetry
 from qat.ptq import calibrate
 from qat.size import float_size_bytes, model_size_bytes
 
-from .config import build_trainer, instantiate_callbacks, register_configs
+from .atomic import atomic_path, check_checkpoint_file, save_torch, write_json
+from .config import (
+    build_trainer, check_output_dir, check_plan_fits, instantiate_callbacks, register_configs, validate_train_config,
+)
 from .digits import evaluate_accuracy
 from .ptq import with_observer
+from .summary import SWEEP_ID_ENV
 
 __all__ = ["main", "run", "print_results"]
 
 log = logging.getLogger(__name__)
+
+
+class _StageCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` writing ``last.ckpt`` atomically (temporary name, then ``os.replace``), so a
+    run killed while saving keeps its previous complete checkpoint."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        tmp = f"{filepath}.tmp"
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero and os.path.exists(tmp):
+            os.replace(tmp, filepath)
+
+
+def _stage_checkpoint(output_dir: str, stage: str) -> ModelCheckpoint:
+    # one file a stage, replaced at the end of every epoch: the latest state is the one to resume from
+    return _StageCheckpoint(
+        dirpath=os.path.join(output_dir, "checkpoints", stage), filename="last", monitor=None, save_top_k=1,
+        save_last=False, save_on_train_epoch_end=True, enable_version_counter=False,
+    )
+
+
+def _last_checkpoint(output_dir: str, stage: str, resume: bool) -> Optional[str]:
+    path = os.path.join(output_dir, "checkpoints", stage, "last.ckpt")
+    if not resume or not os.path.exists(path):
+        return None
+    return check_checkpoint_file(path, "resume")
+
+
+_RUN_KEYS_NOT_COMPARED = ("resume", "overwrite")
+
+
+def _check_resume(cfg: DictConfig, output_dir: str) -> None:
+    """The resumed run's directory exists and was started with the same config (but resume / overwrite)."""
+    if not os.path.isdir(output_dir):
+        raise QATConfigError(f"resume={cfg.resume!r}: no such run directory")
+    saved_path = os.path.join(output_dir, "run_config.yaml")
+    if not os.path.isfile(saved_path):
+        raise QATConfigError(
+            f"resume={cfg.resume!r}: {saved_path} is missing; give the directory of a qat-train run (hydra.run.dir)"
+        )
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)
+    now = OmegaConf.to_container(cfg, resolve=False)
+    diff = sorted(k for k in set(saved) | set(now) if k not in _RUN_KEYS_NOT_COMPARED and saved.get(k) != now.get(k))
+    if diff:
+        raise QATConfigError(
+            f"resume={cfg.resume!r}: the config differs from the interrupted run's ({saved_path}) in {diff}; "
+            "resume with the same overrides"
+        )
 
 
 def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
@@ -48,8 +101,17 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
     3. QAT: a copy trained ``cfg.qat.epochs`` with the ``cfg.callbacks`` (telemetry only with a
        logger).
 
-    A bad plan or callback argument fails before any training. Besides ``results.json`` the
-    output directory gets ``qat_model.pt`` (``{plan, state_dict}`` of the quantized network).
+    Every value is checked before any training: the numbers by type and range
+    (:func:`qat.recipes.config.validate_train_config`), the plan and callback arguments, and the
+    plan against the model (:func:`qat.recipes.config.check_plan_fits`). A directory that holds
+    another run's ``results.json`` is refused unless ``cfg.overwrite``.
+
+    Each training stage checkpoints every epoch (``checkpoints/{fp,qat}/last.ckpt``, written
+    atomically); with ``cfg.resume`` (the run directory) a killed run continues where it stopped:
+    a finished FP stage (``fp_model.pt``) is not retrained, the QAT stage resumes from its last
+    checkpoint with the quantizer and callback state. Besides ``results.json`` the output directory
+    gets ``qat_model.pt`` (``{plan, state_dict}`` of the quantized network) and ``run_config.yaml``;
+    all are written atomically.
 
     Example::
 
@@ -65,11 +127,32 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         >>> res["plan"], sorted(k for k in res if k in ("fp", "ptq", "qat"))
         ('w4a4', ['fp', 'ptq', 'qat'])
     """
-    output_dir = output_dir or os.getcwd()
-    os.makedirs(output_dir, exist_ok=True)
+    resume = cfg.get("resume")
+    if resume:
+        if output_dir is not None and os.path.abspath(output_dir) != os.path.abspath(resume):
+            raise QATConfigError(
+                f"resume={resume!r} continues the run in its own directory, but the output directory is {output_dir!r}; "
+                "leave hydra.run.dir at its default when resuming"
+            )
+        output_dir = resume
+    output_dir = os.path.abspath(output_dir or os.getcwd())
+    validate_train_config(cfg)  # numbers by type and range, trainer keys: before any work
+    check_output_dir(output_dir, overwrite=bool(cfg.get("overwrite")), resume=resume)
+    if resume:
+        _check_resume(cfg, output_dir)
     plan = load_plan(cfg.quant)  # a bad plan fails here, before any training
     ptq_plan = with_observer(plan, cfg.ptq.observer)
-    callbacks = list(instantiate_callbacks(cfg.get("callbacks")).values())  # so do bad callback arguments
+    named = instantiate_callbacks(cfg.get("callbacks"))  # so do bad callback arguments
+    qat_cb = next((cb for cb in named.values() if isinstance(cb, QuantizationAwareTraining)), None)
+    module_attr = qat_cb.module_attr if qat_cb is not None else "net"
+    check_plan_fits(instantiate(cfg.model), ptq_plan, module_attr, fold_bn=cfg.ptq.fold_bn)  # ... and the plan vs the model
+    if qat_cb is not None:
+        check_plan_fits(instantiate(cfg.model), qat_cb.plan, module_attr, fold_bn=qat_cb.fold_bn, smooth=qat_cb.smooth)
+    callbacks = list(named.values())
+    os.makedirs(output_dir, exist_ok=True)
+    if not resume:
+        with atomic_path(os.path.join(output_dir, "run_config.yaml")) as tmp:
+            OmegaConf.save(cfg, tmp)
     pl.seed_everything(cfg.seed, workers=True)
     t0 = time.time()
     dm = instantiate(cfg.data)
@@ -80,11 +163,19 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
     else:  # nothing to send per-layer statistics to
         callbacks = [cb for cb in callbacks if not isinstance(cb, QuantizationTelemetry)]
 
-    # 1. full precision
+    # 1. full precision (a finished stage is not retrained on resume)
     fp = instantiate(cfg.model, lr=cfg.fp.lr)
-    trainer = build_trainer(cfg, cfg.fp.epochs, logger, [], output_dir)
-    trainer.fit(fp, datamodule=dm)
-    fp_acc = evaluate_accuracy(trainer, fp, dm)
+    fp_model_path = os.path.join(output_dir, "fp_model.pt")
+    if resume and os.path.exists(fp_model_path):
+        check_checkpoint_file(fp_model_path, "resume")
+        fp.load_state_dict(torch.load(fp_model_path, map_location="cpu", weights_only=True))
+        log.info("resume: the full-precision stage finished before (%s); not retrained", fp_model_path)
+        fp_acc = evaluate_accuracy(build_trainer(cfg, 1, False, [], output_dir), fp, dm)
+    else:
+        trainer = build_trainer(cfg, cfg.fp.epochs, logger, [_stage_checkpoint(output_dir, "fp")], output_dir)
+        trainer.fit(fp, datamodule=dm, ckpt_path=_last_checkpoint(output_dir, "fp", bool(resume)))
+        save_torch(fp.state_dict(), fp_model_path)
+        fp_acc = evaluate_accuracy(trainer, fp, dm)
     fp_state = {k: v.detach().clone() for k, v in fp.state_dict().items()}
 
     # 2. post-training quantization: calibrate the observers, no training
@@ -97,11 +188,11 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
     # 3. quantization-aware training, starting from the full-precision weights
     qat_module = instantiate(cfg.model, lr=cfg.qat.lr)
     qat_module.load_state_dict(fp_state)
-    trainer = build_trainer(cfg, cfg.qat.epochs, logger, callbacks, output_dir)
-    trainer.fit(qat_module, datamodule=dm)
+    trainer = build_trainer(cfg, cfg.qat.epochs, logger, [*callbacks, _stage_checkpoint(output_dir, "qat")], output_dir)
+    trainer.fit(qat_module, datamodule=dm, ckpt_path=_last_checkpoint(output_dir, "qat", bool(resume)))
     qat_acc = evaluate_accuracy(trainer, qat_module, dm)
     qat_plan = getattr(qat_module.net, "qat_plan", plan)  # the plan the callback prepared the network with
-    torch.save({"plan": qat_plan.to_dict(), "state_dict": qat_module.net.state_dict()}, os.path.join(output_dir, "qat_model.pt"))
+    save_torch({"plan": qat_plan.to_dict(), "state_dict": qat_module.net.state_dict()}, os.path.join(output_dir, "qat_model.pt"))
 
     fp_bytes = float_size_bytes(fp.net)
     q_bytes = model_size_bytes(qat_module.net)
@@ -113,8 +204,10 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         "seconds": round(time.time() - t0, 1),
         "output_dir": output_dir,
     }
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    sweep_id = os.environ.get(SWEEP_ID_ENV)
+    if sweep_id:
+        results["sweep_id"] = sweep_id
+    write_json(results, os.path.join(output_dir, "results.json"))
     if logger:
         logger.log_metrics(
             {f"{k}/test_acc_final": results[k]["test_acc"] for k in ("fp", "ptq", "qat")}
