@@ -46,8 +46,13 @@ class DumpObservers(pl.Callback):
 def test_observer_statistics_identical_across_ranks(tmp_path, smooth, monkeypatch):
     """With ``smooth`` the smoothing factors come from all ranks' calibration batches too."""
     # ddp_spawn's workers unpickle Net / DumpObservers by this module's name (tests.callbacks.test_ddp)
-    # with the parent's sys.path; under --import-mode=importlib the checkout is not on it
-    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    # with the parent's sys.path; under --import-mode=importlib the checkout is not on it. Put only
+    # `tests` there (a link in a fresh folder): the checkout root would also expose its top-level
+    # kernels/ folder as `kernels`, which hides the PyPI package of that name transformers imports
+    root = tmp_path / "importroot"
+    root.mkdir()
+    (root / "tests").symlink_to(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), target_is_directory=True)
+    monkeypatch.syspath_prepend(str(root))
     g = torch.Generator().manual_seed(0)
     # the samples differ wildly in range, so each rank's shard sees a different range
     x = torch.randn(64, 8, generator=g) * torch.linspace(0.1, 10, 64).unsqueeze(1)
