@@ -96,6 +96,11 @@ def _convert_layer(name: str, mod: QuantModuleMixin) -> IntModuleMixin:
                 f"qat.ptq.calibrate(model, batches) before convert()"
             )
         _check_finite(name, "input", iq)
+        if not spec.dynamic and not spec.learned and iq.observer is not None and not bool(iq.observer.seen.any()):
+            raise QATConfigError(
+                f"layer {name!r}: input quantizer saw only empty or non-finite (NaN / Inf) batches, so it has no "
+                f"range; calibrate it on batches with finite values (qat.ptq.calibrate) before convert()"
+            )
         info["input"] = spec.to_dict()
         if not spec.dynamic:
             info["input_scale_shape"] = list(iq.current_qparams()[0].shape)

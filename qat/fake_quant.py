@@ -50,10 +50,11 @@ class FakeQuantizer(Float32State, FlagBuffers):
     * ``pact``: a learned clip ``alpha`` (initialized to the observed max) for unsigned activations.
     * ``dynamic``: the range of each batch (per tensor, per token or per group), nothing stored.
 
-    Ranges come from the finite elements only (``QuantSpec.nonfinite``); until the observer has
-    seen a finite value the quantizer has no range and passes its input through unchanged. The
-    state stays float32 under ``.half()`` / ``.bfloat16()``, and float16 / bfloat16 inputs are
-    fake-quantized in float32 and cast back.
+    Ranges come from the finite elements only (``QuantSpec.nonfinite``): a batch without a finite
+    value leaves them as they were (the ``[0, 0]`` of a fresh observer gives the smallest scale),
+    and a learned quantizer initializes from its first batch with data, passing its input through
+    until then. The state stays float32 under ``.half()`` / ``.bfloat16()``, and float16 / bfloat16
+    inputs are fake-quantized in float32 and cast back.
 
     Args:
         spec: how to quantize.
@@ -146,8 +147,6 @@ class FakeQuantizer(Float32State, FlagBuffers):
         if spec.estimator is Estimator.STE:
             if observing:
                 self._observe(x)
-                if not flags["initialized"]:
-                    return x  # no finite value seen yet (an empty or all-NaN / Inf batch): no range to use
             elif not flags["initialized"]:
                 raise RuntimeError(
                     "FakeQuantizer: observer disabled before it saw any data; calibrate or enable the observer first"
@@ -171,7 +170,7 @@ class FakeQuantizer(Float32State, FlagBuffers):
         if not self.track_history:
             self.observer.reset()  # a parameter without finite values keeps its last range
         self.observer(x)
-        if self.spec.estimator is Estimator.STE and self.observer.is_initialized:
+        if self.spec.estimator is Estimator.STE:
             s, z = self.observer.qparams()
             self.scale.copy_(s)
             self.zero_point.copy_(z)
@@ -182,10 +181,15 @@ class FakeQuantizer(Float32State, FlagBuffers):
         spec = self.spec
         if self.observer is not None:
             self.observer(x)
-            if not self.observer.is_initialized:
-                return  # no finite value yet (an empty or all-NaN / Inf batch): initialize from a later one
+            # no finite value yet (an empty or all-NaN / Inf batch): initialize from a later batch. One
+            # read, on the first step only, and not while torch.compile traces (no graph break): there
+            # the parameters without data keep their construction values (below)
+            if not torch.compiler.is_compiling() and not bool(self.observer.seen.any()):
+                return
+        seen = self.observer.seen
         if spec.estimator is Estimator.PACT:
-            self.alpha.copy_(torch.clamp(self.observer.max_val.max().reshape(1), min=1e-3))
+            alpha = torch.clamp(self.observer.max_val.max().reshape(1), min=1e-3)
+            self.alpha.copy_(torch.where(seen.any(), alpha, self.alpha))
         else:
             s_obs, z_obs = self.observer.qparams()
             if spec.estimator is Estimator.LSQ:
@@ -193,7 +197,7 @@ class FakeQuantizer(Float32State, FlagBuffers):
                 mean_abs = self.layout.mean_abs(x, self.scale.shape, finite=True)
                 s = _sync_mean(2.0 * mean_abs / math.sqrt(max(spec.qmax, 1)), self.sync)
                 s = torch.clamp(s, min=torch.finfo(torch.float32).eps)
-                self.scale.copy_(s)
+                self.scale.copy_(torch.where(seen.reshape(s.shape), s, self.scale))
                 if spec.symmetric:
                     self.zero_point.copy_(z_obs)
                 else:
@@ -208,8 +212,9 @@ class FakeQuantizer(Float32State, FlagBuffers):
 
     @torch.no_grad()
     def load_from_observer(self) -> None:
-        """Set scale / zero point (or PACT's alpha) from the observer's statistics (after calibration)."""
-        if self.observer is None or not self.observer.is_initialized:
+        """Set scale / zero point (or PACT's alpha) from the observer's statistics (after calibration);
+        nothing when the observer never saw a finite value."""
+        if self.observer is None or not self.observer.is_initialized or not bool(self.observer.seen.any()):
             return
         if self.spec.estimator is Estimator.PACT:
             self.alpha.copy_(torch.clamp(self.observer.max_val.max().reshape(1), min=1e-3))

@@ -9,9 +9,9 @@ update.
 
 Non-finite values (``docs/math.md``, section 11): by default (``QuantSpec.nonfinite: ignore``) a
 batch's NaN / Inf elements are left out of every statistic, without a device sync; a parameter
-with no finite element in a batch (or an empty batch) keeps the range it had, and an observer that
-never saw a finite value stays uninitialized. The stored range (``min_val`` / ``max_val``) is
-always finite. ``nonfinite: raise`` raises a :class:`~qat.QATConfigError` instead. The state stays
+with no finite element in a batch (or an empty batch) keeps the range it had, and its first batch
+with data sets its range as a first batch would (``Observer.seen``). The stored range (``min_val``
+/ ``max_val``) is always finite. ``nonfinite: raise`` raises a :class:`~qat.QATConfigError` instead. The state stays
 float32 when the model is cast to float16 / bfloat16 (``.half()``, ``.to(dtype)``).
 """
 
@@ -134,12 +134,16 @@ def _raise_nonfinite(x: torch.Tensor, spec: QuantSpec, who: str) -> None:
 
 
 class Observer(Float32State, FlagBuffers):
-    """Base observer: buffers ``min_val``, ``max_val`` and ``initialized``.
+    """Base observer: buffers ``min_val``, ``max_val`` and ``initialized`` (in the state dict), and
+    ``seen`` (not in it): which parameters hold a range that came from finite data.
 
     Subclasses implement :meth:`_merge` (how a new batch's range merges into the state). Non-finite
-    elements and empty batches are handled here, for all of them (see the module docstring): a
-    batch's range comes from :meth:`batch_range` with a parameter that saw no finite element as the
-    empty range ``(+inf, -inf)``, and such parameters keep their stored range.
+    elements and empty batches are handled here, for all of them, with no device sync and no
+    data-dependent Python branch (a ``torch.compile`` graph stays whole): a batch's range comes from
+    :meth:`batch_range`, a parameter that saw no finite element having the empty range
+    ``(+inf, -inf)``; such a parameter keeps its stored range, and a parameter's first batch with
+    data sets its range as a first batch does (``seen``), however many batches without data came
+    before.
 
     Args:
         spec: the quantization spec (granularity, bits, ...).
@@ -154,12 +158,13 @@ class Observer(Float32State, FlagBuffers):
         self.sync = sync
         self.register_buffer("min_val", torch.zeros(shape))
         self.register_buffer("max_val", torch.zeros(shape))
+        self.register_buffer("seen", torch.zeros(shape, dtype=torch.bool), persistent=False)
         self._register_flag("initialized", False)
-        self._has_range = False  # min_val / max_val hold a range seen once (kept by reset())
 
     @property
     def is_initialized(self) -> bool:
-        """Whether the observer has seen data (no device sync)."""
+        """Whether the observer has seen a batch since it was made or reset (no device sync);
+        :attr:`seen` says which parameters have seen a finite value."""
         return self.flag("initialized")
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,20 +185,16 @@ class Observer(Float32State, FlagBuffers):
             mn, mx = _sync_minmax(mn, mx)
         mn, mx = mn.reshape(self.min_val.shape), mx.reshape(self.max_val.shape)
         has = mn <= mx  # parameters that saw a finite value in this batch (on every rank, after the sync)
-        if not self.is_initialized:
-            # never held a range: stay uninitialized while no parameter saw data (a device sync, only
-            # until the first range; reset() observers keep theirs as the fallback and never sync)
-            if not self._has_range and not bool(has.any()):
-                return x
+        if not self.is_initialized:  # the first batch since made or reset: its range replaces the state
             self._on_start()
-            self.min_val.copy_(torch.where(has, mn, self.min_val))
-            self.max_val.copy_(torch.where(has, mx, self.max_val))
-            self._set_flag("initialized", True)
-            self._has_range = True
-        else:
-            new_mn, new_mx = self._merge(mn, mx)
-            self.min_val.copy_(torch.where(has, new_mn, self.min_val))
-            self.max_val.copy_(torch.where(has, new_mx, self.max_val))
+            new_mn, new_mx = mn, mx
+        else:  # merged where the parameter has a range from data, the batch's own where it is the first
+            m_mn, m_mx = self._merge(mn, mx)
+            new_mn, new_mx = torch.where(self.seen, m_mn, mn), torch.where(self.seen, m_mx, mx)
+        self.min_val.copy_(torch.where(has, new_mn, self.min_val))  # no data: the stored range stays
+        self.max_val.copy_(torch.where(has, new_mx, self.max_val))
+        self.seen.logical_or_(has)
+        self._set_flag("initialized", True)
         self._on_batch(has)
         return x
 
@@ -202,23 +203,25 @@ class Observer(Float32State, FlagBuffers):
         raise NotImplementedError
 
     def _on_start(self) -> None:
-        """Called when the first batch with data after a reset is stored."""
+        """Called on the first batch since the observer was made or reset."""
 
     def _on_batch(self, has: torch.Tensor) -> None:
-        """Called after each batch that updated the state; ``has`` marks the parameters with data."""
+        """Called after each batch; ``has`` marks the parameters that saw a finite value."""
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` for the range seen so far."""
         return qparams_from_range(self.min_val, self.max_val, self.spec)
 
     def reset(self) -> None:
-        """Forget the batches seen: the next batch with data sets the range. The stored range stays
+        """Forget the batches seen: the next batch's range replaces the state. The stored range stays
         as the fallback of parameters that batch gives no finite value."""
         self._set_flag("initialized", False)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._has_range = self.flag("initialized")
+        # a loaded range counts as data where it is finite; a non-finite one (a checkpoint written
+        # before these rules) is replaced by the next finite batch instead of poisoning it
+        self.seen.copy_(torch.isfinite(self.min_val) & torch.isfinite(self.max_val) & self.flag("initialized"))
 
 
 class MinMaxObserver(Observer):

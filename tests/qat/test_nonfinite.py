@@ -79,16 +79,55 @@ def test_nan_batch_does_not_poison_fake_quantized_model():
     assert torch.isfinite(model(torch.randn(4, 8))).all()  # every later batch is fine
 
 
-def test_all_nonfinite_first_batch_leaves_observer_uninitialized():
+def test_all_nonfinite_first_batches_leave_no_range_behind():
+    """Batches without a finite value leave no trace: the first finite batch sets the range as a
+    first batch does (a moving average does not start from [0, 0])."""
     fq = FakeQuantizer(QuantSpec(bits=8, signed=False, symmetric=False, observer="moving_average"), (4,))
     x = torch.full((2, 4), NAN)
     y = fq(x)
-    assert not fq.is_initialized and not fq.observer.is_initialized and torch.equal(y.isnan(), x.isnan())
-    fq(torch.full((2, 4), INF))
-    assert not fq.is_initialized
+    assert y.isnan().all() and not fq.observer.seen.any() and fq.nonfinite_state() == []
+    y = fq(torch.tensor([[INF, -INF, NAN, INF]]))
+    assert not fq.observer.seen.any() and fq.nonfinite_state() == [] and torch.isfinite(y[0, [0, 1, 3]]).all()
+    fq(torch.empty(0, 4))
     good = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
-    fq(good)  # the first finite batch sets the range, as if it were the first batch
+    fq(good)
     assert fq.observer.min_val.item() == 0.0 and fq.observer.max_val.item() == 3.0
+    ref = FakeQuantizer(fq.spec, (4,))
+    ref(good)
+    assert torch.equal(fq.scale, ref.scale) and torch.equal(fq.zero_point, ref.zero_point)
+
+
+def test_learned_quantizer_initializes_from_its_first_finite_batch():
+    fq = FakeQuantizer(QuantSpec(bits=4, estimator="lsq"), (4,))
+    x = torch.full((2, 4), NAN)
+    assert fq(x) is x and not fq.is_initialized  # passed through, nothing to initialize from
+    good = torch.tensor([[1.0, -2.0, 0.5, 0.25]])
+    fq(good)
+    ref = FakeQuantizer(fq.spec, (4,))
+    ref(good)
+    assert fq.is_initialized and torch.equal(fq.scale, ref.scale)
+
+
+def test_convert_refuses_an_input_quantizer_without_finite_data():
+    model = prepare(nn.Sequential(nn.Linear(8, 4)), "w8a8")
+    calibrate(model, [(torch.full((4, 8), NAN),), (torch.empty(0, 8),)])
+    with pytest.raises(QATConfigError, match=r"layer '0': input quantizer saw only empty or non-finite"):
+        convert(model.eval())
+
+
+def test_loaded_nonfinite_range_is_replaced_by_the_next_batch():
+    """A checkpoint written before these rules, holding a NaN range, heals on the next finite batch."""
+    spec = QuantSpec(bits=8, observer="moving_average")
+    src = FakeQuantizer(spec, (4,))
+    src(torch.randn(2, 4))
+    sd = src.state_dict()
+    sd["observer.min_val"] = torch.tensor([NAN])
+    sd["zero_point"] = torch.tensor([NAN])
+    fq = FakeQuantizer(spec, (4,))
+    fq.load_state_dict(sd)
+    assert fq.nonfinite_state() == ["zero_point", "observer.min_val"]
+    fq(torch.tensor([[-1.0, 2.0, 0.0, 1.0]]))
+    assert fq.nonfinite_state() == [] and fq.observer.min_val.item() == -1.0
 
 
 def test_parameter_without_finite_values_keeps_its_range():
@@ -280,3 +319,25 @@ def test_finite_reductions_equal_plain_ones_on_finite_data(layout):
     if not layout.per_row:
         shape = layout.param_shape(x.shape)
         assert torch.equal(layout.mean_abs(x, shape), layout.mean_abs(x, shape, finite=True))
+
+
+@pytest.mark.parametrize("plan", ["w4a8", pytest.param("w2a2", marks=pytest.mark.slow), pytest.param("w4a8_g32", marks=pytest.mark.slow)])
+def test_compiled_training_step_has_no_graph_break(plan):
+    """The finite-only ranges read no tensor value: torch.compile keeps the quantizers in one graph
+    (a bool() read of the observed range broke it 7-17 times a model, and on an H200 the cudagraphs
+    STE step went from 40.2 to 92.2 ms: benchmarks/results/train_step_h200_58e780b.md)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)), plan)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(8, 64)
+    try:
+        for _ in range(3):
+            compiled(x).sum().backward()
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
