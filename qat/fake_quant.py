@@ -20,7 +20,7 @@ from qat.kernels import fake_quantize, fake_quantize_lsq, fake_quantize_pact
 
 from .flags import FlagBuffers
 from .granularity import Layout
-from .observers import Float32State, _raise_nonfinite, make_observer, qparams_from_range
+from .observers import Float32State, check_finite, make_observer, qparams_from_range
 from .spec import Estimator, NonFinite, QuantSpec
 
 __all__ = ["FakeQuantizer", "fake_quantize_dynamic", "nonfinite_quantizers"]
@@ -288,7 +288,7 @@ def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, layout: Optional[Lay
     if x.numel() == 0:
         return x
     if spec.nonfinite is NonFinite.RAISE:
-        _raise_nonfinite(x, spec, "dynamic quantizer")
+        check_finite(x, spec, "dynamic quantizer")
     with torch.no_grad():  # the range of the finite elements: a NaN row does not poison the others
         s, z = qparams_from_range(*layout.aminmax(x, finite=True), spec)
     axis, group_size = layout.op_args(x)  # per token: one group spanning the last axis

@@ -39,6 +39,7 @@ __all__ = [
     "make_observer",
     "qparams_from_range",
     "Float32State",
+    "check_finite",
 ]
 
 _EPS = torch.finfo(torch.float32).eps
@@ -121,8 +122,18 @@ class Float32State(nn.Module):
         return super()._apply(keep_float32, recurse)
 
 
-def _raise_nonfinite(x: torch.Tensor, spec: QuantSpec, who: str) -> None:
-    """``nonfinite: raise``: a QATConfigError if ``x`` holds NaN / Inf (one device sync)."""
+def check_finite(x: torch.Tensor, spec: QuantSpec, who: str) -> None:
+    """What ``QuantSpec(nonfinite="raise")`` does with a batch: a :class:`~qat.QATConfigError`
+    naming ``who`` if ``x`` holds NaN / Inf (one device sync).
+
+    Example::
+
+        >>> check_finite(torch.ones(3), QuantSpec(nonfinite="raise"), "input")
+        >>> check_finite(torch.tensor([1.0, float("nan")]), QuantSpec(nonfinite="raise"), "input")
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: input (8-bit per_tensor): a batch of shape (2,) holds 1 non-finite value(s) ...
+    """
     bad = ~torch.isfinite(x.detach())
     if bool(bad.any()):
         n = int(bad.sum())
@@ -175,7 +186,7 @@ class Observer(Float32State, FlagBuffers):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.nonfinite is NonFinite.RAISE and x.numel():
-            _raise_nonfinite(x, self.spec, f"{type(self).__name__}")
+            check_finite(x, self.spec, f"{type(self).__name__}")
         if x.numel() == 0:  # an empty batch: no data (still takes part in the all-reduce)
             mn = torch.full_like(self.min_val, float("inf"))
             mx = torch.full_like(self.max_val, float("-inf"))
