@@ -256,7 +256,7 @@ def _op_fn(op, x, g, s, z, axis, gs):
 def torch_fn(op, x, g, s, z, axis, gs):
     """PyTorch's own op, forward + backward through autograd (None where it has none)."""
     if op == "aminmax":
-        return lambda: cupy_backend._aminmax_torch(x, axis, gs)
+        return lambda: cupy_backend.aminmax_torch(x, axis, gs)
     if op == "pact":
         return None
     xv, sv, zv, ax = x, s, z, axis

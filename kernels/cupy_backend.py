@@ -57,6 +57,7 @@ __all__ = [
     "current_tuning",
     "use_tuning",
     "aminmax",
+    "aminmax_torch",
     "fake_quantize_forward",
     "fake_quantize_backward",
     "fake_quantize_lsq_forward",
@@ -707,8 +708,17 @@ def _aminmax_use_kernel(x: torch.Tensor, axis: Optional[int], group_size: Option
     return inner % 4 == 0 and _use_rows(inner, c, 4, tn)
 
 
-def _aminmax_torch(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):
-    """The same statistics through PyTorch's reductions (the fastest formulation we found)."""
+def aminmax_torch(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None):
+    """:func:`aminmax` through PyTorch's reductions (the fastest formulation we found): what
+    :func:`aminmax` runs off the GPU and where the kernel did not win, and the benchmarks' baseline.
+
+    Example::
+
+        >>> aminmax_torch(torch.tensor([[1.0, -2.0], [3.0, 0.5]]), group_size=2)
+        (tensor([[-2.0000],
+                [ 0.5000]]), tensor([[1.],
+                [3.]]))
+    """
     shape = Layout(axis=axis, group_size=group_size).param_shape(x.shape)
     if group_size is not None:
         mn, mx = torch.aminmax(x.reshape(-1, group_size), dim=1)  # (..., K) -> (N*K/g, g)
@@ -765,4 +775,4 @@ def aminmax(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[in
     tn = _tn(tuning)
     if _supported(x) and _aminmax_use_kernel(x, axis, group_size, tn):
         return _aminmax_kernel(x, axis, group_size, tn)
-    return _aminmax_torch(x, axis, group_size)
+    return aminmax_torch(x, axis, group_size)

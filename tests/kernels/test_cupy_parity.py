@@ -220,7 +220,7 @@ def test_aminmax(case, dtype):
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(shape, generator=gen) * 5).to(dtype).cuda()
     mn, mx = cupy_backend._aminmax_kernel(x, axis, gs)
-    mn_ref, mx_ref = cupy_backend._aminmax_torch(x.cpu(), axis, gs)
+    mn_ref, mx_ref = cupy_backend.aminmax_torch(x.cpu(), axis, gs)
     torch.testing.assert_close(mn.cpu(), mn_ref, atol=0, rtol=0)
     torch.testing.assert_close(mx.cpu(), mx_ref, atol=0, rtol=0)
     mn2, mx2 = cupy_backend.aminmax(x, axis, gs)
@@ -488,7 +488,7 @@ def _check_reductions(case, dtype):
     gen = torch.Generator().manual_seed(5 + zlib.crc32(repr((shape, axis, gs, dtype)).encode()))
     x = (torch.randn(shape, generator=gen) * 5).to(dtype).cuda()
     mn, mx = cupy_backend._aminmax_kernel(x, axis, gs)
-    mn_ref, mx_ref = cupy_backend._aminmax_torch(x.cpu(), axis, gs)
+    mn_ref, mx_ref = cupy_backend.aminmax_torch(x.cpu(), axis, gs)
     torch.testing.assert_close(mn.cpu(), mn_ref, atol=0, rtol=0)
     torch.testing.assert_close(mx.cpu(), mx_ref, atol=0, rtol=0)
     x, s, z, qmin, qmax = _make(shape, dtype, 4, True, axis, gs, gen)
@@ -691,6 +691,6 @@ def test_aminmax_dispatch_float32_per_tensor_and_axis0():
     assert not cupy_backend._aminmax_use_kernel(big[1:], None, None, tn)  # unaligned: scalar loads
     for x, axis in ((big, None), (big.reshape(256, -1), 0), (small, None), (big[1:], None)):
         mn, mx = cupy_backend.aminmax(x, axis)
-        mn_ref, mx_ref = cupy_backend._aminmax_torch(x.cpu(), axis)
+        mn_ref, mx_ref = cupy_backend.aminmax_torch(x.cpu(), axis)
         torch.testing.assert_close(mn.cpu(), mn_ref, atol=0, rtol=0)
         torch.testing.assert_close(mx.cpu(), mx_ref, atol=0, rtol=0)
