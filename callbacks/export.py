@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 
 from qat import QATConfigError, convert, is_prepared
 from qat.export.formats import check_formats, export_formats
 
+from .base import Callback
 from .qat import target_module
+
+if TYPE_CHECKING:  # either namespace works at runtime; the hints name pytorch_lightning's
+    from pytorch_lightning import LightningModule, Trainer
 
 __all__ = ["QuantizedExport", "export_atomically"]
 
@@ -119,16 +121,16 @@ class QuantizedExport(Callback):
         self.gguf_tokenizer_dir = gguf_tokenizer_dir
         self.paths: dict[str, str] = {}
 
-    def _target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+    def _target(self, pl_module: LightningModule) -> torch.nn.Module:
         return target_module(pl_module, self.module_attr, "QuantizedExport")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.example_input is None and "onnx" in self.formats:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             if isinstance(x, torch.Tensor):
                 self.example_input = x[:1].detach().cpu().clone()
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         target = self._target(pl_module)
         if not is_prepared(target):
             raise QATConfigError(

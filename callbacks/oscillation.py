@@ -10,14 +10,15 @@ the model.
 from __future__ import annotations
 
 import math
-from typing import Optional
-
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
+from typing import TYPE_CHECKING, Optional
 
 from qat.oscillation import OscillationController, OscillationTracker
 
+from .base import Callback
 from .qat import target_module
+
+if TYPE_CHECKING:  # either namespace works at runtime; the hints name pytorch_lightning's
+    from pytorch_lightning import LightningModule, Trainer
 
 __all__ = ["OscillationControl"]
 
@@ -119,7 +120,7 @@ class OscillationControl(Callback):
         return self.controller.stats()
 
     # ------------------------------------------------------------------ hooks
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.controller.enabled:
             return
         total = trainer.estimated_stepping_batches
@@ -130,7 +131,7 @@ class OscillationControl(Callback):
         )
         self._last_step = trainer.global_step
 
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.controller.enabled or not pl_module.training:
             return
         scale = 1.0
@@ -141,7 +142,7 @@ class OscillationControl(Callback):
             scale *= float(scaler.get_scale())
         self.controller.after_backward(trainer.global_step, scale)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         if self.controller.freeze is None:
             return
         step = trainer.global_step

@@ -11,25 +11,30 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 
 from qat import QATConfigError, QuantPlan, is_prepared, load_plan, prepare, quantizers
 from qat.prepare import freeze_bn_stats
 from qat.ptq import default_forward
 from qat.smooth import SmoothingLike, SmoothingSpec, fit_smoothing
 
+from .base import Callback
+
+if TYPE_CHECKING:  # either namespace works at runtime; the hints name pytorch_lightning's
+    from pytorch_lightning import LightningModule, Trainer
+
 __all__ = ["QuantizationAwareTraining", "target_module"]
 
 log = logging.getLogger(__name__)
 
-PlanLike = Union[str, os.PathLike, Mapping, QuantPlan]
+# The mapping comes first: jsonargparse (LightningCLI) tries a Union's types in order, and with
+# ``str`` first an inline YAML mapping would be turned into its string form.
+PlanLike = Union[Mapping[str, Any], str, os.PathLike, QuantPlan]
 
 
-def target_module(pl_module: pl.LightningModule, module_attr: Optional[str], owner: str) -> torch.nn.Module:
+def target_module(pl_module: LightningModule, module_attr: Optional[str], owner: str) -> torch.nn.Module:
     """The module a callback works on: ``getattr(pl_module, module_attr)``, or ``pl_module`` itself.
 
     Args:
@@ -103,7 +108,7 @@ def _nonfinite(state: dict[tuple[str, str], torch.Tensor]) -> dict[str, list[str
     return out
 
 
-def _drop_nonfinite_optimizer_state(trainer: pl.Trainer, model: torch.nn.Module) -> None:
+def _drop_nonfinite_optimizer_state(trainer: Trainer, model: torch.nn.Module) -> None:
     """Forget the optimizer moments of quantizer parameters that hold NaN / Inf (they would re-poison the state)."""
     params = {id(p) for _, q in quantizers(model) for p in q.parameters()}
     for opt in getattr(trainer, "optimizers", []):
@@ -212,7 +217,7 @@ class QuantizationAwareTraining(Callback):
         self.calibrated = False
 
     # ------------------------------------------------------------------ helpers
-    def target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+    def target(self, pl_module: LightningModule) -> torch.nn.Module:
         """The module that is quantized (:func:`target_module` of ``module_attr``)."""
         return target_module(pl_module, self.module_attr, "QuantizationAwareTraining")
 
@@ -222,7 +227,7 @@ class QuantizationAwareTraining(Callback):
             q.enable_observer(enabled or not q.is_initialized)
 
     # ------------------------------------------------------------------ lifecycle
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         target = self.target(pl_module)
         if is_prepared(target):  # fit twice, or validate after fit: already prepared
             if self.smooth is not None and getattr(target, "qat_smoothing", None) is None:
@@ -244,7 +249,7 @@ class QuantizationAwareTraining(Callback):
             self.calibrate(trainer, pl_module)
 
     @torch.no_grad()
-    def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Observe ``calibration_batches`` training batches, then load learned scales from them.
 
         With ``smooth``, the smoothing factors are fitted on the same batches first
@@ -290,7 +295,7 @@ class QuantizationAwareTraining(Callback):
         self.check_nonfinite(trainer, pl_module)
 
     @torch.no_grad()
-    def check_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[str]]:
+    def check_nonfinite(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, list[str]]:
         """Check the quantizers' state; restore the last finite one if some is NaN / Inf.
 
         Called after optimizer steps (every ``skip_nonfinite`` steps). A finite state is kept as

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from pytorch_lightning.callbacks import Callback
 
 from qat import QATConfigError, quant_layers
 from qat.size import float_size_bytes, model_size_bytes
 from qat.telemetry import quantizer_stats
 
+from .base import Callback
 from .qat import target_module
 
 __all__ = ["QuantizationTelemetry"]
