@@ -326,22 +326,6 @@ def _aligned(*ts: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
 
-def _layout(x: torch.Tensor, axis: Optional[int], group_size: Optional[int]) -> tuple[int, int]:
-    """``(inner, C)`` of the index rule ``key = (i // inner) % C`` on the contiguous tensor."""
-    n = x.numel()
-    if group_size is not None:
-        inner, c = group_size, n // group_size
-    elif axis is not None:
-        axis = axis % x.dim()
-        c = x.shape[axis]
-        inner = math.prod(x.shape[axis + 1 :])
-    else:
-        inner, c = n, 1
-    if c <= 1:
-        inner, c = max(n, 1), 1
-    return max(inner, 1), max(c, 1)
-
-
 def _supported(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     """Whether the kernels cover these inputs (else the reference answers)."""
     if not (available() and x.is_cuda and x.dtype in _DTYPE_CODE):
@@ -550,7 +534,7 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
         s = z = None
         a = _params(alpha)
     else:
-        inner, c = _layout(xc, axis, group_size)
+        inner, c = Layout(axis=axis, group_size=group_size).index_rule(xc.shape)
         s, z, a = _params(scale), _params(zero_point), None
     # 0: one parameter; 1: one key per vector (one divide per vector); 2: a key per element;
     # 3: channels on the last axis, parameters read as vectors (see fake_quant.cu)
@@ -646,7 +630,7 @@ def fake_quantize_lsq_backward(
     xc, g = x.contiguous(), grad.reshape(x.shape).contiguous()
     n = xc.numel()
     dx = torch.empty(x.shape, dtype=grad.dtype, device=x.device)
-    inner, c = _layout(xc, axis, group_size)
+    inner, c = Layout(axis=axis, group_size=group_size).index_rule(xc.shape)
     ds = torch.empty(c, dtype=torch.float32, device=x.device)
     dz = torch.empty(c, dtype=torch.float32, device=x.device)
 
@@ -702,7 +686,7 @@ def _aminmax_use_kernel(x: torch.Tensor, axis: Optional[int], group_size: Option
         return True
     if x.is_contiguous() and not _aligned(x):
         return False  # scalar loads: neither rows kernel applies
-    inner, c = _layout(x, axis, group_size)
+    inner, c = Layout(axis=axis, group_size=group_size).index_rule(x.shape)
     if c == 1:
         return _tensor_rows("minmax", x.numel(), 1, 4, x.device.index, tn) is not None
     return inner % 4 == 0 and _use_rows(inner, c, 4, tn)
@@ -719,19 +703,8 @@ def aminmax_torch(x: torch.Tensor, axis: Optional[int] = None, group_size: Optio
                 [ 0.5000]]), tensor([[1.],
                 [3.]]))
     """
-    shape = Layout(axis=axis, group_size=group_size).param_shape(x.shape)
-    if group_size is not None:
-        mn, mx = torch.aminmax(x.reshape(-1, group_size), dim=1)  # (..., K) -> (N*K/g, g)
-    elif axis is not None:
-        axis = axis % x.dim()
-        if axis == 0:
-            mn, mx = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)  # (C, ...) -> (C, rest)
-        else:
-            dims = [d for d in range(x.dim()) if d != axis]
-            mn, mx = torch.amin(x, dim=dims), torch.amax(x, dim=dims)
-    else:
-        mn, mx = torch.aminmax(x)
-    return mn.float().reshape(shape), mx.float().reshape(shape)
+    mn, mx = Layout(axis=axis, group_size=group_size).aminmax(x)
+    return mn, mx
 
 
 def _aminmax_kernel(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[int] = None,
@@ -739,7 +712,7 @@ def _aminmax_kernel(x: torch.Tensor, axis: Optional[int] = None, group_size: Opt
     """Min/max per parameter with the fused kernel (NaN ignored)."""
     xc = x.contiguous()
     n = xc.numel()
-    inner, c = _layout(xc, axis, group_size)
+    inner, c = Layout(axis=axis, group_size=group_size).index_rule(xc.shape)
     mn = torch.empty((c,), dtype=torch.float32, device=x.device)
     mx = torch.empty((c,), dtype=torch.float32, device=x.device)
 

@@ -117,6 +117,30 @@ class Layout:
             return shape[:-1] + (1,)
         return (1,)
 
+    def index_rule(self, shape: Sequence[int]) -> tuple[int, int]:
+        """``(inner, C)`` of the one index rule: element ``i`` of the contiguous tensor belongs to
+        parameter ``(i // inner) % C`` (what the CUDA kernels compute per element). A single
+        parameter is ``(numel, 1)``.
+
+        Example::
+
+            >>> Layout(axis=1).index_rule((4, 3, 5)), Layout(group_size=8).index_rule((2, 32)), Layout().index_rule((6,))
+            ((5, 3), (8, 8), (6, 1))
+        """
+        shape = tuple(shape)
+        n = math.prod(shape)
+        r = Layout(group_size=shape[-1] if shape else 1) if self.per_row else self
+        if r.group_size is not None:
+            inner, c = r.group_size, n // r.group_size
+        elif r.axis is not None:
+            axis = r.axis % len(shape)
+            inner, c = math.prod(shape[axis + 1 :]), shape[axis]
+        else:
+            inner, c = n, 1
+        if c <= 1:
+            inner, c = max(n, 1), 1
+        return max(inner, 1), max(c, 1)
+
     def check_shape(self, shape: Sequence[int], tensor: str = "a tensor", width: str = "the last dimension") -> Optional[str]:
         """Why a tensor of ``shape`` cannot take this layout (axis out of range, a group size that
         does not divide the last dimension), or ``None``; ``tensor`` and ``width`` name the tensor
@@ -171,7 +195,14 @@ class Layout:
         if self.per_row:
             return fn(x, dim=-1, keepdim=True)  # (.., K) -> (.., 1)
         if self.axis is not None:
-            return fn(self.rows(x), dim=1)  # (C, rest) -> (C,)
+            axis = self.axis % x.dim()
+            if axis == 0 or fn not in (torch.aminmax, torch.amin, torch.amax):
+                return fn(self.rows(x), dim=1)  # (C, rest) -> (C,)
+            # min / max of a non-leading axis reduce in place: no (C, rest) copy (exact either way)
+            dims = [d for d in range(x.dim()) if d != axis]
+            if fn is torch.aminmax:
+                return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
+            return fn(x, dim=dims)
         if self.group_size is not None:
             return fn(self.grouped(x), dim=-1)  # (.., K/g, g) -> (.., K/g)
         out = fn(x)

@@ -568,7 +568,7 @@ def test_forward_tile_kernels(knobs, case, dtype, tune, monkeypatch):
         y_ref = reference.fake_quantize_lsq_forward(x.cpu(), s.cpu(), z.cpu(), qmin, qmax, axis, gs, mode)
         _assert_values(y, y_ref, s, x, axis, gs)
     # the tile kernel ran wherever the layout is key mode 1 (a key per vector), the 64-bit one nowhere
-    inner, c = cupy_backend._layout(x, axis, gs)
+    inner, c = Layout(axis=axis, group_size=gs).index_rule(x.shape)
     vec = _vec(dtype)
     t = knobs["fwd_tile"][0]
     key1 = c > 1 and inner % vec == 0
@@ -632,7 +632,7 @@ def test_cols_half_kernels(knobs, case, dtype, tune, monkeypatch):
     _check_reductions(case, dtype)
     shape, axis, gs = case
     x = torch.empty(shape)
-    inner, c = cupy_backend._layout(x, axis, gs)
+    inner, c = Layout(axis=axis, group_size=gs).index_rule(x.shape)
     vec = _vec(dtype)
     wd = c * inner
     assert cupy_backend._use_cols(inner, c, tn)
