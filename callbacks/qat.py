@@ -89,22 +89,28 @@ def _quantizer_state(model: torch.nn.Module) -> dict[tuple[str, str], torch.Tens
     return out
 
 
-def _nonfinite(state: dict[tuple[str, str], torch.Tensor]) -> dict[str, list[str]]:
-    """quantizer name -> its non-finite state tensors; one device sync per device."""
-    if not state:
-        return {}
-    flags = [torch.isfinite(t).all() for t in state.values()]
-    by_device: dict[Any, list[int]] = {}
-    for i, f in enumerate(flags):
-        by_device.setdefault(f.device, []).append(i)
-    ok = [True] * len(flags)
-    for idx in by_device.values():
-        for i, good in zip(idx, torch.stack([flags[i] for i in idx]).tolist()):
-            ok[i] = good
+def _flat_by_device(state: dict[tuple[str, str], torch.Tensor]) -> dict[Any, tuple[list, list, torch.Tensor]]:
+    """device -> (keys, sizes, every state tensor of that device concatenated in float32): one copy
+    kernel a device, which is also the snapshot to restore from."""
+    keys_by_device: dict[Any, list] = {}
+    for key, t in state.items():
+        keys_by_device.setdefault(t.device, []).append(key)
+    return {
+        dev: (keys, [state[k].numel() for k in keys], torch.cat([state[k].reshape(-1).float() for k in keys]))
+        for dev, keys in keys_by_device.items()
+    }
+
+
+def _nonfinite(state: dict[tuple[str, str], torch.Tensor], flat: dict[Any, tuple[list, list, torch.Tensor]]) -> dict[str, list[str]]:
+    """quantizer name -> its non-finite state tensors; one device sync per device (a tensor-by-tensor
+    look only where a device holds a non-finite value)."""
     out: dict[str, list[str]] = {}
-    for (name, key), good in zip(state, ok):
-        if not good:
-            out.setdefault(name, []).append(key)
+    for keys, _, values in flat.values():
+        if bool(torch.isfinite(values).all()):
+            continue
+        for name, key in keys:
+            if not bool(torch.isfinite(state[(name, key)]).all()):
+                out.setdefault(name, []).append(key)
     return out
 
 
@@ -211,7 +217,7 @@ class QuantizationAwareTraining(Callback):
         self.skip_nonfinite = _check_schedule("skip_nonfinite", skip_nonfinite) or 0
         self.forward_fn = forward_fn or default_forward
         self.skipped_steps = 0  # optimizer steps whose quantizer update was undone (non-finite state)
-        self._finite_state: Optional[dict[tuple[str, str], torch.Tensor]] = None
+        self._finite_state: Optional[dict[Any, tuple[list, list, torch.Tensor]]] = None
         self.observers_frozen = False
         self.bn_frozen = False
         self.calibrated = False
@@ -306,17 +312,19 @@ class QuantizationAwareTraining(Callback):
         """
         target = self.target(pl_module)
         state = _quantizer_state(target)
-        bad = _nonfinite(state)
+        flat = _flat_by_device(state)
+        bad = _nonfinite(state, flat)
         if not bad:
-            self._finite_state = {k: t.detach().clone() for k, t in state.items()}
+            self._finite_state = flat  # the concatenation is a copy already: the snapshot costs nothing more
             return {}
         restored = []
         if self._finite_state is not None:
-            for key, t in state.items():
-                old = self._finite_state.get(key)
-                if old is not None and old.shape == t.shape:
-                    t.copy_(old)
-                    restored.append(key[0])
+            for keys, sizes, values in self._finite_state.values():
+                for key, old in zip(keys, values.split(sizes)):
+                    t = state.get(key)
+                    if t is not None and t.numel() == old.numel():
+                        t.copy_(old.view(t.shape))
+                        restored.append(key[0])
             _drop_nonfinite_optimizer_state(trainer, target)
         self.skipped_steps += 1
         layers = sorted({name.rsplit(".", 1)[0] for name in bad})
