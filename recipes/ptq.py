@@ -2,14 +2,21 @@
 
 Full-precision weights (trained here, or loaded from ``checkpoint``) -> ``qat.prepare`` ->
 static calibration of the observers (``qat.ptq.calibrate``) -> test accuracy and size; optionally
-QAT fine-tuning that starts from the calibrated model (``qat_epochs > 0``). Dynamic activations
+QAT fine-tuning that starts from the calibrated model (``qat.epochs > 0``). Dynamic activations
 (``QuantSpec(dynamic=True, granularity="per_token")`` in a preset) need no calibration: their
 ranges come from each batch.
 
     qat-ptq                                       # digits CNN, W8A8, static calibration
     qat-ptq quant=w4a8 ptq.observer=mse           # MSE-optimal ranges for every quantizer
-    qat-ptq quant=w4a4 ptq.fold_bn=true qat_epochs=3   # fold BN, calibrate, then QAT from there
+    qat-ptq quant=w4a4 ptq.fold_bn=true qat.epochs=3   # fold BN, calibrate, then QAT from there
     qat-ptq checkpoint=fp.pt                      # calibrate given float weights, no FP training
+
+The keys are ``qat-train``'s (``quant=``, ``model=``, ``data=``, ``seed``, ``fp.epochs``,
+``fp.lr``, ``ptq.calibration_batches``, ``ptq.observer``, ``ptq.fold_bn``, ``qat.epochs``,
+``qat.lr``); the old ``qat_epochs`` / ``qat_lr`` are refused naming the new key
+(:data:`RENAMED_KEYS`). ``progress`` turns the bars of the calibration pass and of Lightning's
+training / test loops on (``true``), off (``false``) or on only on a terminal (``null``, the
+default; :func:`qat.recipes.progress.progress_enabled`).
 """
 
 from __future__ import annotations
@@ -29,14 +36,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from qat import QATConfigError, QuantPlan, load_plan, prepare
 from qat.callbacks import QuantizationAwareTraining
-from qat.ptq import calibrate
 from qat.size import float_size_bytes, model_size_bytes
 
 from .atomic import check_checkpoint_file, save_torch, write_json
-from .config import FPStage, PTQStage, build_trainer, check_int, check_lr, check_output_dir, check_plan_fits, validate_train_config
+from .config import FPStage, PTQStage, QATStage, build_trainer, check_output_dir, check_plan_fits, validate_train_config
 from .digits import evaluate_accuracy
+from .entry import missing_extras
+from .progress import calibrate, progress_enabled
 
-__all__ = ["PTQConfig", "main", "run", "register_ptq_configs", "validate_ptq_config", "with_observer"]
+__all__ = ["PTQConfig", "RENAMED_KEYS", "main", "run", "register_ptq_configs", "validate_ptq_config", "with_observer"]
+
+#: keys ``qat-ptq`` had before it took ``qat-train``'s, and the key to use instead
+RENAMED_KEYS = {"qat_epochs": "qat.epochs", "qat_lr": "qat.lr"}
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +55,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class PTQConfig:
     """The top level of ``configs/ptq.yaml`` (``ptq_schema``); the stages are
-    :class:`qat.recipes.config.FPStage` and :class:`qat.recipes.config.PTQStage`, as in ``qat-train``.
+    :class:`qat.recipes.config.FPStage`, :class:`qat.recipes.config.PTQStage` and
+    :class:`qat.recipes.config.QATStage` under the keys ``qat-train`` uses (``fp``, ``ptq``,
+    ``qat``); ``qat.epochs`` is 0 by default (no QAT after calibrating).
 
     Example::
 
         >>> PTQConfig().ptq
         PTQStage(calibration_batches=8, observer=None, fold_bn=False)
+        >>> PTQConfig().qat
+        QATStage(epochs=0, lr=0.001)
     """
 
     quant: Any = None
@@ -61,9 +76,12 @@ class PTQConfig:
     checkpoint: Optional[str] = None  # a float state_dict (.pt) of the LightningModule; else train fp.epochs
     fp: FPStage = field(default_factory=FPStage)
     ptq: PTQStage = field(default_factory=PTQStage)
-    qat_epochs: int = 0  # > 0: QAT fine-tuning from the calibrated model
-    qat_lr: float = 1e-3
+    qat: QATStage = field(default_factory=lambda: QATStage(epochs=0))  # epochs > 0: QAT from the calibrated model
+    progress: Any = None  # true / false; null: bars only when stderr is a terminal
     overwrite: bool = False  # true: write into a directory that already holds a finished run's results.json
+    # renamed (RENAMED_KEYS): kept in the schema only so that an old command line fails naming the new key
+    qat_epochs: Any = None
+    qat_lr: Any = None
 
 
 def register_ptq_configs() -> None:
@@ -85,12 +103,13 @@ def register_ptq_configs() -> None:
 
 
 def validate_ptq_config(cfg: DictConfig) -> None:
-    """Check every number of a ``qat-ptq`` config by type and range, before any work: the keys it
-    shares with ``qat-train`` (:func:`qat.recipes.config.validate_train_config`) and ``qat_epochs``
-    (an integer >= 0; 0: no QAT) / ``qat_lr`` (> 0).
+    """Check every value of a ``qat-ptq`` config by type and range, before any work: the keys it
+    shares with ``qat-train`` (:func:`qat.recipes.config.validate_train_config`: ``fp.*``,
+    ``ptq.*``, ``qat.epochs`` (an integer >= 0; 0: no QAT) / ``qat.lr`` (> 0), ``seed``, ...),
+    ``progress``, and none of the renamed keys (:data:`RENAMED_KEYS`).
 
     Raises:
-        QATConfigError: naming the key and its valid range.
+        QATConfigError: naming the key and its valid range, or the key that replaced an old one.
 
     Example::
 
@@ -102,10 +121,18 @@ def validate_ptq_config(cfg: DictConfig) -> None:
         Traceback (most recent call last):
         ...
         qat.errors.QATConfigError: ptq.calibration_batches must be an integer >= 1, got 0
+        >>> cfg.ptq.calibration_batches, cfg.qat_epochs = 8, 3
+        >>> validate_ptq_config(cfg)
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: qat_epochs was renamed to qat.epochs (the key qat-train uses): qat-ptq qat.epochs=3
     """
+    for old, new in RENAMED_KEYS.items():
+        value = cfg.get(old)
+        if value is not None:
+            raise QATConfigError(f"{old} was renamed to {new} (the key qat-train uses): qat-ptq {new}={value}")
     validate_train_config(cfg)
-    check_int(cfg.qat_epochs, "qat_epochs", 0)
-    check_lr(cfg.qat_lr, "qat_lr")
+    progress_enabled(cfg.get("progress"))
 
 
 def with_observer(plan: QuantPlan, observer: Optional[str]) -> QuantPlan:
@@ -141,7 +168,8 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
 
     The float weights come from ``cfg.checkpoint`` or ``cfg.fp.epochs`` of training; the PTQ
     model (``ptq_model.pt``) is calibrated on ``cfg.ptq.calibration_batches`` batches; with
-    ``cfg.qat_epochs > 0`` QAT continues from it. Bad plans, observers or checkpoints fail first.
+    ``cfg.qat.epochs > 0`` QAT continues from it. Bad plans, observers or checkpoints fail first.
+    With ``cfg.progress`` on, the calibration pass and Lightning's loops draw progress bars.
 
     Example::
 
@@ -157,7 +185,9 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         ('w8a8', 1)
     """
     output_dir = os.path.abspath(output_dir or os.getcwd())
-    validate_ptq_config(cfg)  # numbers by type and range, trainer keys
+    validate_ptq_config(cfg)  # numbers by type and range, trainer keys, renamed keys
+    bars = progress_enabled(cfg.get("progress"))
+    tcfg = _with_progress_bar(cfg, bars)
     check_output_dir(output_dir, overwrite=bool(cfg.get("overwrite")))
     plan = with_observer(load_plan(cfg.quant), cfg.ptq.observer)  # a bad plan fails here, before any work
     check_plan_fits(instantiate(cfg.model), plan, "net", fold_bn=cfg.ptq.fold_bn)  # ... so does one that does not fit the model
@@ -180,15 +210,15 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         fp.load_state_dict(state.get("state_dict", state))
     else:
         fp.lr = cfg.fp.lr
-        build_trainer(cfg, cfg.fp.epochs, logger, [], output_dir).fit(fp, datamodule=dm)
+        build_trainer(tcfg, cfg.fp.epochs, logger, [], output_dir).fit(fp, datamodule=dm)
         save_torch(fp.state_dict(), os.path.join(output_dir, "fp_model.pt"))
-    fp_acc = evaluate_accuracy(build_trainer(cfg, 1, False, [], output_dir), fp, dm)
+    fp_acc = evaluate_accuracy(build_trainer(tcfg, 1, False, [], output_dir), fp, dm)
     fp_bytes = float_size_bytes(fp.net)
 
     # post-training quantization: static calibration of every observer, no gradient step
     prepare(fp.net, plan, fold_bn=cfg.ptq.fold_bn)
-    seen = calibrate(fp.net, dm.train_dataloader(), num_batches=cfg.ptq.calibration_batches)
-    ptq_acc = evaluate_accuracy(build_trainer(cfg, 1, False, [], output_dir), fp, dm)
+    seen = calibrate(fp.net, dm.train_dataloader(), num_batches=cfg.ptq.calibration_batches, enabled=bars)
+    ptq_acc = evaluate_accuracy(build_trainer(tcfg, 1, False, [], output_dir), fp, dm)
     q_bytes = model_size_bytes(fp.net)
     save_torch({"plan": plan.to_dict(), "state_dict": fp.net.state_dict()}, os.path.join(output_dir, "ptq_model.pt"))
     results: dict[str, Any] = {
@@ -197,11 +227,11 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         "ptq": {"test_acc": ptq_acc, "bytes": q_bytes, "calibration_batches": seen},
     }
 
-    if cfg.qat_epochs > 0:
+    if cfg.qat.epochs > 0:
         # QAT from the calibrated model: the callback finds it prepared and keeps its calibrated ranges
-        fp.lr = cfg.qat_lr
+        fp.lr = cfg.qat.lr
         cb = QuantizationAwareTraining(plan, module_attr="net")
-        trainer = build_trainer(cfg, cfg.qat_epochs, logger, [cb], output_dir)
+        trainer = build_trainer(tcfg, cfg.qat.epochs, logger, [cb], output_dir)
         trainer.fit(fp, datamodule=dm)
         results["qat"] = {"test_acc": evaluate_accuracy(trainer, fp, dm), "bytes": model_size_bytes(fp.net)}
 
@@ -216,23 +246,43 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
     return results
 
 
-def _print(res: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _with_progress_bar(cfg: DictConfig, bars: bool) -> DictConfig:
+    """``cfg`` for :func:`build_trainer`: with ``progress`` on, Lightning's bar too (an explicit
+    ``trainer.enable_progress_bar=true`` keeps it on either way)."""
+    if not bars:
+        return cfg
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") is not None else {}
+    return OmegaConf.create({"trainer": {**(trainer or {}), "enable_progress_bar": True}})
 
-    table = Table(title=f"lightning-qat PTQ: {res['plan']}")
-    for col in ("method", "test acc (%)", "vs FP (pts)", "size (KiB)"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+
+def _print(res: dict[str, Any]) -> None:
+    columns = ("method", "test acc (%)", "vs FP (pts)", "size (KiB)")
+    rows = []
     for key in ("fp", "ptq", "qat"):
         if key in res:
             r = res[key]
             diff = "" if key == "fp" else f"{100 * (r['test_acc'] - res['fp']['test_acc']):+.2f}"
-            table.add_row(key.upper(), f"{100 * r['test_acc']:.2f}", diff, f"{r['bytes'] / 1024:.1f}")
+            rows.append((key.upper(), f"{100 * r['test_acc']:.2f}", diff, f"{r['bytes'] / 1024:.1f}"))
+    title = f"lightning-qat PTQ: {res['plan']}"
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is in the recipes extra: a plain table without it
+        print(title)
+        for row in (columns, *rows):
+            print("  ".join(f"{c:<8}" if i == 0 else f"{c:>12}" for i, c in enumerate(row)))
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row in rows:
+        table.add_row(*row)
     Console(width=100).print(table)
 
 
 def _task(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    with missing_extras("qat-ptq"):  # also when run as python -m qat.recipes.ptq
+        run(cfg, HydraConfig.get().runtime.output_dir)
 
 
 def main() -> None:

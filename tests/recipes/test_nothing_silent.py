@@ -79,8 +79,8 @@ def test_group_size_5_fails_before_fp_stage(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "override,match",
     [
-        ("qat_epochs=-1", r"qat_epochs must be an integer >= 0, got -1"),
-        ("qat_lr=0", r"qat_lr must be a finite number > 0"),
+        ("qat.epochs=-1", r"qat.epochs must be an integer >= 0, got -1"),
+        ("qat.lr=0", r"qat.lr must be a finite number > 0"),
         ("fp.epochs=-2", r"fp.epochs must be an integer >= 0"),
         ("ptq.calibration_batches=0", r"ptq.calibration_batches must be an integer >= 1, got 0"),
         ("data.batch_size=0", r"data.batch_size must be an integer >= 1"),
