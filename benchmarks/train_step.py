@@ -374,9 +374,14 @@ def run_prepare(cfg: GPTConfig, row: str, mode: str, args, device: torch.device)
     model.train()
     opt = make_optimizer(model.parameters(), device)
     kw = compile_kwargs(mode)
-    fwd = torch.compile(model, **kw) if kw is not None else model
     batches = make_batches(cfg, args.batch, args.seq, 2, device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if row in ROW_PLAN and kw is not None:
+        # calibrate first, eagerly, as the callback does: the quantizers hold a range (LSQ scales
+        # initialized, flags set) before torch.compile traces, so no graph depends on a first batch
+        with torch.no_grad(), autocast:
+            model(*batches[0])
+    fwd = torch.compile(model, **kw) if kw is not None else model
 
     def step(i: int) -> None:
         if mode == "cudagraphs":

@@ -8,6 +8,8 @@ Example::
     tensor([ 0.2500, -1.0000])
 """
 
-from .ops import backend_name, fake_quantize, fake_quantize_lsq, fake_quantize_pact, param_checks, set_param_checks
+from .ops import (
+    backend_name, fake_quantize, fake_quantize_lsq, fake_quantize_minmax, fake_quantize_pact, param_checks, set_param_checks,
+)
 
-__all__ = ["backend_name", "fake_quantize", "fake_quantize_lsq", "fake_quantize_pact", "param_checks", "set_param_checks"]
+__all__ = ["backend_name", "fake_quantize", "fake_quantize_lsq", "fake_quantize_minmax", "fake_quantize_pact", "param_checks", "set_param_checks"]

@@ -6,6 +6,9 @@ outputs, the packed int32 STE mask, float32 parameter gradients), computed by th
 
 * ``fake_quant.cu``: the forward quantize-dequantize (STE, LSQ and PACT variants), which also writes
   the 1-bit clip mask with warp shuffles, and the clipped-STE backward that reads it;
+* ``rows.cu``: the "range of the data" forward (dynamic per-token / per-group activations, and a
+  weight's min/max observer update with its scale and zero point), one warp a contiguous row: the
+  row's finite min / max, the scale and zero point, the quantize-dequantize and the mask in one pass;
 * ``reduce.cu``: LSQ/LSQ+ and PACT backward passes that write ``dx`` and reduce ``dscale``/``dzero_point``
   (``dalpha``) in the same pass, and the observer's per-tensor/channel/group min/max.
 
@@ -64,6 +67,7 @@ __all__ = [
     "fake_quantize_lsq_backward",
     "fake_quantize_pact_forward",
     "fake_quantize_pact_backward",
+    "fake_quantize_minmax_forward",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -96,7 +100,10 @@ _KERNELS = {
         "minmax_colsh",
         "minmax_rows",
     ),
+    "rows.cu": tuple(f"fq_rows_{nv}" for nv in (1, 2, 4, 8, 16)),
 }
+#: register-held vectors a lane of rows.cu's fq_rows kernels (a row of up to 32 * NV vectors a warp)
+_ROWS_NV = (1, 2, 4, 8, 16)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ESIZE = {0: 4, 1: 2, 2: 2}
 _ROUND = {mode: i for i, mode in enumerate(reference.ROUND_MODES)}
@@ -749,3 +756,78 @@ def aminmax(x: torch.Tensor, axis: Optional[int] = None, group_size: Optional[in
     if _supported(x) and _aminmax_use_kernel(x, axis, group_size, tn):
         return _aminmax_kernel(x, axis, group_size, tn)
     return aminmax_torch(x, axis, group_size)
+
+
+# ----------------------------------------------------------------------------- range of the data
+
+
+@functools.lru_cache(maxsize=None)
+def _divides_by_reciprocal(device: int) -> bool:
+    """Whether PyTorch's CUDA true division of a float32 tensor by a Python number multiplies by the
+    float32 reciprocal (it does, ``BinaryDivTrueKernel.cu``), which ``qparams_from_range`` then does:
+    probed once a device (one sync), so the kernel follows whatever this torch build computes."""
+    a = torch.arange(1, 4097, device=f"cuda:{device}", dtype=torch.float32) * 1.2345678
+    inv = torch.tensor(float(np.float32(1.0) / np.float32(7.5)), device=a.device, dtype=torch.float32)
+    return bool(torch.equal(a / 7.5, a * inv))
+
+
+def _rows_vec(x: torch.Tensor, y: torch.Tensor, row: int, code: int) -> Optional[int]:
+    """Vector width of an fq_rows launch for rows of ``row`` elements, or None (the reference)."""
+    vec = 16 // _ESIZE[code]
+    if row % vec or not _aligned(x, y):
+        vec = 1
+    if row % 32 or row // vec > 32 * _ROWS_NV[-1]:
+        return None
+    return vec
+
+
+def fake_quantize_minmax_forward(
+    x: torch.Tensor,
+    row: int,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    scale_f16: bool = False,
+    round_mode: str = "half_even",
+    state: Optional[tuple] = None,
+    tuning: Optional[KernelTuning] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quantize each contiguous row of ``row`` elements with its own finite min / max (see the
+    reference, :func:`qat.kernels.reference.fake_quantize_minmax_forward`), in one kernel: one warp a
+    row (``row % 32 == 0``, at most 512 16-byte vectors), reading ``x`` once. ``state``: the observer's
+    ``(min_val, max_val, seen, scale, zero_point)``, updated in place. Returns ``(x_hat, packed_mask)``."""
+    n = x.numel()
+    ok = _supported(x, *(state or ())) and n > 0 and row > 0 and n % row == 0
+    if ok and state is not None:
+        nrows = n // row
+        ok = all(t.is_contiguous() and t.numel() == nrows for t in state) and state[2].dtype == torch.bool and all(
+            t.dtype == torch.float32 for t in (state[0], state[1], state[3], state[4])
+        )
+    if ok:
+        xc = x.contiguous()
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        code = _DTYPE_CODE[x.dtype]
+        vec = _rows_vec(xc, y, row, code)
+        ok = vec is not None
+    if not ok:  # PyTorch's reductions for the range, this backend's forward where it takes x
+        rows, s, z = reference.minmax_qparams(x, row, qmin, qmax, symmetric, scale_f16, state)
+        y, mask = fake_quantize_forward(rows, s, z, qmin, qmax, None, row, round_mode, tuning)
+        return y.reshape(x.shape), mask
+    device = x.device.index
+    mask = torch.empty((reference.mask_words(n),), dtype=torch.int32, device=x.device)
+    nvec = row // vec
+    nv = next(k for k in _ROWS_NV if 32 * k >= nvec)
+    nrows = n // row
+    kern = _get("rows.cu", f"fq_rows_{nv}", code, vec, device, _tn(tuning))
+    scheme = 2 if not symmetric else (0 if qmin < 0 else 1)
+    div = (qmax - qmin) / 2 if scheme == 0 else float(qmax - qmin)
+    inv_div = np.float32(1.0) / np.float32(div)
+    st = state if state is not None else (None,) * 5
+    args = (
+        _ptr(xc), _ptr(y), _ptr(mask), np.int64(nrows), np.int32(nvec), np.float32(qmin), np.float32(qmax),
+        np.int32(scheme), np.float32(div), inv_div, np.int32(_divides_by_reciprocal(device)),
+        np.int32(bool(scale_f16)), np.int32(_ROUND[round_mode]), *(_ptr(t) for t in st),
+    )  # fmt: skip
+    wpb = _THREADS // 32
+    _launch(kern, -(-nrows // wpb), args, device)
+    return y, mask

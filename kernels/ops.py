@@ -54,6 +54,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_lsq",
     "fake_quantize_pact",
+    "fake_quantize_minmax",
     "backend_name",
     "set_param_checks",
     "param_checks",
@@ -283,6 +284,65 @@ def _pact_grad(ctx, grad_y):
 
 _pact.register_autograd(_pact_grad, setup_context=_pact_setup)
 
+# ----------------------------------------------------------------------------- range of the data
+# Functional for torch.compile: the observer state comes back as new tensors (the caller copies them
+# into its buffers); the eager path below updates the buffers in place inside the kernel instead.
+
+
+@torch.library.custom_op("qat::fake_quantize_minmax", mutates_args=())
+def _mm(
+    x: Tensor, row: int, qmin: int, qmax: int, symmetric: bool, scale_f16: bool, round_mode: str
+) -> tuple[Tensor, Tensor]:
+    return _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode)
+
+
+@_mm.register_fake
+def _(x, row, qmin, qmax, symmetric, scale_f16, round_mode):
+    return x.new_empty(x.shape), x.new_empty((reference.mask_words(x.numel()),), dtype=torch.int32)
+
+
+@torch.library.custom_op("qat::fake_quantize_minmax_observe", mutates_args=())
+def _mmo(
+    x: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    seen: Tensor,
+    row: int,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    scale_f16: bool,
+    round_mode: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    state = (min_val.clone(), max_val.clone(), seen.clone(), torch.empty_like(min_val), torch.empty_like(min_val))
+    y, mask = _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state)
+    return (y, mask, *state)
+
+
+@_mmo.register_fake
+def _(x, min_val, max_val, seen, row, qmin, qmax, symmetric, scale_f16, round_mode):
+    mask = x.new_empty((reference.mask_words(x.numel()),), dtype=torch.int32)
+    return (x.new_empty(x.shape), mask, torch.empty_like(min_val), torch.empty_like(max_val), torch.empty_like(seen),
+            torch.empty_like(min_val), torch.empty_like(min_val))  # fmt: skip
+
+
+def _mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _mm_grad(ctx, grad_y, grad_mask):
+    (mask,) = ctx.saved_tensors
+    return torch.ops.qat.fake_quantize_backward(grad_y, mask), None, None, None, None, None, None
+
+
+def _mmo_grad(ctx, grad_y, *unused):
+    (mask,) = ctx.saved_tensors
+    return (torch.ops.qat.fake_quantize_backward(grad_y, mask), *(None,) * 9)
+
+
+_mm.register_autograd(_mm_grad, setup_context=_mm_setup)
+_mmo.register_autograd(_mmo_grad, setup_context=_mm_setup)
+
 # ----------------------------------------------------------------------------- eager fast path
 # The custom ops above are what torch.compile / torch.export see. In eager mode the dispatcher's
 # Python layers around a custom op (autograd wrapper, redispatch, dynamo guards) cost ~0.2-0.4 ms
@@ -332,6 +392,19 @@ class _PACTFn(torch.autograd.Function):
         x, alpha = ctx.saved_tensors
         dx, dalpha = _backend(x).fake_quantize_pact_backward(grad_y, x, alpha)
         return dx, dalpha, None, None, None
+
+
+class _MinMaxFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, row, qmin, qmax, symmetric, scale_f16, round_mode, state):
+        y, mask = _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state)
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (mask,) = ctx.saved_tensors
+        return _backend(grad_y).fake_quantize_backward(grad_y, mask), None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -532,3 +605,68 @@ def fake_quantize_pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mod
     if _traced(x):
         return torch.ops.qat.fake_quantize_pact(*args)
     return _PACTFn.apply(*args)
+
+
+def fake_quantize_minmax(
+    x: Tensor,
+    row: int,
+    qmin: int,
+    qmax: int,
+    symmetric: bool = False,
+    scale_f16: bool = False,
+    round_mode: str = "half_even",
+    state: Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = None,
+) -> Tensor:
+    """Fake-quantize every contiguous row of ``row`` elements of ``x`` with the range of its own finite
+    elements, with a clipped straight-through estimator in the backward pass: a dynamic per-token or
+    per-group quantizer, or, with ``state``, a min/max observer's update together with its scale and
+    zero point (a weight's quantizer, whose range is the current weight). One fused kernel on a GPU
+    (rows of a multiple of 32 elements, up to 2048 float32 / 4096 16-bit), the reference elsewhere:
+    :func:`qat.kernels.reference.fake_quantize_minmax_forward` says the math.
+
+    Args:
+        x: float32 / float16 / bfloat16 tensor; ``x.numel()`` a multiple of ``row``.
+        row: elements a row (a token's features, a group, a channel's run).
+        qmin, qmax: the integer range (signed when ``qmin < 0``).
+        symmetric: zero point 0 (``s = max|x| / ((qmax - qmin) / 2)``, or ``max / (qmax - qmin)``
+            unsigned); else the range ``[min, max]`` (0 included) onto ``[qmin, qmax]``.
+        scale_f16: round each scale to float16 (a format that stores it so).
+        round_mode: as :func:`fake_quantize`.
+        state: ``(min_val, max_val, seen, scale, zero_point)``, contiguous, one entry a row
+            (float32; ``seen`` bool): updated in place, as a min/max observer's first batch and
+            its ``qparams()`` set them.
+
+    Example::
+
+        >>> x = torch.tensor([[0.5, -1.0, 2.0, 0.25] * 8])
+        >>> y = fake_quantize_minmax(x, 32, -8, 7, symmetric=True)
+        >>> y[0, :4]
+        tensor([ 0.5333, -1.0667,  1.8667,  0.2667])
+    """
+    op = "fake_quantize_minmax"
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    _check_ints(op, qmin, qmax, None, None, round_mode)
+    if isinstance(row, bool) or not isinstance(row, numbers.Integral) or row <= 0 or x.numel() % row:
+        raise ValueError(f"{op}: row={row!r} must be a positive int dividing x.numel() = {x.numel()}")
+    if state is not None:
+        names = ("min_val", "max_val", "seen", "scale", "zero_point")
+        if len(state) != 5:
+            raise TypeError(f"{op}: state must be the 5 tensors {names}, got {len(state)}")
+        for name, t in zip(names, state):
+            dtype = torch.bool if name == "seen" else torch.float32
+            if not isinstance(t, Tensor) or t.dtype != dtype or t.device != x.device or not t.is_contiguous():
+                raise TypeError(f"{op}: state {name} must be a contiguous {dtype} tensor on {x.device}")
+            if t.numel() != x.numel() // row:
+                raise ValueError(f"{op}: state {name} must have one entry a row ({x.numel() // row}), got {t.numel()}")
+    args = (x, int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode)
+    if _traced(x):
+        if state is None:
+            return torch.ops.qat.fake_quantize_minmax(*args)[0]
+        min_val, max_val, seen, scale, zero_point = state
+        y, _, mn, mx, sn, s, z = torch.ops.qat.fake_quantize_minmax_observe(x, min_val, max_val, seen, *args[1:])
+        with torch.no_grad():
+            for buf, new in zip(state, (mn, mx, sn, s, z)):
+                buf.copy_(new)
+        return y
+    return _MinMaxFn.apply(*args, state)

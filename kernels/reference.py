@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from qat.granularity import Layout
+from qat.observers import range_qparams
 from qat.spec import ROUND_MODES, round_with_mode
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "fake_quantize_lsq_backward",
     "fake_quantize_pact_forward",
     "fake_quantize_pact_backward",
+    "fake_quantize_minmax_forward",
     "pack_mask",
     "unpack_mask",
     "round_with_mode",
@@ -186,3 +188,53 @@ def fake_quantize_pact_backward(grad, x, alpha):
     dx = torch.where((x32 >= 0) & (x32 < a), grad, zero)
     dalpha = torch.where(x32 >= a, grad.float(), torch.zeros((), device=grad.device)).sum().reshape(alpha.shape)
     return dx, dalpha
+
+
+def fake_quantize_minmax_forward(
+    x: torch.Tensor,
+    row: int,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    scale_f16: bool = False,
+    round_mode: str = "half_even",
+    state: Optional[tuple] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quantize each contiguous row of ``row`` elements of ``x`` with the range of its own finite
+    elements: a dynamic per-token / per-group quantizer, or (``state`` given) a min/max observer's
+    first batch (a weight's, whose range is its current values) with its scale and zero point.
+
+    Per row: ``(mn, mx)`` over the finite elements (:meth:`Layout.aminmax` with ``finite=True``;
+    ``(+inf, -inf)`` for a row with none), the scale and zero point of
+    :func:`qat.observers.range_qparams` (signed when ``qmin < 0``), then :func:`fake_quantize_forward`.
+    ``state = (min_val, max_val, seen, scale, zero_point)`` (contiguous, one entry a row) is updated
+    in place as the observer's first batch updates it: ``min_val`` / ``max_val`` take the row's range
+    where the row had a finite element and keep their value where it had none, ``seen |= has``, and
+    the scale and zero point are those of the stored range. Returns ``(x_hat, packed_mask)``.
+    """
+    rows, s, z = minmax_qparams(x, row, qmin, qmax, symmetric, scale_f16, state)
+    y, mask = fake_quantize_forward(rows, s, z, qmin, qmax, None, row, round_mode)
+    return y.reshape(x.shape), mask
+
+
+def minmax_qparams(
+    x: torch.Tensor, row: int, qmin: int, qmax: int, symmetric: bool, scale_f16: bool = False,
+    state: Optional[tuple] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first half of :func:`fake_quantize_minmax_forward`: ``(rows, scale, zero_point)``, ``rows``
+    the ``(-1, row)`` view of ``x`` and the parameters shaped ``(rows, 1)`` (``state`` updated)."""
+    rows = x.reshape(-1, row)
+    mn, mx = Layout(group_size=row).aminmax(rows, finite=True)
+    mn, mx = mn.reshape(-1), mx.reshape(-1)
+    if state is not None:
+        min_val, max_val, seen, scale, zero_point = (t.view(-1) for t in state)
+        has = mn <= mx
+        min_val.copy_(torch.where(has, mn, min_val))
+        max_val.copy_(torch.where(has, mx, max_val))
+        seen.logical_or_(has)
+        mn, mx = min_val, max_val
+    s, z = range_qparams(mn, mx, qmin, qmax, symmetric, scale_f16)
+    if state is not None:
+        scale.copy_(s)
+        zero_point.copy_(z)
+    return rows, s.reshape(-1, 1), z.reshape(-1, 1)

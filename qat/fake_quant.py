@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from qat.kernels import fake_quantize, fake_quantize_lsq, fake_quantize_pact
+from qat.kernels import fake_quantize, fake_quantize_lsq, fake_quantize_minmax, fake_quantize_pact
 
 from .flags import FlagBuffers
 from .granularity import Layout
 from .observers import Float32State, check_finite, make_observer, qparams_from_range
-from .spec import Estimator, NonFinite, QuantSpec
+from .spec import Estimator, NonFinite, QuantSpec, ScaleDtype
 
 __all__ = ["FakeQuantizer", "fake_quantize_dynamic", "nonfinite_quantizers"]
 
@@ -93,6 +93,12 @@ class FakeQuantizer(Float32State, FlagBuffers):
             self.register_buffer("zero_point", zp)
         if spec.estimator is Estimator.PACT:
             self.alpha = nn.Parameter(torch.ones(1))
+        # a weight's STE quantizer whose observer holds the current min / max: observer update, scale,
+        # zero point and fake quantization in one fused op (rows of this many elements), else None
+        self._minmax_row = None
+        if spec.estimator is Estimator.STE and not spec.dynamic and not track_history:
+            if self.observer.first_batch_is_minmax:
+                self._minmax_row = self.layout.row_length(tuple(shape))
         self._register_flag("fake_quant_enabled", True)
         self._register_flag("observer_enabled", True)
         self._register_flag("initialized", False)
@@ -145,6 +151,8 @@ class FakeQuantizer(Float32State, FlagBuffers):
         if spec.dynamic:
             return self._dynamic(x)
         if spec.estimator is Estimator.STE:
+            if observing and self._minmax_row is not None and x.numel() == self.scale.numel() * self._minmax_row:
+                return self._observe_and_quantize(x)
             if observing:
                 self._observe(x)
             elif not flags["initialized"]:
@@ -163,6 +171,20 @@ class FakeQuantizer(Float32State, FlagBuffers):
         return fake_quantize_lsq(
             x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, self.grad_factor(x), rm
         )
+
+    def _observe_and_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The observer's update (reset, then this batch), the scale and zero point, and the
+        fake quantization, in one op (:func:`qat.kernels.fake_quantize_minmax`): what
+        :meth:`_observe` then :func:`fake_quantize` compute, bit for bit."""
+        spec, obs = self.spec, self.observer
+        state = (obs.min_val, obs.max_val, obs.seen, self.scale, self.zero_point)
+        y = fake_quantize_minmax(
+            x, self._minmax_row, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16,
+            spec.round_mode.value, state,
+        )
+        obs.mark_observed()
+        self._set_flag("initialized", True)
+        return y
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
@@ -289,6 +311,11 @@ def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, layout: Optional[Lay
         return x
     if spec.nonfinite is NonFinite.RAISE:
         check_finite(x, spec, "dynamic quantizer")
+    row = layout.row_length(x.shape)
+    if row is not None:  # every scale one contiguous run: range, qparams and quantize fused
+        return fake_quantize_minmax(
+            x, row, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16, spec.round_mode.value
+        )
     with torch.no_grad():  # the range of the finite elements: a NaN row does not poison the others
         s, z = qparams_from_range(*layout.aminmax(x, finite=True), spec)
     axis, group_size = layout.op_args(x)  # per token: one group spanning the last axis

@@ -38,7 +38,12 @@ class FlagBuffers(nn.Module):
 
     def _set_flag(self, name: str, value: bool) -> None:
         value = bool(value)
-        if self._flags[name] != value:
+        if torch.compiler.is_compiling():
+            # written without being read: reading the mirror here would make torch.compile guard on
+            # its value, and the flip (an observer's first batch) would recompile the graph at step 2
+            getattr(self, name).fill_(value)
+            self._flags[name] = value
+        elif self._flags[name] != value:
             getattr(self, name).fill_(value)
             self._flags[name] = value
 

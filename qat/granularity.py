@@ -141,6 +141,23 @@ class Layout:
             inner, c = max(n, 1), 1
         return max(inner, 1), max(c, 1)
 
+    def row_length(self, shape: Sequence[int]) -> Optional[int]:
+        """Elements a parameter covers when every parameter covers one contiguous run of a tensor of
+        ``shape`` (per group, per row, per channel on the leading axis, per tensor): the rows that
+        :func:`qat.kernels.fake_quantize_minmax` takes. ``None`` where runs repeat (per channel on a
+        later axis) or the tensor is empty.
+
+        Example::
+
+            >>> Layout(group_size=32).row_length((4, 64)), Layout(axis=0).row_length((4, 64)), Layout(axis=1).row_length((4, 64))
+            (32, 64, None)
+        """
+        n = math.prod(shape)
+        if n == 0:
+            return None
+        inner, c = self.index_rule(shape)
+        return inner if inner * c == n else None
+
     def check_shape(self, shape: Sequence[int], tensor: str = "a tensor", width: str = "the last dimension") -> Optional[str]:
         """Why a tensor of ``shape`` cannot take this layout (axis out of range, a group size that
         does not divide the last dimension), or ``None``; ``tensor`` and ``width`` name the tensor

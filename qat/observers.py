@@ -38,6 +38,7 @@ __all__ = [
     "OBSERVERS",
     "make_observer",
     "qparams_from_range",
+    "range_qparams",
     "Float32State",
     "check_finite",
 ]
@@ -64,26 +65,39 @@ def qparams_from_range(mn: torch.Tensor, mx: torch.Tensor, spec: QuantSpec) -> t
         >>> qparams_from_range(torch.tensor([float("nan")]), torch.tensor([float("nan")]), spec)
         (tensor([1.1921e-07]), tensor([0.]))
     """
+    return range_qparams(mn, mx, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16)
+
+
+def range_qparams(
+    mn: torch.Tensor, mx: torch.Tensor, qmin: int, qmax: int, symmetric: bool, scale_f16: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`qparams_from_range` with the spec's fields spelled out (signed when ``qmin < 0``;
+    ``scale_f16``: ``ScaleDtype.FLOAT16``), as the fused kernels take them.
+
+    Example::
+
+        >>> range_qparams(torch.tensor([-1.0]), torch.tensor([2.0]), 0, 255, symmetric=False)
+        (tensor([0.0118]), tensor([85.]))
+    """
     mn = torch.clamp(torch.nan_to_num(mn.float(), nan=0.0, posinf=float("inf"), neginf=float("-inf")), max=0.0)
     mx = torch.clamp(torch.nan_to_num(mx.float(), nan=0.0, posinf=float("inf"), neginf=float("-inf")), min=0.0)
-    qmin, qmax = spec.qmin, spec.qmax
-    if spec.symmetric:
-        if spec.signed:
+    if symmetric:
+        if qmin < 0:
             scale = torch.maximum(-mn, mx) / ((qmax - qmin) / 2)
         else:
             scale = mx / (qmax - qmin)
-        scale = _finish_scale(scale, spec)
+        scale = _finish_scale(scale, scale_f16)
         zp = torch.zeros_like(scale)
     else:
-        scale = _finish_scale((mx - mn) / (qmax - qmin), spec)
+        scale = _finish_scale((mx - mn) / (qmax - qmin), scale_f16)
         zp = torch.clamp(qmin - torch.round(mn / scale), qmin, qmax)
     return scale, zp
 
 
-def _finish_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def _finish_scale(scale: torch.Tensor, scale_f16: bool) -> torch.Tensor:
     scale = torch.nan_to_num(scale, nan=_EPS, posinf=torch.finfo(torch.float32).max)
     scale = torch.clamp(scale, min=_EPS)
-    if spec.scale_dtype is ScaleDtype.FLOAT16:
+    if scale_f16:
         # stored as float16 by the target format: train with exactly the value it will hold
         scale = torch.clamp(scale, min=2.0**-14, max=65504.0).half().float()
     return scale
@@ -196,7 +210,15 @@ class Observer(Float32State, FlagBuffers):
             mn, mx = _sync_minmax(mn, mx)
         mn, mx = mn.reshape(self.min_val.shape), mx.reshape(self.max_val.shape)
         has = mn <= mx  # parameters that saw a finite value in this batch (on every rank, after the sync)
-        if not self.is_initialized:  # the first batch since made or reset: its range replaces the state
+        if torch.compiler.is_compiling():
+            # the same rule as a select on the flag's buffer, not a Python branch on its mirror: a
+            # branch makes torch.compile guard on the flag, and its flip at the first batch would
+            # recompile the graph at the second (_on_start has nothing to do then: reset and a new
+            # observer leave the state as it sets it)
+            m_mn, m_mx = self._merge(mn, mx)
+            keep = self.seen & self.initialized
+            new_mn, new_mx = torch.where(keep, m_mn, mn), torch.where(keep, m_mx, mx)
+        elif not self.is_initialized:  # the first batch since made or reset: its range replaces the state
             self._on_start()
             new_mn, new_mx = mn, mx
         else:  # merged where the parameter has a range from data, the batch's own where it is the first
@@ -208,6 +230,31 @@ class Observer(Float32State, FlagBuffers):
         self._set_flag("initialized", True)
         self._on_batch(has)
         return x
+
+    @property
+    def first_batch_is_minmax(self) -> bool:
+        """Whether a first batch (after :meth:`reset`) leaves this observer holding the batch's finite
+        min / max and gives :func:`qparams_from_range` of it, with nothing else to update: what
+        :func:`qat.kernels.fake_quantize_minmax` computes in one pass with ``state=``. True for
+        :class:`MinMaxObserver` and :class:`MovingAverageMinMaxObserver` without ``sync`` or
+        ``nonfinite: raise``; False for statistics other than min / max.
+
+        Example::
+
+            >>> MinMaxObserver(QuantSpec(bits=8), (1,)).first_batch_is_minmax
+            True
+        """
+        cls = type(self)
+        return (
+            cls.batch_range is Observer.batch_range and cls.qparams is Observer.qparams
+            and cls._on_start is Observer._on_start and cls._on_batch is Observer._on_batch
+            and not self.sync and self.spec.nonfinite is not NonFinite.RAISE
+        )
+
+    def mark_observed(self) -> None:
+        """Record that a batch was observed outside :meth:`forward` (by the fused kernel, which
+        updated ``min_val`` / ``max_val`` / ``seen`` itself)."""
+        self._set_flag("initialized", True)
 
     def _merge(self, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The state after a batch with range ``(mn, mx)`` (used where the batch had data)."""

@@ -23,7 +23,7 @@ def _check_all(arch):
     sizes = cupy_backend.compile_all(arch=arch)
     expected = {(name, code, vec) for name, code, vec in cupy_backend._variants()}
     assert set(sizes) == expected
-    assert len(expected) == 2 * 3 * 2  # 2 sources x {fp32, fp16, bf16} x {scalar, 16-byte vector}
+    assert len(expected) == 3 * 3 * 2  # 3 sources (fake_quant, reduce, rows) x {fp32, fp16, bf16} x {scalar, 16-byte vector}
     assert all(size > 0 for size in sizes.values())
 
 
