@@ -1,15 +1,28 @@
 """``qat-export``: a trained quantized model -> packed safetensors / ONNX / GGUF.
 
-Nothing is trained: the float architecture comes from the ``model`` config group, the weights and
-the plan from ``checkpoint`` (the ``qat_model.pt`` that ``qat-train`` writes: ``{plan, state_dict}``
-of the quantized network), then ``qat.convert`` and the writers of :mod:`qat.export`.
+Nothing is trained. ``checkpoint`` is either
 
-    qat-export checkpoint=outputs/2026-11-22/14-41-39/qat_model.pt
-    qat-export checkpoint=... formats=[safetensors,onnx,gguf] output_dir=exported
+* a Lightning checkpoint (``.ckpt``) written by a ``Trainer`` that ran the
+  :class:`qat.callbacks.QuantizationAwareTraining` callback (``ModelCheckpoint``'s ``last.ckpt``,
+  ``qat-train``'s ``checkpoints/qat/last.ckpt``): the plan comes from the callback's state in it,
+  the weights and quantizer state from its ``state_dict``, the LightningModule from the ``model``
+  node (``_target_`` and arguments, as ``qat-train`` takes it), with the checkpoint's
+  ``hyper_parameters`` (``save_hyperparameters()``) for the arguments the node does not set, as
+  ``LightningModule.load_from_checkpoint`` would; or
+* the ``qat_model.pt`` that ``qat-train`` / ``qat-ptq`` write (``{plan, state_dict}`` of the
+  quantized network ``getattr(model, module_attr)``).
+
+Then ``qat.convert`` and the writers of :mod:`qat.export`. A checkpoint trained with
+``fold_bn=True`` is recognized by its keys.
+
+    qat-export checkpoint=lightning_logs/version_0/checkpoints/last.ckpt      # the digits CNN (model=digits_cnn)
+    qat-export checkpoint=last.ckpt model._target_=my_pkg.MyModule module_attr=null   # your LightningModule
+    qat-export checkpoint=outputs/2026-11-22/14-41-39/qat_model.pt formats=[safetensors,onnx,gguf] output_dir=exported
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -19,16 +32,21 @@ from typing import Any, Optional
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from qat import QATConfigError, convert, prepare, quantizers
+from qat import QATConfigError, QuantPlan, convert, prepare, quantizers
 from qat.callbacks.export import export_atomically
 from qat.export.formats import FORMATS, check_formats, export_formats
-
-from .atomic import write_json
 from qat.size import float_size_bytes
 
-__all__ = ["ExportConfig", "FORMATS", "check_example_input_shape", "freeze_input_observers", "main", "run", "load_qat_checkpoint", "export_formats", "register_export_configs"]
+from .atomic import write_json
+from .entry import missing_extras
+from .progress import progress_enabled, step_bar
+
+__all__ = [
+    "ExportConfig", "FORMATS", "check_example_input_shape", "freeze_input_observers", "main", "run", "load_qat_checkpoint",
+    "build_quantized_model", "export_formats", "register_export_configs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +62,14 @@ class ExportConfig:
     """
 
     model: Any = None
-    checkpoint: str = "???"
+    checkpoint: str = "???"  # a Lightning .ckpt (trained with QuantizationAwareTraining) or a qat_model.pt
     formats: list = field(default_factory=lambda: ["safetensors", "onnx"])
     output_dir: Optional[str] = None
     module_attr: Optional[str] = "net"  # the quantized network inside the instantiated model; null: the model itself
-    fold_bn: bool = False  # the checkpoint was trained with prepare(..., fold_bn=True)
+    fold_bn: bool = False  # the first guess of how the checkpoint was prepared; the other one is tried too
     example_input_shape: list = field(default_factory=lambda: [1, 1, 8, 8])  # ONNX tracing input (float)
     gguf_tokenizer_dir: Optional[str] = None
+    progress: Any = None  # true / false; null: a bar only when stderr is a terminal
 
 
 def register_export_configs() -> None:
@@ -112,34 +131,189 @@ def check_example_input_shape(shape: Any) -> Optional[list[int]]:
     return dims or None
 
 
+def _is_lightning(ckpt: dict) -> bool:
+    return "state_dict" in ckpt and ("pytorch-lightning_version" in ckpt or "callbacks" in ckpt) and "plan" not in ckpt
+
+
+def _callback_plan(path: str, ckpt: dict) -> dict:
+    """The plan of the ``QuantizationAwareTraining`` state in a Lightning checkpoint's ``callbacks``."""
+    states = ckpt.get("callbacks") or {}
+    plans = [v["plan"] for v in states.values() if isinstance(v, dict) and "plan" in v and "observers_frozen" in v]
+    if not plans:
+        names = [str(k).split("{")[0] for k in states]
+        raise QATConfigError(
+            f"checkpoint {path!r} is a Lightning checkpoint without QuantizationAwareTraining state (its callbacks: "
+            f"{names}); give the checkpoint of a Trainer that ran qat.callbacks.QuantizationAwareTraining, or a qat_model.pt"
+        )
+    if any(QuantPlan.from_dict(p) != QuantPlan.from_dict(plans[0]) for p in plans[1:]):
+        raise QATConfigError(f"checkpoint {path!r} holds {len(plans)} QuantizationAwareTraining states with different plans")
+    return plans[0]
+
+
 def load_qat_checkpoint(path: str) -> dict[str, Any]:
-    """``{plan, state_dict}`` from a ``qat_model.pt``, with clear errors for anything else.
+    """``{plan, state_dict, kind, hyper_parameters}`` of a checkpoint ``qat-export`` takes, with clear
+    errors for anything else.
+
+    ``kind`` is ``"lightning"`` for a Lightning ``.ckpt`` written with the
+    :class:`qat.callbacks.QuantizationAwareTraining` callback (the plan is the callback's, the
+    state dict the LightningModule's; ``hyper_parameters`` what ``save_hyperparameters()`` stored,
+    else ``{}``), ``"qat_model"`` for a ``qat_model.pt`` (``{plan, state_dict}`` of the quantized
+    network) that ``qat-train`` / ``qat-ptq`` write.
 
     Raises:
-        QATConfigError: the file is missing, not a PyTorch checkpoint, or not ``{plan, state_dict}``.
+        QATConfigError: the file is missing, not a PyTorch checkpoint, a Lightning checkpoint
+            without the callback's state, or neither kind.
 
     Example::
 
         >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "qat_model.pt")
         >>> torch.save({"plan": {"name": "w8a8", "rules": []}, "state_dict": {}}, path)
-        >>> sorted(load_qat_checkpoint(path))
-        ['plan', 'state_dict']
+        >>> ckpt = load_qat_checkpoint(path)
+        >>> ckpt["kind"], ckpt["plan"]["name"]
+        ('qat_model', 'w8a8')
+        >>> torch.save({"pytorch-lightning_version": "2.5", "state_dict": {}, "callbacks": {
+        ...     "QuantizationAwareTraining": {"plan": {"name": "w4a8", "rules": []}, "observers_frozen": False}}}, path)
+        >>> load_qat_checkpoint(path)["kind"], load_qat_checkpoint(path)["plan"]["name"]
+        ('lightning', 'w4a8')
         >>> load_qat_checkpoint(path + ".missing")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        qat.errors.QATConfigError: checkpoint '...qat_model.pt.missing' does not exist (give the qat_model.pt that qat-train wrote)
+        qat.errors.QATConfigError: checkpoint '...qat_model.pt.missing' does not exist (give a Lightning .ckpt trained with QuantizationAwareTraining, or the qat_model.pt that qat-train wrote)
     """
     if not os.path.isfile(path):
-        raise QATConfigError(f"checkpoint {path!r} does not exist (give the qat_model.pt that qat-train wrote)")
+        raise QATConfigError(
+            f"checkpoint {path!r} does not exist (give a Lightning .ckpt trained with QuantizationAwareTraining, "
+            "or the qat_model.pt that qat-train wrote)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of a file that is not a torch checkpoint
-        raise QATConfigError(f"checkpoint {path!r} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise QATConfigError(f"checkpoint {path!r} is not a PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:300]})") from None
+    if isinstance(ckpt, dict) and _is_lightning(ckpt):
+        hparams = ckpt.get("hyper_parameters") or {}
+        return {"kind": "lightning", "plan": _callback_plan(path, ckpt), "state_dict": ckpt["state_dict"],
+                "hyper_parameters": dict(hparams) if isinstance(hparams, dict) else {},
+                "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
     if not isinstance(ckpt, dict) or not {"plan", "state_dict"} <= set(ckpt):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise QATConfigError(f"checkpoint {path!r} is not a qat-train checkpoint: expected keys ['plan', 'state_dict'], got {keys}")
-    return ckpt
+        raise QATConfigError(
+            f"checkpoint {path!r} is not a qat-train checkpoint: expected keys ['plan', 'state_dict'] (qat_model.pt) or a "
+            f"Lightning checkpoint (state_dict, callbacks), got {keys}"
+        )
+    return {"kind": "qat_model", "plan": ckpt["plan"], "state_dict": ckpt["state_dict"], "hyper_parameters": {}}
+
+
+def _shipped_model_defaults() -> list[dict]:
+    """The nodes of ``configs/model/*.yaml`` (unresolved)."""
+    import glob
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model")
+    if not os.path.isdir(here):  # installed: qat/configs beside qat/recipes
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs", "model")
+    nodes = [OmegaConf.to_container(OmegaConf.load(p), resolve=False) for p in sorted(glob.glob(os.path.join(here, "*.yaml")))]
+    return [n for n in nodes if isinstance(n, dict)]
+
+
+def _instantiate_model(node: Any, hparams: dict) -> Any:
+    """``node`` instantiated (``hydra.utils.instantiate``) with the checkpoint's ``hparams`` for the
+    arguments its target takes and the node does not set. A key the shipped ``model`` configs left
+    in the node (``model._target_=my_pkg.MyModule`` keeps ``net`` of ``digits_cnn``) is dropped when
+    the new target does not take it; any other unknown key is an error."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_object
+
+    if node is None or not hasattr(node, "keys") or "_target_" not in node:
+        raise QATConfigError(f"model must be a mapping with a _target_ (the LightningModule's class), got {node!r}")
+    spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    target = spec["_target_"]
+    try:
+        cls = get_object(str(target))
+    except Exception as exc:
+        raise QATConfigError(f"model._target_={target!r} is not importable ({exc}); working directory: {os.getcwd()}") from None
+    try:
+        params = inspect.signature(cls).parameters.values()
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+        var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    except (TypeError, ValueError):
+        names, var_kw = [], True
+    if not var_kw:
+        unknown = [k for k in spec if not str(k).startswith("_") and k not in names]
+        leftovers = [k for k in unknown if any(d.get("_target_") != target and d.get(k) == spec[k] for d in _shipped_model_defaults())]
+        for k in leftovers:
+            log.info("model.%s (left by the default model config) dropped: %s takes no such argument", k, target)
+            spec.pop(k)
+        unknown = [k for k in unknown if k not in leftovers]
+        if unknown:
+            raise QATConfigError(f"model.{unknown[0]}: {target} takes no argument {unknown[0]!r}; its arguments: {names}")
+    extra = {k: v for k, v in hparams.items() if not str(k).startswith("_") and k not in spec and (var_kw or k in names)}
+    try:
+        return instantiate(spec, **extra)
+    except InstantiationException as exc:
+        raise QATConfigError(f"model: {target}: {exc.__cause__ or exc}") from exc
+
+
+def build_quantized_model(model_node: Any, ckpt: dict[str, Any], module_attr: Optional[str] = "net",
+                          fold_bn: bool = False, where: str = "checkpoint") -> tuple[Any, torch.nn.Module, bool, int]:
+    """The model of ``model_node`` prepared with the checkpoint's plan and loaded with its state.
+
+    Args:
+        model_node: the ``model`` config node (``_target_`` and arguments).
+        ckpt: what :func:`load_qat_checkpoint` returns.
+        module_attr: the quantized network inside the model (``None``: the model itself).
+        fold_bn: how the checkpoint was prepared, tried first; the other way is tried if the keys
+            do not fit (``QuantConvBn2d`` holds its BatchNorm under ``.bn``).
+        where: the checkpoint's name, for messages.
+
+    Returns:
+        ``(model, net, fold_bn, float_bytes)``: the model, its quantized network, the ``fold_bn``
+        that fit, and the network's float32 size before it was prepared.
+
+    Raises:
+        QATConfigError: the checkpoint does not fit the model (keys or shapes), naming both.
+
+    Example::
+
+        >>> from qat import load_plan
+        >>> from qat.recipes.digits import DigitsCNN
+        >>> net = prepare(DigitsCNN(channels=4), "w8a8", fold_bn=True)
+        >>> ckpt = {"kind": "qat_model", "plan": load_plan("w8a8").to_dict(), "state_dict": net.state_dict(), "hyper_parameters": {}}
+        >>> node = {"_target_": "qat.recipes.digits.ClassifierModule", "net": {"_target_": "qat.recipes.digits.DigitsCNN", "channels": 4}}
+        >>> model, net, folded, float_bytes = build_quantized_model(node, ckpt)
+        >>> type(net[0]).__name__, folded, float_bytes
+        ('QuantConvBn2d', True, 4304)
+    """
+    errors = []
+    for fold in (bool(fold_bn), not fold_bn):
+        model = _instantiate_model(model_node, ckpt.get("hyper_parameters") or {})
+        net = model
+        if module_attr:
+            if not hasattr(model, module_attr):
+                children = [n for n, _ in model.named_children()]
+                raise QATConfigError(
+                    f"module_attr={module_attr!r}: the instantiated model ({type(model).__name__}) has no such attribute; "
+                    f"its submodules are {children} (module_attr=null: the whole model)"
+                )
+            net = getattr(model, module_attr)
+        float_bytes = float_size_bytes(net)
+        prepare(net, ckpt["plan"], fold_bn=fold)
+        # a Lightning checkpoint holds the LightningModule's state, a qat_model.pt the network's
+        into = model if ckpt["kind"] == "lightning" else net
+        try:
+            missing, unexpected = into.load_state_dict(ckpt["state_dict"], strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            errors.append("; ".join(lines[:4]) + (f"; ... ({len(lines) - 4} more)" if len(lines) > 4 else ""))
+            continue
+        if not missing and not unexpected:
+            if fold != bool(fold_bn):
+                log.info("%s was prepared with fold_bn=%s", where, fold)
+            return model, net, fold, float_bytes
+        errors.append(f"missing {list(missing)[:6]}, unexpected {list(unexpected)[:6]}")
+    raise QATConfigError(
+        f"{where} does not fit the model config: {errors[0]} (another model config, e.g. model.net.channels, "
+        "or module_attr?)"
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -147,7 +321,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Every argument is checked before anything is written (``example_input_shape`` by running the
     model on it); the files are written atomically (:func:`qat.callbacks.export.export_atomically`),
-    so a failed export leaves none behind and a re-export replaces the files whole.
+    so a failed export leaves none behind and a re-export replaces the files whole. With
+    ``cfg.progress`` on, a bar shows the step in progress.
 
     Example::
 
@@ -170,51 +345,48 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     formats = check_formats(cfg.formats)
     shape = check_example_input_shape(cfg.example_input_shape)
-    ckpt = load_qat_checkpoint(str(cfg.checkpoint))
-    model = instantiate(cfg.model)
-    net = model
-    if cfg.module_attr:
-        if not hasattr(model, cfg.module_attr):
-            raise QATConfigError(f"module_attr={cfg.module_attr!r}: the instantiated model ({type(model).__name__}) has no such attribute")
-        net = getattr(model, cfg.module_attr)
-    float_bytes = float_size_bytes(net)
-    kwargs = {"fold_bn": True} if cfg.fold_bn else {}
-    prepare(net, ckpt["plan"], **kwargs)
-    try:
-        missing, unexpected = net.load_state_dict(ckpt["state_dict"], strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise QATConfigError(f"checkpoint {cfg.checkpoint!r} does not fit the model config: {str(exc)[:400]}") from None
-    if missing or unexpected:
-        raise QATConfigError(
-            f"checkpoint {cfg.checkpoint!r} does not fit the model config: missing {missing[:6]}, unexpected {unexpected[:6]} "
-            "(another model config, or fold_bn?)"
-        )
-    net.eval()
-    freeze_input_observers(net)
-    example = None
-    if shape:
-        example = torch.rand(*shape)
-        try:  # a shape the model cannot take fails here, before anything is written
-            with torch.no_grad():
-                net(example)
-        except Exception as exc:
-            raise QATConfigError(
-                f"example_input_shape={shape} does not fit the model ({type(exc).__name__}: {str(exc)[:300]}); "
-                "give the shape of one input batch, e.g. [1, 1, 8, 8] for the digits CNN"
-            ) from None
-    int_model = convert(net)
-    out_dir = cfg.output_dir or os.path.dirname(os.path.abspath(str(cfg.checkpoint)))
-    paths = export_atomically(int_model, formats, out_dir, example, cfg.gguf_tokenizer_dir)
-    for fmt, path in paths.items():
-        log.info("wrote %s (%s)", path, fmt)
+    bars = progress_enabled(cfg.get("progress"))
+    path = str(cfg.checkpoint)
+    with step_bar(["load checkpoint", "prepare and load", "convert", f"write {', '.join(formats)}"], "qat-export",
+                  enabled=bars) as step:
+        step("load checkpoint")
+        ckpt = load_qat_checkpoint(path)
+        step("prepare and load")
+        model, net, folded, float_bytes = build_quantized_model(cfg.model, ckpt, cfg.module_attr, bool(cfg.fold_bn),
+                                                                f"checkpoint {path!r}")
+        net.eval()
+        freeze_input_observers(net)
+        example = None
+        if shape:
+            example = torch.rand(*shape)
+            try:  # a shape the model cannot take fails here, before anything is written
+                with torch.no_grad():
+                    net(example)
+            except Exception as exc:
+                raise QATConfigError(
+                    f"example_input_shape={shape} does not fit the model ({type(exc).__name__}: {str(exc)[:300]}); "
+                    "give the shape of one input batch, e.g. [1, 1, 8, 8] for the digits CNN"
+                ) from None
+        step("convert")
+        int_model = convert(net)
+        out_dir = cfg.output_dir or os.path.dirname(os.path.abspath(path))
+        step(f"write {', '.join(formats)}")
+        paths = export_atomically(int_model, formats, out_dir, example, cfg.gguf_tokenizer_dir)
+    for fmt, p in paths.items():
+        log.info("wrote %s (%s)", p, fmt)
     int_bytes = sum(t.numel() * t.element_size() for t in int_model.state_dict().values())
+    plan = ckpt["plan"]
     result = {
-        "checkpoint": str(cfg.checkpoint),
-        "plan": ckpt["plan"].get("name") if isinstance(ckpt["plan"], dict) else str(ckpt["plan"]),
+        "checkpoint": path,
+        "checkpoint_kind": ckpt["kind"],
+        "plan": plan.get("name") if isinstance(plan, dict) else str(plan),
+        "fold_bn": folded,
         "files": {f: {"path": p, "bytes": os.path.getsize(p)} for f, p in paths.items()},
         "float_bytes": float_bytes,
         "converted_state_bytes": int_bytes,
     }
+    if ckpt["kind"] == "lightning":
+        result["epoch"], result["global_step"] = ckpt.get("epoch"), ckpt.get("global_step")
     if example is not None:
         with torch.no_grad():
             result["max_abs_diff_converted_vs_fake_quant"] = float((int_model(example) - net(example)).abs().max())
@@ -224,7 +396,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _task(cfg: DictConfig) -> None:
-    run(cfg)
+    with missing_extras("qat-export"):  # also when run as python -m qat.recipes.export
+        run(cfg)
 
 
 def main() -> None:
