@@ -3,6 +3,10 @@
 ``Trainer`` of the ``trainer`` group (:func:`build_trainer`) and the callbacks of the
 ``callbacks`` group (:func:`instantiate_callbacks`).
 
+The model and data nodes are any ``LightningModule`` / ``LightningDataModule`` by ``_target_``
+(:func:`instantiate_node`); the ``trainer`` node is a ``Trainer`` by ``_target_`` (either Lightning
+namespace, :func:`trainer_class`), completed per stage by :func:`build_trainer`.
+
 The callbacks are not copied field by field into a stage: ``configs/callbacks/default.yaml`` holds
 each one as a ``_target_`` node whose keys are its constructor's arguments, so every argument is a
 CLI key (``qat-train callbacks.qat.freeze_bn_epoch=3 callbacks.oscillation.dampen=1e-3``) and a
@@ -21,7 +25,8 @@ from qat.spec import QuantSpec
 __all__ = [
     "TrainConfig", "FPStage", "PTQStage", "QATStage", "register_configs", "build_trainer", "instantiate_callbacks",
     "check_int", "check_lr", "check_trainer_node", "check_data_node", "validate_train_config",
-    "check_output_dir", "check_plan_fits", "RESERVED_TRAINER_KEYS",
+    "check_output_dir", "check_plan_fits", "RESERVED_TRAINER_KEYS", "DEFAULT_TRAINER", "METRIC_MODES",
+    "trainer_class", "instantiate_node", "check_metric_keys",
 ]
 
 
@@ -82,7 +87,13 @@ class TrainConfig:
 
     ``quant`` / ``model`` / ``data`` / ``trainer`` / ``logger`` / ``callbacks`` come from their
     config groups; ``callbacks`` maps a name to a Lightning callback's ``_target_`` node (``null``:
-    off).
+    off). ``model`` is any ``LightningModule`` by ``_target_``, ``data`` any ``LightningDataModule``,
+    ``trainer`` a Lightning ``Trainer``. ``module_attr`` names the quantized network inside the
+    model (``auto``: ``net`` when the model has one, else the whole model; ``null``: the whole
+    model; as in ``qat-export``), ``metric`` / ``mode`` what the table
+    and a sweep's objective report (a key the model logs in ``test_step`` or ``validation_step``;
+    ``max`` or ``min``), ``fp_cache`` where trained float models are kept for reuse (``null``: the
+    sweep directory in a multirun, none in a single run; ``false``: off).
 
     Example::
 
@@ -97,6 +108,10 @@ class TrainConfig:
     logger: Any = None
     callbacks: Any = None  # {name: {_target_: <callback class>, **its arguments}}
     seed: int = 0
+    module_attr: Optional[str] = "auto"  # the quantized network inside the model: auto (net if it has one), a name, null (all)
+    metric: str = "test/acc"  # what the table and the sweep objective report (logged by the model)
+    mode: str = "max"  # max or min: which way the metric is better
+    fp_cache: Any = None  # null: <sweep dir>/fp_cache in a multirun; a directory; false: off
     fp: FPStage = field(default_factory=FPStage)
     ptq: PTQStage = field(default_factory=PTQStage)
     qat: QATStage = field(default_factory=QATStage)
@@ -105,8 +120,10 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas: ``train_schema`` (the top level) and ``schema/quant_spec``, and the
-    ``qat_first`` resolver (``${qat_first:a,b}``: the first non-null argument) of the run directories.
+    """Register the schemas: ``train_schema`` (the top level) and ``schema/quant_spec``, the
+    ``qat_first`` resolver (``${qat_first:a,b}``: the first non-null argument) of the run directories
+    and ``qat_direction`` (``${qat_direction:${mode}}``: ``maximize`` / ``minimize``, the Optuna
+    sweeper's direction).
 
     Called by the entry points before Hydra composes; never at import time.
 
@@ -123,38 +140,265 @@ def register_configs() -> None:
 
     # ${qat_first:a,b,...}: the first argument that is not null (hydra.run.dir: the resumed run's directory, or a new one)
     OmegaConf.register_new_resolver("qat_first", lambda *args: next((a for a in args if a is not None), None), replace=True)
+    # ${qat_direction:max} -> maximize: an Optuna sweeper's direction from the config's mode
+    OmegaConf.register_new_resolver("qat_direction", _direction, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="schema", name="quant_spec", node=QuantSpec)
 
 
-def build_trainer(cfg: Any, max_epochs: int, logger: Any, callbacks: list, root: str):
-    """The ``pytorch_lightning.Trainer`` that the ``trainer`` config group describes, for one stage.
+#: the ``Trainer`` of a ``trainer`` node without ``_target_``
+DEFAULT_TRAINER = "pytorch_lightning.Trainer"
+#: the values of ``mode``
+METRIC_MODES = ("max", "min")
+
+
+def _direction(mode: Any) -> str:
+    if mode not in METRIC_MODES:
+        raise QATConfigError(f"mode must be one of {list(METRIC_MODES)}, got {mode!r}")
+    return "maximize" if mode == "max" else "minimize"
+
+
+def _namespace_of(obj_or_cls: Any, kind: str) -> Any:
+    """The Lightning namespace module (``pytorch_lightning`` / ``lightning.pytorch``) whose ``kind``
+    class (``Trainer``, ``LightningModule``, ``LightningDataModule``) ``obj_or_cls`` is, or ``None``."""
+    from qat.callbacks.base import NAMESPACES
+
+    for ns in NAMESPACES:
+        base = getattr(ns, kind)
+        if (isinstance(obj_or_cls, type) and issubclass(obj_or_cls, base)) or isinstance(obj_or_cls, base):
+            return ns
+    return None
+
+
+def _stock_trainers() -> dict[str, type]:
+    from qat.callbacks.base import NAMESPACES
+
+    return {f"{ns.__name__}.Trainer": ns.Trainer for ns in NAMESPACES}
+
+
+def trainer_class(node: Any, model: Any = None, where: str = "trainer") -> type:
+    """The ``Trainer`` class of a ``trainer`` node: its ``_target_`` (``pytorch_lightning.Trainer``
+    when it has none), a ``Trainer`` of either Lightning namespace or a subclass.
+
+    A stock ``Trainer`` follows ``model``'s namespace: a ``lightning.pytorch.LightningModule`` gets
+    ``lightning.pytorch.Trainer`` even from the default ``_target_: pytorch_lightning.Trainer``
+    (the two namespaces refuse each other's modules); a ``Trainer`` subclass must match it.
+
+    Raises:
+        QATConfigError: a ``_target_`` that is not importable or not a Lightning ``Trainer``, or a
+            ``Trainer`` subclass of the other namespace than the model's.
+
+    Example::
+
+        >>> import pytorch_lightning as pl
+        >>> trainer_class({"_target_": "pytorch_lightning.Trainer"}) is pl.Trainer
+        True
+        >>> trainer_class({"_target_": "torch.nn.Linear"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: trainer._target_='torch.nn.Linear' is not a Lightning Trainer; valid: ['pytorch_lightning.Trainer', ...
+    """
+    from hydra.utils import get_class
+
+    stock = _stock_trainers()
+    target = (node.get("_target_") if node is not None and hasattr(node, "get") else None) or DEFAULT_TRAINER
+    try:
+        cls = get_class(str(target))
+    except Exception as exc:
+        raise QATConfigError(f"{where}._target_={target!r} is not an importable class ({exc}); valid: {list(stock)} "
+                             "or a subclass") from None
+    ns = _namespace_of(cls, "Trainer")
+    if ns is None:
+        raise QATConfigError(f"{where}._target_={target!r} is not a Lightning Trainer; valid: {list(stock)} or a subclass")
+    if model is None:
+        return cls
+    model_ns = _namespace_of(model, "LightningModule")
+    if model_ns is None or model_ns is ns:
+        return cls
+    if cls in stock.values():
+        return model_ns.Trainer
+    raise QATConfigError(
+        f"{where}._target_={target!r} is a {ns.__name__} Trainer but the model ({type(model).__name__}) is a "
+        f"{model_ns.__name__}.LightningModule; set {where}._target_ to a {model_ns.__name__} Trainer"
+    )
+
+
+def build_trainer(cfg: Any, max_epochs: int, logger: Any, callbacks: list, root: str, model: Any = None, **overrides: Any):
+    """The ``Trainer`` of the ``trainer`` config node for one stage, instantiated with
+    ``hydra.utils.instantiate``: the node's keys plus the stage's ``max_epochs``, logger, callbacks
+    and ``default_root_dir`` (keys the node may not set, :data:`RESERVED_TRAINER_KEYS`).
 
     Args:
-        cfg: the composed config (its ``trainer`` node: ``Trainer`` keyword arguments).
+        cfg: the composed config (its ``trainer`` node: ``_target_`` and ``Trainer`` keyword arguments).
         max_epochs: the stage's epochs.
         logger: a Lightning logger, or ``False``.
         callbacks: the stage's callbacks.
         root: ``default_root_dir``.
+        model: the module it will train; a stock ``Trainer`` follows its Lightning namespace
+            (:func:`trainer_class`).
+        overrides: more ``Trainer`` arguments (over the node's).
 
     Example::
 
         >>> from omegaconf import OmegaConf
-        >>> cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "enable_progress_bar": False}})
+        >>> cfg = OmegaConf.create({"trainer": {"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu",
+        ...                                     "enable_progress_bar": False}})
         >>> build_trainer(cfg, 2, False, [], "/tmp").max_epochs
         2
     """
-    import pytorch_lightning as pl
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) or {}
-    check_trainer_node(kwargs)
-    if any(isinstance(cb, ModelCheckpoint) for cb in callbacks):  # the stage checkpoints of qat-train
+    node = cfg.get("trainer") if hasattr(cfg, "get") else None
+    kwargs = (OmegaConf.to_container(node, resolve=True) if node is not None else None) or {}
+    cls = trainer_class(kwargs, model)
+    kwargs.pop("_target_", None)
+    check_trainer_node(kwargs, trainer_cls=cls)
+    ns = _namespace_of(cls, "Trainer")
+    if any(isinstance(cb, ns.callbacks.ModelCheckpoint) for cb in callbacks):  # the stage checkpoints of qat-train
         kwargs["enable_checkpointing"] = True
-    return pl.Trainer(max_epochs=max_epochs, logger=logger, callbacks=callbacks, default_root_dir=root, **kwargs)
+    kwargs.update(overrides)
+    try:
+        return instantiate({"_target_": f"{cls.__module__}.{cls.__qualname__}", **kwargs}, max_epochs=max_epochs,
+                           logger=logger, callbacks=callbacks, default_root_dir=root)
+    except InstantiationException as exc:
+        raise QATConfigError(f"trainer: {exc.__cause__ or exc}") from exc
+
+
+def _accepted(target: Any) -> tuple[list[str], bool]:
+    """The keyword arguments ``target`` takes, and whether it takes ``**kwargs`` too."""
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return [], True
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _group_defaults(group: str) -> list[dict]:
+    """The nodes of the options of the config group ``group`` shipped in ``configs/`` (unresolved)."""
+    import glob
+    import os
+
+    from omegaconf import OmegaConf
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", group)
+    if not os.path.isdir(here):  # installed: qat/configs beside qat/recipes
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs", group)
+    out = []
+    for path in sorted(glob.glob(os.path.join(here, "*.yaml"))):
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if isinstance(node, dict) and "_target_" in node:
+            out.append(node)
+    return out
+
+
+def instantiate_node(node: Any, where: str, kinds: tuple[str, ...] = (), quiet: bool = False, **kwargs: Any) -> Any:
+    """Instantiate a ``_target_`` node (``model``, ``data``) with ``hydra.utils.instantiate``, its
+    arguments checked against the target's signature first.
+
+    A key the target does not take is an error naming the target's arguments, except one that the
+    shipped defaults of the same config group (``configs/<where>/*.yaml``, another ``_target_``)
+    left behind with their value: ``qat-train model._target_=mymodel.MyModule`` keeps the digits
+    model's ``net`` / ``num_classes`` in the node, and they are dropped (logged) when ``MyModule``
+    does not take them. ``kwargs`` go to the target only when it takes them and the node does not
+    set them itself.
+
+    Args:
+        node: the config node (``_target_`` and the constructor's arguments).
+        where: its key (``model``, ``data``), for messages and the config group.
+        kinds: the Lightning base classes the object must be (``"LightningModule"``,
+            ``"LightningDataModule"``) in either namespace; empty: anything.
+        quiet: do not log the dropped keys (an object instantiated again).
+        kwargs: extra arguments offered to the target (``lr=``).
+
+    Returns:
+        ``(obj, used)``: the object and the names of ``kwargs`` that were passed.
+
+    Raises:
+        QATConfigError: a ``_target_`` that is missing or not importable (with the working directory
+            it was looked up from), an argument it does not take, an error of its constructor, or
+            an object of the wrong kind.
+
+    Example::
+
+        >>> obj, used = instantiate_node({"_target_": "collections.Counter", "a": 1}, "data")
+        >>> obj["a"], used
+        (1, [])
+        >>> instantiate_node({"_target_": "qat.recipes.digits.DigitsDataModule", "batch_sise": 8}, "data")
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: data.batch_sise: qat.recipes.digits.DigitsDataModule takes no argument 'batch_sise'; its arguments: ['batch_size', 'seed', 'val_fraction', 'test_fraction']
+    """
+    import logging
+    import os
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_object, instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    log = logging.getLogger("qat.recipes")
+    if node is None or not hasattr(node, "keys") or "_target_" not in node:
+        raise QATConfigError(f"{where} must be a mapping with a _target_ (the class to instantiate), got {node!r}")
+    spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    raw = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else dict(node)
+    target = spec["_target_"]
+    try:
+        obj_cls = get_object(str(target))
+    except Exception as exc:
+        raise QATConfigError(
+            f"{where}._target_={target!r} is not importable ({exc}); a module of your own must be importable from "
+            f"the working directory ({os.getcwd()}) or installed"
+        ) from None
+    names, var_kw = _accepted(obj_cls)
+    if not var_kw:
+        unknown = [k for k in spec if not str(k).startswith("_") and k not in names]
+        leftovers = []
+        for default in _group_defaults(where):
+            if default.get("_target_") == target:
+                continue
+            leftovers += [k for k in unknown if k in default and default[k] == raw.get(k) and k not in leftovers]
+        if leftovers and not quiet:
+            log.info("%s: %s (left by the default %s config) dropped: %s takes no such argument", where,
+                     ", ".join(f"{where}.{k}" for k in leftovers), where, target)
+        for k in leftovers:
+            spec.pop(k)
+        unknown = [k for k in unknown if k not in leftovers]
+        if unknown:
+            raise QATConfigError(f"{where}.{unknown[0]}: {target} takes no argument {unknown[0]!r}; its arguments: {names}")
+    used = [k for k in kwargs if k not in spec and (var_kw or k in names) and kwargs[k] is not None]
+    try:
+        obj = instantiate(spec, **{k: kwargs[k] for k in used})
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, QATConfigError):
+            raise cause from None
+        raise QATConfigError(f"{where}: {target}: {cause or exc}") from exc
+    if kinds and not any(_namespace_of(obj, kind) is not None for kind in kinds):
+        raise QATConfigError(f"{where}._target_={target!r} built a {type(obj).__name__}, not a {' / '.join(kinds)} "
+                             "(pytorch_lightning or lightning.pytorch)")
+    return obj, used
+
+
+def check_metric_keys(metric: Any, mode: Any, module_attr: Any = None) -> None:
+    """Check ``metric`` (a non-empty string: a key the model logs), ``mode`` (``max`` / ``min``) and
+    ``module_attr`` (an attribute name or ``None``).
+
+    Example::
+
+        >>> check_metric_keys("val_loss", "min")
+        >>> check_metric_keys("test/acc", "maximum")
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: mode must be one of ['max', 'min'], got 'maximum'
+    """
+    if not isinstance(metric, str) or not metric:
+        raise QATConfigError(f"metric must be the name of a value the model logs (e.g. test/acc, val_loss), got {metric!r}")
+    _direction(mode)
+    if module_attr is not None and (not isinstance(module_attr, str) or not module_attr.isidentifier()):
+        raise QATConfigError(f"module_attr must be an attribute name of the model or null (the whole model), got {module_attr!r}")
 
 
 def instantiate_callbacks(node: Any, where: str = "callbacks") -> dict[str, Any]:
@@ -216,7 +460,7 @@ def instantiate_callbacks(node: Any, where: str = "callbacks") -> dict[str, Any]
 # ---------------------------------------------------------------------- entry-point value checks
 #: ``Trainer`` arguments the recipes set themselves, and the key that sets each instead.
 RESERVED_TRAINER_KEYS = {
-    "max_epochs": "fp.epochs / qat.epochs (qat-train) or fp.epochs / qat_epochs (qat-ptq)",
+    "max_epochs": "fp.epochs / qat.epochs (one value a stage)",
     "logger": "the logger group (logger=none|csv|wandb)",
     "callbacks": "the callbacks group (callbacks.<name>=...)",
     "default_root_dir": "hydra.run.dir",
@@ -265,38 +509,43 @@ def check_lr(value: Any, key: str) -> float:
     return float(value)
 
 
-def check_trainer_node(kwargs: Any, where: str = "trainer") -> None:
-    """Check the ``trainer`` node: a mapping of ``pytorch_lightning.Trainer`` keyword arguments,
+def check_trainer_node(kwargs: Any, where: str = "trainer", trainer_cls: Any = None) -> None:
+    """Check the ``trainer`` node: a mapping of ``Trainer`` keyword arguments (and its ``_target_``),
     none of them one the recipes set themselves (:data:`RESERVED_TRAINER_KEYS`).
+
+    Args:
+        kwargs: the node as a mapping.
+        where: its key, for messages.
+        trainer_cls: the ``Trainer`` class (default: :func:`trainer_class` of the node).
 
     Raises:
         QATConfigError: a reserved key (naming the key that sets it instead) or an argument
-            ``Trainer`` does not take.
+            the ``Trainer`` does not take.
 
     Example::
 
-        >>> check_trainer_node({"accelerator": "cpu"})
+        >>> check_trainer_node({"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu"})
         >>> check_trainer_node({"max_epochs": 1})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         qat.errors.QATConfigError: trainer.max_epochs is set by the recipe per stage; set fp.epochs / qat.epochs ...
     """
-    import pytorch_lightning as pl
-
     if kwargs is None:
         return
     if not isinstance(kwargs, dict):
-        raise QATConfigError(f"{where} must be a mapping of pytorch_lightning.Trainer arguments, got {kwargs!r}")
+        raise QATConfigError(f"{where} must be a mapping of Trainer arguments (and its _target_), got {kwargs!r}")
     for key in kwargs:
         if key in RESERVED_TRAINER_KEYS:
             raise QATConfigError(
                 f"{where}.{key} is set by the recipe per stage; set {RESERVED_TRAINER_KEYS[key]} instead"
             )
-    params = [p for p in inspect.signature(pl.Trainer).parameters if p != "self"]
-    unknown = [k for k in kwargs if k not in params]
+    cls = trainer_cls or trainer_class(kwargs, where=where)
+    name = next((k for k, v in _stock_trainers().items() if v is cls), f"{cls.__module__}.{cls.__qualname__}")
+    params = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = [k for k in kwargs if not str(k).startswith("_") and k not in params]
     if unknown:
         valid = [p for p in params if p not in RESERVED_TRAINER_KEYS]
-        raise QATConfigError(f"{where}.{unknown[0]} is not a pytorch_lightning.Trainer argument; valid keys: {valid}")
+        raise QATConfigError(f"{where}.{unknown[0]} is not a {name} argument; valid keys: {valid}")
 
 
 def check_data_node(data: Any, where: str = "data") -> None:
@@ -318,8 +567,9 @@ def validate_train_config(cfg: Any) -> None:
 
     ``fp.epochs`` / ``qat.epochs`` integers >= 0 (0: the stage trains nothing), ``fp.lr`` /
     ``qat.lr`` finite and > 0, ``ptq.calibration_batches`` >= 1, ``data.batch_size`` >= 1, ``seed``
-    an integer, ``overwrite`` a boolean, and a ``trainer`` node without the keys the recipe sets
-    (:func:`check_trainer_node`).
+    an integer, ``overwrite`` a boolean, ``metric`` / ``mode`` / ``module_attr``
+    (:func:`check_metric_keys`), ``fp_cache`` (null, false or a directory), and a ``trainer`` node
+    without the keys the recipe sets (:func:`check_trainer_node`).
 
     Raises:
         QATConfigError: naming the key and its valid range.
@@ -346,6 +596,11 @@ def validate_train_config(cfg: Any) -> None:
         check_lr(cfg.qat.lr, "qat.lr")
     if not isinstance(cfg.get("overwrite", False), bool):
         raise QATConfigError(f"overwrite must be true or false, got {cfg.get('overwrite')!r}")
+    if "metric" in cfg:
+        check_metric_keys(cfg.get("metric"), cfg.get("mode", "max"), cfg.get("module_attr"))
+    fp_cache = cfg.get("fp_cache")
+    if fp_cache is not None and fp_cache is not False and not (isinstance(fp_cache, str) and fp_cache):
+        raise QATConfigError(f"fp_cache must be null (the sweep directory in a multirun), false (off) or a directory, got {fp_cache!r}")
     check_data_node(cfg.get("data"))
     trainer = cfg.get("trainer")
     check_trainer_node(OmegaConf.to_container(trainer, resolve=False) if trainer is not None else None)

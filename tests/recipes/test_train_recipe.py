@@ -98,7 +98,7 @@ def test_callbacks_are_instantiated_from_the_config_tree():
     from qat.callbacks import OscillationControl, QuantizationAwareTraining, QuantizationTelemetry
     from qat.recipes.config import instantiate_callbacks
 
-    cfg = _compose(["logger=none", "quant=w8a8", "callbacks.qat.freeze_bn_epoch=3", "callbacks.qat.smooth.alpha=0.5",
+    cfg = _compose(["logger=none", "quant=w8a8", "module_attr=net", "callbacks.qat.freeze_bn_epoch=3", "callbacks.qat.smooth.alpha=0.5",
                     "callbacks.oscillation.freeze=0.015", "callbacks.telemetry.every_n_steps=5"])
     cbs = instantiate_callbacks(cfg.callbacks)
     assert list(cbs) == ["qat", "oscillation", "telemetry"]
