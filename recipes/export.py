@@ -15,7 +15,7 @@ Nothing is trained. ``checkpoint`` is either
 Then ``qat.convert`` and the writers of :mod:`qat.export`. A checkpoint trained with
 ``fold_bn=True`` is recognized by its keys.
 
-    qat-export checkpoint=lightning_logs/version_0/checkpoints/last.ckpt      # the digits CNN (model=digits_cnn)
+    qat-export checkpoint=last.ckpt model.net.channels=4    # the digits CNN (model=digits_cnn), a ModelCheckpoint file
     qat-export checkpoint=last.ckpt model._target_=my_pkg.MyModule module_attr=null   # your LightningModule
     qat-export checkpoint=outputs/2026-11-22/14-41-39/qat_model.pt formats=[safetensors,onnx,gguf] output_dir=exported
 """
@@ -283,9 +283,19 @@ def build_quantized_model(model_node: Any, ckpt: dict[str, Any], module_attr: Op
         >>> type(net[0]).__name__, folded, float_bytes
         ('QuantConvBn2d', True, 4304)
     """
+    hparams = ckpt.get("hyper_parameters") or {}
+    saved_class = hparams.get("_class_path")  # LightningCLI's record of the module's class (never imported from here)
+    target = model_node.get("_target_") if hasattr(model_node, "get") else None
+    hint = (f"; the checkpoint was saved from {saved_class} (LightningCLI): model._target_={saved_class}"
+            if saved_class and saved_class != target else "")
+    if model_node is None:
+        raise QATConfigError(f"model: give the LightningModule's config (model=<group> or model._target_=<class>){hint}")
     errors = []
     for fold in (bool(fold_bn), not fold_bn):
-        model = _instantiate_model(model_node, ckpt.get("hyper_parameters") or {})
+        try:
+            model = _instantiate_model(model_node, hparams)
+        except QATConfigError as exc:
+            raise QATConfigError(f"{exc}{hint}") from None
         net = model
         if module_attr:
             if not hasattr(model, module_attr):
@@ -312,7 +322,7 @@ def build_quantized_model(model_node: Any, ckpt: dict[str, Any], module_attr: Op
         errors.append(f"missing {list(missing)[:6]}, unexpected {list(unexpected)[:6]}")
     raise QATConfigError(
         f"{where} does not fit the model config: {errors[0]} (another model config, e.g. model.net.channels, "
-        "or module_attr?)"
+        f"or module_attr?){hint}"
     )
 
 

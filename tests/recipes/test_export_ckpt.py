@@ -3,6 +3,7 @@ QuantizationAwareTraining callback, end to end on the digits recipe."""
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -84,9 +85,11 @@ def test_export_from_lightning_checkpoint_matches_the_trained_model(trained, tmp
 
 
 def test_console_script_reads_the_ckpt(trained, tmp_path):
-    ckpt, _ = trained
+    """With Lightning's default file name (an '=' in it: quoted for Hydra, as the README says)."""
+    ckpt = tmp_path / "epoch=0-step=20.ckpt"
+    shutil.copy(trained[0], ckpt)
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-c", "from qat.recipes.entry import export; export()", f"checkpoint={ckpt}",
+    cmd = [sys.executable, "-c", "from qat.recipes.entry import export; export()", f'checkpoint="{ckpt}"',
            "model.net.channels=4", "formats=[safetensors]", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -154,3 +157,10 @@ def test_own_lightning_module_with_saved_hyperparameters(tmp_path, monkeypatch):
         torch.testing.assert_close(packed(x), _deployed(module.net)(x), atol=0, rtol=0)
     with pytest.raises(QATConfigError, match=r"model.chanels: my_digits.TinyDigits takes no argument 'chanels'"):
         export_mod.run(_compose([f"checkpoint={ckpt}", "model._target_=my_digits.TinyDigits", "+model.chanels=6"]))
+    # LightningCLI records the class as _class_path: the error for another model config names it (not imported)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["hyper_parameters"]["_class_path"] = "my_digits.TinyDigits"
+    torch.save(saved, tmp_path / "cli.ckpt")
+    with pytest.raises(QATConfigError, match=r"does not fit .*saved from my_digits.TinyDigits \(LightningCLI\): "
+                                             r"model._target_=my_digits.TinyDigits$"):
+        export_mod.run(_compose([f"checkpoint={tmp_path / 'cli.ckpt'}", "model.net.channels=4"]))
