@@ -349,7 +349,8 @@ def instantiate_node(node: Any, where: str, kinds: tuple[str, ...] = (), quiet: 
         obj_cls = get_object(str(target))
     except Exception as exc:
         raise QATConfigError(
-            f"{where}._target_={target!r} is not importable ({exc}); a module of your own must be importable from "
+            f"{where}._target_={target!r} is not importable ({' '.join(str(exc).split())}); a module of your own must be "
+            "importable from "
             f"the working directory ({os.getcwd()}) or installed"
         ) from None
     names, var_kw = _accepted(obj_cls)
