@@ -56,6 +56,8 @@ __all__ = [
     "fake_quantize_pact",
     "fake_quantize_minmax",
     "backend_name",
+    "set_compile_route",
+    "compile_route",
     "set_param_checks",
     "param_checks",
 ]
@@ -106,6 +108,35 @@ def param_checks() -> Optional[bool]:
         True
     """
     return _PARAM_CHECKS
+
+
+COMPILE_ROUTES = ("kernel", "inductor")
+_COMPILE_ROUTE: str = os.environ.get("QAT_COMPILE_ROUTE", "kernel").strip().lower() or "kernel"
+
+
+def set_compile_route(route: str) -> str:
+    """How :func:`fake_quantize_minmax` runs inside ``torch.compile`` (eager always takes the fused
+    kernel): ``"kernel"``, the fused kernel as one opaque op; or ``"inductor"``, the range, scale and
+    quantize-dequantize as PyTorch ops that Inductor fuses with the neighbouring ops (the STE mask
+    kept as a boolean tensor). Also ``QAT_COMPILE_ROUTE`` in the environment; returns the previous
+    route. Takes effect at the next compilation (``torch._dynamo.reset()`` to recompile a model).
+
+    Example::
+
+        >>> previous = set_compile_route("inductor"); _ = set_compile_route(previous)
+        >>> compile_route() in COMPILE_ROUTES
+        True
+    """
+    global _COMPILE_ROUTE
+    if route not in COMPILE_ROUTES:
+        raise ValueError(f"set_compile_route: route must be one of {COMPILE_ROUTES}, got {route!r}")
+    previous, _COMPILE_ROUTE = _COMPILE_ROUTE, route
+    return previous
+
+
+def compile_route() -> str:
+    """The route of :func:`set_compile_route` in effect."""
+    return _COMPILE_ROUTE
 
 
 @functools.lru_cache(maxsize=None)
@@ -394,6 +425,28 @@ class _PACTFn(torch.autograd.Function):
         return dx, dalpha, None, None, None
 
 
+class _MaskedSTE(torch.autograd.Function):
+    """``y`` forward, ``grad * inside`` backward: the clipped STE of an unpacked mask (traced by
+    torch.compile into the neighbouring kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, y, inside):
+        ctx.save_for_backward(inside)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad_y, torch.zeros_like(grad_y)), None, None
+
+
+def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state):
+    with torch.no_grad():
+        rows, s, z = reference.minmax_qparams(x.detach(), row, qmin, qmax, symmetric, scale_f16, state)
+        y, inside = reference.fake_quantize_unpacked(rows, s, z, qmin, qmax, None, row, round_mode)
+    return _MaskedSTE.apply(x, y.reshape(x.shape), inside.reshape(x.shape))
+
+
 class _MinMaxFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, row, qmin, qmax, symmetric, scale_f16, round_mode, state):
@@ -661,6 +714,8 @@ def fake_quantize_minmax(
                 raise ValueError(f"{op}: state {name} must have one entry a row ({x.numel() // row}), got {t.numel()}")
     args = (x, int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode)
     if _traced(x):
+        if _COMPILE_ROUTE == "inductor":
+            return _minmax_inductor(*args, state)
         if state is None:
             return torch.ops.qat.fake_quantize_minmax(*args)[0]
         min_val, max_val, seen, scale, zero_point = state

@@ -39,6 +39,8 @@ __all__ = [
     "fake_quantize_pact_forward",
     "fake_quantize_pact_backward",
     "fake_quantize_minmax_forward",
+    "fake_quantize_unpacked",
+    "minmax_qparams",
     "pack_mask",
     "unpack_mask",
     "round_with_mode",
@@ -106,11 +108,27 @@ def fake_quantize_forward(
 
     ``packed_mask`` holds 1 where the clipped STE passes the gradient (see module docstring).
     """
+    y, inside = fake_quantize_unpacked(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    return y, pack_mask(inside)
+
+
+def fake_quantize_unpacked(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: Optional[int] = None,
+    group_size: Optional[int] = None,
+    round_mode: str = "half_even",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fake_quantize_forward` with the STE mask as a boolean tensor of ``x``'s shape (what
+    ``torch.compile`` fuses into neighbouring ops, where packing bits would only cost)."""
     x32 = x.contiguous().float()
     _, s, z, q_raw, q = _quantize(x32, scale.float(), zero_point.float(), qmin, qmax, axis, group_size, round_mode)
     y = ((q - z) * s).reshape(x.shape).to(x.dtype)
     inside = (q_raw >= qmin) & (q_raw <= qmax)
-    return y, pack_mask(inside)
+    return y, inside.reshape(x.shape)
 
 
 def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -127,3 +127,39 @@ def test_compiled_steps_do_not_recompile():
     eager = prepare(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)), "w4a8")
     eager.load_state_dict(model.state_dict())
     assert torch.equal(eager(x), model(x))
+
+
+@pytest.mark.parametrize("route", ["kernel", "inductor"])
+def test_compiled_routes_match_eager(route):
+    """Both torch.compile routes (the fused op; PyTorch ops for Inductor to fuse) give eager's
+    outputs, gradients and quantizer state, without a recompile across steps."""
+    import torch._dynamo
+
+    from qat.kernels import set_compile_route
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    plan = {"rules": [{"match": "*", "types": ["Linear"],
+                       "weight": {"bits": 4, "symmetric": True, "granularity": "per_group", "group_size": 32},
+                       "input": {"bits": 8, "signed": False, "symmetric": False, "granularity": "per_token", "dynamic": True}}]}
+    eager = prepare(net, plan)
+    compiled_model = prepare(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)), plan)
+    compiled_model.load_state_dict(eager.state_dict())
+    previous = set_compile_route(route)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(compiled_model, backend="aot_eager")
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for step in range(3):
+                x = torch.randn(4, 5, 64) * (step + 1)
+                y1, y2 = eager(x), compiled(x)
+                assert torch.equal(y1, y2)
+                y1.square().sum().backward()
+                y2.square().sum().backward()
+                for (n, p1), p2 in zip(eager.named_parameters(), compiled_model.parameters()):
+                    assert torch.equal(p1.grad, p2.grad), n
+                for (n, b1), b2 in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
+                    assert torch.equal(b1, b2), n
+    finally:
+        set_compile_route(previous)
+        torch._dynamo.reset()
