@@ -18,7 +18,7 @@ import qat.recipes.train as train_mod
 from qat.recipes.config import register_configs
 
 CONFIG_DIR = str(pathlib.Path(train_mod.__file__).resolve().parent.parent / "configs")
-TINY = ["logger=none", "fp.epochs=2", "qat.epochs=1", "model.net.channels=4", "ptq.calibration_batches=1",
+TINY = ["logger=none", "fp.epochs=1", "qat.epochs=1", "model.net.channels=4", "data.batch_size=128", "ptq.calibration_batches=1",
         "callbacks.qat.calibration_batches=1"]
 
 
@@ -80,7 +80,7 @@ def test_fp_cache_key_and_a_damaged_entry(tmp_path):
     trained again and replaced, not trusted."""
     cache = tmp_path / "cache"
     cfg = _compose(["quant=w8a8", *TINY, f"fp_cache={cache}"])
-    other = _compose(["quant=w8a8", *TINY, "fp.epochs=1"])
+    other = _compose(["quant=w8a8", *TINY, "fp.epochs=2"])
     assert train_mod.fp_cache_key(cfg) != train_mod.fp_cache_key(other)
     assert train_mod.fp_cache_key(cfg) == train_mod.fp_cache_key(_compose(["quant=w2a2", *TINY]))  # quant: not float
     entry = cache / f"fp_{train_mod.fp_cache_key(cfg)}.pt"
