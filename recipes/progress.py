@@ -12,7 +12,7 @@ output get no carriage-return noise.
 
     qat-ptq                           # bars on a terminal, none in a log file
     qat-ptq progress=false            # never
-    qat-ptq progress=true > run.log   # always (tqdm redraws into the log)
+    qat-ptq progress=true 2> run.log  # always (the bars go to stderr)
 """
 
 from __future__ import annotations

@@ -16,9 +16,15 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
+def _hide(monkeypatch, package):
+    """``package`` and its submodules not importable (an imported submodule would still be found)."""
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")] + [package]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def _call(monkeypatch, tmp_path, prog, args, missing):
     """Run the console script ``prog`` in this process with ``missing`` not importable."""
-    monkeypatch.setitem(sys.modules, missing, None)
+    _hide(monkeypatch, missing)
     monkeypatch.setattr(sys, "argv", [prog, *args, *QUIET, f"hydra.run.dir={tmp_path / 'run'}"])
     GlobalHydra.instance().clear()
     func = PYPROJECT["project"]["scripts"][prog].split(":")[1]
