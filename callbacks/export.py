@@ -12,6 +12,7 @@ from qat import QATConfigError, convert, is_prepared
 from qat.export.formats import check_formats, export_formats
 
 from .base import Callback
+from .loggers import log_artifact
 from .qat import target_module
 
 if TYPE_CHECKING:  # either namespace works at runtime; the hints name pytorch_lightning's
@@ -81,6 +82,9 @@ class QuantizedExport(Callback):
             batch (one sample).
         filename: the files' stem.
         gguf_tokenizer_dir: the tokenizer directory for GGUF.
+        log_artifact: also log the written files as one model artifact (``<filename>-quantized``,
+            with the formats and the plan as metadata) to every W&B logger of the Trainer
+            (:func:`qat.callbacks.loggers.log_artifact`); other loggers keep the files on disk.
 
     Raises:
         QATConfigError: an unknown format; at the end of ``fit``, a model that is not prepared or a
@@ -111,8 +115,12 @@ class QuantizedExport(Callback):
         example_input: Optional[torch.Tensor] = None,
         filename: str = "model",
         gguf_tokenizer_dir: Optional[str] = None,
+        log_artifact: bool = True,
     ) -> None:
         formats = check_formats(formats)
+        if not isinstance(log_artifact, bool):
+            raise QATConfigError(f"QuantizedExport.log_artifact must be true or false, got {log_artifact!r}")
+        self.log_artifact = log_artifact
         self.dirpath = dirpath
         self.formats = formats
         self.module_attr = module_attr
@@ -147,3 +155,7 @@ class QuantizedExport(Callback):
         self.paths = export_atomically(int_model, self.formats, dirpath, self.example_input, self.gguf_tokenizer_dir, self.filename)
         target.train(was_training)
         log.info("QuantizedExport wrote %s", self.paths)
+        if self.log_artifact and trainer.loggers:
+            plan = getattr(getattr(target, "qat_plan", None), "name", None)
+            log_artifact(trainer.loggers, self.paths.values(), f"{self.filename}-quantized", "model",
+                         {"formats": list(self.formats), "plan": plan})  # fmt: skip

@@ -21,6 +21,7 @@ from qat.ptq import default_forward
 from qat.smooth import SmoothingLike, SmoothingSpec, fit_smoothing
 
 from .base import Callback
+from .loggers import log_hparams, plan_hparams
 
 if TYPE_CHECKING:  # either namespace works at runtime; the hints name pytorch_lightning's
     from pytorch_lightning import LightningModule, Trainer
@@ -157,6 +158,9 @@ class QuantizationAwareTraining(Callback):
             optimizer's moments of those parameters), i.e. skip that step's update of the
             quantizers, and log a warning naming the layers. Each check is one device sync, so on a
             GPU a larger interval (e.g. 50) keeps it off the hot path; ``0`` turns it off.
+        log_plan: send the plan and each layer's bits to the Trainer's loggers as hyperparameters
+            when the model is prepared (:func:`qat.callbacks.loggers.plan_hparams`: ``qat/plan``,
+            ``qat/bits/<layer>/weight``, ``qat/avg_weight_bits``, ...).
 
     Raises:
         QATConfigError: an argument outside its range (before any training), or, in ``setup``,
@@ -193,8 +197,12 @@ class QuantizationAwareTraining(Callback):
         fold_bn: bool = False,
         smooth: SmoothingLike = None,
         skip_nonfinite: int = 1,
+        log_plan: bool = True,
     ) -> None:
         self.plan = load_plan(plan)
+        if not isinstance(log_plan, bool):
+            raise QATConfigError(f"QuantizationAwareTraining.log_plan must be true or false, got {log_plan!r}")
+        self.log_plan = log_plan
         self.smooth = SmoothingSpec.parse(smooth, "QuantizationAwareTraining.smooth")
         if self.smooth is not None and not calibration_batches:
             raise QATConfigError(
@@ -246,6 +254,8 @@ class QuantizationAwareTraining(Callback):
         prepare(target, self.plan, fold_bn=self.fold_bn, smooth=self.smooth)
         n = sum(1 for _ in quantizers(target))
         log.info("QAT: prepared %d layers with %d quantizers (plan %r)", len(target.qat_layers), n, self.plan.name)
+        if self.log_plan and trainer.loggers:
+            log_hparams(trainer.loggers, plan_hparams(target, self.plan))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._apply_schedule(trainer, pl_module)

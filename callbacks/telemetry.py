@@ -8,9 +8,11 @@ from typing import Optional
 
 from qat import QATConfigError, quant_layers
 from qat.size import float_size_bytes, model_size_bytes
+from qat.oscillation import weight_codes
 from qat.telemetry import quantizer_stats
 
 from .base import Callback
+from .loggers import log_histogram
 from .qat import target_module
 
 __all__ = ["QuantizationTelemetry"]
@@ -29,6 +31,10 @@ class QuantizationTelemetry(Callback):
         every_n_steps: measure on global steps that are multiples of this.
         module_attr: the quantized submodule of the LightningModule (as in
             :class:`QuantizationAwareTraining`); the whole module if None.
+        histograms: also log, on the same steps, each weight's integer codes and each quantizer's
+            scales as histograms (``qat/<layer>/weight/codes``, ``qat/<layer>/<kind>/scale``): W&B
+            and TensorBoard histograms; loggers without histograms (CSV) get their min / max /
+            mean / std (:func:`qat.callbacks.loggers.log_histogram`).
 
     Raises:
         QATConfigError: ``every_n_steps`` is not a positive integer; in training, a ``module_attr``
@@ -52,9 +58,12 @@ class QuantizationTelemetry(Callback):
         (True, True)
     """
 
-    def __init__(self, every_n_steps: int = 50, module_attr: Optional[str] = None) -> None:
+    def __init__(self, every_n_steps: int = 50, module_attr: Optional[str] = None, histograms: bool = True) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise QATConfigError(f"QuantizationTelemetry.every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if not isinstance(histograms, bool):
+            raise QATConfigError(f"QuantizationTelemetry.histograms must be true or false, got {histograms!r}")
+        self.histograms = histograms
         self.every_n_steps = every_n_steps
         self.module_attr = module_attr
         self._handles: list = []
@@ -96,3 +105,9 @@ class QuantizationTelemetry(Callback):
         # straight to the loggers, at the step measured (self.log would re-send stale step values)
         for logger in trainer.loggers:
             logger.log_metrics(self._metrics, step=self._step)
+        if self.histograms and trainer.loggers:
+            for name, layer in quant_layers(target):
+                for kind, fq in layer.quantizers():
+                    log_histogram(trainer.loggers, f"qat/{name}/{kind}/scale", fq.current_qparams()[0], self._step)
+                    if kind == "weight":
+                        log_histogram(trainer.loggers, f"qat/{name}/weight/codes", weight_codes(layer), self._step)
