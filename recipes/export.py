@@ -22,7 +22,6 @@ Then ``qat.convert`` and the writers of :mod:`qat.export`. A checkpoint trained 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -31,8 +30,7 @@ from typing import Any, Optional
 
 import hydra
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from qat import QATConfigError, QuantPlan, convert, prepare, quantizers
 from qat.callbacks.export import export_atomically
@@ -42,6 +40,7 @@ from qat.size import float_size_bytes
 from .atomic import write_json
 from .entry import missing_extras
 from .progress import progress_enabled, step_bar
+from .train import resolve_module_attr
 
 __all__ = [
     "ExportConfig", "FORMATS", "check_example_input_shape", "freeze_input_observers", "main", "run", "load_qat_checkpoint",
@@ -65,7 +64,7 @@ class ExportConfig:
     checkpoint: str = "???"  # a Lightning .ckpt (trained with QuantizationAwareTraining) or a qat_model.pt
     formats: list = field(default_factory=lambda: ["safetensors", "onnx"])
     output_dir: Optional[str] = None
-    module_attr: Optional[str] = "net"  # the quantized network inside the instantiated model; null: the model itself
+    module_attr: Optional[str] = "auto"  # the quantized network inside the model: auto (net if it has one), a name, null
     fold_bn: bool = False  # the first guess of how the checkpoint was prepared; the other one is tried too
     example_input_shape: list = field(default_factory=lambda: [1, 1, 8, 8])  # ONNX tracing input (float)
     gguf_tokenizer_dir: Optional[str] = None
@@ -204,63 +203,26 @@ def load_qat_checkpoint(path: str) -> dict[str, Any]:
     return {"kind": "qat_model", "plan": ckpt["plan"], "state_dict": ckpt["state_dict"], "hyper_parameters": {}}
 
 
-def _shipped_model_defaults() -> list[dict]:
-    """The nodes of ``configs/model/*.yaml`` (unresolved)."""
-    import glob
-
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model")
-    if not os.path.isdir(here):  # installed: qat/configs beside qat/recipes
-        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs", "model")
-    nodes = [OmegaConf.to_container(OmegaConf.load(p), resolve=False) for p in sorted(glob.glob(os.path.join(here, "*.yaml")))]
-    return [n for n in nodes if isinstance(n, dict)]
-
-
 def _instantiate_model(node: Any, hparams: dict) -> Any:
-    """``node`` instantiated (``hydra.utils.instantiate``) with the checkpoint's ``hparams`` for the
-    arguments its target takes and the node does not set. A key the shipped ``model`` configs left
-    in the node (``model._target_=my_pkg.MyModule`` keeps ``net`` of ``digits_cnn``) is dropped when
-    the new target does not take it; any other unknown key is an error."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import get_object
+    """``node`` instantiated as ``qat-train`` instantiates its ``model``
+    (:func:`qat.recipes.config.instantiate_node`: arguments checked against the target, keys the
+    shipped ``model`` configs left behind dropped), with the checkpoint's ``hparams`` offered for
+    the arguments the target takes and the node does not set."""
+    from .config import instantiate_node
 
-    if node is None or not hasattr(node, "keys") or "_target_" not in node:
-        raise QATConfigError(f"model must be a mapping with a _target_ (the LightningModule's class), got {node!r}")
-    spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    target = spec["_target_"]
-    try:
-        cls = get_object(str(target))
-    except Exception as exc:
-        raise QATConfigError(f"model._target_={target!r} is not importable ({exc}); working directory: {os.getcwd()}") from None
-    try:
-        params = inspect.signature(cls).parameters.values()
-        names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
-        var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
-    except (TypeError, ValueError):
-        names, var_kw = [], True
-    if not var_kw:
-        unknown = [k for k in spec if not str(k).startswith("_") and k not in names]
-        leftovers = [k for k in unknown if any(d.get("_target_") != target and d.get(k) == spec[k] for d in _shipped_model_defaults())]
-        for k in leftovers:
-            log.info("model.%s (left by the default model config) dropped: %s takes no such argument", k, target)
-            spec.pop(k)
-        unknown = [k for k in unknown if k not in leftovers]
-        if unknown:
-            raise QATConfigError(f"model.{unknown[0]}: {target} takes no argument {unknown[0]!r}; its arguments: {names}")
-    extra = {k: v for k, v in hparams.items() if not str(k).startswith("_") and k not in spec and (var_kw or k in names)}
-    try:
-        return instantiate(spec, **extra)
-    except InstantiationException as exc:
-        raise QATConfigError(f"model: {target}: {exc.__cause__ or exc}") from exc
+    offered = {k: v for k, v in hparams.items() if isinstance(k, str) and k.isidentifier() and not k.startswith("_")}
+    return instantiate_node(node, "model", **offered)[0]
 
 
-def build_quantized_model(model_node: Any, ckpt: dict[str, Any], module_attr: Optional[str] = "net",
+def build_quantized_model(model_node: Any, ckpt: dict[str, Any], module_attr: Optional[str] = "auto",
                           fold_bn: bool = False, where: str = "checkpoint") -> tuple[Any, torch.nn.Module, bool, int]:
     """The model of ``model_node`` prepared with the checkpoint's plan and loaded with its state.
 
     Args:
         model_node: the ``model`` config node (``_target_`` and arguments).
         ckpt: what :func:`load_qat_checkpoint` returns.
-        module_attr: the quantized network inside the model (``None``: the model itself).
+        module_attr: the quantized network inside the model (``None``: the model itself; ``"auto"``:
+            ``net`` when the model has one, as ``qat-train`` resolves it).
         fold_bn: how the checkpoint was prepared, tried first; the other way is tried if the keys
             do not fit (``QuantConvBn2d`` holds its BatchNorm under ``.bn``).
         where: the checkpoint's name, for messages.
@@ -296,15 +258,8 @@ def build_quantized_model(model_node: Any, ckpt: dict[str, Any], module_attr: Op
             model = _instantiate_model(model_node, hparams)
         except QATConfigError as exc:
             raise QATConfigError(f"{exc}{hint}") from None
-        net = model
-        if module_attr:
-            if not hasattr(model, module_attr):
-                children = [n for n, _ in model.named_children()]
-                raise QATConfigError(
-                    f"module_attr={module_attr!r}: the instantiated model ({type(model).__name__}) has no such attribute; "
-                    f"its submodules are {children} (module_attr=null: the whole model)"
-                )
-            net = getattr(model, module_attr)
+        attr = resolve_module_attr(model, module_attr)  # as qat-train: auto is net when the model has one
+        net = model if attr is None else getattr(model, attr)
         float_bytes = float_size_bytes(net)
         prepare(net, ckpt["plan"], fold_bn=fold)
         # a Lightning checkpoint holds the LightningModule's state, a qat_model.pt the network's

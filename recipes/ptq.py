@@ -11,7 +11,7 @@ ranges come from each batch.
     qat-ptq quant=w4a4 ptq.fold_bn=true qat.epochs=3   # fold BN, calibrate, then QAT from there
     qat-ptq checkpoint=fp.pt                      # calibrate given float weights, no FP training
 
-The keys are ``qat-train``'s (``quant=``, ``model=``, ``data=``, ``seed``, ``fp.epochs``,
+The keys are ``qat-train``'s (``quant=``, ``model=``, ``data=``, ``seed``, ``module_attr``, ``fp.epochs``,
 ``fp.lr``, ``ptq.calibration_batches``, ``ptq.observer``, ``ptq.fold_bn``, ``qat.epochs``,
 ``qat.lr``); the old ``qat_epochs`` / ``qat_lr`` are refused naming the new key
 (:data:`RENAMED_KEYS`). ``progress`` turns the bars of the calibration pass and of Lightning's
@@ -73,6 +73,7 @@ class PTQConfig:
     trainer: Any = None
     logger: Any = None
     seed: int = 0
+    module_attr: Optional[str] = "auto"  # the quantized network inside the model, as in qat-train / qat-export
     checkpoint: Optional[str] = None  # a float state_dict (.pt) of the LightningModule; else train fp.epochs
     fp: FPStage = field(default_factory=FPStage)
     ptq: PTQStage = field(default_factory=PTQStage)
@@ -190,7 +191,11 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
     tcfg = _with_progress_bar(cfg, bars)
     check_output_dir(output_dir, overwrite=bool(cfg.get("overwrite")))
     plan = with_observer(load_plan(cfg.quant), cfg.ptq.observer)  # a bad plan fails here, before any work
-    check_plan_fits(instantiate(cfg.model), plan, "net", fold_bn=cfg.ptq.fold_bn)  # ... so does one that does not fit the model
+    from .train import resolve_module_attr
+
+    probe = instantiate(cfg.model)
+    module_attr = resolve_module_attr(probe, cfg.get("module_attr", "auto"))  # auto: net if the model has one
+    check_plan_fits(probe, plan, module_attr, fold_bn=cfg.ptq.fold_bn)  # ... so does one that does not fit the model
     if cfg.checkpoint is not None:
         if not os.path.isfile(cfg.checkpoint):
             raise QATConfigError(f"checkpoint {cfg.checkpoint!r} does not exist; give a float state_dict (.pt) or checkpoint=null")
@@ -213,14 +218,15 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
         build_trainer(tcfg, cfg.fp.epochs, logger, [], output_dir).fit(fp, datamodule=dm)
         save_torch(fp.state_dict(), os.path.join(output_dir, "fp_model.pt"))
     fp_acc = evaluate_accuracy(build_trainer(tcfg, 1, False, [], output_dir), fp, dm)
-    fp_bytes = float_size_bytes(fp.net)
+    net = fp if module_attr is None else getattr(fp, module_attr)
+    fp_bytes = float_size_bytes(net)
 
     # post-training quantization: static calibration of every observer, no gradient step
-    prepare(fp.net, plan, fold_bn=cfg.ptq.fold_bn)
-    seen = calibrate(fp.net, dm.train_dataloader(), num_batches=cfg.ptq.calibration_batches, enabled=bars)
+    prepare(net, plan, fold_bn=cfg.ptq.fold_bn)
+    seen = calibrate(net, dm.train_dataloader(), num_batches=cfg.ptq.calibration_batches, enabled=bars)
     ptq_acc = evaluate_accuracy(build_trainer(tcfg, 1, False, [], output_dir), fp, dm)
-    q_bytes = model_size_bytes(fp.net)
-    save_torch({"plan": plan.to_dict(), "state_dict": fp.net.state_dict()}, os.path.join(output_dir, "ptq_model.pt"))
+    q_bytes = model_size_bytes(net)
+    save_torch({"plan": plan.to_dict(), "state_dict": net.state_dict()}, os.path.join(output_dir, "ptq_model.pt"))
     results: dict[str, Any] = {
         "plan": plan.name,
         "fp": {"test_acc": fp_acc, "bytes": fp_bytes},
@@ -230,10 +236,10 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
     if cfg.qat.epochs > 0:
         # QAT from the calibrated model: the callback finds it prepared and keeps its calibrated ranges
         fp.lr = cfg.qat.lr
-        cb = QuantizationAwareTraining(plan, module_attr="net")
+        cb = QuantizationAwareTraining(plan, module_attr=module_attr)
         trainer = build_trainer(tcfg, cfg.qat.epochs, logger, [cb], output_dir)
         trainer.fit(fp, datamodule=dm)
-        results["qat"] = {"test_acc": evaluate_accuracy(trainer, fp, dm), "bytes": model_size_bytes(fp.net)}
+        results["qat"] = {"test_acc": evaluate_accuracy(trainer, fp, dm), "bytes": model_size_bytes(net)}
 
     results["seconds"] = round(time.time() - t0, 1)
     results["output_dir"] = output_dir

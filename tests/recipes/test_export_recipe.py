@@ -42,7 +42,7 @@ def _checkpoint(tmp_path, plan="w4a4", channels=8, smooth=False):
 
 def test_compose_defaults():
     cfg = _compose(["checkpoint=x.pt"])
-    assert list(cfg.formats) == ["safetensors", "onnx"] and cfg.module_attr == "net"
+    assert list(cfg.formats) == ["safetensors", "onnx"] and cfg.module_attr == "auto"
 
 
 @pytest.mark.parametrize("plan,smooth", [("w8a8", False), ("w4a4", False), ("w4a4", True)])

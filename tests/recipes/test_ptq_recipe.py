@@ -61,6 +61,8 @@ def test_errors_before_any_work(tmp_path):
         ptq_mod.run(_compose(FAST + ["checkpoint=nope.pt"]), str(tmp_path))
     with pytest.raises(QATConfigError, match=r"ptq.observer must be one of \[minmax, moving_average, percentile, mse.*\], got 'histogram'"):
         ptq_mod.run(_compose(FAST + ["ptq.observer=histogram"]), str(tmp_path))
+    with pytest.raises(QATConfigError, match=r"module_attr='backbone': ClassifierModule has no such submodule"):
+        ptq_mod.run(_compose(FAST + ["module_attr=backbone"]), str(tmp_path))
     with pytest.raises(QATConfigError, match=r"plan: unknown field\(s\) \['extra'\]"):
         ptq_mod.run(_compose(FAST + ["+quant.extra=1"]), str(tmp_path))
     assert not (tmp_path / "results.json").exists()
@@ -89,11 +91,12 @@ def test_stage_keys_are_qat_trains():
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         train_cfg = compose(config_name="train", overrides=["logger=none"])
-    for key in ("quant", "model", "data", "trainer", "seed", "fp", "ptq", "qat"):
+    for key in ("quant", "model", "data", "trainer", "seed", "module_attr", "fp", "ptq", "qat"):
         assert key in ptq_cfg and key in train_cfg, key
     for stage in ("fp", "ptq", "qat"):
         assert set(ptq_cfg[stage]) == set(train_cfg[stage]), stage
     assert ptq_cfg.qat.epochs == 0 and train_cfg.qat.epochs > 0  # qat-ptq: calibration only, unless asked
+    assert ptq_cfg.module_attr == train_cfg.module_attr
 
 
 def test_qat_epochs_key_runs_qat_from_the_calibrated_model(tmp_path):
