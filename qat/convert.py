@@ -69,6 +69,11 @@ def _convert_layer(name: str, mod: QuantModuleMixin) -> IntModuleMixin:
     info: dict[str, Any] = {"weight": None, "input": None}
     if getattr(mod, "input_smooth", None) is not None:
         info["input_smooth"] = True
+    if wq is not None and wq.spec.format.value != "affine":
+        raise QATConfigError(
+            f"layer {name!r}: a {wq.spec.format.value} (llama.cpp k-quant) weight has no integer layer; write the "
+            f"prepared model with qat.export.gguf.export_gguf, which stores its codes and scales as trained"
+        )
     if wq is not None:
         try:
             mod.quantized_weight()  # refresh the scale exactly as the next forward would (observers track the weight)

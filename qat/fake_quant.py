@@ -19,9 +19,10 @@ import torch.nn as nn
 from qat.kernels import fake_quantize, fake_quantize_lsq, fake_quantize_minmax, fake_quantize_pact
 
 from .flags import FlagBuffers
+from .kquants import fake_quantize_kquant
 from .granularity import Layout
 from .observers import Float32State, check_finite, make_observer, qparams_from_range
-from .spec import Estimator, NonFinite, QuantSpec, ScaleDtype
+from .spec import Estimator, NonFinite, QuantSpec, ScaleDtype, WeightFormat
 
 __all__ = ["FakeQuantizer", "fake_quantize_dynamic", "nonfinite_quantizers"]
 
@@ -150,6 +151,9 @@ class FakeQuantizer(Float32State, FlagBuffers):
             return x
         if spec.dynamic:
             return self._dynamic(x)
+        if spec.format is not WeightFormat.AFFINE:  # llama.cpp k-quant: both scale levels from the current weight
+            self._set_flag("initialized", True)
+            return fake_quantize_kquant(x, spec.format.value)
         if spec.estimator is Estimator.STE:
             if observing and self._minmax_row is not None and x.numel() == self.scale.numel() * self._minmax_row:
                 return self._observe_and_quantize(x)

@@ -23,6 +23,7 @@ __all__ = [
     "round_with_mode",
     "ScaleDtype",
     "NonFinite",
+    "WeightFormat",
     "QuantSpec",
     "LayerQuant",
     "check_field",
@@ -116,6 +117,18 @@ class NonFinite(_ChoiceEnum):
     RAISE = "raise"  # a QATConfigError on the first batch holding one (one device sync a batch)
 
 
+class WeightFormat(_ChoiceEnum):
+    """The number format of a weight: ``affine`` (integer codes, a scale and zero point a group) or
+    one of llama.cpp's two-level k-quants (``qat/kquants.py``)."""
+
+    AFFINE = "affine"
+    Q2_K = "q2_k"
+    Q3_K = "q3_k"
+    Q4_K = "q4_k"
+    Q5_K = "q5_k"
+    Q6_K = "q6_k"
+
+
 _ENUM_FIELDS = {
     "granularity": Granularity,
     "observer": ObserverKind,
@@ -123,6 +136,7 @@ _ENUM_FIELDS = {
     "round_mode": RoundMode,
     "scale_dtype": ScaleDtype,
     "nonfinite": NonFinite,
+    "format": WeightFormat,
 }
 
 _BOOL_FIELDS = ("signed", "symmetric", "narrow_range", "dynamic")
@@ -221,6 +235,8 @@ class QuantSpec:
         nonfinite: what observers do with NaN / Inf elements: ``ignore`` (default: ranges over the
             finite elements only; a parameter with none keeps its range) or ``raise`` (a
             ``QATConfigError``; costs one device sync a batch on a GPU).
+        format: ``affine`` (default), or a llama.cpp k-quant ``q2_k`` .. ``q6_k`` (weights only; it
+            fixes the other fields, see :func:`qat.kquants.check_kquant_spec`).
 
     Every field is checked by type before range: booleans must be ``True`` / ``False`` (the
     strings ``"false"`` or ``"no"`` are refused, not read as true), integers must be integers
@@ -251,6 +267,7 @@ class QuantSpec:
     scale_dtype: ScaleDtype = ScaleDtype.FLOAT32
     dynamic: bool = False
     nonfinite: NonFinite = NonFinite.IGNORE
+    format: WeightFormat = WeightFormat.AFFINE
 
     def __post_init__(self) -> None:
         # every field on its own first (type, then range), in declaration order
@@ -278,6 +295,10 @@ class QuantSpec:
             raise QATConfigError(
                 f"QuantSpec.dynamic ranges come from each batch and cannot be learned: estimator must be ste, got {self.estimator.value}"
             )
+        if self.format is not WeightFormat.AFFINE:
+            from .kquants import check_kquant_spec  # the k-quant owner (it imports nothing of this module)
+
+            check_kquant_spec(self)
 
     @property
     def qmin(self) -> int:

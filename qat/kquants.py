@@ -1,0 +1,378 @@
+"""llama.cpp k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): the two-level fake quantization, the GGUF
+block bytes of the very codes and scales it used, and llama.cpp's Q4_K_M / Q5_K_M mixes as plans.
+
+A k-quant splits a row into super-blocks of 256 weights (``QuantSpec(granularity="per_group",
+group_size=256, format="q4_k")``), each into blocks of 16 or 32. A block has a scale (and, for the
+``min`` types, a min) that is itself an integer code against the super-block's float16 ``d`` (and
+``dmin``); the weights are integer codes against the block's scale:
+
+======  =====  ==========  =============  ===================  ============================
+type    block  weight q    block codes    super-block          dequantized weight
+======  =====  ==========  =============  ===================  ============================
+Q2_K    16     0..3        sc, m: 0..15   d, dmin (float16)    ``(d*sc)*q - dmin*m``
+Q3_K    16     -4..3       sc: -32..31    d (float16)          ``(d*sc)*q``
+Q4_K    32     0..15       sc, m: 0..63   d, dmin (float16)    ``(d*sc)*q - dmin*m``
+Q5_K    32     0..31       sc, m: 0..63   d, dmin (float16)    ``(d*sc)*q - dmin*m``
+Q6_K    16     -32..31     sc: -128..127  d (float16)          ``(d*sc)*q``
+======  =====  ==========  =============  ===================  ============================
+
+Every product there is exact in float32 (at most 24 significant bits), so ``d*sc*q - dmin*m``
+has one rounding, the subtraction: the fake-quantized weight equals what ``gguf.quants.dequantize``
+and llama.cpp compute from the blocks :func:`kquant_blocks` writes, bit for bit. The rule that
+picks the codes is ``docs/math.md``, section "llama.cpp k-quants". The gradient is the clipped
+straight-through estimate to the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .errors import QATConfigError
+
+__all__ = ["KQuant", "KQUANTS", "QK_K", "check_kquant_spec", "kquant_parts", "kquant_dequantize",
+           "fake_quantize_kquant", "kquant_blocks", "kquant_mix_plan", "KQUANT_MIXES"]
+
+QK_K = 256  # weights per super-block
+
+
+@dataclass(frozen=True)
+class KQuant:
+    """One k-quant type: its block size and code ranges (see the module's table).
+
+    Example::
+
+        >>> KQUANTS["q4_k"].ggml_name, KQUANTS["q4_k"].block, KQUANTS["q4_k"].bytes_per_block
+        ('Q4_K', 32, 144)
+    """
+
+    ggml_name: str
+    bits: int
+    block: int  # weights per block
+    qmin: int  # weight codes
+    qmax: int
+    scale_max: int  # block codes: min types 0..scale_max; symmetric types -scale_max..scale_max-1
+    has_min: bool
+    bytes_per_block: int  # bytes per 256-weight super-block
+
+    @property
+    def signed(self) -> bool:
+        return not self.has_min
+
+
+#: The k-quant types by ``QuantSpec.format`` value.
+KQUANTS: dict[str, KQuant] = {
+    "q2_k": KQuant("Q2_K", 2, 16, 0, 3, 15, True, 84),
+    "q3_k": KQuant("Q3_K", 3, 16, -4, 3, 32, False, 110),
+    "q4_k": KQuant("Q4_K", 4, 32, 0, 15, 63, True, 144),
+    "q5_k": KQuant("Q5_K", 5, 32, 0, 31, 63, True, 176),
+    "q6_k": KQuant("Q6_K", 6, 16, -32, 31, 128, False, 210),
+}
+
+
+def _kq(fmt: str) -> KQuant:
+    try:
+        return KQUANTS[fmt]
+    except KeyError:
+        raise QATConfigError(f"k-quant format must be one of {sorted(KQUANTS)}, got {fmt!r}") from None
+
+
+def check_kquant_spec(spec: Any) -> None:
+    """Refuse a ``QuantSpec`` whose ``format`` is a k-quant but whose other fields say otherwise:
+    a k-quant fixes ``bits``, ``signed``, ``symmetric``, the granularity (``per_group``, 256),
+    ``scale_dtype: float16`` and ``round_mode: half_even``, and is a weight format with the
+    ``ste`` estimator.
+
+    Example::
+
+        >>> from qat import QuantSpec
+        >>> QuantSpec(bits=4, signed=False, symmetric=False, granularity="per_group", group_size=256,
+        ...           scale_dtype="float16", format="q4_k").format.value
+        'q4_k'
+        >>> QuantSpec(bits=4, granularity="per_group", group_size=256, format="q4_k")
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: QuantSpec.format q4_k needs signed=False (got True), symmetric=False (got True), scale_dtype='float16' (got 'float32'); a Q4_K weight is {bits: 4, signed: false, symmetric: false, granularity: per_group, group_size: 256, scale_dtype: float16, round_mode: half_even, estimator: ste, dynamic: false}
+    """
+    fmt = spec.format.value
+    kq = _kq(fmt)
+    want = {
+        "bits": kq.bits, "signed": kq.signed, "symmetric": kq.signed, "granularity": "per_group", "group_size": QK_K,
+        "scale_dtype": "float16", "round_mode": "half_even", "estimator": "ste", "dynamic": False,
+    }
+    got = {k: getattr(spec, k) for k in want}
+    got = {k: (v.value if hasattr(v, "value") else v) for k, v in got.items()}
+    bad = [f"{k}={want[k]!r} (got {got[k]!r})" for k in want if got[k] != want[k]]
+    if bad:
+        need = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in want.items())
+        raise QATConfigError(f"QuantSpec.format {fmt} needs {', '.join(bad)}; a {kq.ggml_name} weight is {{{need}}}")
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(-65504.0, 65504.0).half().float()
+
+
+def _signed_extreme(x: torch.Tensor) -> torch.Tensor:
+    """The element of largest magnitude along the last axis, with its sign (the first on ties)."""
+    idx = x.abs().argmax(dim=-1, keepdim=True)
+    return x.gather(-1, idx).squeeze(-1)
+
+
+@torch.no_grad()
+def kquant_parts(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """The codes and scales of ``w`` (float, last axis a multiple of 256) as k-quant ``fmt``.
+
+    Returns a dict of float32 tensors, ``S`` the super-blocks (``w.numel() / 256``) and ``B`` the
+    blocks of one: ``d`` (S,) float16-exact, ``dmin`` (S,) (zeros for Q3_K / Q6_K), ``sc`` and
+    ``m`` (S, B) integer block codes, ``q`` (S, B, block) integer weight codes, and ``inside``
+    (S, B, block) bool: the unclamped code lay in ``[qmin, qmax]`` (the STE mask).
+
+    Example::
+
+        >>> p = kquant_parts(torch.linspace(-1, 1, 256).reshape(1, 256), "q4_k")
+        >>> p["q"].shape, int(p["q"].max()), int(p["sc"].max()), int(p["m"].max())
+        (torch.Size([1, 8, 32]), 15, 63, 63)
+    """
+    kq = _kq(fmt)
+    if w.shape[-1] % QK_K:
+        raise QATConfigError(f"{kq.ggml_name} needs rows whose length is a multiple of {QK_K}, got shape {tuple(w.shape)}")
+    x = w.detach().float().reshape(-1, QK_K // kq.block, kq.block)  # (S, B, block)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if kq.has_min:
+        mn = torch.clamp(x.amin(-1), max=0.0)  # (S, B): the block's min, never above 0 (as ggml)
+        s_b = (x.amax(-1) - mn) / kq.qmax  # block scale, >= 0
+        m_b = -mn  # block min, >= 0
+        codes, supers = [], []
+        for v in (s_b, m_b):
+            vmax = v.amax(-1, keepdim=True)  # (S, 1)
+            inv = torch.where(vmax > 0, kq.scale_max / vmax, zero)
+            codes.append(torch.clamp(torch.round(inv * v), 0, kq.scale_max))
+            supers.append(_fp16(vmax / kq.scale_max).squeeze(-1))
+        sc, m = codes
+        d, dmin = supers
+        d1 = d.unsqueeze(-1) * sc  # (S, B), exact
+        m1 = dmin.unsqueeze(-1) * m
+        v = (x + m1.unsqueeze(-1)) / d1.unsqueeze(-1)
+    else:
+        s_b = _signed_extreme(x) / kq.qmin  # (S, B): the extreme element maps to qmin
+        smax = _signed_extreme(s_b).unsqueeze(-1)  # (S, 1), signed
+        inv = torch.where(smax != 0, -kq.scale_max / smax, zero)
+        sc = torch.clamp(torch.round(inv * s_b), -kq.scale_max, kq.scale_max - 1)
+        d = _fp16(torch.where(smax != 0, smax / -kq.scale_max, zero)).squeeze(-1)
+        dmin = torch.zeros_like(d)
+        m = torch.zeros_like(sc)
+        d1 = d.unsqueeze(-1) * sc
+        v = x / d1.unsqueeze(-1)
+    ok = (d1 != 0).unsqueeze(-1).expand_as(x)
+    v = torch.where(ok, v, zero)
+    r = torch.round(v)
+    q = torch.clamp(r, kq.qmin, kq.qmax)
+    inside = (r == q) | ~torch.isfinite(r)
+    return {"d": d, "dmin": dmin, "sc": sc, "m": m, "q": q, "inside": inside}
+
+
+def kquant_dequantize(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """``(d*sc)*q - dmin*m`` in float32, as gguf-py and llama.cpp compute it, reshaped to ``shape``.
+
+    Example::
+
+        >>> w = torch.randn(2, 512)
+        >>> y = kquant_dequantize(kquant_parts(w, "q6_k"), w.shape)
+        >>> bool((y - w).abs().max() < 0.1)
+        True
+    """
+    d1 = (parts["d"].unsqueeze(-1) * parts["sc"]).unsqueeze(-1)  # (S, B, 1)
+    m1 = (parts["dmin"].unsqueeze(-1) * parts["m"]).unsqueeze(-1)
+    return (d1 * parts["q"] - m1).reshape(shape)
+
+
+class _KQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fmt):
+        parts = kquant_parts(x, fmt)
+        ctx.save_for_backward(parts["inside"])
+        return kquant_dequantize(parts, x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside.reshape(grad.shape).to(grad.dtype), None
+
+
+def fake_quantize_kquant(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Fake-quantize ``x`` (last axis a multiple of 256) as llama.cpp k-quant ``fmt``
+    (``"q2_k"`` ... ``"q6_k"``); the gradient is the clipped straight-through estimate (zero where a
+    weight's code was clamped). What ``FakeQuantizer`` runs for a spec with a k-quant ``format``.
+
+    Example::
+
+        >>> x = torch.randn(4, 256, requires_grad=True)
+        >>> y = fake_quantize_kquant(x, "q4_k")
+        >>> y.sum().backward()
+        >>> y.shape, len(torch.unique(y[0, :32])) <= 16, bool(x.grad.sum() > 200)
+        (torch.Size([4, 256]), True, True)
+    """
+    return _KQuantSTE.apply(x, fmt)
+
+
+# ---------------------------------------------------------------------------------- block bytes
+def _bits(v: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack along axis -2: ``sum_j v[..., j, :] << (width * j)`` as uint8."""
+    out = torch.zeros(v.shape[:-2] + v.shape[-1:], dtype=torch.int64)
+    for j in range(v.shape[-2]):
+        out |= v[..., j, :] << (width * j)
+    return out
+
+
+def _half_bytes(t: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(t.numpy().astype(np.float16).view(np.uint8).reshape(-1, 2).astype(np.int64))
+
+
+def _pack(parts: Mapping[str, torch.Tensor], kq: KQuant) -> torch.Tensor:
+    """(S, bytes_per_block) int64 byte values, in ggml's block layout."""
+    q = parts["q"].cpu().long().reshape(-1, QK_K)  # (S, 256)
+    S = q.shape[0]
+    sc = parts["sc"].cpu().long()
+    m = parts["m"].cpu().long()
+    d = _half_bytes(parts["d"].cpu())
+    dmin = _half_bytes(parts["dmin"].cpu())
+    name = kq.ggml_name
+    if name == "Q2_K":  # scales[16] qs[64] d dmin
+        scales = sc | (m << 4)
+        qs = _bits(q.reshape(S, 2, 4, 32), 2).reshape(S, 64)
+        return torch.cat([scales, qs, d, dmin], 1)
+    if name == "Q3_K":  # hmask[32] qs[64] scales[12] d
+        u = q + 4
+        hmask = _bits((u >> 2).reshape(S, 8, 32), 1)
+        qs = _bits((u & 3).reshape(S, 2, 4, 32), 2).reshape(S, 64)
+        s6 = sc + 32
+        low = (s6[:, :8] & 0xF) | ((s6[:, 8:] & 0xF) << 4)
+        high = _bits(((s6 >> 4) & 3).reshape(S, 4, 4), 2)
+        return torch.cat([hmask, qs, low, high, d], 1)
+    if name in ("Q4_K", "Q5_K"):  # d dmin scales[12] (qh[32]) qs[128]
+        scales = torch.cat([
+            sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+            m[:, :4] | ((m[:, 4:] >> 4) << 6),
+            (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4),
+        ], 1)
+        qs = _bits((q & 15).reshape(S, 4, 2, 32), 4).reshape(S, 128)
+        if name == "Q4_K":
+            return torch.cat([d, dmin, scales, qs], 1)
+        qh = _bits((q >> 4).reshape(S, 8, 32), 1)
+        return torch.cat([d, dmin, scales, qh, qs], 1)
+    # Q6_K: ql[128] qh[64] scales[16] (int8) d
+    u = q + 32
+    ql = _bits((u & 15).reshape(S, 2, 2, 64), 4).reshape(S, 128)
+    qh = _bits((u >> 4).reshape(S, 2, 4, 32), 2).reshape(S, 64)
+    return torch.cat([ql, qh, sc & 0xFF, d], 1)
+
+
+def kquant_blocks(w: torch.Tensor, fmt: str) -> np.ndarray:
+    """``w`` (rows, K), K a multiple of 256, as GGUF k-quant block bytes: a uint8 array
+    (rows, K / 256 * bytes_per_block) holding the codes and scales :func:`fake_quantize_kquant`
+    uses, so ``gguf.quants.dequantize(blocks, type)`` equals the fake-quantized ``w`` bit for bit.
+
+    Example::
+
+        >>> import gguf
+        >>> w = torch.randn(3, 512)
+        >>> b = kquant_blocks(w, "q5_k")
+        >>> b.shape, bool((gguf.quants.dequantize(b, gguf.GGMLQuantizationType.Q5_K)
+        ...                == fake_quantize_kquant(w, "q5_k").numpy()).all())
+        ((3, 352), True)
+    """
+    kq = _kq(fmt)
+    if w.dim() != 2:
+        raise QATConfigError(f"{kq.ggml_name} blocks are written for 2-D weights (rows, K), got shape {tuple(w.shape)}")
+    rows = w.shape[0]
+    b = _pack(kquant_parts(w, fmt), kq)  # (S, bytes)
+    return np.ascontiguousarray(b.to(torch.uint8).numpy().reshape(rows, -1))
+
+
+# ---------------------------------------------------------------------------------- mixes
+#: The mixes :func:`kquant_mix_plan` knows: the base type, and the type of the tensors that get more bits.
+KQUANT_MIXES = {"q4_k_m": ("q4_k", "q6_k"), "q5_k_m": ("q5_k", "q6_k")}
+
+# llama.cpp's tensor roles by module name: (role, HF BERT suffix, HF Llama suffix)
+_ROLES = (
+    ("attn_v", ("attention.self.value",), ("self_attn.v_proj",)),
+    ("ffn_down", ("output.dense",), ("mlp.down_proj",)),
+    ("output", (), ("lm_head",)),
+)
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    # llama.cpp (llama-quant.cpp): the first and last eighth of the layers, and every third between
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _layer_index(name: str) -> tuple:
+    import re
+
+    hit = re.search(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)\.", name)
+    return (int(hit.group(1)),) if hit else ()
+
+
+def _weight_spec(fmt: str) -> dict[str, Any]:
+    kq = KQUANTS[fmt]
+    return {"bits": kq.bits, "signed": kq.signed, "symmetric": kq.signed, "granularity": "per_group",
+            "group_size": QK_K, "scale_dtype": "float16", "round_mode": "half_even", "format": fmt}
+
+
+#: llama.cpp's CPU matmul quantizes the activations of k-quant weights to Q8_K: 256-element blocks,
+#: 8-bit codes, a float32 scale
+Q8_K_INPUT = {"bits": 8, "signed": True, "symmetric": True, "narrow_range": True, "granularity": "per_group",
+              "group_size": QK_K, "dynamic": True, "round_mode": "half_even", "scale_dtype": "float32"}
+
+
+def kquant_mix_plan(model: torch.nn.Module, mix: str, inputs: bool = True):
+    """llama.cpp's ``Q4_K_M`` / ``Q5_K_M`` assignment for ``model`` as a :class:`qat.QuantPlan`.
+
+    As ``llama-quantize`` assigns them (``llama_tensor_get_type``): every Linear weight (and the token
+    embedding) gets the base type (Q4_K / Q5_K); ``attn_v`` and ``ffn_down`` get Q6_K in the layers
+    where llama.cpp's ``use_more_bits(i, n_layer)`` holds (the first and last eighth, and every third
+    layer between), and the output head (``lm_head``) gets Q6_K. Roles are read from Hugging Face
+    module names: BERT (``attention.self.value``, ``output.dense`` of a layer) and Llama
+    (``self_attn.v_proj``, ``mlp.down_proj``, ``lm_head``). Inputs are quantized as llama.cpp's CPU
+    matmul does for these weights (dynamic Q8_K, 256-element blocks) unless ``inputs=False``.
+
+    Raises:
+        QATConfigError: an unknown ``mix``, naming the valid ones.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> layer = lambda: nn.ModuleDict({"self_attn": nn.ModuleDict({"v_proj": nn.Linear(256, 256)}),
+        ...                                "mlp": nn.ModuleDict({"down_proj": nn.Linear(256, 256)})})
+        >>> model = nn.ModuleDict({"layers": nn.ModuleList([layer() for _ in range(8)])})
+        >>> plan = kquant_mix_plan(model, "q4_k_m")
+        >>> got = {n: lq.weight.format.value for n, lq in plan.resolve(model).items()}
+        >>> [got[f"layers.{i}.self_attn.v_proj"] for i in range(8)]
+        ['q6_k', 'q4_k', 'q4_k', 'q6_k', 'q4_k', 'q4_k', 'q6_k', 'q6_k']
+    """
+    from .plan import QuantPlan  # the plan owner; imported here (plan -> modules -> fake_quant -> kquants)
+
+    if mix not in KQUANT_MIXES:
+        raise QATConfigError(f"kquant_mix_plan(mix={mix!r}): valid mixes are {sorted(KQUANT_MIXES)}")
+    base, more = KQUANT_MIXES[mix]
+    names = [n for n, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))]
+    n_layer = 1 + max([_layer_index(n)[0] for n in names if _layer_index(n)], default=-1)
+    rules: list[dict[str, Any]] = [{"match": "*", "types": ["Linear"], "weight": _weight_spec(base),
+                                    "input": dict(Q8_K_INPUT) if inputs else False}]
+    emb = [n for n in names if n.endswith(("word_embeddings", "embed_tokens"))]
+    for n in emb:
+        rules.append({"match": n, "types": ["Embedding"], "weight": _weight_spec(base)})
+    for n in names:
+        idx = _layer_index(n)
+        for role, bert, llama in _ROLES:
+            if not n.endswith(bert + llama):
+                continue
+            if role == "ffn_down" and n.endswith(bert) and ".attention." in n:
+                continue  # BERT's attention.output.dense is attn_output, not ffn_down
+            if role == "output" or (idx and _use_more_bits(idx[0], n_layer)):
+                rules.append({"match": n, "types": ["Linear"], "weight": {"format": more, "bits": KQUANTS[more].bits,
+                                                                           "signed": True, "symmetric": True}})
+    return QuantPlan.from_dict({"name": f"gguf_{mix}", "rules": rules})
