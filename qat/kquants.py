@@ -16,6 +16,10 @@ Q5_K    32     0..31       sc, m: 0..63   d, dmin (float16)    ``(d*sc)*q - dmin
 Q6_K    16     -32..31     sc: -128..127  d (float16)          ``(d*sc)*q``
 ======  =====  ==========  =============  ===================  ============================
 
+A row whose length is not a multiple of 256 cannot hold super-blocks; there, as ``llama-quantize``
+does, the weight gets the fallback type of 32-weight blocks (:data:`FALLBACK`: Q2_K / Q3_K ->
+IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), one float16 scale (and min) a block.
+
 Every product there is exact in float32 (at most 24 significant bits), so ``d*sc*q - dmin*m``
 has one rounding, the subtraction: the fake-quantized weight equals what ``gguf.quants.dequantize``
 and llama.cpp compute from the blocks :func:`kquant_blocks` writes, bit for bit. The rule that
@@ -33,10 +37,17 @@ import torch
 
 from .errors import QATConfigError
 
-__all__ = ["KQuant", "KQUANTS", "QK_K", "check_kquant_spec", "kquant_parts", "kquant_dequantize",
+__all__ = ["KQuant", "KQUANTS", "QK_K", "FALLBACK", "IQ4_NL_VALUES", "gguf_type_of", "check_kquant_spec", "kquant_parts", "kquant_dequantize",
            "fake_quantize_kquant", "kquant_blocks", "kquant_mix_plan", "KQUANT_MIXES"]
 
 QK_K = 256  # weights per super-block
+QK = 32  # weights per block of the fallback types
+
+#: llama.cpp's type for a k-quant weight whose rows are not a multiple of 256 (``llama-quantize``)
+FALLBACK = {"q2_k": "IQ4_NL", "q3_k": "IQ4_NL", "q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0"}
+
+#: the 16 values of an IQ4_NL code (ggml's ``kvalues_iq4nl``)
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 @dataclass(frozen=True)
@@ -82,25 +93,26 @@ def _kq(fmt: str) -> KQuant:
 
 def check_kquant_spec(spec: Any) -> None:
     """Refuse a ``QuantSpec`` whose ``format`` is a k-quant but whose other fields say otherwise:
-    a k-quant fixes ``bits``, ``signed``, ``symmetric``, the granularity (``per_group``, 256),
+    a k-quant fixes ``bits``, ``signed``, ``symmetric``, the granularity (``per_group``, 32: the
+    block a row must divide into; super-blocks of 256 where it divides into those),
     ``scale_dtype: float16`` and ``round_mode: half_even``, and is a weight format with the
     ``ste`` estimator.
 
     Example::
 
         >>> from qat import QuantSpec
-        >>> QuantSpec(bits=4, signed=False, symmetric=False, granularity="per_group", group_size=256,
+        >>> QuantSpec(bits=4, signed=False, symmetric=False, granularity="per_group", group_size=32,
         ...           scale_dtype="float16", format="q4_k").format.value
         'q4_k'
-        >>> QuantSpec(bits=4, granularity="per_group", group_size=256, format="q4_k")
+        >>> QuantSpec(bits=4, granularity="per_group", group_size=32, format="q4_k")
         Traceback (most recent call last):
         ...
-        qat.errors.QATConfigError: QuantSpec.format q4_k needs signed=False (got True), symmetric=False (got True), scale_dtype='float16' (got 'float32'); a Q4_K weight is {bits: 4, signed: false, symmetric: false, granularity: per_group, group_size: 256, scale_dtype: float16, round_mode: half_even, estimator: ste, dynamic: false}
+        qat.errors.QATConfigError: QuantSpec.format q4_k needs signed=False (got True), symmetric=False (got True), scale_dtype='float16' (got 'float32'); a Q4_K weight is {bits: 4, signed: false, symmetric: false, granularity: per_group, group_size: 32, scale_dtype: float16, round_mode: half_even, estimator: ste, dynamic: false}
     """
     fmt = spec.format.value
     kq = _kq(fmt)
     want = {
-        "bits": kq.bits, "signed": kq.signed, "symmetric": kq.signed, "granularity": "per_group", "group_size": QK_K,
+        "bits": kq.bits, "signed": kq.signed, "symmetric": kq.signed, "granularity": "per_group", "group_size": QK,
         "scale_dtype": "float16", "round_mode": "half_even", "estimator": "ste", "dynamic": False,
     }
     got = {k: getattr(spec, k) for k in want}
@@ -121,9 +133,68 @@ def _signed_extreme(x: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, idx).squeeze(-1)
 
 
+def gguf_type_of(fmt: str, row_length: int) -> str:
+    """The ggml type a k-quant ``fmt`` weight with rows of ``row_length`` is stored in: the k-quant
+    when the row is a multiple of 256, else its :data:`FALLBACK` (a multiple of 32).
+
+    Example::
+
+        >>> gguf_type_of("q4_k", 1536), gguf_type_of("q4_k", 384), gguf_type_of("q6_k", 384)
+        ('Q4_K', 'Q5_0', 'Q8_0')
+    """
+    kq = _kq(fmt)
+    if row_length % QK_K == 0:
+        return kq.ggml_name
+    if row_length % QK == 0:
+        return FALLBACK[fmt]
+    raise QATConfigError(
+        f"{kq.ggml_name} needs rows whose length is a multiple of {QK_K} (or of {QK}, for its fallback "
+        f"{FALLBACK[fmt]}), got rows of {row_length}"
+    )
+
+
+@torch.no_grad()
+def _fallback_parts(w: torch.Tensor, qtype: str) -> dict[str, torch.Tensor]:
+    """Q8_0 / Q5_0 / Q5_1 / IQ4_NL codes and scales of ``w`` (rows a multiple of 32): ``d`` and
+    ``m`` (S,) float16-exact (``m`` the Q5_1 min, else 0), ``q`` (S, 32) the value a code stands for
+    (IQ4_NL: its table value; ``idx`` the table index), ``inside`` the STE mask."""
+    x = w.detach().float().reshape(-1, QK)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    m = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    out: dict[str, Any] = {"type": qtype}
+    if qtype == "Q5_1":  # w = d * q + m, q in 0..31 (ggml's quantize_row_q5_1_ref)
+        mn, mx = x.amin(-1), x.amax(-1)
+        d = _fp16((mx - mn) / 31)
+        m = _fp16(mn)
+        v = (x - m.unsqueeze(-1)) / d.unsqueeze(-1)
+        lo, hi = 0, 31
+    elif qtype == "Q8_0":  # w = d * q, q in -127..127, d = amax / 127
+        d = _fp16(x.abs().amax(-1) / 127)
+        v = x / d.unsqueeze(-1)
+        lo, hi = -127, 127
+    else:  # Q5_0, IQ4_NL: the signed extreme maps to the most negative code (-16, -127)
+        lo, hi = (-16, 15) if qtype == "Q5_0" else (IQ4_NL_VALUES[0], IQ4_NL_VALUES[-1])
+        d = _fp16(_signed_extreme(x) / lo)
+        v = x / d.unsqueeze(-1)
+    v = torch.where((d != 0).unsqueeze(-1), v, zero)
+    if qtype == "IQ4_NL":
+        table = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
+        idx = (v.unsqueeze(-1) - table).abs().argmin(-1)  # the nearest table value (the first on ties)
+        out["idx"] = idx
+        q = table[idx]
+        inside = (v >= lo) & (v <= hi)
+    else:
+        r = torch.floor(v + 0.5) if qtype == "Q5_0" else torch.round(v)  # Q5_0: ggml's (int)(x * id + 16.5) - 16
+        q = torch.clamp(r, lo, hi)
+        inside = r == q
+    out.update(d=d, m=m, q=q, inside=inside | ~torch.isfinite(v))
+    return out
+
+
 @torch.no_grad()
 def kquant_parts(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
-    """The codes and scales of ``w`` (float, last axis a multiple of 256) as k-quant ``fmt``.
+    """The codes and scales of ``w`` (float, rows a multiple of 256) as k-quant ``fmt``; rows of a
+    multiple of 32 only get the :data:`FALLBACK` type's (``type`` says which, by ggml name).
 
     Returns a dict of float32 tensors, ``S`` the super-blocks (``w.numel() / 256``) and ``B`` the
     blocks of one: ``d`` (S,) float16-exact, ``dmin`` (S,) (zeros for Q3_K / Q6_K), ``sc`` and
@@ -137,8 +208,9 @@ def kquant_parts(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
         (torch.Size([1, 8, 32]), 15, 63, 63)
     """
     kq = _kq(fmt)
-    if w.shape[-1] % QK_K:
-        raise QATConfigError(f"{kq.ggml_name} needs rows whose length is a multiple of {QK_K}, got shape {tuple(w.shape)}")
+    qtype = gguf_type_of(fmt, w.shape[-1])
+    if qtype != kq.ggml_name:
+        return _fallback_parts(w, qtype)
     x = w.detach().float().reshape(-1, QK_K // kq.block, kq.block)  # (S, B, block)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if kq.has_min:
@@ -171,11 +243,12 @@ def kquant_parts(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     r = torch.round(v)
     q = torch.clamp(r, kq.qmin, kq.qmax)
     inside = (r == q) | ~torch.isfinite(r)
-    return {"d": d, "dmin": dmin, "sc": sc, "m": m, "q": q, "inside": inside}
+    return {"type": kq.ggml_name, "d": d, "dmin": dmin, "sc": sc, "m": m, "q": q, "inside": inside}
 
 
 def kquant_dequantize(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    """``(d*sc)*q - dmin*m`` in float32, as gguf-py and llama.cpp compute it, reshaped to ``shape``.
+    """``(d*sc)*q - dmin*m`` in float32, as gguf-py and llama.cpp compute it, reshaped to ``shape``
+    (a fallback type: ``d*q``, plus ``m`` for Q5_1).
 
     Example::
 
@@ -184,6 +257,11 @@ def kquant_dequantize(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...])
         >>> bool((y - w).abs().max() < 0.1)
         True
     """
+    if parts["type"] in FALLBACK.values():
+        y = parts["d"].unsqueeze(-1) * parts["q"]
+        if parts["type"] == "Q5_1":
+            y = y + parts["m"].unsqueeze(-1)
+        return y.reshape(shape)
     d1 = (parts["d"].unsqueeze(-1) * parts["sc"]).unsqueeze(-1)  # (S, B, 1)
     m1 = (parts["dmin"].unsqueeze(-1) * parts["m"]).unsqueeze(-1)
     return (d1 * parts["q"] - m1).reshape(shape)
@@ -231,8 +309,28 @@ def _half_bytes(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(t.numpy().astype(np.float16).view(np.uint8).reshape(-1, 2).astype(np.int64))
 
 
-def _pack(parts: Mapping[str, torch.Tensor], kq: KQuant) -> torch.Tensor:
+def _pack_fallback(parts: Mapping[str, Any]) -> torch.Tensor:
+    """(S, bytes_per_block) int64 byte values of Q8_0 / Q5_0 / Q5_1 / IQ4_NL blocks."""
+    name = parts["type"]
+    d = _half_bytes(parts["d"].cpu())
+    if name == "Q8_0":
+        return torch.cat([d, parts["q"].cpu().long() & 0xFF], 1)
+    if name == "IQ4_NL":
+        u = parts["idx"].cpu().long()
+        return torch.cat([d, u[:, :16] | (u[:, 16:] << 4)], 1)
+    u = parts["q"].cpu().long() + (16 if name == "Q5_0" else 0)  # 0..31
+    qh = _bits((u >> 4).reshape(-1, 32, 1), 1).reshape(-1)  # (S,) bit j = code j's fifth bit
+    qh = torch.stack([(qh >> (8 * i)) & 0xFF for i in range(4)], 1)  # little-endian uint32
+    qs = (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
+    if name == "Q5_0":
+        return torch.cat([d, qh, qs], 1)
+    return torch.cat([d, _half_bytes(parts["m"].cpu()), qh, qs], 1)
+
+
+def _pack(parts: Mapping[str, Any], kq: KQuant) -> torch.Tensor:
     """(S, bytes_per_block) int64 byte values, in ggml's block layout."""
+    if parts["type"] != kq.ggml_name:
+        return _pack_fallback(parts)
     q = parts["q"].cpu().long().reshape(-1, QK_K)  # (S, 256)
     S = q.shape[0]
     sc = parts["sc"].cpu().long()
@@ -272,7 +370,8 @@ def _pack(parts: Mapping[str, torch.Tensor], kq: KQuant) -> torch.Tensor:
 
 def kquant_blocks(w: torch.Tensor, fmt: str) -> np.ndarray:
     """``w`` (rows, K), K a multiple of 256, as GGUF k-quant block bytes: a uint8 array
-    (rows, K / 256 * bytes_per_block) holding the codes and scales :func:`fake_quantize_kquant`
+    (rows, K / 256 * bytes_per_block) (K a multiple of 32 only: the blocks of the type
+    :func:`gguf_type_of` names) holding the codes and scales :func:`fake_quantize_kquant`
     uses, so ``gguf.quants.dequantize(blocks, type)`` equals the fake-quantized ``w`` bit for bit.
 
     Example::
@@ -319,13 +418,14 @@ def _layer_index(name: str) -> tuple:
 def _weight_spec(fmt: str) -> dict[str, Any]:
     kq = KQUANTS[fmt]
     return {"bits": kq.bits, "signed": kq.signed, "symmetric": kq.signed, "granularity": "per_group",
-            "group_size": QK_K, "scale_dtype": "float16", "round_mode": "half_even", "format": fmt}
+            "group_size": QK, "scale_dtype": "float16", "round_mode": "half_even", "format": fmt}
 
 
-#: llama.cpp's CPU matmul quantizes the activations of k-quant weights to Q8_K: 256-element blocks,
-#: 8-bit codes, a float32 scale
-Q8_K_INPUT = {"bits": 8, "signed": True, "symmetric": True, "narrow_range": True, "granularity": "per_group",
-              "group_size": QK_K, "dynamic": True, "round_mode": "half_even", "scale_dtype": "float32"}
+#: The inputs of the presets' layers: llama.cpp's CPU matmul quantizes activations to 8 bits a block
+#: (Q8_K, 256 elements and a float32 scale, for k-quant weights; Q8_0 / Q8_1, 32 elements and a
+#: float16 scale, for the fallback types); one spec for both: dynamic Q8_0 blocks of 32
+Q8_INPUT = {"bits": 8, "signed": True, "symmetric": True, "narrow_range": True, "granularity": "per_group",
+            "group_size": QK, "dynamic": True, "round_mode": "half_away", "scale_dtype": "float16"}
 
 
 def kquant_mix_plan(model: torch.nn.Module, mix: str, inputs: bool = True):
@@ -337,7 +437,7 @@ def kquant_mix_plan(model: torch.nn.Module, mix: str, inputs: bool = True):
     layer between), and the output head (``lm_head``) gets Q6_K. Roles are read from Hugging Face
     module names: BERT (``attention.self.value``, ``output.dense`` of a layer) and Llama
     (``self_attn.v_proj``, ``mlp.down_proj``, ``lm_head``). Inputs are quantized as llama.cpp's CPU
-    matmul does for these weights (dynamic Q8_K, 256-element blocks) unless ``inputs=False``.
+    matmul does for these weights (dynamic 8-bit blocks, :data:`Q8_INPUT`) unless ``inputs=False``.
 
     Raises:
         QATConfigError: an unknown ``mix``, naming the valid ones.
@@ -361,7 +461,7 @@ def kquant_mix_plan(model: torch.nn.Module, mix: str, inputs: bool = True):
     names = [n for n, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))]
     n_layer = 1 + max([_layer_index(n)[0] for n in names if _layer_index(n)], default=-1)
     rules: list[dict[str, Any]] = [{"match": "*", "types": ["Linear"], "weight": _weight_spec(base),
-                                    "input": dict(Q8_K_INPUT) if inputs else False}]
+                                    "input": dict(Q8_INPUT) if inputs else False}]
     emb = [n for n in names if n.endswith(("word_embeddings", "embed_tokens"))]
     for n in emb:
         rules.append({"match": n, "types": ["Embedding"], "weight": _weight_spec(base)})

@@ -37,7 +37,7 @@ __all__ = ["LayerRule", "LayerQuant", "QuantPlan", "SUPPORTED_TYPES", "available
 #: :data:`qat.modules.LAYER_TYPES`).
 SUPPORTED_TYPES: dict[str, type[nn.Module]] = {t.name: t.float for t in LAYER_TYPES}
 
-_RULE_FIELDS = ("match", "types", "weight", "input", "skip")
+_RULE_FIELDS = ("match", "types", "weight", "input", "skip", "optional")
 
 
 def _spec_overrides(value: Any, where: str) -> Union[None, bool, dict]:
@@ -77,11 +77,13 @@ class LayerRule:
             integer indices).
         skip: leave the matched layers in float altogether (a later rule that gives the layer a
             ``weight`` or ``input`` brings it back).
+        optional: a rule that may match no layer (a preset's rule for layer names only some models
+            have, such as the per-architecture rules of the k-quant mixes); otherwise that is an error.
 
     Example::
 
         >>> LayerRule(match="encoder.*", types=("Linear",), weight={"bits": 4})
-        LayerRule(match='encoder.*', types=('Linear',), weight={'bits': 4}, input=None, skip=False)
+        LayerRule(match='encoder.*', types=('Linear',), weight={'bits': 4}, input=None, skip=False, optional=False)
     """
 
     match: str = "*"
@@ -89,6 +91,7 @@ class LayerRule:
     weight: Any = None
     input: Any = None
     skip: bool = False
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.match, str) or not self.match:
@@ -116,6 +119,10 @@ class LayerRule:
             raise QATConfigError(
                 f"LayerRule(match={self.match!r}).skip must be true or false (a boolean), got {self.skip!r} ({type(self.skip).__name__})"
             )
+        if not isinstance(self.optional, bool):
+            raise QATConfigError(
+                f"LayerRule(match={self.match!r}).optional must be true or false (a boolean), got {self.optional!r} ({type(self.optional).__name__})"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], index: int = 0) -> "LayerRule":
@@ -130,7 +137,7 @@ class LayerRule:
             raise QATConfigError(f"rules[{index}]: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"match": self.match, "types": list(self.types), "weight": self.weight, "input": self.input, "skip": self.skip}
+        return {"match": self.match, "types": list(self.types), "weight": self.weight, "input": self.input, "skip": self.skip, "optional": self.optional}
 
     def applies_to(self, name: str, module: nn.Module) -> bool:
         if not fnmatch.fnmatchcase(name, self.match):
@@ -249,6 +256,8 @@ class QuantPlan:
         for i, rule in enumerate(self.rules):
             hits = [n for n, m in candidates if rule.applies_to(n, m)]
             if not hits:
+                if rule.optional:
+                    continue
                 _raise_no_match(i, rule, named, candidates)
             for n in hits:
                 st = state[n]

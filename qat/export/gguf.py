@@ -11,7 +11,12 @@ Block layouts (ggml, 32 weights a block along a row):
   code ``j + 16`` in its high nibble, each stored as ``q + 8``; ``w = q * d``.
 
 Any signed, symmetric, per-group-32 weight spec with float16-exact scales maps onto one of them
-(up to 4 bits -> Q4_0, 5..8 bits -> Q8_0). Float weights are written as F32 (or quantized with
+(up to 4 bits -> Q4_0, 5..8 bits -> Q8_0).
+
+llama.cpp's k-quants (Q2_K .. Q6_K, ``QuantSpec.format``, the ``gguf_q*_k*`` presets and
+:func:`qat.kquants.kquant_mix_plan`) have no integer layer: :func:`export_gguf` takes the
+*prepared* model and writes each k-quant layer's blocks from :func:`qat.kquants.kquant_blocks`, the
+codes and two levels of scales its fake quantization used (256-weight super-blocks along a row). Float weights are written as F32 (or quantized with
 gguf-py's port of ggml's reference quantizer when ``float_to`` asks: the "float model straight to
 Q4_0" baseline). The model metadata and tokenizer follow llama.cpp's ``convert_hf_to_gguf.py`` for
 ``BertModel``: architecture ``bert``, WordPiece vocabulary as tokenizer model ``bert`` with
@@ -30,6 +35,8 @@ import torch.nn as nn
 from ..int_modules import IntModuleMixin
 from ..errors import QATConfigError
 from ..granularity import Layout
+from ..kquants import KQUANTS, gguf_type_of, kquant_blocks
+from ..modules import QuantModuleMixin
 
 __all__ = ["export_gguf", "gguf_blocks", "gguf_type_for", "llama_embed"]
 
@@ -74,8 +81,49 @@ def gguf_type_for(mod: IntModuleMixin, name: str = "") -> str:
     raise QATConfigError(f"{where}: {spec.bits}-bit weights have no GGUF Q8_0 / Q4_0 form (at most 8 bits); {hint}")
 
 
-def gguf_blocks(mod: IntModuleMixin, name: str = "") -> tuple[np.ndarray, str]:
-    """The layer's weight as GGUF block bytes: ``(uint8 array (rows, bytes_per_row), "Q4_0" | "Q8_0")``."""
+def _kquant_format(mod: Any) -> Optional[str]:
+    """The k-quant format of a fake-quantized layer's weight (``"q4_k"``, ...), else None."""
+    if not isinstance(mod, QuantModuleMixin) or mod.weight_quantizer is None:
+        return None
+    if not bool(mod.weight_quantizer.fake_quant_enabled):
+        return None
+    fmt = mod.weight_quantizer.spec.format.value
+    return fmt if fmt in KQUANTS else None
+
+
+def gguf_blocks(mod: Union[IntModuleMixin, QuantModuleMixin], name: str = "") -> tuple[np.ndarray, str]:
+    """The layer's weight as GGUF block bytes: ``(uint8 array (rows, bytes_per_row), type name)``:
+    ``"Q4_0"`` / ``"Q8_0"`` for a converted layer, ``"Q2_K"`` .. ``"Q6_K"`` for a prepared layer
+    whose weight spec has a k-quant ``format`` (its fake-quantized weight's own codes and scales).
+
+    Example::
+
+        >>> import gguf, torch.nn as nn
+        >>> from qat import prepare
+        >>> layer = prepare(nn.Sequential(nn.Linear(256, 4)), "gguf_q4_k")[0]
+        >>> blocks, qtype = gguf_blocks(layer)
+        >>> qtype, blocks.shape
+        ('Q4_K', (4, 144))
+        >>> bool((gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K)
+        ...       == layer.quantized_weight().detach().numpy()).all())
+        True
+    """
+    fmt = _kquant_format(mod)
+    if fmt is not None:
+        if getattr(mod, "input_smooth", None) is not None:
+            where = f"layer {name!r}" if name else type(mod).__name__
+            raise QATConfigError(
+                f"{where}: the layer is smoothed (qat.smooth_inputs) and llama.cpp has no per-channel input scale "
+                f"to divide its input by; train without smoothing for GGUF"
+            )
+        w = mod.latent_weight().detach()
+        return kquant_blocks(w, fmt), gguf_type_of(fmt, w.shape[-1])
+    if isinstance(mod, QuantModuleMixin):
+        where = f"layer {name!r}" if name else type(mod).__name__
+        raise QATConfigError(
+            f"{where}: a fake-quantized layer with an affine weight spec; convert the model first (qat.convert) "
+            f"for Q8_0 / Q4_0, or train with a k-quant preset (gguf_q2_k .. gguf_q6_k) to export it prepared"
+        )
     qtype = gguf_type_for(mod, name)
     q = mod.codes().cpu().numpy().astype(np.int32)  # (O, K)
     rows, k = q.shape
@@ -128,7 +176,9 @@ def export_gguf(
 
     Args:
         model: a ``BertModel`` converted with :func:`qat.convert` after training with a GGUF preset
-            (its integer Linear weights become Q8_0 / Q4_0 blocks as trained), or a float one.
+            (its integer Linear weights become Q8_0 / Q4_0 blocks as trained), a prepared one trained
+            with a k-quant preset or mix (its k-quant weights become Q2_K .. Q6_K blocks as trained),
+            or a float one.
         path: the ``.gguf`` file to write.
         tokenizer_dir: the directory of the model's tokenizer files (``vocab.txt``,
             ``tokenizer_config.json``, ...); default ``model.config.name_or_path``.
@@ -171,15 +221,27 @@ def export_gguf(
     int_mods = {n: m for n, m in model.named_modules() if isinstance(m, IntModuleMixin)}
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     skip = {f"{n}.{b}" for n in int_mods for b in _INT_BUFFERS}
+    quant_mods = {n: m for n, m in model.named_modules() if isinstance(m, QuantModuleMixin)}
+    quantizer_prefixes = tuple(f"{n}.{q}_quantizer." for n in quant_mods for q in ("weight", "input"))
     for key, value in model.state_dict().items():
         if key in skip:
             if key.endswith(".qweight"):
                 layer = key[: -len(".qweight")]
                 entries.append((f"{layer}.weight", int_mods[layer]))
             continue
+        if key.startswith(quantizer_prefixes):
+            continue  # a prepared layer's quantizer state: its blocks come from the layer itself
+        layer, _, leaf = key.rpartition(".")
+        mod = quant_mods.get(layer)
+        if mod is not None and leaf == "weight" and mod.weight_quantizer is not None:
+            gguf_blocks(mod, layer)  # refuses an affine fake-quantized layer (convert those first)
+            if _kquant_format(mod) is not None:
+                entries.append((key, mod))
+                continue
         entries.append((key, value))
 
     n_q4 = n_q8 = 0
+    n_k: dict[str, int] = {}
     writer = gguf.GGUFWriter(path, "bert")
     tensors: list[tuple[str, np.ndarray, Optional[Any]]] = []
     for key, value in entries:
@@ -190,8 +252,9 @@ def export_gguf(
         if gname is None:
             raise QATConfigError(f"export_gguf(): tensor {key!r} has no llama.cpp BERT name")
         gname = f"{gname}.{suffix}"
-        if isinstance(value, IntModuleMixin):
+        if isinstance(value, (IntModuleMixin, QuantModuleMixin)):
             blocks, qtype = gguf_blocks(value, base)
+            n_k[qtype] = n_k.get(qtype, 0) + qtype.endswith("_K")  # (fallback types do not name the file)
             n_q4 += qtype == "Q4_0"
             n_q8 += qtype == "Q8_0"
             tensors.append((gname, blocks, getattr(gguf.GGMLQuantizationType, qtype)))
@@ -215,6 +278,10 @@ def export_gguf(
     writer.add_causal_attention(False)
     writer.add_pooling_type(gguf.PoolingType.MEAN)
     ftype = gguf.LlamaFileType.MOSTLY_Q4_0 if n_q4 else gguf.LlamaFileType.MOSTLY_Q8_0 if n_q8 else gguf.LlamaFileType.ALL_F32
+    n_k = {k: v for k, v in n_k.items() if v}
+    if n_k:  # the most common k-quant names the file type (_M for a mix, as llama.cpp)
+        main = max(n_k, key=lambda k: (n_k[k], k))[:2]
+        ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{main}_K" if main in ("Q2", "Q6") else f"MOSTLY_{main}_K_{'M' if len(n_k) > 1 else 'S'}")
     writer.add_file_type(ftype)
     _vocab(writer, tokenizer_dir, int(getattr(config, "type_vocab_size", 1)))
     for gname, data, raw in tensors:
