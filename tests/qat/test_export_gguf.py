@@ -144,11 +144,11 @@ def test_kquant_bert_file_holds_the_fake_quantized_weights(tmp_path, preset):
     types = {n: t.tensor_type.name for n, t in by_name.items()}
     assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == base
     assert types["blk.0.attn_output_norm.weight"] == types["position_embd.weight"] == "F32"
-    if preset == "gguf_q4_k_m":  # use_more_bits(i, 2): layer 1's attn_v and ffn_down
-        assert types["token_embd.weight"] == "Q4_K"
+    if preset.endswith("_m"):  # use_more_bits(i, 2): layer 1's attn_v and ffn_down
+        assert types["token_embd.weight"] == base
         assert types["blk.1.attn_v.weight"] == types["blk.1.ffn_down.weight"] == "Q6_K"
-        assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_down.weight"] == "Q4_K"
-        ftype = gguf.LlamaFileType.MOSTLY_Q4_K_M
+        assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_down.weight"] == base
+        ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{base}_M")
     else:
         assert types["token_embd.weight"] == "F32"
         ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{base}" if base in ("Q2_K", "Q6_K") else f"MOSTLY_{base}_S")
