@@ -191,6 +191,79 @@ def _fallback_parts(w: torch.Tensor, qtype: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _fit_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """Block scale and min (both >= 0; ``x ~ s * L - m``, ``L`` in 0..nmax) by ggml's
+    ``make_qkx2_quants`` search: for each trial inverse scale ``(nmax + rmin + rdelta * k) / (max - min)``,
+    the codes it gives, then the weighted least-squares scale and min for those codes (min <= 0 kept), the
+    trial of least weighted error winning (the plain min / max range first). ``x``, ``w``: (S, B, n)."""
+    mn = torch.clamp(x.amin(-1), max=0.0)
+    rng = x.amax(-1) - mn
+    safe = torch.where(rng > 0, rng, torch.ones_like(rng))
+    best_s, best_min = rng / nmax, mn
+    best_err = None
+    sw = w.sum(-1)
+    sx = (w * x).sum(-1)
+    for k in [None] + list(range(nstep + 1)):
+        if k is None:  # the min / max range as it is
+            L = torch.clamp(torch.round((x - mn.unsqueeze(-1)) * (nmax / safe).unsqueeze(-1)), 0, nmax)
+            s_k, min_k = best_s, mn
+        else:
+            iscale = (nmax + rmin + rdelta * k) / safe
+            L = torch.clamp(torch.round((x - mn.unsqueeze(-1)) * iscale.unsqueeze(-1)), 0, nmax)
+            sl, sl2, sxl = (w * L).sum(-1), (w * L * L).sum(-1), (w * L * x).sum(-1)
+            D = sw * sl2 - sl * sl
+            ok = D > 0
+            Dsafe = torch.where(ok, D, torch.ones_like(D))
+            s_k = (sw * sxl - sx * sl) / Dsafe
+            min_k = (sl2 * sx - sl * sxl) / Dsafe
+            pos = min_k > 0  # a min above 0: fit the scale alone with min 0
+            s_k = torch.where(pos, sxl / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), s_k)
+            min_k = torch.where(pos, torch.zeros_like(min_k), min_k)
+            ok = ok & (s_k > 0)
+        if best_err is None:
+            best_err = (w * (s_k.unsqueeze(-1) * L + min_k.unsqueeze(-1) - x).pow(2)).sum(-1)
+            sx2 = (w * x * x).sum(-1)
+            continue
+        # sum w (s L + min - x)^2 from the sums at hand (only the choice depends on it)
+        err = sx2 + s_k * s_k * sl2 + min_k * min_k * sw + 2 * (s_k * min_k * sl - s_k * sxl - min_k * sx)
+        better = ok & (err < best_err)
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s_k, best_s)
+        best_min = torch.where(better, min_k, best_min)
+    flat = rng <= 0
+    return torch.where(flat, torch.zeros_like(best_s), best_s), torch.where(flat, -mn, -best_min)
+
+
+def _fit_scale_sym(x: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Signed block scale (``x ~ s * L``, ``L`` in -nmax..nmax-1) by ggml's ``make_qx_quants`` search
+    (weights ``x^2``): trial inverse scales ``-(nmax + 0.1 k) / e``, ``e`` the signed extreme, ``k`` in
+    -9..9, each with its least-squares scale ``sum(w L x) / sum(w L^2)``; the one of least weighted
+    error wins (first ``e / -nmax`` itself). ``x``: (S, B, n)."""
+    e = _signed_extreme(x)
+    safe = torch.where(e != 0, e, torch.ones_like(e))
+    w = x * x
+    best = e / -nmax
+    best_score = None
+    for k in [None] + list(range(-9, 10)):
+        iscale = -(nmax + (0.0 if k is None else 0.1 * k)) / safe
+        L = torch.clamp(torch.round(x * iscale.unsqueeze(-1)), -nmax, nmax - 1)
+        sxl, sl2 = (w * L * x).sum(-1), (w * L * L).sum(-1)
+        ok = sl2 > 0
+        score = torch.where(ok, sxl * sxl / torch.where(ok, sl2, torch.ones_like(sl2)), torch.zeros_like(sl2))
+        s_k = sxl / torch.where(ok, sl2, torch.ones_like(sl2))
+        if best_score is None:
+            best_score, best = score, torch.where(ok, s_k, best)
+            continue
+        better = ok & (score > best_score)
+        best_score = torch.where(better, score, best_score)
+        best = torch.where(better, s_k, best)
+    return torch.where(e != 0, best, torch.zeros_like(best))
+
+
+#: ggml's ``make_qkx2_quants`` arguments per type with a min: (rmin, rdelta, nstep, weights)
+_QKX2 = {"Q2_K": (-0.5, 0.1, 15, "abs"), "Q4_K": (-1.0, 0.1, 20, "rms"), "Q5_K": (-0.5, 0.1, 15, "rms")}
+
+
 @torch.no_grad()
 def kquant_parts(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     """The codes and scales of ``w`` (float, rows a multiple of 256) as k-quant ``fmt``; rows of a
@@ -214,9 +287,11 @@ def kquant_parts(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     x = w.detach().float().reshape(-1, QK_K // kq.block, kq.block)  # (S, B, block)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if kq.has_min:
-        mn = torch.clamp(x.amin(-1), max=0.0)  # (S, B): the block's min, never above 0 (as ggml)
-        s_b = (x.amax(-1) - mn) / kq.qmax  # block scale, >= 0
-        m_b = -mn  # block min, >= 0
+        rmin, rdelta, nstep, wk = _QKX2[kq.ggml_name]
+        w = x.abs()
+        if wk == "rms":
+            w = w + x.pow(2).mean(-1, keepdim=True).sqrt()
+        s_b, m_b = _fit_scale_min(x, w, kq.qmax, rmin, rdelta, nstep)  # block scale and min, >= 0
         codes, supers = [], []
         for v in (s_b, m_b):
             vmax = v.amax(-1, keepdim=True)  # (S, 1)
@@ -229,7 +304,7 @@ def kquant_parts(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
         m1 = dmin.unsqueeze(-1) * m
         v = (x + m1.unsqueeze(-1)) / d1.unsqueeze(-1)
     else:
-        s_b = _signed_extreme(x) / kq.qmin  # (S, B): the extreme element maps to qmin
+        s_b = _fit_scale_sym(x, -kq.qmin)  # (S, B), signed
         smax = _signed_extreme(s_b).unsqueeze(-1)  # (S, 1), signed
         inv = torch.where(smax != 0, -kq.scale_max / smax, zero)
         sc = torch.clamp(torch.round(inv * s_b), -kq.scale_max, kq.scale_max - 1)
