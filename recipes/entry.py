@@ -33,6 +33,8 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "sklearn": ("scikit-learn", "recipes"),
     "wandb": ("wandb", "recipes"),
     "rich": ("rich", "recipes"),
+    "matplotlib": ("matplotlib", "recipes"),
+    "tensorboard": ("tensorboard", "recipes"),
     "onnx": ("onnx", "export"),
     "onnxruntime": ("onnxruntime", "export"),
     "gguf": ("gguf", "export"),
@@ -48,7 +50,7 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
 # pip names too: Lightning's own checks say "Requirement 'wandb>=0.12.10' not met"
 _BY_PIP_NAME = {pip: mod for mod, (pip, _) in OPTIONAL_PACKAGES.items()}
 _PATTERNS = (re.compile(r"No module named '([\w.]+)'"), re.compile(r"import of ([\w.]+) halted"),
-             re.compile(r"Requirement '([A-Za-z0-9_.\-]+)"))
+             re.compile(r"Requirement '([A-Za-z0-9_.\-]+)"), re.compile(r"`([\w.]+)`"))
 
 
 class MissingExtraError(SystemExit):
@@ -107,6 +109,8 @@ def missing_extra(exc: BaseException) -> Optional[str]:
         ... except RuntimeError as wrapped:
         ...     missing_extra(wrapped)
         'wandb'
+        >>> missing_extra(ModuleNotFoundError("Neither `tensorboard` nor `tensorboardX` is available."))
+        'tensorboard'
         >>> missing_extra(ModuleNotFoundError("No module named 'my_project'", name="my_project")) is None
         True
     """
