@@ -523,22 +523,35 @@ def print_results(all_results: list[dict[str, Any]], title: str = "lightning-qat
     Console(width=100).print(table)
 
 
-def _importable(directory: str) -> None:
-    """Put ``directory`` first on ``sys.path`` (once): a ``_target_`` of the user's own module resolves."""
+def _importable(directory: str) -> Optional[str]:
+    """Put ``directory`` first on ``sys.path`` (once): a ``_target_`` of the user's own module resolves.
+    Returns it when it was added (for :func:`_forget`), else ``None``."""
     directory = os.path.abspath(directory)
-    if directory not in (os.path.abspath(p or os.curdir) for p in sys.path):
-        sys.path.insert(0, directory)
+    if directory in (os.path.abspath(p or os.curdir) for p in sys.path):
+        return None
+    sys.path.insert(0, directory)
+    return directory
+
+
+def _forget(directory: Optional[str]) -> None:
+    """Take back what :func:`_importable` added (a process that goes on after the app, e.g. a test,
+    keeps its own import path: the checkout's ``kernels/`` folder would shadow the PyPI package)."""
+    if directory is not None and directory in sys.path:
+        sys.path.remove(directory)
 
 
 def _task(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    _importable(hc.runtime.cwd)  # a job started elsewhere (a SLURM node) imports from the launch directory too
-    fp_cache = cfg.get("fp_cache")
-    if fp_cache is None and hc.mode == RunMode.MULTIRUN:  # the float model once a sweep
-        fp_cache = os.path.join(os.path.abspath(hc.sweep.dir), "fp_cache")
-    return objective(run(cfg, hc.runtime.output_dir, fp_cache=fp_cache or None))
+    added = _importable(hc.runtime.cwd)  # a job started elsewhere (a SLURM node) imports from the launch directory too
+    try:
+        fp_cache = cfg.get("fp_cache")
+        if fp_cache is None and hc.mode == RunMode.MULTIRUN:  # the float model once a sweep
+            fp_cache = os.path.join(os.path.abspath(hc.sweep.dir), "fp_cache")
+        return objective(run(cfg, hc.runtime.output_dir, fp_cache=fp_cache or None))
+    finally:
+        _forget(added)
 
 
 def main() -> None:
@@ -555,11 +568,14 @@ def main() -> None:
         >>> "callbacks: default" in out.stdout
         True
     """
-    _importable(os.getcwd())
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    register_configs()
-    hydra.main(version_base="1.3", config_path="../configs", config_name="train")(_task)()
+    added = _importable(os.getcwd())
+    try:
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        register_configs()
+        hydra.main(version_base="1.3", config_path="../configs", config_name="train")(_task)()
+    finally:
+        _forget(added)
 
 
 if __name__ == "__main__":

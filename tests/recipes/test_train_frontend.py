@@ -145,6 +145,7 @@ def test_main_puts_the_working_directory_on_the_import_path(user_dir, monkeypatc
     import lightning.pytorch as L
 
     assert isinstance(sys.modules["mymodel"].MyModule(), L.LightningModule)
+    assert str(user_dir) not in sys.path  # taken back when the app returned (the test process goes on)
     _check_results(user_dir / "run")
     assert (user_dir / "run" / "checkpoints" / "qat" / "last.ckpt").exists()  # the stage checkpoint of its namespace
 
