@@ -1,6 +1,6 @@
 """``qat-train``: full precision -> PTQ -> QAT on one model, with a table of accuracy and size.
 
-    qat-train                                   # digits CNN, W4A4, W&B offline
+    qat-train                                   # digits CNN, W2A4, W&B offline
     qat-train quant=w8a8 logger=csv             # another preset, CSV logs
     qat-train callbacks.qat.freeze_bn_epoch=3 callbacks.oscillation.dampen=1e-3   # callback arguments
     qat-train -m quant=w8a8,w4a8,w4a4,w2a2      # Hydra multirun + summary table (float model trained once)
@@ -320,7 +320,7 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, fp_cache: Optional[st
         >>> with contextlib.redirect_stdout(io.StringIO()):     # the results table
         ...     res = run(cfg, tempfile.mkdtemp())
         >>> res["plan"], res["metric"], sorted(k for k in res if k in ("fp", "ptq", "qat"))
-        ('w4a4', 'test/acc', ['fp', 'ptq', 'qat'])
+        ('w2a4', 'test/acc', ['fp', 'ptq', 'qat'])
     """
     resume = cfg.get("resume")
     if resume:

@@ -30,11 +30,6 @@ def _compose(overrides):
         return compose(config_name="train", overrides=overrides)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="configs/train.yaml still selects quant: w4a4; the lead applies `quant: w2a4` there (and then removes "
-    "this marker: strict, so the test fails as XPASS until then)",
-)
 def test_default_composes_to_the_chosen_recipe():
     cfg = _compose(["logger=none"])
     assert cfg.quant.name == DEFAULT["quant"]

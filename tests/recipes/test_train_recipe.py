@@ -27,7 +27,7 @@ def _compose(overrides):
 
 def test_compose_defaults():
     cfg = _compose(["logger=none"])
-    assert cfg.quant.name == "w4a4" and cfg.logger is None
+    assert cfg.quant.name == "w2a4" and cfg.logger is None
     assert cfg.model.net._target_ == "qat.recipes.digits.DigitsCNN"
 
 
