@@ -38,7 +38,8 @@ from qat.size import float_size_bytes, model_size_bytes
 
 from .base import NAMESPACES
 
-__all__ = ["plan_hparams", "log_hparams", "log_histogram", "log_figure", "log_artifact", "logger_kind"]
+__all__ = ["plan_hparams", "log_hparams", "log_histogram", "log_figure", "log_artifact", "logger_kind", "stage_logger_kwargs",
+           "close_logger"]
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +183,32 @@ def log_artifact(loggers: Iterable[Any], paths: Iterable[str], name: str, kind: 
         logger.experiment.log_artifact(art)
         logged = True
     return logged
+
+
+def stage_logger_kwargs(target: str, stage: str, group: str) -> dict[str, Any]:
+    """Keyword arguments that keep one stage (``fp``, ``qat``) of a run apart in a logger whose class
+    path is ``target``: W&B, a run of its own in the W&B group ``group`` with ``job_type=stage``;
+    TensorBoard and CSV, the version folder ``stage`` (so every stage keeps its own files and steps).
+
+    Example::
+
+        >>> stage_logger_kwargs("pytorch_lightning.loggers.CSVLogger", "qat", "run-1")
+        {'version': 'qat'}
+        >>> sorted(stage_logger_kwargs("lightning.pytorch.loggers.WandbLogger", "fp", "run-1"))
+        ['group', 'job_type', 'name']
+    """
+    cls = target.rsplit(".", 1)[-1]
+    if cls == "WandbLogger":  # one run a stage (W&B makes its id), grouped
+        return {"group": group, "job_type": stage, "name": f"{group}-{stage}"}
+    if cls in ("TensorBoardLogger", "CSVLogger"):
+        return {"version": stage}
+    return {}
+
+
+def close_logger(logger: Any) -> None:
+    """Write what a logger buffers (the CSV logger keeps metrics in memory until saved) and end its run
+    (W&B: ``finish``, so a later stage can start its own)."""
+    logger.save()
+    logger.finalize("success")
+    if logger_kind(logger) == "wandb":
+        logger.experiment.finish()

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qat import QATConfigError, load_plan, prepare
 from qat.callbacks import QuantizationAwareTraining, QuantizationTelemetry
+from qat.callbacks.loggers import close_logger, log_figure, stage_logger_kwargs
 from qat.callbacks.base import NAMESPACES
 from qat.ptq import calibrate, default_forward
 from qat.size import float_size_bytes, model_size_bytes
@@ -377,11 +378,19 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, fp_cache: Optional[st
     loop = _metric_loop(cfg, probe, dm, output_dir)  # ... and the metric, on one batch
     del probe
     pl.seed_everything(cfg.seed, workers=True)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    else:  # nothing to send per-layer statistics to
+    if not cfg.get("logger"):  # nothing to send per-layer statistics to
         callbacks = [cb for cb in callbacks if not isinstance(cb, QuantizationTelemetry)]
+    # the run's stages share a W&B group: the run directory's name (and a hash of its path, for sweeps)
+    group = f"{os.path.basename(output_dir.rstrip(os.sep)) or 'run'}-{hashlib.sha1(output_dir.encode()).hexdigest()[:6]}"
+
+    def stage_logger(stage: str) -> Any:
+        """The logger of one stage: its own W&B run in the group of this run (job_type = stage), or its
+        own version folder for CSV / TensorBoard; the run's config as hyperparameters."""
+        if not cfg.get("logger"):
+            return False
+        lg = instantiate(cfg.logger, **stage_logger_kwargs(str(cfg.logger.get("_target_", "")), stage, group))
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True) | {"stage": stage})
+        return lg
 
     def eval_trainer() -> Any:
         return build_trainer(cfg, 1, False, [], output_dir, model=fp)
@@ -403,11 +412,14 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, fp_cache: Optional[st
         save_torch(fp.state_dict(), fp_model_path)
         log.info("fp_cache: the float model comes from %s; not retrained", cache_path)
     else:
-        trainer = build_trainer(cfg, cfg.fp.epochs, logger, [_stage_checkpoint(output_dir, "fp", trainer_cls)], output_dir,
-                                model=fp)
+        fp_logger = stage_logger("fp")
+        trainer = build_trainer(cfg, cfg.fp.epochs, fp_logger, [_stage_checkpoint(output_dir, "fp", trainer_cls)],
+                                output_dir, model=fp)
         trainer.fit(fp, datamodule=dm, ckpt_path=_last_checkpoint(output_dir, "fp", bool(resume)))
         save_torch(fp.state_dict(), fp_model_path)
         fp_value, fp_source = _evaluate(trainer, fp, dm, metric, loop), "trained"
+        if fp_logger:
+            close_logger(fp_logger)
         if cache_path:
             save_torch({"state_dict": fp.state_dict(), "value": fp_value, "rng": _rng_state(),
                         "config": json.dumps({k: _container(cfg.get(k)) for k in ("model", "data", "trainer", "fp", "seed")},
@@ -427,6 +439,7 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, fp_cache: Optional[st
     # 3. quantization-aware training, starting from the full-precision weights
     qat_module = new_model(cfg.qat.lr)
     qat_module.load_state_dict(fp_state)
+    logger = stage_logger("qat")
     trainer = build_trainer(cfg, cfg.qat.epochs, logger, [*callbacks, _stage_checkpoint(output_dir, "qat", trainer_cls)],
                             output_dir, model=qat_module)
     trainer.fit(qat_module, datamodule=dm, ckpt_path=_last_checkpoint(output_dir, "qat", bool(resume)))
@@ -459,10 +472,31 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, fp_cache: Optional[st
         if hasattr(logger, "log_table"):
             rows = [[k.upper(), plan.name, results[k][field], results[k]["bytes"]] for k in ("fp", "ptq", "qat")]
             logger.log_table(key="results", columns=["method", "plan", field, "bytes"], data=rows)
-        if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
-            logger.experiment.finish()
+        _log_size_figure(logger, results, field)
+        close_logger(logger)  # the CSV logger writes its metrics here: the final results are kept
     print_results([results])
     return results
+
+
+def _log_size_figure(logger: Any, results: dict[str, Any], field: str) -> None:
+    """The metric against model size for FP / PTQ / QAT, as a figure to the logger (``qat/size_vs_metric``);
+    skipped with a log line where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: no size figure (pip install 'lightning-qat[recipes]')")
+        return
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for k, marker in (("fp", "o"), ("ptq", "s"), ("qat", "^")):
+        ax.scatter(results[k]["bytes"] / 1024, results[k][field], marker=marker, label=k.upper())
+    ax.set_xlabel("model size (KiB)")
+    ax.set_ylabel(results["metric"])
+    ax.set_title(f"{results['plan']}: {results['metric']} against size")
+    ax.legend()
+    log_figure([logger], "qat/size_vs_metric", fig)
 
 
 def objective(results: dict[str, Any]) -> float:

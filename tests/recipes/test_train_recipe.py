@@ -72,7 +72,7 @@ def test_cli_with_wandb_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "full precision vs PTQ vs QAT" in proc.stdout
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert len(runs) == 2 and all(list(r.glob("*.wandb")) for r in runs)  # the fp and qat stages, one group
 
 
 def test_cli_multirun_summary(tmp_path):
