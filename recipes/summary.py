@@ -132,6 +132,9 @@ class SweepSummary(Callback):
             if finished:
                 title = f"lightning-qat sweep summary ({len(finished)} runs" + (f", {len(failed)} failed)" if failed else ")")
                 print_results(finished, title=title)
+                png = pareto_figure(finished, os.path.join(sweep_dir, "pareto.png"))
+                if png:
+                    print(f"accuracy against size: {png}")
             for e in failed:
                 print(f"FAILED job {e['job']} ({e.get('plan')}): {e['error']}  [{e['output_dir']}]")
             if failed:
@@ -187,3 +190,54 @@ def _exit_with(message: str) -> None:
 
     print(message, file=sys.stderr)
     raise SystemExit(1)
+
+
+def pareto_front(points: list[tuple[float, float]], maximize: bool = True) -> list[int]:
+    """Indices of the ``(size, value)`` points no other point beats (smaller or equal size and a better
+    or equal value, one of them strictly), sorted by size.
+
+    Example::
+
+        >>> pareto_front([(4, 0.9), (2, 0.95), (1, 0.5), (3, 0.94)])
+        [2, 1]
+    """
+    sign = 1.0 if maximize else -1.0
+    front = []
+    for i, (b, v) in enumerate(points):
+        dominated = any(
+            (b2 <= b and sign * v2 >= sign * v) and (b2 < b or sign * v2 > sign * v) for j, (b2, v2) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pareto_figure(results: list[dict[str, Any]], path: str) -> Optional[str]:
+    """A sweep's QAT and PTQ results as metric against model size, the QAT Pareto front joined, float
+    as a line: written to ``path`` (PNG). Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    metric = results[0].get("metric", "test/acc")
+    field = metric.replace("/", "_")
+    maximize = results[0].get("mode", "max") == "max"
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for stage, marker in (("qat", "^"), ("ptq", "s")):
+        xs = [r[stage]["bytes"] / 1024 for r in results]
+        ax.scatter(xs, [r[stage][field] for r in results], marker=marker, label=stage.upper())
+    pts = [(r["qat"]["bytes"], r["qat"][field]) for r in results]
+    front = pareto_front(pts, maximize)
+    ax.plot([pts[i][0] / 1024 for i in front], [pts[i][1] for i in front], "-", alpha=0.6, label="QAT Pareto front")
+    for r in results:
+        ax.annotate(r.get("plan", "?"), (r["qat"]["bytes"] / 1024, r["qat"][field]), fontsize=7)
+    ax.axhline(results[0]["fp"][field], linestyle="--", color="gray", label="float")
+    ax.set_xlabel("model size (KiB)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -81,6 +81,8 @@ def test_cli_multirun_summary(tmp_path):
     assert "sweep summary (2 runs)" in proc.stdout
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert [r["plan"] for r in summary] == ["w8a8", "w4a4"]
+    png = tmp_path / "sweep" / "pareto.png"  # accuracy against size, the QAT Pareto front joined
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_oscillation_keys_compose_off_by_default():
