@@ -447,17 +447,14 @@ def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state
     return _MaskedSTE.apply(x, y.reshape(x.shape), inside.reshape(x.shape))
 
 
-class _MinMaxFn(torch.autograd.Function):
+class _MinMaxFn(_FakeQuantizeFn):
+    """The range-of-the-data forward; the backward is :class:`_FakeQuantizeFn`'s mask (8 inputs too)."""
+
     @staticmethod
     def forward(ctx, x, row, qmin, qmax, symmetric, scale_f16, round_mode, state):
         y, mask = _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state)
         ctx.save_for_backward(mask)
         return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        (mask,) = ctx.saved_tensors
-        return _backend(grad_y).fake_quantize_backward(grad_y, mask), None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qat import QATConfigError, load_plan, prepare
 from qat.callbacks import QuantizationAwareTraining, QuantizationTelemetry
-from qat.callbacks.loggers import close_logger, log_figure, stage_logger_kwargs
+from qat.callbacks.loggers import close_logger, log_artifact, log_figure, stage_logger_kwargs
 from qat.callbacks.base import NAMESPACES
 from qat.ptq import calibrate, default_forward
 from qat.size import float_size_bytes, model_size_bytes
@@ -473,6 +473,8 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, fp_cache: Optional[st
             rows = [[k.upper(), plan.name, results[k][field], results[k]["bytes"]] for k in ("fp", "ptq", "qat")]
             logger.log_table(key="results", columns=["method", "plan", field, "bytes"], data=rows)
         _log_size_figure(logger, results, field)
+        log_artifact([logger], [os.path.join(output_dir, "qat_model.pt")], f"{plan.name}-qat-model", "model",
+                     {"plan": plan.name, metric: qat_value})  # the plan and state dict qat-export reads (W&B)
         close_logger(logger)  # the CSV logger writes its metrics here: the final results are kept
     print_results([results])
     return results

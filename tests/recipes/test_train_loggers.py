@@ -64,4 +64,5 @@ def test_wandb_stages_are_runs_of_one_group(tmp_path, monkeypatch):
     assert all(b"run-" in r for r in records)
     fp_run, qat_run = sorted(records, key=lambda r: b"qat/test_acc_final" in r)
     assert b"qat/test_acc_final" in qat_run and b"qat/size_vs_metric" in qat_run and b"qat/plan" in qat_run
+    assert b"w2a4-qat-model" in qat_run and b"qat_model.pt" in qat_run  # the trained model as an artifact
     assert b"qat/test_acc_final" not in fp_run
