@@ -30,7 +30,7 @@ from .export.packing import pack_codes
 from .granularity import quantize_codes, weight_view
 from .int_modules import IntModuleMixin
 from .modules import LAYER_TYPES, QuantModuleMixin
-from .spec import Estimator, QuantSpec, ScaleDtype
+from .spec import Estimator, QuantSpec, ScaleDtype, WeightFormat
 
 __all__ = ["convert", "is_converted", "int_layers"]
 
@@ -69,7 +69,7 @@ def _convert_layer(name: str, mod: QuantModuleMixin) -> IntModuleMixin:
     info: dict[str, Any] = {"weight": None, "input": None}
     if getattr(mod, "input_smooth", None) is not None:
         info["input_smooth"] = True
-    if wq is not None and wq.spec.format.value != "affine":
+    if wq is not None and wq.spec.format is not WeightFormat.AFFINE:
         raise QATConfigError(
             f"layer {name!r}: a {wq.spec.format.value} (llama.cpp k-quant) weight has no integer layer; write the "
             f"prepared model with qat.export.gguf.export_gguf, which stores its codes and scales as trained"

@@ -1,10 +1,10 @@
-"""Progress bars for the long steps of the recipes: calibration (the PTQ observer pass), GPTQ's
-calibration pass, layer sensitivity and block-wise reconstruction.
+"""Progress bars for the long steps of the recipes: calibration (the PTQ observer pass) and
+qat-export's steps.
 
 The bars are ``tqdm``'s (a dependency of ``pytorch-lightning``, so of every install; Lightning's
 own training bar is one too), written to stderr. The core functions of ``qat`` stay free of any
-progress code: the bars here wrap what those functions already take (the batches, the ``eval_fn``)
-or watch the modules they run (forward hooks), so the numbers are the same with or without bars.
+progress code: the bars here wrap what those functions already take (the batches), so the numbers
+are the same with or without bars.
 
 Whether bars show is :func:`progress_enabled`: ``progress=true`` / ``false`` from the command line,
 or by default (``null``) only when stderr is a terminal and not under pytest, so logs, CI and test
@@ -17,7 +17,6 @@ output get no carriage-return noise.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from contextlib import contextmanager
@@ -27,9 +26,7 @@ import torch
 
 from qat import QATConfigError
 
-__all__ = [
-    "progress_enabled", "track", "counting", "calibrate", "gptq", "layer_sensitivity", "reconstruct", "step_bar",
-]
+__all__ = ["progress_enabled", "track", "calibrate", "step_bar"]
 
 
 def progress_enabled(setting: Any = None, stream: Any = None) -> bool:
@@ -109,31 +106,6 @@ def track(items: Iterable[Any], description: str, total: Optional[int] = None, e
 
 
 @contextmanager
-def counting(fn: Callable[..., Any], description: str, total: Optional[int] = None, enabled: bool = True,
-             unit: str = "it") -> Iterator[Callable[..., Any]]:
-    """``fn``, wrapped so that each call advances a bar (for callables a core function calls once a
-    step, such as ``layer_sensitivity``'s ``eval_fn``).
-
-    Example::
-
-        >>> with counting(lambda x: 2 * x, "evaluations", total=2, enabled=False) as double:
-        ...     double(1), double(2)
-        (2, 4)
-    """
-    bar = _bar(description, total, enabled, unit)
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        out = fn(*args, **kwargs)
-        bar.update(1)
-        return out
-
-    try:
-        yield wrapped
-    finally:
-        bar.close()
-
-
-@contextmanager
 def step_bar(steps: Sequence[str], description: str, enabled: bool = True) -> Iterator[Callable[[str], None]]:
     """A bar over named steps of one job (load, convert, write, ...): call the yielded function
     with each step's name as it starts; the bar shows the step in progress.
@@ -180,82 +152,3 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], num_batches: Optio
 
     total = _length(batches, num_batches)
     return _calibrate(model, track(batches, description, total, enabled), num_batches=num_batches, **kwargs)
-
-
-def gptq(model: torch.nn.Module, calibration: Iterable[Any], num_batches: Optional[int] = None,
-         enabled: bool = True, **kwargs: Any) -> dict[str, float]:
-    """:func:`qat.gptq.gptq` with a bar over its calibration pass (the batches its Hessians come
-    from; the per-layer solves that follow are one call of the core and not counted).
-
-    Example::
-
-        >>> import torch.nn as nn
-        >>> from qat import prepare
-        >>> model = prepare(nn.Sequential(nn.Linear(64, 32)), {"rules": [{"match": "*", "weight": {"bits": 4}}]})
-        >>> sorted(gptq(model, [torch.randn(128, 64)], enabled=False))
-        ['0']
-    """
-    from qat.gptq import gptq as _gptq
-
-    total = _length(calibration, num_batches)
-    return _gptq(model, track(calibration, "GPTQ calibration", total, enabled), num_batches=num_batches, **kwargs)
-
-
-def layer_sensitivity(model: torch.nn.Module, plan: Any, calibration: Iterable[Any],
-                      eval_fn: Callable[[torch.nn.Module], float], num_batches: Optional[int] = None,
-                      enabled: bool = True, **kwargs: Any) -> list:
-    """:func:`qat.sensitivity.layer_sensitivity` with a bar over its calibration batches and one
-    over its evaluations (the float baseline, then one a quantized layer).
-
-    Example::
-
-        >>> import torch.nn as nn
-        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> data = [(torch.randn(16, 8), None)] * 2
-        >>> ev = lambda m: -float((m(data[0][0]) - model(data[0][0])).pow(2).mean())
-        >>> sorted(r.name for r in layer_sensitivity(model, "w2a2", data, ev, enabled=False))
-        ['0', '2']
-    """
-    from qat import load_plan, prepare
-    from qat.prepare import quant_layers
-    from qat.sensitivity import layer_sensitivity as _sensitivity
-
-    n_layers = sum(1 for _ in quant_layers(prepare(copy.deepcopy(model), load_plan(plan))))
-    total = _length(calibration, num_batches)
-    with counting(eval_fn, "sensitivity", total=n_layers + 1, enabled=enabled, unit="eval") as ev:
-        return _sensitivity(model, plan, track(calibration, "sensitivity calibration", total, enabled), ev,
-                            num_batches=num_batches, **kwargs)
-
-
-def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, blocks: Sequence[str], batches: Iterable[Any],
-                iters: int = 400, enabled: bool = True, **kwargs: Any) -> list[float]:
-    """:func:`qat.reconstruct.reconstruct` with a bar over every block's Adam steps
-    (``len(blocks) * iters``), counted by a forward hook on each student block (a step is a call
-    with gradients on; the no-gradient passes around it are not counted).
-
-    Example::
-
-        >>> import torch.nn as nn
-        >>> from qat import prepare
-        >>> from qat.ptq import calibrate as plain_calibrate
-        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).eval()
-        >>> data = [torch.randn(4, 8) for _ in range(2)]
-        >>> q = prepare(copy.deepcopy(model), "w8a8")
-        >>> _ = plain_calibrate(q, data)
-        >>> len(reconstruct(q, model, ["0", "1"], data, iters=3, enabled=False))
-        2
-    """
-    from qat.reconstruct import reconstruct as _reconstruct
-
-    mods = dict(student.named_modules())
-    with _bar("reconstruction", len(blocks) * iters, enabled, "step") as bar:
-        def hook(_module: Any, _args: Any, _out: Any) -> None:
-            if torch.is_grad_enabled():
-                bar.update(1)
-
-        handles = [mods[name].register_forward_hook(hook) for name in blocks if name in mods]
-        try:
-            return _reconstruct(student, teacher, blocks, batches, iters=iters, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
