@@ -30,7 +30,7 @@ straight-through estimate to the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -38,7 +38,12 @@ import torch
 from .errors import QATConfigError
 
 __all__ = ["KQuant", "KQUANTS", "QK_K", "FALLBACK", "IQ4_NL_VALUES", "gguf_type_of", "check_kquant_spec", "kquant_parts", "kquant_dequantize",
-           "fake_quantize_kquant", "kquant_blocks", "kquant_mix_plan", "KQUANT_MIXES"]
+           "fake_quantize_kquant", "kquant_blocks", "kquant_mix_plan", "KQUANT_MIXES", "KQUANT_ESTIMATORS", "SUPER_UNIT",
+           "kquant_learned_init", "kquant_learned_shapes"]
+
+#: The estimators a k-quant weight takes: ``ste`` (both levels searched from the weight at every
+#: step) and ``lsq`` (both levels learned: :func:`kquant_learned_init`, :func:`fake_quantize_kquant`).
+KQUANT_ESTIMATORS = ("ste", "lsq")
 
 QK_K = 256  # weights per super-block
 QK = 32  # weights per block of the fallback types
@@ -95,8 +100,8 @@ def check_kquant_spec(spec: Any) -> None:
     """Refuse a ``QuantSpec`` whose ``format`` is a k-quant but whose other fields say otherwise:
     a k-quant fixes ``bits``, ``signed``, ``symmetric``, the granularity (``per_group``, 32: the
     block a row must divide into; super-blocks of 256 where it divides into those),
-    ``scale_dtype: float16`` and ``round_mode: half_even``, and is a weight format with the
-    ``ste`` estimator.
+    ``scale_dtype: float16`` and ``round_mode: half_even``, and is a weight format (not ``dynamic``)
+    with one of :data:`KQUANT_ESTIMATORS`.
 
     Example::
 
@@ -107,17 +112,20 @@ def check_kquant_spec(spec: Any) -> None:
         >>> QuantSpec(bits=4, granularity="per_group", group_size=32, format="q4_k")
         Traceback (most recent call last):
         ...
-        qat.errors.QATConfigError: QuantSpec.format q4_k needs signed=False (got True), symmetric=False (got True), scale_dtype='float16' (got 'float32'); a Q4_K weight is {bits: 4, signed: false, symmetric: false, granularity: per_group, group_size: 32, scale_dtype: float16, round_mode: half_even, estimator: ste, dynamic: false}
+        qat.errors.QATConfigError: QuantSpec.format q4_k needs signed=False (got True), symmetric=False (got True), scale_dtype='float16' (got 'float32'); a Q4_K weight is {bits: 4, signed: false, symmetric: false, granularity: per_group, group_size: 32, scale_dtype: float16, round_mode: half_even, dynamic: false, estimator: ste|lsq}
     """
     fmt = spec.format.value
     kq = _kq(fmt)
     want = {
         "bits": kq.bits, "signed": kq.signed, "symmetric": kq.signed, "granularity": "per_group", "group_size": QK,
-        "scale_dtype": "float16", "round_mode": "half_even", "estimator": "ste", "dynamic": False,
+        "scale_dtype": "float16", "round_mode": "half_even", "dynamic": False,
     }
     got = {k: getattr(spec, k) for k in want}
     got = {k: (v.value if hasattr(v, "value") else v) for k, v in got.items()}
     bad = [f"{k}={want[k]!r} (got {got[k]!r})" for k in want if got[k] != want[k]]
+    if spec.estimator.value not in KQUANT_ESTIMATORS:
+        bad.append(f"estimator one of {list(KQUANT_ESTIMATORS)} (got {spec.estimator.value!r})")
+    want["estimator"] = "|".join(KQUANT_ESTIMATORS)
     if bad:
         need = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in want.items())
         raise QATConfigError(f"QuantSpec.format {fmt} needs {', '.join(bad)}; a {kq.ggml_name} weight is {{{need}}}")
@@ -153,29 +161,29 @@ def gguf_type_of(fmt: str, row_length: int) -> str:
     )
 
 
-@torch.no_grad()
-def _fallback_parts(w: torch.Tensor, qtype: str) -> dict[str, torch.Tensor]:
-    """Q8_0 / Q5_0 / Q5_1 / IQ4_NL codes and scales of ``w`` (rows a multiple of 32): ``d`` and
-    ``m`` (S,) float16-exact (``m`` the Q5_1 min, else 0), ``q`` (S, 32) the value a code stands for
-    (IQ4_NL: its table value; ``idx`` the table index), ``inside`` the STE mask."""
-    x = w.detach().float().reshape(-1, QK)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+def _fallback_fit(x: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's float16 block scale ``d`` (S,) of a Q8_0 / Q5_0 / Q5_1 / IQ4_NL block of 32 (``x``:
+    (S, 32)), and ``m`` (S,), the Q5_1 min (else 0)."""
     m = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    out: dict[str, Any] = {"type": qtype}
     if qtype == "Q5_1":  # w = d * q + m, q in 0..31 (ggml's quantize_row_q5_1_ref)
         mn, mx = x.amin(-1), x.amax(-1)
-        d = _fp16((mx - mn) / 31)
-        m = _fp16(mn)
+        return _fp16((mx - mn) / 31), _fp16(mn)
+    if qtype == "Q8_0":  # w = d * q, q in -127..127, d = amax / 127
+        return _fp16(x.abs().amax(-1) / 127), m
+    # Q5_0, IQ4_NL: the signed extreme maps to the most negative code (-16, -127)
+    return _fp16(_signed_extreme(x) / (-16 if qtype == "Q5_0" else IQ4_NL_VALUES[0])), m
+
+
+def _fallback_codes(x: torch.Tensor, qtype: str, d: torch.Tensor, m: torch.Tensor) -> dict[str, Any]:
+    """The parts of ``x`` (S, 32) against the float16 block scale ``d`` (S,) (and Q5_1 min ``m``)."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    out: dict[str, Any] = {"type": qtype}
+    if qtype == "Q5_1":
         v = (x - m.unsqueeze(-1)) / d.unsqueeze(-1)
         lo, hi = 0, 31
-    elif qtype == "Q8_0":  # w = d * q, q in -127..127, d = amax / 127
-        d = _fp16(x.abs().amax(-1) / 127)
+    else:
         v = x / d.unsqueeze(-1)
-        lo, hi = -127, 127
-    else:  # Q5_0, IQ4_NL: the signed extreme maps to the most negative code (-16, -127)
-        lo, hi = (-16, 15) if qtype == "Q5_0" else (IQ4_NL_VALUES[0], IQ4_NL_VALUES[-1])
-        d = _fp16(_signed_extreme(x) / lo)
-        v = x / d.unsqueeze(-1)
+        lo, hi = {"Q8_0": (-127, 127), "Q5_0": (-16, 15)}.get(qtype, (IQ4_NL_VALUES[0], IQ4_NL_VALUES[-1]))
     v = torch.where((d != 0).unsqueeze(-1), v, zero)
     if qtype == "IQ4_NL":
         table = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
@@ -264,27 +272,9 @@ def _fit_scale_sym(x: torch.Tensor, nmax: int) -> torch.Tensor:
 _QKX2 = {"Q2_K": (-0.5, 0.1, 15, "abs"), "Q4_K": (-1.0, 0.1, 20, "rms"), "Q5_K": (-0.5, 0.1, 15, "rms")}
 
 
-@torch.no_grad()
-def kquant_parts(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
-    """The codes and scales of ``w`` (float, rows a multiple of 256) as k-quant ``fmt``; rows of a
-    multiple of 32 only get the :data:`FALLBACK` type's (``type`` says which, by ggml name).
-
-    Returns a dict of float32 tensors, ``S`` the super-blocks (``w.numel() / 256``) and ``B`` the
-    blocks of one: ``d`` (S,) float16-exact, ``dmin`` (S,) (zeros for Q3_K / Q6_K), ``sc`` and
-    ``m`` (S, B) integer block codes, ``q`` (S, B, block) integer weight codes, and ``inside``
-    (S, B, block) bool: the unclamped code lay in ``[qmin, qmax]`` (the STE mask).
-
-    Example::
-
-        >>> p = kquant_parts(torch.linspace(-1, 1, 256).reshape(1, 256), "q4_k")
-        >>> p["q"].shape, int(p["q"].max()), int(p["sc"].max()), int(p["m"].max())
-        (torch.Size([1, 8, 32]), 15, 63, 63)
-    """
-    kq = _kq(fmt)
-    qtype = gguf_type_of(fmt, w.shape[-1])
-    if qtype != kq.ggml_name:
-        return _fallback_parts(w, qtype)
-    x = w.detach().float().reshape(-1, QK_K // kq.block, kq.block)  # (S, B, block)
+def _kquant_scales(x: torch.Tensor, kq: KQuant) -> tuple[torch.Tensor, ...]:
+    """The two levels of scales of ``x`` (S, B, block) by ggml's searches: ``d``, ``dmin`` (S,)
+    float16-exact (``dmin`` 0 for Q3_K / Q6_K), ``sc``, ``m`` (S, B) integer block codes."""
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if kq.has_min:
         rmin, rdelta, nstep, wk = _QKX2[kq.ggml_name]
@@ -298,27 +288,186 @@ def kquant_parts(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
             inv = torch.where(vmax > 0, kq.scale_max / vmax, zero)
             codes.append(torch.clamp(torch.round(inv * v), 0, kq.scale_max))
             supers.append(_fp16(vmax / kq.scale_max).squeeze(-1))
-        sc, m = codes
-        d, dmin = supers
-        d1 = d.unsqueeze(-1) * sc  # (S, B), exact
-        m1 = dmin.unsqueeze(-1) * m
-        v = (x + m1.unsqueeze(-1)) / d1.unsqueeze(-1)
-    else:
-        s_b = _fit_scale_sym(x, -kq.qmin)  # (S, B), signed
-        smax = _signed_extreme(s_b).unsqueeze(-1)  # (S, 1), signed
-        inv = torch.where(smax != 0, -kq.scale_max / smax, zero)
-        sc = torch.clamp(torch.round(inv * s_b), -kq.scale_max, kq.scale_max - 1)
-        d = _fp16(torch.where(smax != 0, smax / -kq.scale_max, zero)).squeeze(-1)
-        dmin = torch.zeros_like(d)
-        m = torch.zeros_like(sc)
-        d1 = d.unsqueeze(-1) * sc
-        v = x / d1.unsqueeze(-1)
-    ok = (d1 != 0).unsqueeze(-1).expand_as(x)
-    v = torch.where(ok, v, zero)
+        return supers[0], supers[1], codes[0], codes[1]
+    s_b = _fit_scale_sym(x, -kq.qmin)  # (S, B), signed
+    smax = _signed_extreme(s_b).unsqueeze(-1)  # (S, 1), signed
+    inv = torch.where(smax != 0, -kq.scale_max / smax, zero)
+    sc = torch.clamp(torch.round(inv * s_b), -kq.scale_max, kq.scale_max - 1)
+    d = _fp16(torch.where(smax != 0, smax / -kq.scale_max, zero)).squeeze(-1)
+    return d, torch.zeros_like(d), sc, torch.zeros_like(sc)
+
+
+def _kquant_codes(x: torch.Tensor, kq: KQuant, d, dmin, sc, m) -> dict[str, Any]:
+    """The weight codes of ``x`` (S, B, block) against the quantized block scales ``d * sc`` and
+    mins ``dmin * m``: ``q = clamp(round((x + dmin m) / (d sc)), qmin, qmax)`` (0 where ``d sc = 0``)."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    d1 = d.unsqueeze(-1) * sc  # (S, B), exact
+    m1 = dmin.unsqueeze(-1) * m
+    v = (x + m1.unsqueeze(-1)) / d1.unsqueeze(-1) if kq.has_min else x / d1.unsqueeze(-1)
+    v = torch.where((d1 != 0).unsqueeze(-1).expand_as(x), v, zero)
     r = torch.round(v)
     q = torch.clamp(r, kq.qmin, kq.qmax)
     inside = (r == q) | ~torch.isfinite(r)
     return {"type": kq.ggml_name, "d": d, "dmin": dmin, "sc": sc, "m": m, "q": q, "inside": inside}
+
+
+# ---------------------------------------------------------------------------------- learned scales
+#: A learned super-block (or fallback block) scale is ``ref * c / SUPER_UNIT``: ``c`` starts at
+#: SUPER_UNIT (a power of two, so the start is exactly ``ref``) and one unit is about one float16 step.
+SUPER_UNIT = 1024.0
+
+
+def _layout(w_shape: tuple[int, ...], fmt: str) -> tuple[KQuant, str, int, int]:
+    """``(kq, ggml type, S, B)``: super-blocks (or fallback blocks) ``S`` and blocks ``B`` of each."""
+    kq = _kq(fmt)
+    qtype = gguf_type_of(fmt, w_shape[-1])
+    n = int(np.prod(w_shape))
+    if qtype != kq.ggml_name:
+        return kq, qtype, n // QK, 0
+    return kq, qtype, n // QK_K, QK_K // kq.block
+
+
+def kquant_learned_shapes(shape: tuple[int, ...], fmt: str) -> dict[str, tuple[int, ...]]:
+    """The shapes of the learned state of a k-quant ``fmt`` weight of ``shape`` (see
+    :func:`kquant_learned_init`): ``ref`` and ``super`` (S, n), ``block`` (S, B, n) (``(0,)`` for
+    a fallback type, which has one level).
+
+    Example::
+
+        >>> kquant_learned_shapes((8, 512), "q4_k"), kquant_learned_shapes((8, 384), "q4_k")["super"]
+        ({'ref': (16, 2), 'super': (16, 2), 'block': (16, 8, 2)}, (96, 1))
+    """
+    kq, qtype, S, B = _layout(tuple(shape), fmt)
+    if B == 0:
+        n = 2 if qtype == "Q5_1" else 1
+        return {"ref": (S, n), "super": (S, n), "block": (0,)}
+    n = 2 if kq.has_min else 1
+    return {"ref": (S, n), "super": (S, n), "block": (S, B, n)}
+
+
+@torch.no_grad()
+def kquant_learned_init(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """The learned state of a k-quant weight, started where the searches of :func:`kquant_parts`
+    land (so the first forward pass equals the straight-through quantizer's, bit for bit):
+
+    * ``ref`` (S, n), a buffer: the searched float16 ``d`` (and ``dmin``; a fallback type's block
+      ``d``, and Q5_1's min ``m``).
+    * ``super`` (S, n), learned: the super-block scale is ``fp16(ref * super / SUPER_UNIT)``
+      (start: ``SUPER_UNIT``); Q5_1's min is ``fp16(m + d_ref * super[:, 1])`` (start: 0).
+    * ``block`` (S, B, n), learned (k-quants only): the block scale and min as real numbers in
+      units of the searched ``d`` / ``dmin`` (start: the searched codes ``sc``, ``m``); the
+      forward pass rounds them to codes against the learned, float16 super-block scale.
+
+    Example::
+
+        >>> st = kquant_learned_init(torch.randn(2, 256), "q4_k")
+        >>> {k: tuple(v.shape) for k, v in st.items()}, bool((st["super"] == SUPER_UNIT).all())
+        ({'ref': (2, 2), 'super': (2, 2), 'block': (2, 8, 2)}, True)
+    """
+    kq, qtype, S, B = _layout(tuple(w.shape), fmt)
+    if B == 0:
+        x = w.detach().float().reshape(-1, QK)
+        d, m = _fallback_fit(x, qtype)
+        ref = torch.stack([d, m], -1) if qtype == "Q5_1" else d.unsqueeze(-1)
+        sup = torch.full_like(ref, SUPER_UNIT)
+        if qtype == "Q5_1":
+            sup[:, 1] = 0.0
+        return {"ref": ref, "super": sup, "block": torch.zeros(0, device=w.device)}
+    d, dmin, sc, m = _kquant_scales(w.detach().float().reshape(S, B, kq.block), kq)
+    if kq.has_min:
+        return {"ref": torch.stack([d, dmin], -1), "super": torch.full((S, 2), SUPER_UNIT, device=w.device),
+                "block": torch.stack([sc, m], -1)}
+    return {"ref": d.unsqueeze(-1), "super": torch.full((S, 1), SUPER_UNIT, device=w.device), "block": sc.unsqueeze(-1)}
+
+
+def _ste(v: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """``exact``'s value with ``v``'s gradient (a straight-through rounding)."""
+    return v + (exact - v).detach()
+
+
+def _lsq_code(v: torch.Tensor, code: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """The code's value with LSQ's gradient: ``dcode/dv = 1`` where ``v`` rounded inside the code
+    range, 0 where clamped (so ``d(s * code)/ds = code - v`` inside, ``code`` outside)."""
+    return torch.where(inside, code + (v - v.detach()), code)
+
+
+def _learned_parts(x: torch.Tensor, fmt: str, learned: Mapping[str, torch.Tensor], with_grad: bool):
+    """The parts of ``x`` against the learned scales, and, ``with_grad``, the differentiable
+    dequantized weight whose value is ignored (only its gradient is used)."""
+    kq, qtype, S, B = _layout(tuple(x.shape), fmt)
+    ref, sup = learned["ref"].float(), learned["super"].float()
+    if B == 0:  # one level: the block's float16 d (and Q5_1's m)
+        xb = x.float().reshape(S, QK)
+        d_val = ref[:, 0] * sup[:, 0] / SUPER_UNIT
+        m_val = ref[:, 1] + ref[:, 0] * sup[:, 1] if qtype == "Q5_1" else torch.zeros_like(d_val)
+        d, m = _fp16(d_val.detach()), _fp16(m_val.detach())
+        parts = _fallback_codes(xb.detach(), qtype, d, m)
+        if not with_grad:
+            return parts, None
+        d_s, m_s = _ste(d_val, d).unsqueeze(-1), _ste(m_val, m).unsqueeze(-1)
+        ok = (d != 0).unsqueeze(-1)
+        v = (xb - m_s) / torch.where(ok, d_s, torch.ones_like(d_s))
+        q_s = _lsq_code(v, parts["q"], parts["inside"] & ok)
+        return parts, d_s * q_s + m_s
+    n = ref.shape[1]
+    xb = x.float().reshape(S, B, kq.block)
+    sup_val = ref * sup / SUPER_UNIT  # (S, n): d (and dmin) before float16
+    sup_q = _fp16(sup_val.detach())
+    blk_val = ref.unsqueeze(1) * learned["block"].float()  # (S, B, n): block scale (and min), real
+    ok2 = (sup_q != 0).unsqueeze(1).expand_as(blk_val)
+    v2 = blk_val / torch.where(ok2, sup_q.unsqueeze(1), torch.ones_like(blk_val))
+    r2 = torch.round(v2.detach())
+    lo, hi = (0, kq.scale_max) if kq.has_min else (-kq.scale_max, kq.scale_max - 1)
+    codes = torch.where(ok2, torch.clamp(r2, lo, hi), torch.zeros_like(r2))
+    inside2 = ok2 & (r2 == codes)
+    d = sup_q[:, 0]
+    dmin = sup_q[:, 1] if n == 2 else torch.zeros_like(d)
+    sc = codes[..., 0]
+    m = codes[..., 1] if n == 2 else torch.zeros_like(sc)
+    parts = _kquant_codes(xb.detach(), kq, d, dmin, sc, m)
+    if not with_grad:
+        return parts, None
+    sup_s = _ste(sup_val, sup_q)  # (S, n)
+    v2 = blk_val / torch.where(ok2, sup_s.unsqueeze(1), torch.ones_like(blk_val))
+    blk_s = sup_s.unsqueeze(1) * _lsq_code(v2, codes, inside2)  # (S, B, n): d * sc (and dmin * m)
+    s_s = blk_s[..., 0].unsqueeze(-1)  # (S, B, 1)
+    m_s = blk_s[..., 1].unsqueeze(-1) if n == 2 else torch.zeros_like(s_s)
+    ok = ((d.unsqueeze(-1) * sc) != 0).unsqueeze(-1)
+    v = (xb + m_s) / torch.where(ok, s_s, torch.ones_like(s_s))
+    q_s = _lsq_code(v, parts["q"], parts["inside"] & ok)
+    return parts, s_s * q_s - m_s
+
+
+@torch.no_grad()
+def kquant_parts(w: torch.Tensor, fmt: str, learned: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """The codes and scales of ``w`` (float, rows a multiple of 256) as k-quant ``fmt``; rows of a
+    multiple of 32 only get the :data:`FALLBACK` type's (``type`` says which, by ggml name).
+
+    Args:
+        w: the weight.
+        fmt: ``"q2_k"`` .. ``"q6_k"``.
+        learned: the learned scales (:func:`kquant_learned_init`, trained); default: both levels
+            of scales searched from ``w`` as ggml does.
+
+    Returns a dict of float32 tensors, ``S`` the super-blocks (``w.numel() / 256``) and ``B`` the
+    blocks of one: ``d`` (S,) float16-exact, ``dmin`` (S,) (zeros for Q3_K / Q6_K), ``sc`` and
+    ``m`` (S, B) integer block codes, ``q`` (S, B, block) integer weight codes, and ``inside``
+    (S, B, block) bool: the unclamped code lay in ``[qmin, qmax]`` (the STE mask).
+
+    Example::
+
+        >>> p = kquant_parts(torch.linspace(-1, 1, 256).reshape(1, 256), "q4_k")
+        >>> p["q"].shape, int(p["q"].max()), int(p["sc"].max()), int(p["m"].max())
+        (torch.Size([1, 8, 32]), 15, 63, 63)
+    """
+    if learned is not None:
+        return _learned_parts(w.detach(), fmt, learned, with_grad=False)[0]
+    kq, qtype, S, B = _layout(tuple(w.shape), fmt)
+    if B == 0:
+        x = w.detach().float().reshape(-1, QK)
+        return _fallback_codes(x, qtype, *_fallback_fit(x, qtype))
+    x = w.detach().float().reshape(S, B, kq.block)  # (S, B, block)
+    return _kquant_codes(x, kq, *_kquant_scales(x, kq))
 
 
 def kquant_dequantize(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -355,10 +504,23 @@ class _KQuantSTE(torch.autograd.Function):
         return grad * inside.reshape(grad.shape).to(grad.dtype), None
 
 
-def fake_quantize_kquant(x: torch.Tensor, fmt: str) -> torch.Tensor:
+def fake_quantize_kquant(x: torch.Tensor, fmt: str, learned: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
     """Fake-quantize ``x`` (last axis a multiple of 256) as llama.cpp k-quant ``fmt``
-    (``"q2_k"`` ... ``"q6_k"``); the gradient is the clipped straight-through estimate (zero where a
-    weight's code was clamped). What ``FakeQuantizer`` runs for a spec with a k-quant ``format``.
+    (``"q2_k"`` ... ``"q6_k"``).
+
+    Without ``learned``, both levels of scales are searched from ``x`` (:func:`kquant_parts`) and
+    the gradient is the clipped straight-through estimate (zero where a weight's code was clamped):
+    what ``FakeQuantizer`` runs for a spec with a k-quant ``format`` and ``estimator: ste``.
+
+    With ``learned`` (:func:`kquant_learned_init`, the state of ``estimator: lsq``), the scales
+    come from it, quantized inside the forward pass exactly as the file stores them (the
+    super-block scale to float16, the block scale and min to their integer codes against it), and
+    the gradient reaches them through both levels, LSQ-style (``docs/math.md``, section 12): to
+    ``x`` the clipped straight-through estimate; to the block scale ``s_b = d sc_b``,
+    ``q - v`` where the weight's code ``q`` was not clamped and ``q`` where it was (``v`` the
+    unrounded code); to the block min, 0 and ``-1``; then, through ``sc_b = round(s_b / d)``,
+    straight through to the learned block value and LSQ's ``sc_b - s_b / d`` to ``d`` (float16
+    rounding straight through). The value is the exact dequantization of those codes, bit for bit.
 
     Example::
 
@@ -367,8 +529,18 @@ def fake_quantize_kquant(x: torch.Tensor, fmt: str) -> torch.Tensor:
         >>> y.sum().backward()
         >>> y.shape, len(torch.unique(y[0, :32])) <= 16, bool(x.grad.sum() > 200)
         (torch.Size([4, 256]), True, True)
+        >>> st = {k: v.requires_grad_(k != "ref") for k, v in kquant_learned_init(x, "q4_k").items()}
+        >>> y2 = fake_quantize_kquant(x, "q4_k", st)
+        >>> y2.pow(2).sum().backward()
+        >>> bool(torch.equal(y2, y)), st["block"].grad.shape, bool(st["super"].grad.abs().sum() > 0)
+        (True, torch.Size([4, 8, 2]), True)
     """
-    return _KQuantSTE.apply(x, fmt)
+    if learned is None:
+        return _KQuantSTE.apply(x, fmt)
+    parts, y_s = _learned_parts(x, fmt, learned, with_grad=True)
+    y = kquant_dequantize(parts, x.shape)
+    # the exact value, with the surrogate's gradient (y_s - y_s.detach() is exactly 0)
+    return (y + (y_s - y_s.detach()).reshape(x.shape)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------- block bytes
@@ -443,11 +615,12 @@ def _pack(parts: Mapping[str, Any], kq: KQuant) -> torch.Tensor:
     return torch.cat([ql, qh, sc & 0xFF, d], 1)
 
 
-def kquant_blocks(w: torch.Tensor, fmt: str) -> np.ndarray:
+def kquant_blocks(w: torch.Tensor, fmt: str, learned: Optional[Mapping[str, torch.Tensor]] = None) -> np.ndarray:
     """``w`` (rows, K), K a multiple of 256, as GGUF k-quant block bytes: a uint8 array
     (rows, K / 256 * bytes_per_block) (K a multiple of 32 only: the blocks of the type
     :func:`gguf_type_of` names) holding the codes and scales :func:`fake_quantize_kquant`
-    uses, so ``gguf.quants.dequantize(blocks, type)`` equals the fake-quantized ``w`` bit for bit.
+    uses (with the same ``learned`` scales, if any: they are written, not searched again), so
+    ``gguf.quants.dequantize(blocks, type)`` equals the fake-quantized ``w`` bit for bit.
 
     Example::
 
@@ -462,7 +635,7 @@ def kquant_blocks(w: torch.Tensor, fmt: str) -> np.ndarray:
     if w.dim() != 2:
         raise QATConfigError(f"{kq.ggml_name} blocks are written for 2-D weights (rows, K), got shape {tuple(w.shape)}")
     rows = w.shape[0]
-    b = _pack(kquant_parts(w, fmt), kq)  # (S, bytes)
+    b = _pack(kquant_parts(w, fmt, learned), kq)  # (S, bytes)
     return np.ascontiguousarray(b.to(torch.uint8).numpy().reshape(rows, -1))
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .fake_quant import FakeQuantizer
 from .granularity import weight_view, weight_view_shape
 from .int_modules import IntConv1d, IntConv2d, IntEmbedding, IntLinear, IntModuleMixin
+from .kquant_quantizer import weight_quantizer_class
 from .spec import LayerQuant, QuantSpec
 
 __all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantModuleMixin", "LayerType", "LAYER_TYPES", "layer_type"]
@@ -33,7 +34,7 @@ class QuantModuleMixin:
         self.layer_quant = lq
         # per-input-channel smoothing factors s (set by qat.smooth_inputs): x / s meets s * W
         self.register_parameter("input_smooth", None)
-        self.weight_quantizer = None if lq.weight is None else FakeQuantizer(
+        self.weight_quantizer = None if lq.weight is None else weight_quantizer_class(lq.weight)(
             lq.weight, weight_view_shape(self.weight.shape, lq.weight), track_history=False
         )
         self.input_quantizer = (

@@ -13,7 +13,10 @@ Nothing is trained. ``checkpoint`` is either
   quantized network ``getattr(model, module_attr)``).
 
 Then ``qat.convert`` and the writers of :mod:`qat.export`. A checkpoint trained with
-``fold_bn=True`` is recognized by its keys.
+``fold_bn=True`` is recognized by its keys. A plan with llama.cpp k-quant weights (``gguf_q4_k_m``,
+``gguf_q3_k``, ...) has no integer layers: it goes to GGUF only (``formats=[gguf]``), written from the
+prepared model as trained (:func:`qat.callbacks.export.export_quantized`); ``converted_state_bytes``
+is then null.
 
     qat-export checkpoint=last.ckpt model.net.channels=4    # the digits CNN (model=digits_cnn), a ModelCheckpoint file
     qat-export checkpoint=last.ckpt model._target_=my_pkg.MyModule module_attr=null   # your LightningModule
@@ -32,8 +35,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from qat import QATConfigError, QuantPlan, convert, prepare, quantizers
-from qat.callbacks.export import export_atomically
+from qat import QATConfigError, QuantPlan, prepare, quantizers
+from qat.callbacks.export import check_kquant_formats, export_quantized
 from qat.export.formats import FORMATS, check_formats, export_formats
 from qat.size import float_size_bytes
 
@@ -321,8 +324,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                                 f"checkpoint {path!r}")
         net.eval()
         freeze_input_observers(net)
+        # llama.cpp k-quant weights: GGUF only, written as trained (no convert, no example input)
+        kquant = check_kquant_formats(net, formats, "qat-export")
         example = None
-        if shape:
+        if shape and not kquant:
             example = torch.rand(*shape)
             try:  # a shape the model cannot take fails here, before anything is written
                 with torch.no_grad():
@@ -333,13 +338,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "give the shape of one input batch, e.g. [1, 1, 8, 8] for the digits CNN"
                 ) from None
         step("convert")
-        int_model = convert(net)
         out_dir = cfg.output_dir or os.path.dirname(os.path.abspath(path))
         step(f"write {', '.join(formats)}")
-        paths = export_atomically(int_model, formats, out_dir, example, cfg.gguf_tokenizer_dir)
+        paths, int_model = export_quantized(net, formats, out_dir, example, cfg.gguf_tokenizer_dir, where="qat-export")
     for fmt, p in paths.items():
         log.info("wrote %s (%s)", p, fmt)
-    int_bytes = sum(t.numel() * t.element_size() for t in int_model.state_dict().values())
+    # k-quants have no converted model: their size is the GGUF file's
+    int_bytes = None if int_model is None else sum(t.numel() * t.element_size() for t in int_model.state_dict().values())
     plan = ckpt["plan"]
     result = {
         "checkpoint": path,
@@ -352,7 +357,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if ckpt["kind"] == "lightning":
         result["epoch"], result["global_step"] = ckpt.get("epoch"), ckpt.get("global_step")
-    if example is not None:
+    if example is not None and int_model is not None:
         with torch.no_grad():
             result["max_abs_diff_converted_vs_fake_quant"] = float((int_model(example) - net(example)).abs().max())
     write_json(result, os.path.join(out_dir, "export.json"))

@@ -35,10 +35,11 @@ import torch.nn as nn
 from ..int_modules import IntModuleMixin
 from ..errors import QATConfigError
 from ..granularity import Layout
+from ..kquant_quantizer import KQuantQuantizer
 from ..kquants import KQUANTS, gguf_type_of, kquant_blocks
 from ..modules import QuantModuleMixin
 
-__all__ = ["export_gguf", "gguf_blocks", "gguf_type_for", "llama_embed"]
+__all__ = ["export_gguf", "gguf_blocks", "gguf_type_for", "kquant_layers", "llama_embed"]
 
 QK = 32  # weights per Q8_0 / Q4_0 block
 
@@ -91,6 +92,25 @@ def _kquant_format(mod: Any) -> Optional[str]:
     return fmt if fmt in KQUANTS else None
 
 
+def kquant_layers(model: nn.Module) -> dict[str, str]:
+    """The layers of a prepared ``model`` whose weight is a llama.cpp k-quant: name -> format.
+    Those have no integer layer (``qat.convert`` refuses them): the prepared model goes to
+    :func:`export_gguf` as it is, and GGUF is the one file format they export to.
+
+    Example::
+
+        >>> from qat import prepare
+        >>> kquant_layers(prepare(nn.Sequential(nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 4)), "gguf_q4_k"))
+        {'0': 'q4_k', '2': 'q4_k'}
+    """
+    out = {}
+    for name, mod in model.named_modules():
+        fmt = _kquant_format(mod)
+        if fmt is not None:
+            out[name] = fmt
+    return out
+
+
 def gguf_blocks(mod: Union[IntModuleMixin, QuantModuleMixin], name: str = "") -> tuple[np.ndarray, str]:
     """The layer's weight as GGUF block bytes: ``(uint8 array (rows, bytes_per_row), type name)``:
     ``"Q4_0"`` / ``"Q8_0"`` for a converted layer, ``"Q2_K"`` .. ``"Q6_K"`` for a prepared layer
@@ -117,7 +137,12 @@ def gguf_blocks(mod: Union[IntModuleMixin, QuantModuleMixin], name: str = "") ->
                 f"to divide its input by; train without smoothing for GGUF"
             )
         w = mod.latent_weight().detach()
-        return kquant_blocks(w, fmt), gguf_type_of(fmt, w.shape[-1])
+        wq, learned = mod.weight_quantizer, None
+        if isinstance(wq, KQuantQuantizer):  # the learned scales as trained, not searched again
+            if not wq.is_initialized:
+                wq.init_from(w)
+            learned = wq.learned()
+        return kquant_blocks(w, fmt, learned), gguf_type_of(fmt, w.shape[-1])
     if isinstance(mod, QuantModuleMixin):
         where = f"layer {name!r}" if name else type(mod).__name__
         raise QATConfigError(

@@ -146,8 +146,9 @@ def test_spec_checks_name_the_field_and_the_choices():
         QuantSpec(**{**ok, "bits": 3}, format="q4_k")
     with pytest.raises(QATConfigError, match=r"format q6_k needs bits=6 .*signed=True .*group_size: 32"):
         QuantSpec(**ok, format="q6_k")
-    with pytest.raises(QATConfigError, match=r"estimator='ste' \(got 'lsq'\)"):
-        QuantSpec(**ok, estimator="lsq", format="q4_k")
+    assert QuantSpec(**ok, estimator="lsq", format="q4_k").estimator.value == "lsq"  # learned scales
+    with pytest.raises(QATConfigError, match=r"estimator one of \['ste', 'lsq'\] \(got 'lsq_plus'\)"):
+        QuantSpec(**ok, estimator="lsq_plus", format="q4_k")
 
 
 def _bert(layers):
