@@ -18,7 +18,8 @@ Q6_K    16     -32..31     sc: -128..127  d (float16)          ``(d*sc)*q``
 
 A row whose length is not a multiple of 256 cannot hold super-blocks; there, as ``llama-quantize``
 does, the weight gets the fallback type of 32-weight blocks (:data:`FALLBACK`: Q2_K / Q3_K ->
-IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), one float16 scale (and min) a block.
+Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, as llama.cpp of llama-cpp-python 0.3.36 assigns them),
+one float16 scale (and min) a block.
 
 Every product there is exact in float32 (at most 24 significant bits), so ``d*sc*q - dmin*m``
 has one rounding, the subtraction: the fake-quantized weight equals what ``gguf.quants.dequantize``
@@ -37,7 +38,7 @@ import torch
 
 from .errors import QATConfigError
 
-__all__ = ["KQuant", "KQUANTS", "QK_K", "FALLBACK", "IQ4_NL_VALUES", "gguf_type_of", "check_kquant_spec", "kquant_parts", "kquant_dequantize",
+__all__ = ["KQuant", "KQUANTS", "QK_K", "FALLBACK", "gguf_type_of", "check_kquant_spec", "kquant_parts", "kquant_dequantize",
            "fake_quantize_kquant", "kquant_blocks", "kquant_mix_plan", "KQUANT_MIXES", "KQUANT_ESTIMATORS", "SUPER_UNIT",
            "kquant_learned_init", "kquant_learned_shapes"]
 
@@ -49,10 +50,10 @@ QK_K = 256  # weights per super-block
 QK = 32  # weights per block of the fallback types
 
 #: llama.cpp's type for a k-quant weight whose rows are not a multiple of 256 (``llama-quantize``)
-FALLBACK = {"q2_k": "IQ4_NL", "q3_k": "IQ4_NL", "q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0"}
+FALLBACK = {"q2_k": "Q4_0", "q3_k": "Q4_0", "q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0"}
 
-#: the 16 values of an IQ4_NL code (ggml's ``kvalues_iq4nl``)
-IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+# the fallback types with one signed scale a block: code range (the signed extreme maps to the low end)
+_SIGNED_FALLBACK = {"Q8_0": (-127, 127), "Q5_0": (-16, 15), "Q4_0": (-8, 7)}
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def gguf_type_of(fmt: str, row_length: int) -> str:
 
 
 def _fallback_fit(x: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's float16 block scale ``d`` (S,) of a Q8_0 / Q5_0 / Q5_1 / IQ4_NL block of 32 (``x``:
+    """ggml's float16 block scale ``d`` (S,) of a Q8_0 / Q5_0 / Q5_1 / Q4_0 block of 32 (``x``:
     (S, 32)), and ``m`` (S,), the Q5_1 min (else 0)."""
     m = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     if qtype == "Q5_1":  # w = d * q + m, q in 0..31 (ggml's quantize_row_q5_1_ref)
@@ -170,8 +171,8 @@ def _fallback_fit(x: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tens
         return _fp16((mx - mn) / 31), _fp16(mn)
     if qtype == "Q8_0":  # w = d * q, q in -127..127, d = amax / 127
         return _fp16(x.abs().amax(-1) / 127), m
-    # Q5_0, IQ4_NL: the signed extreme maps to the most negative code (-16, -127)
-    return _fp16(_signed_extreme(x) / (-16 if qtype == "Q5_0" else IQ4_NL_VALUES[0])), m
+    # Q5_0, Q4_0: the signed extreme maps to the most negative code (-16, -8)
+    return _fp16(_signed_extreme(x) / _SIGNED_FALLBACK[qtype][0]), m
 
 
 def _fallback_codes(x: torch.Tensor, qtype: str, d: torch.Tensor, m: torch.Tensor) -> dict[str, Any]:
@@ -183,18 +184,12 @@ def _fallback_codes(x: torch.Tensor, qtype: str, d: torch.Tensor, m: torch.Tenso
         lo, hi = 0, 31
     else:
         v = x / d.unsqueeze(-1)
-        lo, hi = {"Q8_0": (-127, 127), "Q5_0": (-16, 15)}.get(qtype, (IQ4_NL_VALUES[0], IQ4_NL_VALUES[-1]))
+        lo, hi = _SIGNED_FALLBACK[qtype]
     v = torch.where((d != 0).unsqueeze(-1), v, zero)
-    if qtype == "IQ4_NL":
-        table = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
-        idx = (v.unsqueeze(-1) - table).abs().argmin(-1)  # the nearest table value (the first on ties)
-        out["idx"] = idx
-        q = table[idx]
-        inside = (v >= lo) & (v <= hi)
-    else:
-        r = torch.floor(v + 0.5) if qtype == "Q5_0" else torch.round(v)  # Q5_0: ggml's (int)(x * id + 16.5) - 16
-        q = torch.clamp(r, lo, hi)
-        inside = r == q
+    # Q5_0 / Q4_0: ggml's (int)(x * id + 16.5) - 16 and (int)(x * id + 8.5) - 8, i.e. half up
+    r = torch.floor(v + 0.5) if qtype in ("Q5_0", "Q4_0") else torch.round(v)
+    q = torch.clamp(r, lo, hi)
+    inside = r == q
     out.update(d=d, m=m, q=q, inside=inside | ~torch.isfinite(v))
     return out
 
@@ -313,8 +308,9 @@ def _kquant_codes(x: torch.Tensor, kq: KQuant, d, dmin, sc, m) -> dict[str, Any]
 
 # ---------------------------------------------------------------------------------- learned scales
 #: A learned super-block (or fallback block) scale is ``ref * c / SUPER_UNIT``: ``c`` starts at
-#: SUPER_UNIT (a power of two, so the start is exactly ``ref``) and one unit is about one float16 step.
-SUPER_UNIT = 1024.0
+#: SUPER_UNIT (a power of two, so the start is exactly ``ref``); one unit is 1/64 of the searched
+#: scale, about what one block code is to a block scale (so one learning rate suits both levels).
+SUPER_UNIT = 64.0
 
 
 def _layout(w_shape: tuple[int, ...], fmt: str) -> tuple[KQuant, str, int, int]:
@@ -557,13 +553,13 @@ def _half_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _pack_fallback(parts: Mapping[str, Any]) -> torch.Tensor:
-    """(S, bytes_per_block) int64 byte values of Q8_0 / Q5_0 / Q5_1 / IQ4_NL blocks."""
+    """(S, bytes_per_block) int64 byte values of Q8_0 / Q5_0 / Q5_1 / Q4_0 blocks."""
     name = parts["type"]
     d = _half_bytes(parts["d"].cpu())
     if name == "Q8_0":
         return torch.cat([d, parts["q"].cpu().long() & 0xFF], 1)
-    if name == "IQ4_NL":
-        u = parts["idx"].cpu().long()
+    if name == "Q4_0":  # d, then byte j: code j + 8 in the low nibble, code j + 16 + 8 in the high one
+        u = parts["q"].cpu().long() + 8
         return torch.cat([d, u[:, :16] | (u[:, 16:] << 4)], 1)
     u = parts["q"].cpu().long() + (16 if name == "Q5_0" else 0)  # 0..31
     qh = _bits((u >> 4).reshape(-1, 32, 1), 1).reshape(-1)  # (S,) bit j = code j's fifth bit
@@ -682,7 +678,8 @@ def kquant_mix_plan(model: torch.nn.Module, mix: str, inputs: bool = True):
     As ``llama-quantize`` assigns them (``llama_tensor_get_type``): every Linear weight (and the token
     embedding) gets the base type (Q4_K / Q5_K); ``attn_v`` and ``ffn_down`` get Q6_K in the layers
     where llama.cpp's ``use_more_bits(i, n_layer)`` holds (the first and last eighth, and every third
-    layer between), and the output head (``lm_head``) gets Q6_K. Roles are read from Hugging Face
+    layer between), and the output head (``lm_head``) gets Q6_K; a model without one (BERT) has its
+    token embedding treated as the output, Q6_K. Roles are read from Hugging Face
     module names: BERT (``attention.self.value``, ``output.dense`` of a layer) and Llama
     (``self_attn.v_proj``, ``mlp.down_proj``, ``lm_head``). Inputs are quantized as llama.cpp's CPU
     matmul does for these weights (dynamic 8-bit blocks, :data:`Q8_INPUT`) unless ``inputs=False``.
@@ -711,8 +708,10 @@ def kquant_mix_plan(model: torch.nn.Module, mix: str, inputs: bool = True):
     rules: list[dict[str, Any]] = [{"match": "*", "types": ["Linear"], "weight": _weight_spec(base),
                                     "input": dict(Q8_INPUT) if inputs else False}]
     emb = [n for n in names if n.endswith(("word_embeddings", "embed_tokens"))]
+    # llama.cpp: a model without an output head (BERT) has its token embedding quantized as the output
+    has_output = any(n.endswith(_ROLES[-1][2]) for n in names)
     for n in emb:
-        rules.append({"match": n, "types": ["Embedding"], "weight": _weight_spec(base)})
+        rules.append({"match": n, "types": ["Embedding"], "weight": _weight_spec(base if has_output else more)})
     for n in names:
         idx = _layer_index(n)
         for role, bert, llama in _ROLES:

@@ -173,8 +173,10 @@ def test_mixes_follow_llama_cpp_use_more_bits():
     model = _bert(6)  # use_more_bits(i, 6): layers 2 and 5
     got = _formats(kquant_mix_plan(model, "q4_k_m"), model)
     q6 = sorted(n for n, f in got.items() if f == "q6_k")
-    assert q6 == [f"encoder.layer.{i}.{t}" for i in (2, 5) for t in ("attention.self.value", "output.dense")]
-    assert got["encoder.layer.0.attention.output.dense"] == got["embeddings.word_embeddings"] == "q4_k"
+    assert q6 == ["embeddings.word_embeddings"] + [f"encoder.layer.{i}.{t}" for i in (2, 5)
+                                                   for t in ("attention.self.value", "output.dense")]
+    assert got["encoder.layer.0.attention.output.dense"] == "q4_k"
+    assert got["embeddings.word_embeddings"] == "q6_k"  # no output head: llama.cpp's output type
     got = _formats(kquant_mix_plan(model, "q5_k_m"), model)
     assert {got[n] for n in q6} == {"q6_k"} and got["encoder.layer.1.intermediate.dense"] == "q5_k"
     with pytest.raises(QATConfigError, match=r"valid mixes are \['q4_k_m', 'q5_k_m'\]"):
