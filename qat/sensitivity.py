@@ -305,7 +305,7 @@ class SensitivityTable:
 
 
 def _hash_tensor(h: Any, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
+    t = t.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (BatchNorm counters) cannot be viewed as bytes
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 

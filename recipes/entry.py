@@ -1,4 +1,4 @@
-"""The console scripts ``qat-train``, ``qat-ptq`` and ``qat-export`` (``[project.scripts]``).
+"""The console scripts ``qat-train``, ``qat-ptq``, ``qat-export`` and ``qat-sensitivity`` (``[project.scripts]``).
 
 Each one imports its recipe lazily and runs its Hydra app under :func:`missing_extras`: an optional
 package that is not installed (scikit-learn for the digits data, wandb for the default logger,
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 
 __all__ = [
     "OPTIONAL_PACKAGES", "MissingExtraError", "missing_extra", "missing_extras", "guard_hydra_tasks",
-    "run_entry_point", "train", "ptq", "export",
+    "run_entry_point", "train", "ptq", "export", "sensitivity",
 ]
 
 #: top-level module -> (the pip package that provides it, the lightning-qat extra that installs it)
@@ -258,8 +258,22 @@ def export() -> Any:
     return run_entry_point("qat-export", "qat.recipes.export")
 
 
-if __name__ == "__main__":  # python -m qat.recipes.entry {train,ptq,export} [overrides]
+def sensitivity() -> Any:
+    """Console script ``qat-sensitivity`` (:func:`qat.recipes.sensitivity.main` under :func:`run_entry_point`).
+
+    Example::
+
+        >>> import subprocess, sys
+        >>> out = subprocess.run([sys.executable, "-c", "from qat.recipes.entry import sensitivity; sensitivity()",
+        ...                       "--cfg", "job"], capture_output=True, text=True)
+        >>> "budget_unit: avg_bits" in out.stdout
+        True
+    """
+    return run_entry_point("qat-sensitivity", "qat.recipes.sensitivity")
+
+
+if __name__ == "__main__":  # python -m qat.recipes.entry {train,ptq,export,sensitivity} [overrides]
     name = sys.argv.pop(1) if len(sys.argv) > 1 else ""
-    if name not in ("train", "ptq", "export"):
-        sys.exit("usage: python -m qat.recipes.entry {train,ptq,export} [hydra overrides]")
+    if name not in ("train", "ptq", "export", "sensitivity"):
+        sys.exit("usage: python -m qat.recipes.entry {train,ptq,export,sensitivity} [hydra overrides]")
     globals()[name]()

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["SweepSummary", "RunDirGuard", "SWEEP_ID_ENV"]
+__all__ = ["SweepSummary", "RunDirGuard", "SWEEP_ID_ENV", "pareto_front", "pareto_figure", "plan_kind"]
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,37 @@ def pareto_front(points: list[tuple[float, float]], maximize: bool = True) -> li
     return sorted(front, key=lambda i: points[i][0])
 
 
+def plan_kind(result: dict[str, Any]) -> str:
+    """``"mixed"`` when the plan of a run (the ``quant`` node of ``<output_dir>/run_config.yaml``, or
+    the result's own ``quant``) gives weights more than one bit-width (an allocated plan of
+    ``qat-sensitivity``), else ``"uniform"`` (also when the plan cannot be read).
+
+    Example::
+
+        >>> plan_kind({"quant": {"name": "m", "rules": [{"match": "*", "weight": {"bits": 2}},
+        ...                                              {"match": "fc", "weight": {"bits": 8}}]}})
+        'mixed'
+        >>> plan_kind({"output_dir": "/nonexistent"})
+        'uniform'
+    """
+    from qat import QATConfigError
+    from qat.allocate import is_mixed_precision
+
+    quant = result.get("quant")
+    path = os.path.join(str(result.get("output_dir", "")), "run_config.yaml")
+    if quant is None and os.path.isfile(path):
+        quant = OmegaConf.to_container(OmegaConf.load(path), resolve=False).get("quant")
+    try:
+        return "mixed" if quant is not None and is_mixed_precision(quant) else "uniform"
+    except QATConfigError:
+        return "uniform"
+
+
 def pareto_figure(results: list[dict[str, Any]], path: str) -> Optional[str]:
     """A sweep's QAT and PTQ results as metric against model size, the QAT Pareto front joined, float
-    as a line: written to ``path`` (PNG). Returns the path, or None without matplotlib."""
+    as a line: written to ``path`` (PNG). Mixed-precision plans (:func:`plan_kind`: the allocated
+    plans of ``qat-sensitivity``) are drawn apart from uniform ones (stars against triangles for
+    QAT, crosses against squares for PTQ). Returns the path, or None without matplotlib."""
     try:
         import matplotlib
 
@@ -226,9 +254,13 @@ def pareto_figure(results: list[dict[str, Any]], path: str) -> Optional[str]:
     field = metric.replace("/", "_")
     maximize = results[0].get("mode", "max") == "max"
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for stage, marker in (("qat", "^"), ("ptq", "s")):
-        xs = [r[stage]["bytes"] / 1024 for r in results]
-        ax.scatter(xs, [r[stage][field] for r in results], marker=marker, label=stage.upper())
+    kinds = [plan_kind(r) for r in results]
+    for stage, markers in (("qat", {"uniform": "^", "mixed": "*"}), ("ptq", {"uniform": "s", "mixed": "X"})):
+        for kind, marker in markers.items():
+            rs = [r for r, k in zip(results, kinds) if k == kind]
+            if rs:
+                ax.scatter([r[stage]["bytes"] / 1024 for r in rs], [r[stage][field] for r in rs], marker=marker,
+                           s=70 if marker == "*" else 30, label=f"{stage.upper()} {kind}")
     pts = [(r["qat"]["bytes"], r["qat"][field]) for r in results]
     front = pareto_front(pts, maximize)
     ax.plot([pts[i][0] / 1024 for i in front], [pts[i][1] for i in front], "-", alpha=0.6, label="QAT Pareto front")

@@ -35,7 +35,7 @@ def _call(monkeypatch, tmp_path, prog, args, missing):
 
 def test_every_script_goes_through_the_wrapper():
     scripts = PYPROJECT["project"]["scripts"]
-    assert set(scripts) == {"qat-train", "qat-ptq", "qat-export"}
+    assert set(scripts) == {"qat-train", "qat-ptq", "qat-export", "qat-sensitivity"}
     for prog, target in scripts.items():
         module, func = target.split(":")
         assert module == "qat.recipes.entry" and callable(getattr(entry, func)), prog
