@@ -1,7 +1,7 @@
 """MiniLM (all-MiniLM-L6-v2) in llama.cpp's k-quants: llama.cpp's own quantizer of the float model
 against our PTQ and our QAT, each written to GGUF and embedded by llama.cpp (llama-cpp-python).
 
-    python benchmarks/kquant_llamacpp.py                     # all 7 types, ~25 min on 2 CPU cores
+    python benchmarks/kquant_llamacpp.py                     # all 7 types, ~20 min on 2 CPU cores
     python benchmarks/kquant_llamacpp.py --types q3_k q4_k_m --seeds 0 1 2
 
 For each type (Q2_K .. Q6_K alone, and the Q4_K_M / Q5_K_M mixes):
@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="QAT seeds for the judged types (q3_k, q4_k_m)")
     ap.add_argument("--other-seeds", nargs="+", type=int, default=[0], help="QAT seeds for the other types")
     ap.add_argument("--estimator", default="lsq", choices=["ste", "lsq"])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-5, help="weights")
     ap.add_argument("--scale-lr", type=float, default=1e-2, help="learned k-quant scales (code units)")
@@ -265,7 +265,7 @@ def write(res: dict, args) -> None:
                   f"{r['qat_minus_best_llama_cpp']:+.4f} | {'yes' if r['qat_wins_beyond_spread'] else 'no'} |")
     md += ["", "Wins beyond spread: every QAT seed above the better llama.cpp file, and the mean margin over twice the "
            "seeds' standard deviation. Rows of 384 (all of MiniLM's weights but ffn_down, rows of 1536) take "
-           "llama-quantize's fallback types (IQ4_NL for Q2_K / Q3_K, Q5_0 for Q4_K, Q5_1 for Q5_K, Q8_0 for Q6_K) in "
+           "llama-quantize's fallback types (Q4_0 for Q2_K / Q3_K, Q5_0 for Q4_K, Q5_1 for Q5_K, Q8_0 for Q6_K) in "
            "both files."]
     with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
