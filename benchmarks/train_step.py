@@ -24,6 +24,10 @@ Rows (``--rows``):
 * ``ste`` / ``lsq``: ``qat.prepare`` with :data:`PLAN` (every ``nn.Linear``, the tied LM head
   included: int4 symmetric per-group-128 weights with the STE or LSQ estimator, int8 asymmetric
   dynamic per-token inputs), fake-quant ops on the fused CuPy kernels.
+* ``ste_ind`` / ``lsq_ind``: ``ste`` / ``lsq`` with ``qat.kernels.set_compile_route("inductor")``:
+  under ``torch.compile`` the range, qparams, quantize and mask of the dynamic per-token inputs and
+  the STE weights' observers are traced as PyTorch ops for Inductor to fuse into their neighbours
+  (the default route calls the fused kernels as opaque ops). Eager mode is the same as ``ste`` / ``lsq``.
 * ``ste_ref``: ``ste`` with the ops on their PyTorch reference (``QAT_KERNELS=reference``; the ops
   module's cached backend choice is cleared before and after this row).
 * ``torchao``: ``torchao.quantization.quantize_(model, QATConfig(...))`` with the same bit-widths
@@ -75,12 +79,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-ALL_ROWS = ("float", "ste", "lsq", "ste_ref", "torchao")
+ALL_ROWS = ("float", "ste", "lsq", "ste_ind", "lsq_ind", "ste_ref", "torchao")
 ALL_MODES = ("eager", "compile", "cudagraphs")
 ROW_LABELS = {
     "float": "float",
     "ste": "ours, STE weights (fused CuPy)",
     "lsq": "ours, LSQ weights (fused CuPy)",
+    "ste_ind": "ours, STE weights (compile route 'inductor')",
+    "lsq_ind": "ours, LSQ weights (compile route 'inductor')",
     "ste_ref": "ours, STE weights (reference ops)",
     "torchao": "torchao QAT",
 }
@@ -212,7 +218,10 @@ def plan(estimator: str) -> dict:
     }
 
 
-ROW_PLAN = {"ste": "ste", "lsq": "lsq", "ste_ref": "ste"}
+ROW_PLAN = {"ste": "ste", "lsq": "lsq", "ste_ind": "ste", "lsq_ind": "lsq", "ste_ref": "ste"}
+# the rows that trace the fake-quant math for Inductor (qat.kernels.set_compile_route("inductor"))
+# instead of calling the fused kernels as opaque ops; in eager mode they equal ste / lsq
+INDUCTOR_ROWS = ("ste_ind", "lsq_ind")
 
 
 def set_kernel_backend(name: str, device: torch.device) -> str:
@@ -250,6 +259,14 @@ def torchao_prepare(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- measuring helpers
+
+
+def set_route(route: str) -> str:
+    """``qat.kernels.set_compile_route(route)``; returns the route now in effect."""
+    from qat.kernels import compile_route, set_compile_route
+
+    set_compile_route(route)
+    return compile_route()
 
 
 def sync(device: torch.device) -> None:
@@ -414,7 +431,7 @@ def run_prepare(cfg: GPTConfig, row: str, mode: str, args, device: torch.device)
         st = dynamo_stats()
         st["graphs_after_first_step"] = st["unique_graphs"] - graphs_after_first
         info.update(st)
-    elif args.profile_steps:
+    if args.profile_steps and mode != "cudagraphs":  # a CUDA graph's kernels are one launch to the profiler
         info.update(profile_steps(step, args.profile_steps, device))
     del fwd, model, opt, batches
     return info
@@ -734,7 +751,7 @@ def render(doc: dict) -> str:
         "step: median ms (min / p90); mem: `torch.cuda.max_memory_allocated`; warm-up: wall s of the first warm-up steps "
         "(first step alone in brackets); host: median ms from a step's start until the host returns from it; CPU: "
         "`time.process_time` per timed step (all threads); prof CPU / GPU: `torch.profiler` self CPU and self GPU "
-        "total per step (eager only); breaks / recompiles / graphs (+ after step 1) / cg skips: dynamo graph breaks, "
+        "total per step (eager and compile; not under CUDA graphs); breaks / recompiles / graphs (+ after step 1) / cg skips: dynamo graph breaks, "
         "guard-failure recompiles, compiled graphs (of which compiled after the first step), Inductor CUDA-graph skips.",
         "",
         "| via | model | mode | row | step ms | x float | peak GiB | x float | warm-up s | host ms | CPU ms | prof CPU / GPU ms | breaks | recompiles | graphs (+after 1) | cg skips |"
@@ -774,13 +791,13 @@ def render(doc: dict) -> str:
         lines += ["", "## Notes", ""] + notes
     prof_rows = [r for r in res if r.get("prof_top_gpu") or r.get("prof_top_op_gpu") or r.get("prof_top_cpu")]
     if prof_rows:
-        lines += ["", "## Profiles (eager, `torch.profiler`, per step: top GPU kernels, top ops by GPU time, top self-CPU ops)", ""]
+        lines += ["", "## Profiles (eager and compile, `torch.profiler`, per step: top GPU kernels, top ops by GPU time, top self-CPU ops)", ""]
 
         def top(items, n=6):
             return "; ".join(f"`{_one_line(k, 60)}` {ms:.2f} ms x{c}" for k, ms, c in (items or [])[:n])
 
         for r in prof_rows:
-            lines.append(f"- {r['via']}/{r['model']}/{r['row']}: {r['prof_cpu_ms']:.1f} ms CPU, {r['prof_gpu_ms']:.1f} ms GPU")
+            lines.append(f"- {r['via']}/{r['model']}/{r['mode']}/{r['row']}: {r['prof_cpu_ms']:.1f} ms CPU, {r['prof_gpu_ms']:.1f} ms GPU")
             if r.get("prof_top_gpu"):
                 lines.append("  - kernels: " + top(r["prof_top_gpu"]))
             if r.get("prof_top_op_gpu"):
@@ -894,6 +911,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 try:
                     if row in ROW_PLAN:
                         rec["backend"] = set_kernel_backend("reference" if row == "ste_ref" else "cupy", device)
+                        rec["compile_route"] = set_route("inductor" if row in INDUCTOR_ROWS else "kernel")
                     fn = run_prepare if via == "prepare" else run_trainer
                     rec.update(fn(cfg, row, mode, args, device))
                     rec["ok"] = True
@@ -903,6 +921,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 finally:
                     if row == "ste_ref":
                         set_kernel_backend("cupy", device)
+                    if row in INDUCTOR_ROWS:
+                        set_route("kernel")
                 rec["config_wall_s"] = time.perf_counter() - t0
                 doc["results"].append(rec)
                 if rec["ok"]:

@@ -10,7 +10,7 @@ block codes the GGUF file stores; :func:`qat.export.gguf.export_gguf` writes tho
 
 The parameters (``kq_super``, ``kq_block``; the searched reference ``kq_ref`` a buffer) are in
 code units (see :func:`qat.kquants.kquant_learned_init`): one unit of ``kq_block`` is one block
-code, one unit of ``kq_super`` about one float16 step of ``d``. Their names contain ``quantizer``,
+code, one unit of ``kq_super`` 1/64 of the searched ``d``. Their names contain ``quantizer``,
 so :func:`qat.recipes.minilm.distill` trains them with its ``scale_lr``; with Adam a ``scale_lr``
 around 1e-2 moves a block code by one in about a hundred steps.
 """
