@@ -118,18 +118,31 @@ def main(argv=None) -> None:
     result = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "merge", "seeds")}, "rows": rows,
               "runs": [run], "versions": {"torch": torch.__version__, "pytorch_lightning": pytorch_lightning.__version__,
                                           "python": platform.python_version()}}
-    if args.merge and os.path.isfile(args.out + ".json"):
-        with open(args.out + ".json") as f:
+    write_result(args.out, result, markdown, args.merge)
+
+
+def write_result(out: str, result: dict, markdown, merge: bool) -> None:
+    """``result`` (``args``, ``rows`` of ``seed`` / ``budget``, ``runs``: this run) to ``out.json`` and
+    ``markdown(result)`` to ``out.md``. With ``merge`` the existing ``out.json``'s rows of other
+    (seed, budget) pairs and its runs are kept; its settings but seeds and budgets must be the same.
+    (``mixed_precision_minilm.py`` writes its result with this too.)"""
+    if merge and os.path.isfile(out + ".json"):
+        with open(out + ".json") as f:
             old = json.load(f)
-        if old["args"] != result["args"]:
+
+        def settings(args):
+            return {k: v for k, v in args.items() if k not in ("seeds", "budgets")}
+
+        if settings(old["args"]) != settings(result["args"]):
             raise SystemExit(f"--merge: settings differ from the existing result's {old['args']}")
-        new = {r["seed"] for r in rows}
-        result["rows"] = sorted([r for r in old["rows"] if r["seed"] not in new] + rows, key=lambda r: (r["budget"], r["seed"]))
-        result["runs"] = old["runs"] + [run]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
+        new = {(r["seed"], r["budget"]) for r in result["rows"]}
+        result["rows"] = sorted([r for r in old["rows"] if (r["seed"], r["budget"]) not in new] + result["rows"],
+                                key=lambda r: (r["budget"], r["seed"]))
+        result["runs"] = old["runs"] + result["runs"]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    with open(args.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write(markdown(result))
     print(markdown(result))
 

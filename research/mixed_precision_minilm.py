@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -46,6 +45,9 @@ from qat import prepare  # noqa: E402
 from qat.ptq import calibrate  # noqa: E402
 from qat.recipes.minilm import cosine_to, distill, embed, mean_pool, tokenize  # noqa: E402
 from qat.sensitivity import bit_sensitivity  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mixed_precision_digits import write_result  # noqa: E402  (research/: the merge and the files, as digits writes them)
 
 OUT = os.path.join(ROOT, "benchmarks", "results", "mixed_precision_minilm")
 
@@ -136,21 +138,8 @@ def main(argv=None) -> None:
         "command": "python research/mixed_precision_minilm.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "table": table.to_dict(), "layers": len(table.layers),
     }
-    if args.merge and os.path.isfile(args.out + ".json"):
-        with open(args.out + ".json") as f:
-            old = json.load(f)
-        keep = [r for r in old["rows"] if (r["seed"], r["budget"]) not in {(r2["seed"], r2["budget"]) for r2 in rows}]
-        result["rows"] = sorted(keep + rows, key=lambda r: (r["budget"], r["seed"]))
-        result["runs"] = old.get("runs", [{"command": old["command"], "seconds": old["seconds"], "date": old["date"]}])
-        if old["args"] | {"seeds": None, "budgets": None} != result["args"] | {"seeds": None, "budgets": None}:
-            raise SystemExit(f"--merge: settings differ from the committed result's {old['args']}")
-    result.setdefault("runs", []).append({"command": result["command"], "seconds": result["seconds"], "date": result["date"]})
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    result["runs"] = [{"command": result["command"], "seconds": result["seconds"], "date": result["date"]}]
+    write_result(args.out, result, markdown, args.merge)
 
 
 def markdown(result) -> str:
