@@ -26,12 +26,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--estimator", default="lsq", choices=["lsq", "ste"])
+    ap.add_argument("--routes", default="inductor,kernel", help="compile routes to check, comma-separated")
+    ap.add_argument("--top", type=int, default=0, help="also print the TOP parameters that differ most")
     args = ap.parse_args()
     dev = torch.device(args.device)
     cfg = ts.GPTConfig(n_layer=2, d=256, n_head=4, vocab=1024, ctx=128, batch=4, seq=128)
     (x, y), = ts.make_batches(cfg, 4, 128, 1, dev)
     grads = {}
-    for tag, route, comp in (("eager", "inductor", False), ("inductor", "inductor", True), ("kernel", "kernel", True)):
+    routes = [r for r in args.routes.split(",") if r]
+    for tag, route, comp in [("eager", "kernel", False)] + [(r, r, True) for r in routes]:
         set_compile_route(route)
         torch._dynamo.reset()
         model, _ = ts.build_model(cfg, args.estimator, dev)
@@ -47,15 +50,18 @@ def main() -> None:
         mm = sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
         grads[tag] = {n: None if p.grad is None else p.grad.float().clone() for n, p in model.named_parameters()}
         print(f"{tag}: aten::mm x{mm}")
-    for tag in ("inductor", "kernel"):
-        worst, missing = 0.0, []
+    for tag in routes:
+        worst, missing, rel = 0.0, [], {}
         for n, e in grads["eager"].items():
             g = grads[tag][n]
             if (e is None) != (g is None):
                 missing.append(n)
             elif e is not None:
-                worst = max(worst, ((e - g).abs().max() / e.abs().max().clamp_min(1e-12)).item())
+                rel[n] = ((e - g).abs().max() / e.abs().max().clamp_min(1e-12)).item()
+                worst = max(worst, rel[n])
         print(f"{tag}: worst relative grad difference {worst:.3g}; missing grads {missing}")
+        for n in sorted(rel, key=rel.get, reverse=True)[: args.top]:
+            print(f"  {n}: {rel[n]:.3g}")
 
 
 if __name__ == "__main__":
