@@ -1,4 +1,7 @@
-"""QuantizedExport: a tiny Lightning fit that ends with packed safetensors and ONNX files."""
+"""QuantizedExport: a tiny Lightning fit that ends with packed safetensors and ONNX files; a k-quant
+plan with a format other than GGUF refused when fit starts."""
+
+import re
 
 import pytest
 import pytorch_lightning as pl
@@ -74,3 +77,33 @@ def test_default_dir_and_errors(tmp_path):
         _fit(tmp_path, [QuantizedExport(formats=["safetensors"], module_attr="net")])
     with pytest.raises(QATConfigError, match="no such attribute"):
         _fit(tmp_path, [QuantizationAwareTraining("w8a8", module_attr="net"), QuantizedExport(module_attr="student")])
+
+
+class _KQuantTiny(Tiny):
+    """Rows of 256 (the k-quant itself) and of 32 (its fallback type); counts training steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 3))
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("formats", [["onnx"], ["safetensors", "gguf"]])
+def test_kquant_plan_with_a_format_other_than_gguf_is_refused_before_any_step(tmp_path, formats):
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 256, generator=g), torch.randint(0, 3, (32,), generator=g)), batch_size=16)
+    module = _KQuantTiny()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         callbacks=[QuantizationAwareTraining("gguf_q4_k", module_attr="net"),
+                                    QuantizedExport(str(tmp_path / "q"), formats=formats, module_attr="net")])
+    with pytest.raises(QATConfigError, match=r"QuantizedExport: layer '0' holds a q4_k weight .* exports to GGUF only "
+                                             r"\(formats: \[gguf\]\), got formats " + re.escape(str(formats))):
+        trainer.fit(module, data)
+    assert module.steps == 0
+    assert type(module.net[0]).__name__ == "QuantLinear"  # prepared in setup, then refused
+    assert not (tmp_path / "q").exists()
