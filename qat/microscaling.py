@@ -62,6 +62,7 @@ __all__ = [
     "microscaling_lsq_backward",
     "fake_quantize_format",
     "mxfp4_codes",
+    "float_codes",
     "check_microscaling_spec",
     "lsq_grad_factor",
 ]
@@ -370,6 +371,28 @@ def fake_quantize_format(x: torch.Tensor, fmt: str, scale: Optional[torch.Tensor
     if f.block_scale != "e8m0" and scale is None:
         scale = float_scale(x, fmt, axis)
     return microscaling_forward(x, f.element, f.block_size, f.block_scale, scale, axis if f.block_size == 0 else None)[0]
+
+
+def float_codes(x: torch.Tensor, fmt: str, scale: Optional[torch.Tensor] = None,
+                axis: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The element values and scales the fake quantization of ``x`` in format ``fmt`` uses:
+    ``(q, S)``, ``q`` float32 on the element grid (shape ``x.shape``, or ``x.shape[:-1] + (nblocks,
+    block)`` for block formats), ``S`` float32 broadcasting against it, ``q * S`` the fake-quantized
+    value (:func:`fake_quantize_format`) exactly. ``scale`` as :func:`fake_quantize_format` takes it.
+
+    Example::
+
+        >>> q, S = float_codes(torch.tensor([[0.3, -1.0, 7.0, 0.0] * 8]), "mxfp4")
+        >>> q.shape, S.shape, q[0, 0, :4].tolist(), S.item()
+        (torch.Size([1, 1, 32]), torch.Size([1, 1, 1]), [0.5, -1.0, 6.0, 0.0], 1.0)
+    """
+    f = MICRO_FORMATS[fmt]
+    if f.block_scale != "e8m0" and scale is None:
+        scale = float_scale(x, fmt, axis)
+    axis = axis if f.block_size == 0 else None
+    _check_args(x, f.element, f.block_size, f.block_scale, scale, axis)
+    _, _, q, s, _, _ = _quantize(x.detach().float(), f.element, f.block_size, f.block_scale, scale, axis)
+    return q, s
 
 
 def mxfp4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

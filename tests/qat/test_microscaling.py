@@ -399,3 +399,76 @@ def test_llama_cpp_runs_the_mxfp4_file(tmp_path):
     theirs = llama_embed(export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir), _SENTENCES)
     cos = (ours * theirs).sum(-1)
     assert cos.min() >= 0.999, cos
+
+
+# ----------------------------------------------------------------------------- ONNX float8 QDQ
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+_ONNX_PLANS = {
+    "fp8_e4m3": "fp8_e4m3",
+    "fp8_e5m2_lsq": {"rules": [{"match": "*", "types": ["Linear"],
+                                "weight": {"bits": 8, "format": "fp8_e5m2", "estimator": "lsq"},
+                                "input": {"bits": 8, "format": "fp8_e5m2", "estimator": "lsq"}}]},
+    "mxfp8_weights": {"rules": [{"match": "*", "types": ["Linear"],
+                                 "weight": {"bits": 8, "granularity": "per_group", "group_size": 32, "format": "mxfp8"},
+                                 "input": {"bits": 8, "format": "fp8_e4m3"}}]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ONNX_PLANS))
+def test_onnx_float8_qdq_runs_in_onnxruntime_as_trained(tmp_path, case):
+    from qat.export.onnx_float import export_onnx_float
+
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)), _ONNX_PLANS[case])
+    x = torch.randn(16, 64) * 2
+    opt = torch.optim.SGD(model.parameters(), 1e-2)
+    for _ in range(3):  # move weights (and learned scales) away from their start
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    model.apply(lambda m: m.enable_observer(False) if isinstance(m, FakeQuantizer) else None)
+    model.eval()
+    ours = model(x).detach()
+    path = export_onnx_float(model, x, tmp_path / "m.onnx", input_names=["x"], output_names=["y"])
+    proto = onnx.load(path)
+    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 4
+    dq = [n.output[0] for n in proto.graph.node if n.name.endswith("weight_dq")]
+    proto.graph.output.extend([onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in dq])
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, w0, w2 = sess.run(None, {"x": x.numpy()})
+    # the weights ORT dequantizes are the fake-quantized weights, bit for bit
+    np.testing.assert_array_equal(w0, model[0].quantized_weight().detach().numpy())
+    np.testing.assert_array_equal(w2, model[2].quantized_weight().detach().numpy())
+    # the outputs: the same float8 inputs and weights, ORT's Gemm summing in its own order
+    np.testing.assert_allclose(y, ours.numpy(), rtol=0, atol=1e-5 * float(ours.abs().max()))
+
+
+def test_onnx_float_refuses_what_has_no_float8_qdq_form(tmp_path):
+    from qat.export.onnx_float import export_onnx_float
+
+    for preset, match in (("mxfp4", "NOT_IMPLEMENTED"), ("mxfp8", "no float8 QuantizeLinear form"), ("w8a8", "not a float8 format")):
+        model = prepare(nn.Sequential(nn.Linear(64, 8)), preset)
+        model(torch.randn(2, 64))
+        with pytest.raises(QATConfigError, match=match):
+            export_onnx_float(model, torch.randn(2, 64), tmp_path / "m.onnx")
+
+
+def test_onnxruntime_has_no_fp4_dequantize_kernel():
+    """What the FP4 refusal above rests on: a valid FLOAT4E2M1 DequantizeLinear (opset 23) that ONNX
+    Runtime cannot run. When this fails, ORT has gained the kernel and MXFP4 / NVFP4 can export."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    packed = np.arange(64, dtype=np.uint8).reshape(2, 32)  # 2 x 64 codes, two a byte
+    w = helper.make_tensor("w", TensorProto.FLOAT4E2M1, [2, 64], vals=packed.tobytes(), raw=True)
+    s = numpy_helper.from_array(np.ones((2, 2), dtype=np.float32), "s")
+    node = helper.make_node("DequantizeLinear", ["w", "s"], ["y"], axis=1, block_size=32)
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+                              initializer=[w, s])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    proto.ir_version = 11
+    onnx.checker.check_model(proto)
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
