@@ -23,11 +23,14 @@ Rows (``--rows``):
 * ``float``: no quantization.
 * ``ste`` / ``lsq``: ``qat.prepare`` with :data:`PLAN` (every ``nn.Linear``, the tied LM head
   included: int4 symmetric per-group-128 weights with the STE or LSQ estimator, int8 asymmetric
-  dynamic per-token inputs), fake-quant ops on the fused CuPy kernels.
-* ``ste_ind`` / ``lsq_ind``: ``ste`` / ``lsq`` with ``qat.kernels.set_compile_route("inductor")``:
-  under ``torch.compile`` the range, qparams, quantize and mask of the dynamic per-token inputs and
-  the STE weights' observers are traced as PyTorch ops for Inductor to fuse into their neighbours
-  (the default route calls the fused kernels as opaque ops). Eager mode is the same as ``ste`` / ``lsq``.
+  dynamic per-token inputs): in eager mode on the fused CuPy kernels, under ``torch.compile`` on
+  the product's default compile route (``qat.kernels.compile_route()``, ``QAT_COMPILE_ROUTE``).
+* ``ste_kern`` / ``lsq_kern``: ``ste`` / ``lsq`` on the compile route ``"kernel"``: the fused
+  kernels as opaque custom ops inside the compiled graph.
+* ``ste_ind`` / ``lsq_ind``: ``ste`` / ``lsq`` on the compile route ``"inductor"``: every
+  fake-quant op (dynamic per-token range, observers, qparams, quantize, mask; LSQ's and PACT's
+  forward and backward) traced as PyTorch ops for Inductor to fuse into their neighbours. Eager
+  mode is the same for all three pairs.
 * ``ste_ref``: ``ste`` with the ops on their PyTorch reference (``QAT_KERNELS=reference``; the ops
   module's cached backend choice is cleared before and after this row).
 * ``torchao``: ``torchao.quantization.quantize_(model, QATConfig(...))`` with the same bit-widths
@@ -79,12 +82,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-ALL_ROWS = ("float", "ste", "lsq", "ste_ind", "lsq_ind", "ste_ref", "torchao")
+ALL_ROWS = ("float", "ste", "lsq", "ste_kern", "lsq_kern", "ste_ind", "lsq_ind", "ste_ref", "torchao")
 ALL_MODES = ("eager", "compile", "cudagraphs")
 ROW_LABELS = {
     "float": "float",
-    "ste": "ours, STE weights (fused CuPy)",
-    "lsq": "ours, LSQ weights (fused CuPy)",
+    "ste": "ours, STE weights",
+    "lsq": "ours, LSQ weights",
+    "ste_kern": "ours, STE weights (compile route 'kernel')",
+    "lsq_kern": "ours, LSQ weights (compile route 'kernel')",
     "ste_ind": "ours, STE weights (compile route 'inductor')",
     "lsq_ind": "ours, LSQ weights (compile route 'inductor')",
     "ste_ref": "ours, STE weights (reference ops)",
@@ -218,10 +223,11 @@ def plan(estimator: str) -> dict:
     }
 
 
-ROW_PLAN = {"ste": "ste", "lsq": "lsq", "ste_ind": "ste", "lsq_ind": "lsq", "ste_ref": "ste"}
-# the rows that trace the fake-quant math for Inductor (qat.kernels.set_compile_route("inductor"))
-# instead of calling the fused kernels as opaque ops; in eager mode they equal ste / lsq
-INDUCTOR_ROWS = ("ste_ind", "lsq_ind")
+ROW_PLAN = {"ste": "ste", "lsq": "lsq", "ste_kern": "ste", "lsq_kern": "lsq", "ste_ind": "ste", "lsq_ind": "lsq", "ste_ref": "ste"}
+# the compile route of each row (qat.kernels.set_compile_route): ste / lsq take the product's
+# default; *_kern call the fused kernels as opaque ops, *_ind trace the fake-quant math for
+# Inductor to fuse. In eager mode all of them run the fused kernels.
+ROW_ROUTE = {"ste_kern": "kernel", "lsq_kern": "kernel", "ste_ind": "inductor", "lsq_ind": "inductor"}
 
 
 def set_kernel_backend(name: str, device: torch.device) -> str:
@@ -259,6 +265,15 @@ def torchao_prepare(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- measuring helpers
+
+
+def _default_route() -> str:
+    from qat.kernels import compile_route
+
+    return compile_route()
+
+
+DEFAULT_ROUTE = _default_route()  # QAT_COMPILE_ROUTE or the ops' default, read before any row sets one
 
 
 def set_route(route: str) -> str:
@@ -911,7 +926,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 try:
                     if row in ROW_PLAN:
                         rec["backend"] = set_kernel_backend("reference" if row == "ste_ref" else "cupy", device)
-                        rec["compile_route"] = set_route("inductor" if row in INDUCTOR_ROWS else "kernel")
+                        rec["compile_route"] = set_route(ROW_ROUTE.get(row, DEFAULT_ROUTE))
                     fn = run_prepare if via == "prepare" else run_trainer
                     rec.update(fn(cfg, row, mode, args, device))
                     rec["ok"] = True
@@ -921,8 +936,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 finally:
                     if row == "ste_ref":
                         set_kernel_backend("cupy", device)
-                    if row in INDUCTOR_ROWS:
-                        set_route("kernel")
+                    if row in ROW_ROUTE:
+                        set_route(DEFAULT_ROUTE)
                 rec["config_wall_s"] = time.perf_counter() - t0
                 doc["results"].append(rec)
                 if rec["ok"]:

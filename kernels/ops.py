@@ -113,15 +113,22 @@ def param_checks() -> Optional[bool]:
 
 
 COMPILE_ROUTES = ("kernel", "inductor")
-_COMPILE_ROUTE: str = os.environ.get("QAT_COMPILE_ROUTE", "kernel").strip().lower() or "kernel"
+_COMPILE_ROUTE: str = os.environ.get("QAT_COMPILE_ROUTE", "inductor").strip().lower() or "inductor"
+if _COMPILE_ROUTE not in COMPILE_ROUTES:
+    raise ValueError(f"QAT_COMPILE_ROUTE must be one of {COMPILE_ROUTES}, got {_COMPILE_ROUTE!r}")
 
 
 def set_compile_route(route: str) -> str:
-    """How :func:`fake_quantize_minmax` runs inside ``torch.compile`` (eager always takes the fused
-    kernel): ``"kernel"``, the fused kernel as one opaque op; or ``"inductor"``, the range, scale and
-    quantize-dequantize as PyTorch ops that Inductor fuses with the neighbouring ops (the STE mask
-    kept as a boolean tensor). Also ``QAT_COMPILE_ROUTE`` in the environment; returns the previous
-    route. Takes effect at the next compilation (``torch._dynamo.reset()`` to recompile a model).
+    """How the fake-quant ops run inside ``torch.compile`` (eager always takes the fused kernels):
+    ``"inductor"`` (the default), the clipped-STE ops (:func:`fake_quantize_minmax`: range, scale,
+    quantize-dequantize; :func:`fake_quantize`) as PyTorch ops, the STE mask a boolean tensor,
+    that Inductor fuses with the neighbouring ops; or ``"kernel"``, each fused kernel as one opaque
+    custom op. LSQ and PACT are the opaque op on both routes. Measured on an H200 (``benchmarks/train_step.py``), ``"inductor"`` is the
+    faster training step under default ``torch.compile`` (the opaque ops cost host time in every
+    call) and under CUDA graphs (fused into LayerNorm / GELU / residual kernels); ``"kernel"``
+    compiles faster. Both give eager's values and gradients. Also ``QAT_COMPILE_ROUTE`` in the
+    environment; returns the previous route. Takes effect at the next compilation
+    (``torch._dynamo.reset()`` to recompile a model).
 
     Example::
 
@@ -442,6 +449,12 @@ class _MaskedSTE(torch.autograd.Function):
         return torch.where(inside, grad_y, torch.zeros_like(grad_y)), None, None
 
 
+def _fake_quantize_inductor(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode):
+    with torch.no_grad():
+        y, inside = reference.fake_quantize_unpacked(x.detach(), scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    return _MaskedSTE.apply(x, y, inside)
+
+
 def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state):
     with torch.no_grad():
         rows, s, z = reference.minmax_qparams(x.detach(), row, qmin, qmax, symmetric, scale_f16, state)
@@ -584,6 +597,8 @@ def fake_quantize(
     axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
     args = (x, scale, zero_point, int(qmin), int(qmax), axis, None if group_size is None else int(group_size), round_mode)
     if _traced(x):
+        if _COMPILE_ROUTE == "inductor":
+            return _fake_quantize_inductor(*args)
         return torch.ops.qat.fake_quantize(*args)[0]
     return _FakeQuantizeFn.apply(*args)
 
@@ -619,7 +634,8 @@ def fake_quantize_lsq(
         raise TypeError(f"fake_quantize_lsq: grad_factor must be a finite number, got {grad_factor!r}")
     axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, op="fake_quantize_lsq", lsq=True)
     args = (x, scale, zero_point, int(qmin), int(qmax), axis, group_size, float(grad_factor), round_mode)
-    if _traced(x):
+    if _traced(x):  # the opaque op on both routes: traced as an autograd.Function, Inductor gave wrong
+        # LSQ gradients on CUDA (right on the CPU); benchmarks/compile_grad_check.py shows it
         return torch.ops.qat.fake_quantize_lsq(*args)
     return _LSQFn.apply(*args)
 
@@ -654,7 +670,7 @@ def fake_quantize_pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mod
         if bad.any().item():
             _first_bad(op, "alpha", a, bad, "finite and positive (the clip [0, alpha]), with (qmax - qmin) / alpha finite")
     args = (x, alpha, int(qmin), int(qmax), round_mode)
-    if _traced(x):
+    if _traced(x):  # the opaque op on both routes, as LSQ
         return torch.ops.qat.fake_quantize_pact(*args)
     return _PACTFn.apply(*args)
 

@@ -23,7 +23,7 @@ from qat import QATConfigError
 from qat.spec import QuantSpec
 
 __all__ = [
-    "TrainConfig", "FPStage", "PTQStage", "QATStage", "register_configs", "build_trainer", "instantiate_callbacks",
+    "TrainConfig", "FloatStartConfig", "FPStage", "PTQStage", "QATStage", "register_configs", "build_trainer", "instantiate_callbacks",
     "check_int", "check_lr", "check_trainer_node", "check_data_node", "validate_train_config",
     "check_output_dir", "check_plan_fits", "RESERVED_TRAINER_KEYS", "DEFAULT_TRAINER", "METRIC_MODES",
     "trainer_class", "instantiate_node", "check_metric_keys",
@@ -82,6 +82,35 @@ class QATStage:
 
 
 @dataclass
+class FloatStartConfig:
+    """The keys an entry point that starts from the float model shares with ``qat-train``
+    (``qat-ptq``, ``qat-sensitivity``): the ``quant`` / ``model`` / ``data`` / ``trainer`` /
+    ``logger`` groups, ``seed``, ``module_attr``, ``checkpoint`` (a float state dict of the
+    LightningModule; ``null``: train ``fp.epochs`` as ``qat-train`` does), the ``fp`` / ``ptq``
+    stages, ``progress`` (bars: true / false; null: only when stderr is a terminal) and
+    ``overwrite`` (write into a directory that already holds a finished run's results).
+
+    Example::
+
+        >>> FloatStartConfig().module_attr, FloatStartConfig().fp.epochs
+        ('auto', 15)
+    """
+
+    quant: Any = None
+    model: Any = None
+    data: Any = None
+    trainer: Any = None
+    logger: Any = None
+    seed: int = 0
+    module_attr: Optional[str] = "auto"  # the quantized network inside the model, as in qat-train / qat-export
+    checkpoint: Optional[str] = None  # a float state_dict (.pt) of the LightningModule; else train fp.epochs
+    fp: FPStage = field(default_factory=FPStage)
+    ptq: PTQStage = field(default_factory=PTQStage)
+    progress: Any = None  # true / false; null: bars only when stderr is a terminal
+    overwrite: bool = False  # true: write into a directory that already holds a finished run's results
+
+
+@dataclass
 class TrainConfig:
     """The top level of ``configs/train.yaml`` (``train_schema``).
 
@@ -119,11 +148,12 @@ class TrainConfig:
     overwrite: bool = False  # true: write into a directory that already holds a finished run's results.json
 
 
-def register_configs() -> None:
+def register_configs(**schemas: Any) -> None:
     """Register the schemas: ``train_schema`` (the top level) and ``schema/quant_spec``, the
     ``qat_first`` resolver (``${qat_first:a,b}``: the first non-null argument) of the run directories
     and ``qat_direction`` (``${qat_direction:${mode}}``: ``maximize`` / ``minimize``, the Optuna
-    sweeper's direction).
+    sweeper's direction); and each of ``schemas`` (``name=dataclass``: the top level of another
+    entry point that shares these groups, e.g. ``register_configs(ptq_schema=PTQConfig)``).
 
     Called by the entry points before Hydra composes; never at import time.
 
@@ -145,6 +175,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="schema", name="quant_spec", node=QuantSpec)
+    for name, node in schemas.items():
+        cs.store(name=name, node=node)
 
 
 #: the ``Trainer`` of a ``trainer`` node without ``_target_``

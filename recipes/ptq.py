@@ -39,7 +39,7 @@ from qat.callbacks import QuantizationAwareTraining
 from qat.size import float_size_bytes, model_size_bytes
 
 from .atomic import check_checkpoint_file, save_torch, write_json
-from .config import FPStage, PTQStage, QATStage, build_trainer, check_output_dir, check_plan_fits, validate_train_config
+from .config import FloatStartConfig, QATStage, build_trainer, check_output_dir, check_plan_fits, validate_train_config
 from .digits import evaluate_accuracy
 from .entry import missing_extras
 from .progress import calibrate, progress_enabled
@@ -53,8 +53,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PTQConfig:
-    """The top level of ``configs/ptq.yaml`` (``ptq_schema``); the stages are
+class PTQConfig(FloatStartConfig):
+    """The top level of ``configs/ptq.yaml`` (``ptq_schema``): :class:`qat.recipes.config.FloatStartConfig`'s
+    keys and ``qat``. The stages are
     :class:`qat.recipes.config.FPStage`, :class:`qat.recipes.config.PTQStage` and
     :class:`qat.recipes.config.QATStage` under the keys ``qat-train`` uses (``fp``, ``ptq``,
     ``qat``); ``qat.epochs`` is 0 by default (no QAT after calibrating).
@@ -67,19 +68,7 @@ class PTQConfig:
         QATStage(epochs=0, lr=0.001)
     """
 
-    quant: Any = None
-    model: Any = None
-    data: Any = None
-    trainer: Any = None
-    logger: Any = None
-    seed: int = 0
-    module_attr: Optional[str] = "auto"  # the quantized network inside the model, as in qat-train / qat-export
-    checkpoint: Optional[str] = None  # a float state_dict (.pt) of the LightningModule; else train fp.epochs
-    fp: FPStage = field(default_factory=FPStage)
-    ptq: PTQStage = field(default_factory=PTQStage)
     qat: QATStage = field(default_factory=lambda: QATStage(epochs=0))  # epochs > 0: QAT from the calibrated model
-    progress: Any = None  # true / false; null: bars only when stderr is a terminal
-    overwrite: bool = False  # true: write into a directory that already holds a finished run's results.json
     # renamed (RENAMED_KEYS): kept in the schema only so that an old command line fails naming the new key
     qat_epochs: Any = None
     qat_lr: Any = None
@@ -95,12 +84,9 @@ def register_ptq_configs() -> None:
         >>> "ptq_schema.yaml" in ConfigStore.instance().list("")
         True
     """
-    from hydra.core.config_store import ConfigStore
-
     from .config import register_configs
 
-    register_configs()
-    ConfigStore.instance().store(name="ptq_schema", node=PTQConfig)
+    register_configs(ptq_schema=PTQConfig)
 
 
 def validate_ptq_config(cfg: DictConfig) -> None:

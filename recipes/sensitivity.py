@@ -53,7 +53,7 @@ from qat.sensitivity import METHODS, BitOption, SensitivityTable, bit_sensitivit
 from qat.size import float_size_bytes, model_size_bytes
 
 from .atomic import check_checkpoint_file, save_torch, write_json
-from .config import FPStage, PTQStage, build_trainer, check_int, check_output_dir, instantiate_node, validate_train_config
+from .config import FloatStartConfig, build_trainer, check_int, check_output_dir, instantiate_node, validate_train_config
 from .progress import calibrate, progress_enabled, track
 
 __all__ = ["SensitivityStage", "SensitivityConfig", "register_sensitivity_configs", "validate_sensitivity_config",
@@ -91,8 +91,9 @@ class SensitivityStage:
 
 
 @dataclass
-class SensitivityConfig:
-    """The top level of ``configs/sensitivity.yaml`` (``sensitivity_schema``).
+class SensitivityConfig(FloatStartConfig):
+    """The top level of ``configs/sensitivity.yaml`` (``sensitivity_schema``):
+    :class:`qat.recipes.config.FloatStartConfig`'s keys and its own.
 
     ``budgets`` are average weight bits (``budget_unit: avg_bits``) or bytes of quantized weights
     (``bytes``); ``solver`` is :func:`qat.allocate.allocate`'s; ``measure`` PTQ-evaluates every
@@ -105,26 +106,14 @@ class SensitivityConfig:
         [3.0, 4.0]
     """
 
-    quant: Any = None
-    model: Any = None
-    data: Any = None
-    trainer: Any = None
-    logger: Any = None
-    seed: int = 0
-    module_attr: Optional[str] = "auto"
     metric: str = "test/acc"
     mode: str = "max"
-    checkpoint: Optional[str] = None  # float weights (a state dict of the LightningModule); null: train fp.epochs
-    fp: FPStage = field(default_factory=FPStage)
-    ptq: PTQStage = field(default_factory=PTQStage)
     sensitivity: SensitivityStage = field(default_factory=SensitivityStage)
     budgets: list = field(default_factory=lambda: [3.0, 4.0])
     budget_unit: str = "avg_bits"
     solver: str = "auto"
     measure: bool = False
     preset_dir: Optional[str] = None
-    progress: Any = None
-    overwrite: bool = False
 
 
 def register_sensitivity_configs() -> None:
@@ -137,12 +126,9 @@ def register_sensitivity_configs() -> None:
         >>> "sensitivity_schema.yaml" in ConfigStore.instance().list("")
         True
     """
-    from hydra.core.config_store import ConfigStore
-
     from .config import register_configs
 
-    register_configs()
-    ConfigStore.instance().store(name="sensitivity_schema", node=SensitivityConfig)
+    register_configs(sensitivity_schema=SensitivityConfig)
 
 
 def validate_sensitivity_config(cfg: DictConfig) -> None:
@@ -269,17 +255,17 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, Any]:
     ``predicted_damage`` (summed loss increase), ``predicted_loss`` and, with ``measure``,
     ``measured`` (the PTQ ``metric``).
 
-    Example::
+    Example (it trains a float model, so it is not run as a doctest;
+    ``tests/recipes/test_sensitivity_recipe.py`` runs this call and checks what it writes)::
 
-        >>> import contextlib, io, tempfile
+        >>> import tempfile
         >>> from hydra import compose, initialize_config_module
         >>> register_sensitivity_configs()
         >>> with initialize_config_module("qat.configs", version_base="1.3"):
         ...     cfg = compose("sensitivity", ["logger=none", "fp.epochs=1", "model.net.channels=4",
         ...                                   "sensitivity.calibration_batches=1", "sensitivity.cache=false"])
-        >>> with contextlib.redirect_stdout(io.StringIO()):
-        ...     res = run(cfg, tempfile.mkdtemp())
-        >>> sorted(res["presets"])[:2], res["rows"][0]["kind"]
+        >>> res = run(cfg, tempfile.mkdtemp())  # doctest: +SKIP
+        >>> sorted(res["presets"])[:2], res["rows"][0]["kind"]  # doctest: +SKIP
         (['w2a4_mp_3', 'w2a4_mp_4'], 'allocated')
     """
     output_dir = os.path.abspath(output_dir or os.getcwd())
