@@ -92,6 +92,27 @@ __device__ __forceinline__ float mx_scaled(float xf, float S) {
   return xf != xf ? xf : 0.0f;
 }
 
+// One lane's element i of the warp's 32 (valid: i < n) with its scale S, block code c, parameter key,
+// v = x / S and whether |v| <= max. All 32 lanes call it together (the block amax shuffles).
+struct MxElement {
+  long long i, key;
+  bool valid, inside;
+  float S, c, v;
+};
+
+__device__ __forceinline__ MxElement mx_element(const scalar_t* __restrict__ x, long long i, long long n,
+                                                const float* __restrict__ scale, long long inner, long long C,
+                                                const MxElem& f, int block, int kind) {
+  MxElement e;
+  e.i = i;
+  e.valid = i < n;
+  const float xf = e.valid ? to_f(x[i]) : 0.0f;
+  mx_scale(mx_finite_abs(xf), e.valid ? i : 0, scale, inner, C, f, block, kind, e.S, e.c, e.key);
+  e.v = mx_scaled(xf, e.S);
+  e.inside = fabsf(e.v) <= f.maxv;
+  return e;
+}
+
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
 mx_forward(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,
            const float* __restrict__ scale, long long n, long long inner, long long C, int elem, int block,
@@ -101,16 +122,9 @@ mx_forward(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* _
   const long long stride = (long long)gridDim.x * (blockDim.x >> 5);
   const MxElem f = mx_elem(elem);
   for (long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); w < nwarps; w += stride) {
-    const long long i = (w << 5) + lane;
-    const bool valid = i < n;
-    const float xf = valid ? to_f(x[i]) : 0.0f;
-    float S, c;
-    long long key;
-    mx_scale(mx_finite_abs(xf), valid ? i : 0, scale, inner, C, f, block, kind, S, c, key);
-    const float v = mx_scaled(xf, S);
-    const bool inside = fabsf(v) <= f.maxv;
-    const unsigned word = __ballot_sync(QAT_FULL, valid && inside);
-    if (valid) y[i] = from_f(mx_round(v, f) * S);
+    const MxElement e = mx_element(x, (w << 5) + lane, n, scale, inner, C, f, block, kind);
+    const unsigned word = __ballot_sync(QAT_FULL, e.valid && e.inside);
+    if (e.valid) y[e.i] = from_f(mx_round(e.v, f) * e.S);
     if (lane == 0) mask[w] = word;
   }
 }
@@ -124,27 +138,19 @@ mx_lsq_backward(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ 
   const long long stride = (long long)gridDim.x * (blockDim.x >> 5);
   const MxElem f = mx_elem(elem);
   for (long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); w < nwarps; w += stride) {
-    const long long i = (w << 5) + lane;
-    const bool valid = i < n;
-    const float xf = valid ? to_f(x[i]) : 0.0f;
-    const float g = valid ? to_f(grad[i]) : 0.0f;
-    float S, c;
-    long long key;
-    mx_scale(mx_finite_abs(xf), valid ? i : 0, scale, inner, C, f, block, kind, S, c, key);
-    const float v = mx_scaled(xf, S);
-    const bool inside = fabsf(v) <= f.maxv;
-    const float q = mx_round(v, f);
-    float contrib = (g * c) * (q - (inside ? v : 0.0f));
-    if (v != v || !valid) contrib = 0.0f;
-    if (valid) dx[i] = from_f(inside ? g : 0.0f);
+    const MxElement e = mx_element(x, (w << 5) + lane, n, scale, inner, C, f, block, kind);
+    const float g = e.valid ? to_f(grad[e.i]) : 0.0f;
+    float contrib = (g * e.c) * (mx_round(e.v, f) - (e.inside ? e.v : 0.0f));
+    if (e.v != e.v || !e.valid) contrib = 0.0f;
+    if (e.valid) dx[e.i] = from_f(e.inside ? g : 0.0f);
     // one atomic a warp when its elements share a scale, else one a lane
-    const long long k0 = __shfl_sync(QAT_FULL, key, 0);
-    if (__all_sync(QAT_FULL, key == k0 || !valid)) {
+    const long long k0 = __shfl_sync(QAT_FULL, e.key, 0);
+    if (__all_sync(QAT_FULL, e.key == k0 || !e.valid)) {
       float sum = contrib;
       for (int off = 16; off >= 1; off >>= 1) sum += __shfl_down_sync(QAT_FULL, sum, off);
       if (lane == 0) atomicAdd(dscale + k0, sum);
-    } else if (valid) {
-      atomicAdd(dscale + key, contrib);
+    } else if (e.valid) {
+      atomicAdd(dscale + e.key, contrib);
     }
   }
 }

@@ -111,7 +111,10 @@ def _placeholders(layers: list[tuple[str, IntModuleMixin]]):
             mod.__dict__.pop("quantize_input", None)
 
 
-def _torch_export(model, args, path, input_names, output_names, dynamic_axes, opset) -> None:
+def trace_onnx(model, args, path, input_names, output_names, dynamic_axes, opset) -> None:
+    """``torch.onnx.export`` (TorchScript exporter) as this package's ONNX exporters call it: the
+    ``qat`` custom domain for the placeholder ops that are replaced afterwards, constants folded,
+    warnings silenced. Used by :func:`export_onnx` and :func:`qat.export.onnx_float.export_onnx_float`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -292,7 +295,7 @@ def _input_nodes(prefix: str, mod: IntModuleMixin, in_name: str, out_name: str, 
     return nodes, inits
 
 
-def _prune(graph) -> None:
+def prune_unused(graph) -> None:
     """Drop initializers and Constant nodes nothing reads any more (the traced float weights)."""
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
@@ -306,7 +309,9 @@ def _prune(graph) -> None:
         graph.initializer.remove(init)
 
 
-def _finish(model_proto, path: str) -> str:
+def finish_onnx(model_proto, path: str) -> str:
+    """Set the IR version and opset (:data:`IR_VERSION`, :data:`OPSET`), check and save ``model_proto``
+    to ``path``; returns ``path``."""
     import onnx
 
     model_proto.ir_version = IR_VERSION
@@ -361,7 +366,7 @@ def export_onnx(
     model.eval()
     try:
         with _placeholders(layers), torch.no_grad():
-            _torch_export(model, args, path, input_names, output_names, dynamic_axes, OPSET)
+            trace_onnx(model, args, path, input_names, output_names, dynamic_axes, OPSET)
     finally:
         model.train(was_training)
     proto = onnx.load(path)
@@ -383,13 +388,13 @@ def export_onnx(
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
-    _prune(graph)
+    prune_unused(graph)
     # topological order: the DequantizeLinear nodes have initializer inputs only, so put them first
     order = sorted(range(len(graph.node)), key=lambda i: 0 if graph.node[i].name.endswith(("weight_dq", "weight_reshape")) else 1)
     nodes = [graph.node[i] for i in order]
     del graph.node[:]
     graph.node.extend(nodes)
-    return _finish(proto, path)
+    return finish_onnx(proto, path)
 
 
 def export_float_onnx(
@@ -410,7 +415,7 @@ def export_float_onnx(
     model.eval()
     try:
         with torch.no_grad():
-            _torch_export(model, args, path, input_names, output_names, dynamic_axes, OPSET)
+            trace_onnx(model, args, path, input_names, output_names, dynamic_axes, OPSET)
     finally:
         model.train(was_training)
-    return _finish(onnx.load(path), path)
+    return finish_onnx(onnx.load(path), path)

@@ -1,6 +1,6 @@
 """ONNX export of a *prepared* model whose layers use the FP8 formats (``fp8_e4m3``, ``fp8_e5m2``,
 ``mxfp8``; :mod:`qat.microscaling`), as ``QuantizeLinear`` / ``DequantizeLinear`` with float8 types
-(opset 21), the trained codes and scales written as they are.
+(opset 21, :data:`qat.export.onnx.OPSET`), the trained codes and scales written as they are.
 
 How (as :func:`qat.export.onnx.export_onnx` does for integer layers): the model is traced with each
 quantized layer's weight and input routed through placeholder ops, which are then replaced:
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -37,19 +36,17 @@ from ..errors import QATConfigError
 from ..granularity import weight_view_shape
 from ..microscaling import MICRO_FORMATS, float_codes
 from ..modules import QuantModuleMixin
+from .onnx import OPSET, finish_onnx, prune_unused, trace_onnx
 
-__all__ = ["export_onnx_float", "ONNX_FLOAT_FORMATS", "FLOAT_OPSET"]
+__all__ = ["export_onnx_float", "ONNX_FLOAT_FORMATS"]
 
-#: ONNX opset of the float8 QDQ graph (DequantizeLinear with block_size and float8 types: 21)
-FLOAT_OPSET = 21
-_IR_VERSION = 10  # ONNX Runtime 1.31+ reads IR <= 13
 #: weight formats this exporter writes
 ONNX_FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "mxfp8")
 _ONNX_INPUT_FORMATS = ("fp8_e4m3", "fp8_e5m2")
 
 
 class _Marker(torch.autograd.Function):
-    """Identity while tracing; exported as ``qatf::{kind}`` with the layer index (replaced afterwards)."""
+    """Identity while tracing; exported as ``qat::Float{kind}`` with the layer index (replaced afterwards)."""
 
     @staticmethod
     def forward(ctx, t: torch.Tensor, kind: str, index: int) -> torch.Tensor:
@@ -57,7 +54,7 @@ class _Marker(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, t, kind: str, index: int):
-        out = g.op(f"qatf::{kind}", t, index_i=index)
+        out = g.op(f"qat::Float{kind}", t, index_i=index)
         out.setType(t.type())
         return out
 
@@ -175,12 +172,6 @@ def _input_nodes(prefix: str, mod: QuantModuleMixin, x: str, out: str):
     return nodes, inits
 
 
-def _prune(graph) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
-
-
 def export_onnx_float(
     model: nn.Module,
     args: Union[torch.Tensor, tuple],
@@ -224,27 +215,21 @@ def export_onnx_float(
     was_training = model.training
     model.eval()
     try:
-        with _markers(layers), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, args, path, dynamo=False, opset_version=FLOAT_OPSET,
-                input_names=list(input_names) if input_names else None,
-                output_names=list(output_names) if output_names else None,
-                dynamic_axes=dynamic_axes, custom_opsets={"qatf": 1}, do_constant_folding=True,
-            )
+        with _markers(layers), torch.no_grad():
+            trace_onnx(model, args, path, input_names, output_names, dynamic_axes, OPSET)
     finally:
         model.train(was_training)
     proto = onnx.load(path)
     graph = proto.graph
     head, body, inits = [], [], []
     for node in graph.node:
-        if node.domain != "qatf":
+        if node.domain != "qat":
             body.append(node)
             continue
         k = next(a.i for a in node.attribute if a.name == "index")
         name, mod = layers[k]
         prefix = f"{name}." if name else "model."
-        if node.op_type == "Weight":
+        if node.op_type == "FloatWeight":
             nodes, new = _weight_nodes(prefix, mod, node.output[0])
             head += nodes  # initializer inputs only: first in topological order
         else:
@@ -254,10 +239,5 @@ def export_onnx_float(
     del graph.node[:]
     graph.node.extend(head + body)
     graph.initializer.extend(inits)
-    _prune(graph)
-    proto.ir_version = _IR_VERSION
-    del proto.opset_import[:]
-    proto.opset_import.extend([onnx.helper.make_opsetid("", FLOAT_OPSET)])
-    onnx.checker.check_model(proto)
-    onnx.save(proto, path)
-    return path
+    prune_unused(graph)
+    return finish_onnx(proto, path)
