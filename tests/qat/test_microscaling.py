@@ -33,7 +33,13 @@ from qat.microscaling import (  # noqa: E402
 
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 CASTS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    """Every test draws the same values, run alone or after others."""
+    torch.manual_seed(0)
 
 
 def _random_floats(n: int, seed: int) -> torch.Tensor:
@@ -176,8 +182,11 @@ def test_fp8_scales_equal_cast(element, axis):
 
 
 def test_ste_gradient_is_the_inside_mask():
-    x = (torch.randn(3, 64) * 4).requires_grad_()
-    g = torch.randn(3, 64)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=gen) * 4
+    x[0, 0] = 7000.0  # amax 7000: scale 2^(12 - 2), 7000 / 1024 = 6.8 saturates at 6
+    x.requires_grad_()
+    g = torch.randn(3, 64, generator=gen)
     y = fake_quantize_float(x, "e2m1", 32, "e8m0")
     y.backward(g)
     _, inside = microscaling_forward(x.detach(), "e2m1", 32, "e8m0")
@@ -472,3 +481,64 @@ def test_onnxruntime_has_no_fp4_dequantize_kernel():
     onnx.checker.check_model(proto)
     with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
         ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def test_custom_ops_pass_opcheck():
+    """Schemas, fake (meta) implementations and autograd registrations of the two custom ops."""
+    x = torch.randn(4, 64, requires_grad=True)
+    for op, args in (
+        (torch.ops.qat.fake_quantize_float.default, (x, None, "e2m1", 32, "e8m0", None)),
+        (torch.ops.qat.fake_quantize_float_lsq.default, (x, torch.tensor([0.01], requires_grad=True), "e2m1", 16, "e4m3", None, 0.5)),
+        (torch.ops.qat.fake_quantize_float_lsq.default, (x, torch.full((4,), 0.01, requires_grad=True), "e4m3", 0, "none", 0, 0.5)),
+    ):
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["mxfp4", "nvfp4", "fp8_e4m3"])
+def test_compiled_model_equals_eager(preset):
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)), preset)
+    x = torch.randn(8, 64)
+    model(x)  # initialize, then freeze the input observers (a compiled run would update them again)
+    model.apply(lambda m: m.enable_observer(False) if isinstance(m, FakeQuantizer) and m.track_history else None)
+    y = model(x)
+    y.sum().backward()
+    grad = model[0].weight.grad.clone()
+    model.zero_grad()
+    yc = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    yc.sum().backward()
+    assert torch.equal(yc, y) and torch.equal(model[0].weight.grad, grad)
+
+
+@pytest.mark.parametrize("preset", ["mxfp4", "nvfp4", "fp8_e4m3"])
+def test_telemetry_counts_saturated_elements(preset):
+    from qat.telemetry import quantizer_stats
+
+    model = prepare(nn.Sequential(nn.Linear(64, 32)), preset)
+    x = torch.randn(8, 64)
+    model(x)
+    for kind, fq in model[0].quantizers():
+        t = x if kind == "input" else model[0].weight.detach()
+        stats = quantizer_stats(fq, t)
+        assert 0.0 <= stats["clip_rate"] < 0.5 and stats["sqnr_db"] > 10.0 and stats["bits"] == fq.spec.bits
+    outlier = torch.zeros(1, 64)
+    outlier[0, :4] = torch.tensor([7.0, 1.0, 1.0, 1.0])  # MX: amax 7 -> scale 1, 7 saturates at 6
+    if preset == "mxfp4":
+        assert quantizer_stats(model[0].input_quantizer, outlier)["clip_rate"] == 0.0  # MXFP8 input: 7 fits
+        assert quantizer_stats(model[0].weight_quantizer, outlier.expand(32, 64).contiguous())["clip_rate"] == 1 / 64
+
+
+def test_weight_codes_are_element_values_and_oscillation_refuses_float_formats():
+    from qat.oscillation import dampening_loss, weight_codes
+
+    model = prepare(nn.Sequential(nn.Linear(64, 32)), "mxfp4")
+    model(torch.randn(2, 64))
+    codes = weight_codes(model[0])
+    assert codes.shape == (32, 64) and torch.equal(round_to_element(codes, "e2m1"), codes) and codes.abs().max() <= 6
+    with pytest.raises(QATConfigError, match="float format"):
+        dampening_loss(model)
