@@ -1,7 +1,7 @@
 """MiniLM (all-MiniLM-L6-v2) in llama.cpp's k-quants: llama.cpp's own quantizer of the float model
 against our PTQ and our QAT, each written to GGUF and embedded by llama.cpp (llama-cpp-python).
 
-    python benchmarks/kquant_llamacpp.py                     # all 7 types, ~20 min on 2 CPU cores
+    python benchmarks/kquant_llamacpp.py                     # all 7 types, ~6 min on 2 CPU threads
     python benchmarks/kquant_llamacpp.py --types q3_k q4_k_m --seeds 0 1 2
     python benchmarks/kquant_llamacpp.py --from-json benchmarks/results/kquant_llamacpp.json   # the .md again
 

@@ -59,9 +59,9 @@ def _quantizer(fmt: str, w: torch.Tensor) -> KQuantQuantizer:
     return layer.weight_quantizer
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("fmt", FORMATS)  # every type, each over shapes (its fallback too) and value ranges
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
-    fmt=st.sampled_from(FORMATS),
     rows=st.integers(1, 3),
     k=st.sampled_from([256, 512, 768, 32, 96, 384]),
     kind=st.sampled_from(["normal", "positive", "outliers", "sparse"]),
