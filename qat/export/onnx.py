@@ -114,7 +114,12 @@ def _placeholders(layers: list[tuple[str, IntModuleMixin]]):
 def trace_onnx(model, args, path, input_names, output_names, dynamic_axes, opset) -> None:
     """``torch.onnx.export`` (TorchScript exporter) as this package's ONNX exporters call it: the
     ``qat`` custom domain for the placeholder ops that are replaced afterwards, constants folded,
-    warnings silenced. Used by :func:`export_onnx` and :func:`qat.export.onnx_float.export_onnx_float`."""
+    warnings silenced. Used by :func:`export_onnx` and :func:`qat.export.onnx_float.export_onnx_float`.
+
+    Example::
+
+        trace_onnx(model.eval(), (torch.randn(1, 8),), "raw.onnx", ["x"], ["y"], None, OPSET)
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -296,7 +301,18 @@ def _input_nodes(prefix: str, mod: IntModuleMixin, in_name: str, out_name: str, 
 
 
 def prune_unused(graph) -> None:
-    """Drop initializers and Constant nodes nothing reads any more (the traced float weights)."""
+    """Drop initializers and Constant nodes nothing reads any more (the traced float weights).
+
+    Example::
+
+        >>> import numpy as np
+        >>> from onnx import TensorProto, helper, numpy_helper
+        >>> keep, drop = numpy_helper.from_array(np.ones(2, np.float32), "a"), numpy_helper.from_array(np.ones(2, np.float32), "b")
+        >>> g = helper.make_graph([helper.make_node("Identity", ["a"], ["y"])], "g", [],
+        ...                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], initializer=[keep, drop])
+        >>> prune_unused(g); [i.name for i in g.initializer]
+        ['a']
+    """
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         dead = [n for n in graph.node if n.op_type == "Constant" and not any(o in used for o in n.output)]
@@ -311,7 +327,12 @@ def prune_unused(graph) -> None:
 
 def finish_onnx(model_proto, path: str) -> str:
     """Set the IR version and opset (:data:`IR_VERSION`, :data:`OPSET`), check and save ``model_proto``
-    to ``path``; returns ``path``."""
+    to ``path``; returns ``path``.
+
+    Example::
+
+        finish_onnx(onnx.load("raw.onnx"), "model.onnx")
+    """
     import onnx
 
     model_proto.ir_version = IR_VERSION
