@@ -343,7 +343,8 @@ class FakeQuantizer(Float32State, FlagBuffers):
         g = s.granularity.value + (f"(axis={s.axis})" if self.axis is not None else "") + (
             f"(g={s.group_size})" if self.group_size is not None else ""
         )
-        return f"bits={s.bits}, {'signed' if s.signed else 'unsigned'}, {g}, estimator={s.estimator.value}" + (
+        fmt = "" if s.format is WeightFormat.AFFINE else f", format={s.format.value}"
+        return f"bits={s.bits}, {'signed' if s.signed else 'unsigned'}, {g}{fmt}, estimator={s.estimator.value}" + (
             ", dynamic" if s.dynamic else f", observer={s.observer.value}"
         )
 

@@ -542,3 +542,15 @@ def test_weight_codes_are_element_values_and_oscillation_refuses_float_formats()
     assert codes.shape == (32, 64) and torch.equal(round_to_element(codes, "e2m1"), codes) and codes.abs().max() <= 6
     with pytest.raises(QATConfigError, match="float format"):
         dampening_loss(model)
+
+
+def test_model_size_counts_block_scales():
+    from qat.size import model_size_bytes
+
+    mx = prepare(nn.Sequential(nn.Linear(64, 64, bias=False)), "mxfp4")
+    assert model_size_bytes(mx) == 64 * 64 // 2 + 64 * 64 // 32  # 4.25 bits a weight; MXFP8 inputs store nothing
+    nv = prepare(nn.Sequential(nn.Linear(64, 64, bias=False)), "nvfp4")
+    assert model_size_bytes(nv) == 64 * 64 // 2 + 64 * 64 // 16 + 4 + 4  # + the two float32 tensor scales
+    fp8 = prepare(nn.Sequential(nn.Linear(64, 64, bias=False)), "fp8_e4m3")
+    assert model_size_bytes(fp8) == 64 * 64 + 4 * 64 + 4
+    assert "format=mxfp4" in repr(mx[0].weight_quantizer)
