@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 
 from ..errors import QATConfigError
-from ..granularity import weight_view_shape
 from ..microscaling import MICRO_FORMATS, float_codes
 from ..modules import QuantModuleMixin
 from .onnx import OPSET, finish_onnx, prune_unused, trace_onnx
