@@ -9,8 +9,8 @@ Example::
 """
 
 from .ops import (
-    backend_name, compile_route, fake_quantize, fake_quantize_lsq, fake_quantize_minmax, fake_quantize_pact, param_checks,
+    backend_name, compile_route, fake_quantize, fake_quantize_float, fake_quantize_float_lsq, fake_quantize_lsq, fake_quantize_minmax, fake_quantize_pact, param_checks,
     set_compile_route, set_param_checks,
 )
 
-__all__ = ["backend_name", "compile_route", "set_compile_route", "fake_quantize", "fake_quantize_lsq", "fake_quantize_minmax", "fake_quantize_pact", "param_checks", "set_param_checks"]
+__all__ = ["backend_name", "compile_route", "set_compile_route", "fake_quantize", "fake_quantize_float", "fake_quantize_float_lsq", "fake_quantize_lsq", "fake_quantize_minmax", "fake_quantize_pact", "param_checks", "set_param_checks"]

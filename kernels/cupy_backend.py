@@ -10,7 +10,10 @@ outputs, the packed int32 STE mask, float32 parameter gradients), computed by th
   weight's min/max observer update with its scale and zero point), one warp a contiguous row: the
   row's finite min / max, the scale and zero point, the quantize-dequantize and the mask in one pass;
 * ``reduce.cu``: LSQ/LSQ+ and PACT backward passes that write ``dx`` and reduce ``dscale``/``dzero_point``
-  (``dalpha``) in the same pass, and the observer's per-tensor/channel/group min/max.
+  (``dalpha``) in the same pass, and the observer's per-tensor/channel/group min/max;
+* ``microscaling.cu``: the float formats (MXFP4, MXFP8, NVFP4, FP8; :mod:`qat.microscaling`): the
+  forward with each block's amax and scale computed in the same pass (warp shuffles) and the packed
+  mask that ``fq_backward`` applies, and the learned-scale backward (``dx`` and ``dscale``).
 
 Tuning: every launch-shape, dispatch and compile-time setting is a field of one frozen
 :class:`~qat.kernels.tuning.KernelTuning`; :data:`~qat.kernels.tuning.DEFAULT_TUNING` holds the measured
@@ -68,6 +71,8 @@ __all__ = [
     "fake_quantize_pact_forward",
     "fake_quantize_pact_backward",
     "fake_quantize_minmax_forward",
+    "microscaling_forward",
+    "microscaling_lsq_backward",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -101,6 +106,7 @@ _KERNELS = {
         "minmax_rows",
     ),
     "rows.cu": tuple(f"fq_rows_{nv}" for nv in (1, 2, 4, 8, 16)),
+    "microscaling.cu": ("mx_forward", "mx_lsq_backward"),
 }
 #: register-held vectors a lane of rows.cu's fq_rows kernels (a row of up to 32 * NV vectors a warp)
 _ROWS_NV = (1, 2, 4, 8, 16)
@@ -831,3 +837,62 @@ def fake_quantize_minmax_forward(
     wpb = _THREADS // 32
     _launch(kern, -(-nrows // wpb), args, device)
     return y, mask
+
+
+# ----------------------------------------------------------------------------- microscaling / FP8
+
+_MX_ELEM = {"e2m1": 0, "e4m3": 1, "e5m2": 2}
+_MX_KIND = {"none": 0, "e8m0": 1, "e4m3": 2}
+
+
+def _mx_args(x, element, block_size, block_scale, scale, axis):
+    """``(inner, C, elem, block, kind, scale)`` kernel arguments (a dummy one-element scale for E8M0)."""
+    if block_scale == "none" and axis is not None:
+        inner, c = Layout(axis=axis).index_rule(tuple(x.shape))
+    else:
+        inner, c = max(x.numel(), 1), 1
+    s = _params(scale) if scale is not None else torch.ones(1, dtype=torch.float32, device=x.device)
+    return (np.int64(inner), np.int64(c), np.int32(_MX_ELEM[element]), np.int32(block_size),
+            np.int32(_MX_KIND[block_scale]), s)  # fmt: skip
+
+
+def _mx_grid(kern, n: int, device: int, tn: KernelTuning) -> int:
+    nwarps = -(-n // 32)
+    return max(1, min(-(-nwarps // (_THREADS // 32)), _wave(kern, device, tn.elementwise_waves)))
+
+
+def microscaling_forward(x, element, block_size, block_scale, scale=None, axis=None, tuning=None):
+    """Float-format quantize-dequantize (``microscaling.cu``'s ``mx_forward``): ``(y, packed mask)``,
+    as :func:`qat.kernels.reference.microscaling_forward`; the mask goes to :func:`fake_quantize_backward`."""
+    if not _supported(x, scale) or (scale is not None and not scale.is_cuda):
+        return reference.microscaling_forward(x, element, block_size, block_scale, scale, axis)
+    xc = x.contiguous()
+    n = xc.numel()
+    inner, c, elem, block, kind, s = _mx_args(xc, element, block_size, block_scale, scale, axis)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mask = torch.empty((reference.mask_words(n),), dtype=torch.int32, device=x.device)
+    device = x.device.index
+    tn = _tn(tuning)
+    kern = _get("microscaling.cu", "mx_forward", _DTYPE_CODE[x.dtype], 1, device, tn)
+    args = (_ptr(xc), _ptr(y), _ptr(mask), _ptr(s), np.int64(n), inner, c, elem, block, kind)
+    _launch(kern, _mx_grid(kern, n, device, tn), args, device)
+    return y, mask
+
+
+def microscaling_lsq_backward(grad, x, element, block_size, block_scale, scale, axis, grad_factor, tuning=None):
+    """``(dx, dscale)`` of a learned float-format scale (``mx_lsq_backward``), as
+    :func:`qat.kernels.reference.microscaling_lsq_backward` (``dscale`` summed with float atomics: equal
+    up to the order of the sum)."""
+    if not _supported(x, grad, scale) or grad.dtype != x.dtype or not scale.is_cuda:
+        return reference.microscaling_lsq_backward(grad, x, element, block_size, block_scale, scale, axis, grad_factor)
+    xc, g = x.contiguous(), grad.contiguous()
+    n = xc.numel()
+    inner, c, elem, block, kind, s = _mx_args(xc, element, block_size, block_scale, scale, axis)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ds = torch.zeros(scale.numel(), dtype=torch.float32, device=x.device)
+    device = x.device.index
+    tn = _tn(tuning)
+    kern = _get("microscaling.cu", "mx_lsq_backward", _DTYPE_CODE[x.dtype], 1, device, tn)
+    args = (_ptr(g), _ptr(xc), _ptr(dx), _ptr(ds), _ptr(s), np.int64(n), inner, c, elem, block, kind)
+    _launch(kern, _mx_grid(kern, n, device, tn), args, device)
+    return dx, (ds * grad_factor).reshape(scale.shape)

@@ -55,6 +55,8 @@ __all__ = [
     "fake_quantize_lsq",
     "fake_quantize_pact",
     "fake_quantize_minmax",
+    "fake_quantize_float",
+    "fake_quantize_float_lsq",
     "backend_name",
     "set_compile_route",
     "compile_route",
@@ -740,3 +742,214 @@ def fake_quantize_minmax(
                 buf.copy_(new)
         return y
     return _MinMaxFn.apply(*args, state)
+
+
+# ----------------------------------------------------------------------------- microscaling / FP8
+# Float element formats with block or per-tensor / per-channel scales (qat/microscaling.py is the
+# definition; docs/math.md, section 13). The STE forward saves the packed clip mask of fake_quantize,
+# so its backward is qat::fake_quantize_backward.
+
+_FLOAT_ELEMENTS = ("e2m1", "e4m3", "e5m2")
+_BLOCK_SCALES = ("none", "e8m0", "e4m3")
+
+
+@torch.library.custom_op("qat::fake_quantize_float", mutates_args=())
+def _ff(
+    x: Tensor, scale: Optional[Tensor], element: str, block_size: int, block_scale: str, axis: Optional[int]
+) -> tuple[Tensor, Tensor]:
+    return _backend(x).microscaling_forward(x, element, block_size, block_scale, scale, axis)
+
+
+@_ff.register_fake
+def _(x, scale, element, block_size, block_scale, axis):
+    return x.new_empty(x.shape), x.new_empty((reference.mask_words(x.numel()),), dtype=torch.int32)
+
+
+def _ff_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _ff_grad(ctx, grad_y, grad_mask):
+    (mask,) = ctx.saved_tensors
+    return torch.ops.qat.fake_quantize_backward(grad_y, mask), None, None, None, None, None
+
+
+_ff.register_autograd(_ff_grad, setup_context=_ff_setup)
+
+
+@torch.library.custom_op("qat::fake_quantize_float_lsq", mutates_args=())
+def _ffl(
+    x: Tensor, scale: Tensor, element: str, block_size: int, block_scale: str, axis: Optional[int], grad_factor: float
+) -> Tensor:
+    return _backend(x).microscaling_forward(x, element, block_size, block_scale, scale, axis)[0]
+
+
+@_ffl.register_fake
+def _(x, scale, element, block_size, block_scale, axis, grad_factor):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("qat::fake_quantize_float_lsq_backward", mutates_args=())
+def _ffl_bwd(
+    grad: Tensor, x: Tensor, scale: Tensor, element: str, block_size: int, block_scale: str, axis: Optional[int],
+    grad_factor: float,
+) -> tuple[Tensor, Tensor]:
+    return _backend(x).microscaling_lsq_backward(grad, x, element, block_size, block_scale, scale, axis, grad_factor)
+
+
+@_ffl_bwd.register_fake
+def _(grad, x, scale, element, block_size, block_scale, axis, grad_factor):
+    return grad.new_empty(grad.shape), scale.new_empty(scale.shape, dtype=torch.float32)
+
+
+def _ffl_setup(ctx, inputs, output):
+    x, scale = inputs[0], inputs[1]
+    ctx.save_for_backward(x, scale)
+    ctx.args = inputs[2:]
+
+
+def _ffl_grad(ctx, grad_y):
+    x, scale = ctx.saved_tensors
+    element, block_size, block_scale, axis, grad_factor = ctx.args
+    dx, ds = torch.ops.qat.fake_quantize_float_lsq_backward(grad_y, x, scale, element, block_size, block_scale, axis, grad_factor)
+    return dx, ds, None, None, None, None, None
+
+
+_ffl.register_autograd(_ffl_grad, setup_context=_ffl_setup)
+
+
+class _FloatFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, element, block_size, block_scale, axis):
+        y, mask = _backend(x).microscaling_forward(x, element, block_size, block_scale, scale, axis)
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (mask,) = ctx.saved_tensors
+        return _backend(grad_y).fake_quantize_backward(grad_y, mask), None, None, None, None, None
+
+
+class _FloatLSQFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, element, block_size, block_scale, axis, grad_factor):
+        ctx.save_for_backward(x, scale)
+        ctx.args = (element, block_size, block_scale, axis, grad_factor)
+        return _backend(x).microscaling_forward(x, element, block_size, block_scale, scale, axis)[0]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scale = ctx.saved_tensors
+        element, block_size, block_scale, axis, grad_factor = ctx.args
+        dx, ds = _backend(x).microscaling_lsq_backward(grad_y, x, element, block_size, block_scale, scale, axis, grad_factor)
+        return dx, ds, None, None, None, None, None
+
+
+def _check_float(op: str, x, scale, element, block_size, block_scale, axis, learned: bool) -> Optional[int]:
+    """The microscaling ops' argument checks (types, shapes; scale values on CPU / when asked);
+    returns ``axis`` made non-negative."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if element not in _FLOAT_ELEMENTS:
+        raise ValueError(f"{op}: element must be one of {_FLOAT_ELEMENTS}, got {element!r}")
+    if block_scale not in _BLOCK_SCALES:
+        raise ValueError(f"{op}: block_scale must be one of {_BLOCK_SCALES}, got {block_scale!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{op}: block_size must be an int, got {block_size!r}")
+    if axis is not None:
+        if isinstance(axis, bool) or not isinstance(axis, int) or not -x.dim() <= axis < x.dim():
+            raise ValueError(f"{op}: axis must be an int in [-{x.dim()}, {x.dim()}) or None, got {axis!r}")
+        axis = axis % x.dim()
+    if block_scale == "e8m0":
+        if learned:
+            raise ValueError(f"{op}: E8M0 block scales are powers of two chosen from each block: nothing to learn")
+        if scale is not None:
+            raise ValueError(f"{op}: block_scale 'e8m0' takes scale=None (the scales come from the blocks)")
+    else:
+        if not isinstance(scale, Tensor) or scale.dtype != torch.float32:
+            raise TypeError(f"{op}: scale must be a float32 tensor with block_scale {block_scale!r}, got {type(scale).__name__}")
+        if scale.device != x.device:
+            raise ValueError(f"{op}: scale is on {scale.device} but x is on {x.device}")
+    if block_scale != "none":
+        if block_size not in (16, 32):
+            raise ValueError(f"{op}: block_size must be 16 or 32 with block_scale {block_scale!r}, got {block_size}")
+        if x.dim() == 0 or x.shape[-1] % block_size:
+            raise ValueError(f"{op}: the last axis of x {tuple(x.shape)} must be a multiple of block_size {block_size}")
+        if axis is not None:
+            raise ValueError(f"{op}: block formats take axis=None (their blocks run along the last axis)")
+        if block_scale == "e4m3" and scale.numel() != 1:
+            raise ValueError(f"{op}: NVFP4 (block_scale 'e4m3') takes a one-element tensor scale, got shape {tuple(scale.shape)}")
+    else:
+        if block_size != 0:
+            raise ValueError(f"{op}: block_scale 'none' takes block_size 0, got {block_size}")
+        want = 1 if axis is None else x.shape[axis]
+        if scale.numel() != want:
+            raise ValueError(f"{op}: scale must have {want} element(s) for axis={axis}, got shape {tuple(scale.shape)}")
+    if scale is not None and _checks_values(x):
+        s = scale.detach()
+        bad = ~torch.isfinite(s) | (s == 0) | ~torch.isfinite(1.0 / s)
+        if bad.any().item():
+            _first_bad(op, "scale", s, bad, "finite and nonzero, with 1 / scale finite")
+    return axis
+
+
+def fake_quantize_float(
+    x: Tensor, element: str, block_size: int = 0, block_scale: str = "none", scale: Optional[Tensor] = None,
+    axis: Optional[int] = None,
+) -> Tensor:
+    """Quantize-dequantize ``x`` onto a float element format with block, per-tensor or per-channel
+    scales (MXFP4, MXFP8, NVFP4, FP8; :mod:`qat.microscaling` is the definition), with the clipped
+    straight-through estimator backward (gradient passed where ``|x / S| <= max``).
+
+    Args:
+        x: float32 / float16 / bfloat16 tensor; with blocks, the last axis a multiple of ``block_size``.
+        element: ``"e2m1"``, ``"e4m3"`` or ``"e5m2"``.
+        block_size: 32 (MX) or 16 (NVFP4) with block scales, 0 without.
+        block_scale: ``"none"`` (``scale`` per tensor, or per channel along ``axis``), ``"e8m0"`` (MX:
+            power-of-two scales from each block; ``scale=None``) or ``"e4m3"`` (NVFP4; ``scale`` the
+            one-element float32 tensor scale).
+
+    Example::
+
+        >>> x = torch.tensor([[0.3, -1.0, 7.0, 0.0] * 8], requires_grad=True)
+        >>> y = fake_quantize_float(x, "e2m1", 32, "e8m0")          # MXFP4
+        >>> y[0, :4].tolist()
+        [0.5, -1.0, 6.0, 0.0]
+        >>> y.sum().backward(); x.grad[0, :4].tolist()               # 7 saturated at 6: no gradient
+        [1.0, 1.0, 0.0, 1.0]
+        >>> fake_quantize_float(torch.tensor([100.0, 0.01]), "e4m3", scale=torch.tensor([1.0])).tolist()
+        [96.0, 0.009765625]
+    """
+    op = "fake_quantize_float"
+    axis = _check_float(op, x, scale, element, block_size, block_scale, axis, learned=False)
+    args = (x, scale, element, int(block_size), block_scale, axis)
+    if _traced(x):
+        return torch.ops.qat.fake_quantize_float(*args)[0]
+    return _FloatFn.apply(*args)
+
+
+def fake_quantize_float_lsq(
+    x: Tensor, scale: Tensor, element: str, block_size: int = 0, block_scale: str = "none", axis: Optional[int] = None,
+    grad_factor: float = 1.0,
+) -> Tensor:
+    """:func:`fake_quantize_float` with a learned float32 scale (FP8's per-tensor / per-channel
+    scale, NVFP4's tensor scale): the backward also returns ``dL/dscale = grad_factor *
+    sum(dL/dy * c * (q - v * inside))`` (``v = x / S``, ``q`` its rounded value, ``c`` NVFP4's
+    block code or 1), LSQ's gradient for a float grid.
+
+    Example::
+
+        >>> s = torch.tensor([1.0], requires_grad=True)
+        >>> y = fake_quantize_float_lsq(torch.tensor([1.0, 5.0, 1000.0]), s, "e4m3")
+        >>> y.sum().backward(); y.tolist(), s.grad.tolist()
+        ([1.0, 5.0, 448.0], [448.0])
+    """
+    op = "fake_quantize_float_lsq"
+    if isinstance(grad_factor, bool) or not isinstance(grad_factor, numbers.Real) or not math.isfinite(grad_factor):
+        raise TypeError(f"{op}: grad_factor must be a finite number, got {grad_factor!r}")
+    axis = _check_float(op, x, scale, element, block_size, block_scale, axis, learned=True)
+    args = (x, scale, element, int(block_size), block_scale, axis, float(grad_factor))
+    if _traced(x):
+        return torch.ops.qat.fake_quantize_float_lsq(*args)
+    return _FloatLSQFn.apply(*args)

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from qat import microscaling
 from qat.granularity import Layout
 from qat.observers import range_qparams
 from qat.spec import ROUND_MODES, round_with_mode
@@ -45,6 +46,8 @@ __all__ = [
     "unpack_mask",
     "round_with_mode",
     "mask_words",
+    "microscaling_forward",
+    "microscaling_lsq_backward",
 ]
 
 
@@ -256,3 +259,32 @@ def minmax_qparams(
         scale.copy_(s)
         zero_point.copy_(z)
     return rows, s.reshape(-1, 1), z.reshape(-1, 1)
+
+
+def microscaling_forward(x, element, block_size, block_scale, scale=None, axis=None):
+    """Microscaling / FP8 quantize-dequantize (:func:`qat.microscaling.microscaling_forward`, the
+    definition): ``(y, packed mask)``, the mask the clipped STE backward
+    (:func:`fake_quantize_backward`) applies.
+
+    Example::
+
+        >>> y, mask = microscaling_forward(torch.tensor([[0.3, -1.0, 7.0, 0.0] * 8]), "e2m1", 32, "e8m0")
+        >>> y[0, :4].tolist(), hex(mask.item() & 0xF)
+        ([0.5, -1.0, 6.0, 0.0], '0xb')
+    """
+    y, inside = microscaling.microscaling_forward(x, element, block_size, block_scale, scale, axis)
+    return y.contiguous(), pack_mask(inside)
+
+
+def microscaling_lsq_backward(grad, x, element, block_size, block_scale, scale, axis, grad_factor):
+    """``(dx, dscale)`` of the learned-scale float formats (:func:`qat.microscaling.microscaling_lsq_backward`).
+
+    Example::
+
+        >>> dx, ds = microscaling_lsq_backward(torch.ones(2), torch.tensor([1.0, 500.0]), "e4m3", 0, "none",
+        ...                                    torch.tensor([1.0]), None, 1.0)
+        >>> dx.tolist(), ds.tolist()
+        ([1.0, 0.0], [448.0])
+    """
+    dx, ds = microscaling.microscaling_lsq_backward(grad, x, element, block_size, block_scale, scale, axis, grad_factor)
+    return dx.contiguous(), ds

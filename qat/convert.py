@@ -30,6 +30,7 @@ from .export.packing import pack_codes
 from .granularity import quantize_codes, weight_view
 from .int_modules import IntModuleMixin
 from .modules import LAYER_TYPES, QuantModuleMixin
+from .microscaling import is_microscaling
 from .spec import Estimator, QuantSpec, ScaleDtype, WeightFormat
 
 __all__ = ["convert", "is_converted", "int_layers"]
@@ -69,6 +70,13 @@ def _convert_layer(name: str, mod: QuantModuleMixin) -> IntModuleMixin:
     info: dict[str, Any] = {"weight": None, "input": None}
     if getattr(mod, "input_smooth", None) is not None:
         info["input_smooth"] = True
+    for q, what in ((wq, "weight"), (iq, "input")):
+        if q is not None and is_microscaling(q.spec.format):
+            raise QATConfigError(
+                f"layer {name!r}: a {q.spec.format.value} {what} is a float format, not integer codes: it has no "
+                f"integer layer; export the prepared model (qat.export.gguf.export_gguf for mxfp4 weights, "
+                f"qat.export.onnx_float.export_onnx_float for fp8 / mxfp8)"
+            )
     if wq is not None and wq.spec.format is not WeightFormat.AFFINE:
         raise QATConfigError(
             f"layer {name!r}: a {wq.spec.format.value} (llama.cpp k-quant) weight has no integer layer; write the "

@@ -16,11 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from qat.kernels import fake_quantize, fake_quantize_lsq, fake_quantize_minmax, fake_quantize_pact
+from qat.kernels import (
+    fake_quantize, fake_quantize_float, fake_quantize_float_lsq, fake_quantize_lsq, fake_quantize_minmax, fake_quantize_pact,
+)
 
 from .flags import FlagBuffers
 from .kquants import fake_quantize_kquant
 from .granularity import Layout
+from .microscaling import MICRO_FORMATS, float_scale, lsq_grad_factor
 from .observers import Float32State, check_finite, make_observer, qparams_from_range
 from .spec import Estimator, NonFinite, QuantSpec, ScaleDtype, WeightFormat
 
@@ -81,8 +84,13 @@ class FakeQuantizer(Float32State, FlagBuffers):
         self.layout = Layout.of(spec)
         self.sync = sync
         self.track_history = track_history
+        # a microscaling / FP8 format (qat/microscaling.py): block formats keep one float32 scale (NVFP4's
+        # tensor scale; unused by MX's E8M0 blocks, which come from the data) and no observer
+        self.micro = MICRO_FORMATS.get(spec.format.value)
         pshape = (1,) if spec.dynamic else self.layout.param_shape(shape)
-        self.observer = make_observer(spec, pshape, sync=sync)
+        if self.micro is not None and self.micro.block_size:
+            pshape = (1,)
+        self.observer = None if self.micro is not None and self.micro.block_size else make_observer(spec, pshape, sync=sync)
         scale, zp = torch.ones(pshape), torch.zeros(pshape)
         if spec.estimator in (Estimator.LSQ, Estimator.LSQ_PLUS):
             self.scale = nn.Parameter(scale)
@@ -97,7 +105,7 @@ class FakeQuantizer(Float32State, FlagBuffers):
         # a weight's STE quantizer whose observer holds the current min / max: observer update, scale,
         # zero point and fake quantization in one fused op (rows of this many elements), else None
         self._minmax_row = None
-        if spec.estimator is Estimator.STE and not spec.dynamic and not track_history:
+        if spec.estimator is Estimator.STE and not spec.dynamic and not track_history and self.micro is None:
             if self.observer.first_batch_is_minmax:
                 self._minmax_row = self.layout.row_length(tuple(shape))
         self._register_flag("fake_quant_enabled", True)
@@ -149,6 +157,8 @@ class FakeQuantizer(Float32State, FlagBuffers):
             if observing:
                 self._observe(x)
             return x
+        if self.micro is not None:
+            return self._microscaling(x, observing)
         if spec.dynamic:
             return self._dynamic(x)
         if spec.format is not WeightFormat.AFFINE:  # llama.cpp k-quant: both scale levels from the current weight
@@ -176,6 +186,42 @@ class FakeQuantizer(Float32State, FlagBuffers):
             x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, self.grad_factor(x), rm
         )
 
+    def _microscaling(self, x: torch.Tensor, observing: bool) -> torch.Tensor:
+        """A microscaling / FP8 format (``docs/math.md``, section 13): MX blocks take their E8M0
+        scales from the data; NVFP4's tensor scale and FP8's scales come from the data (``ste``,
+        weights and dynamic inputs), the observer (``ste`` inputs) or are learned (``lsq``)."""
+        f, spec = self.micro, self.spec
+        if x.numel() == 0:
+            return x
+        if f.block_scale == "e8m0":
+            self._set_flag("initialized", True)
+            return fake_quantize_float(x, f.element, f.block_size, "e8m0")
+        axis = None if f.block_size else self.axis
+        if spec.estimator is Estimator.LSQ:
+            if not self._flags["initialized"]:
+                with torch.no_grad():
+                    self.scale.copy_(float_scale(x, f.name, axis).reshape(self.scale.shape))
+                self._set_flag("initialized", True)
+            g = lsq_grad_factor(x.numel() // self.scale.numel(), f.name)
+            return fake_quantize_float_lsq(x, self.scale, f.element, f.block_size, f.block_scale, axis, g)
+        with torch.no_grad():
+            if self.observer is None or not self.track_history:
+                s = float_scale(x, f.name, axis)  # the range of this tensor (a weight, a dynamic input, NVFP4)
+            else:
+                if observing:
+                    self.observer(x)
+                elif not self._flags["initialized"]:
+                    raise RuntimeError(
+                        "FakeQuantizer: observer disabled before it saw any data; calibrate or enable the observer first"
+                    )
+                obs = self.observer
+                amax = torch.maximum(-obs.min_val, obs.max_val).reshape(self.scale.shape)
+                s = torch.clamp(amax / f.elem.max, min=torch.finfo(torch.float32).eps)
+            if not spec.dynamic:
+                self.scale.copy_(s.reshape(self.scale.shape))
+        self._set_flag("initialized", True)
+        return fake_quantize_float(x, f.element, f.block_size, f.block_scale, s, axis)
+
     def _observe_and_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """The observer's update (reset, then this batch), the scale and zero point, and the
         fake quantization, in one op (:func:`qat.kernels.fake_quantize_minmax`): what
@@ -196,7 +242,7 @@ class FakeQuantizer(Float32State, FlagBuffers):
         if not self.track_history:
             self.observer.reset()  # a parameter without finite values keeps its last range
         self.observer(x)
-        if self.spec.estimator is Estimator.STE:
+        if self.spec.estimator is Estimator.STE and self.micro is None:  # a float format's scale: _microscaling
             s, z = self.observer.qparams()
             self.scale.copy_(s)
             self.zero_point.copy_(z)
@@ -244,6 +290,9 @@ class FakeQuantizer(Float32State, FlagBuffers):
             return
         if self.spec.estimator is Estimator.PACT:
             self.alpha.copy_(torch.clamp(self.observer.max_val.max().reshape(1), min=1e-3))
+        elif self.micro is not None:  # FP8: amax / the element's largest magnitude
+            amax = torch.maximum(-self.observer.min_val, self.observer.max_val).reshape(self.scale.shape)
+            self.scale.copy_(torch.clamp(amax / self.micro.elem.max, min=torch.finfo(torch.float32).eps))
         else:
             s, z = self.observer.qparams()
             self.scale.copy_(s)
@@ -294,7 +343,8 @@ class FakeQuantizer(Float32State, FlagBuffers):
         g = s.granularity.value + (f"(axis={s.axis})" if self.axis is not None else "") + (
             f"(g={s.group_size})" if self.group_size is not None else ""
         )
-        return f"bits={s.bits}, {'signed' if s.signed else 'unsigned'}, {g}, estimator={s.estimator.value}" + (
+        fmt = "" if s.format is WeightFormat.AFFINE else f", format={s.format.value}"
+        return f"bits={s.bits}, {'signed' if s.signed else 'unsigned'}, {g}{fmt}, estimator={s.estimator.value}" + (
             ", dynamic" if s.dynamic else f", observer={s.observer.value}"
         )
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from .fake_quant import FakeQuantizer
-from .kquants import fake_quantize_kquant, kquant_learned_init, kquant_learned_shapes, kquant_parts
-from .spec import Estimator, QuantSpec, WeightFormat
+from .kquants import KQUANTS, fake_quantize_kquant, kquant_learned_init, kquant_learned_shapes, kquant_parts
+from .spec import Estimator, QuantSpec
 
 __all__ = ["KQuantQuantizer", "weight_quantizer_class"]
 
@@ -75,7 +75,7 @@ class KQuantQuantizer(FakeQuantizer):
             >>> KQuantQuantizer.learns(QuantSpec(bits=4)), KQuantQuantizer.learns(None)
             (False, False)
         """
-        return spec is not None and spec.format is not WeightFormat.AFFINE and spec.estimator is Estimator.LSQ
+        return spec is not None and spec.format.value in KQUANTS and spec.estimator is Estimator.LSQ
 
     def learned(self) -> dict[str, torch.Tensor]:
         """The learned state as :func:`qat.kquants.fake_quantize_kquant` takes it."""

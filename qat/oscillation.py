@@ -58,6 +58,7 @@ from .errors import QATConfigError
 from .fake_quant import FakeQuantizer
 from .modules import QuantModuleMixin
 from .granularity import weight_view_shape
+from .microscaling import float_codes
 from .observers import qparams_from_range
 from .prepare import quant_layers
 from .spec import round_with_mode
@@ -105,6 +106,11 @@ def _grid(fq: FakeQuantizer, w32: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """``(s, z, inv_s)`` of the quantizer as its forward uses them, shaped to broadcast against the
     grouped ``w32`` (``(..., K) -> (..., K // g, g)`` for per-group)."""
     spec = fq.spec
+    if fq.micro is not None:
+        raise QATConfigError(
+            f"oscillation dampening / freezing works on integer grids; a {spec.format.value} weight is a float "
+            f"format (qat.microscaling): train it without the oscillation callback"
+        )
     if spec.dynamic:  # the range of the current weights, as FakeQuantizer._dynamic computes it
         s, z = qparams_from_range(*fq.layout.aminmax(w32), spec)
     else:
@@ -125,7 +131,8 @@ def _codes(fq: FakeQuantizer, wg: torch.Tensor, z: torch.Tensor, inv_s: torch.Te
 
 
 def weight_codes(layer: QuantModuleMixin) -> torch.Tensor:
-    """The integer codes the forward pass uses for ``layer``'s weight now, shaped like the weight.
+    """The integer codes the forward pass uses for ``layer``'s weight now, shaped like the weight
+    (for a float format, its element values: :func:`qat.microscaling.float_codes`).
 
     Computed as :class:`OscillationTracker` computes them (the fake-quant op's float32 math on what
     the weight quantizer sees, ``weight * input_smooth`` for a smoothed layer), returned as float32.
@@ -149,6 +156,9 @@ def weight_codes(layer: QuantModuleMixin) -> torch.Tensor:
     fq = layer.weight_quantizer
     with torch.no_grad():
         w32 = _latent(layer).detach().float()
+        if fq.micro is not None:  # a float format: its element values (qat.microscaling.float_codes)
+            scale = None if fq.micro.block_scale == "e8m0" else fq.scale.detach()
+            return float_codes(w32, fq.micro.name, scale, fq.axis)[0].reshape(layer.weight.shape)
         _, z, inv_s = _grid(fq, w32)
         return _codes(fq, fq.layout.grouped(w32), z, inv_s).reshape(layer.weight.shape)
 

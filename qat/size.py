@@ -18,7 +18,8 @@ def float_size_bytes(model: nn.Module) -> int:
 
 def model_size_bytes(model: nn.Module) -> int:
     """Bytes the model takes once converted: quantized weights at their bit-width plus their
-    float32 scales and zero points, every other parameter at its dtype. Observer statistics and
+    float32 scales and zero points (float formats: one byte a block for MX / NVFP4 block scales, float32
+    tensor or channel scales, no zero point), every other parameter at its dtype. Observer statistics and
     quantizer flags, which conversion drops, are not counted; neither are non-persistent buffers.
 
     Example::
@@ -34,10 +35,16 @@ def model_size_bytes(model: nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, QuantModuleMixin):
             for name, q in mod.quantizers():
+                micro = getattr(q, "micro", None)  # a float format (qat.microscaling)
                 if name == "weight":
                     total += (mod.weight.numel() * q.spec.bits + 7) // 8
+                    if micro is not None and micro.block_size:  # one 8-bit scale a block (E8M0 / E4M3)
+                        total += mod.weight.numel() // micro.block_size
                     counted.add(id(mod.weight))
-                total += 4 * (q.scale.numel() + q.zero_point.numel())
+                if micro is None:
+                    total += 4 * (q.scale.numel() + q.zero_point.numel())
+                elif micro.block_scale != "e8m0":  # float32 scales (FP8, NVFP4's tensor scale), no zero point
+                    total += 4 * q.scale.numel()
                 if hasattr(q, "alpha"):
                     counted.add(id(q.alpha))
                 counted.update((id(q.scale), id(q.zero_point)))

@@ -118,8 +118,9 @@ class NonFinite(_ChoiceEnum):
 
 
 class WeightFormat(_ChoiceEnum):
-    """The number format of a weight: ``affine`` (integer codes, a scale and zero point a group) or
-    one of llama.cpp's two-level k-quants (``qat/kquants.py``)."""
+    """The number format of a tensor: ``affine`` (integer codes, a scale and zero point a group),
+    one of llama.cpp's two-level k-quants (``qat/kquants.py``; weights only), or a microscaling /
+    FP8 float format (``qat/microscaling.py``; weights and activations)."""
 
     AFFINE = "affine"
     Q2_K = "q2_k"
@@ -127,6 +128,11 @@ class WeightFormat(_ChoiceEnum):
     Q4_K = "q4_k"
     Q5_K = "q5_k"
     Q6_K = "q6_k"
+    MXFP4 = "mxfp4"
+    MXFP8 = "mxfp8"
+    NVFP4 = "nvfp4"
+    FP8_E4M3 = "fp8_e4m3"
+    FP8_E5M2 = "fp8_e5m2"
 
 
 _ENUM_FIELDS = {
@@ -235,8 +241,10 @@ class QuantSpec:
         nonfinite: what observers do with NaN / Inf elements: ``ignore`` (default: ranges over the
             finite elements only; a parameter with none keeps its range) or ``raise`` (a
             ``QATConfigError``; costs one device sync a batch on a GPU).
-        format: ``affine`` (default), or a llama.cpp k-quant ``q2_k`` .. ``q6_k`` (weights only; it
-            fixes the other fields, see :func:`qat.kquants.check_kquant_spec`).
+        format: ``affine`` (default), a llama.cpp k-quant ``q2_k`` .. ``q6_k`` (weights only; it
+            fixes the other fields, see :func:`qat.kquants.check_kquant_spec`), or a float format
+            ``mxfp4``, ``mxfp8``, ``nvfp4``, ``fp8_e4m3``, ``fp8_e5m2`` (weights or inputs; see
+            :func:`qat.microscaling.check_microscaling_spec`).
 
     Every field is checked by type before range: booleans must be ``True`` / ``False`` (the
     strings ``"false"`` or ``"no"`` are refused, not read as true), integers must be integers
@@ -296,9 +304,15 @@ class QuantSpec:
                 f"QuantSpec.dynamic ranges come from each batch and cannot be learned: estimator must be ste, got {self.estimator.value}"
             )
         if self.format is not WeightFormat.AFFINE:
-            from .kquants import check_kquant_spec  # the k-quant owner (it imports nothing of this module)
+            # the format owners (they import nothing of this module)
+            from .microscaling import check_microscaling_spec, is_microscaling
 
-            check_kquant_spec(self)
+            if is_microscaling(self.format):
+                check_microscaling_spec(self)
+            else:
+                from .kquants import check_kquant_spec
+
+                check_kquant_spec(self)
 
     @property
     def qmin(self) -> int:

@@ -8,6 +8,7 @@ import torch
 
 from .fake_quant import FakeQuantizer
 from .granularity import quantize_codes
+from .microscaling import float_scale, microscaling_forward
 from .spec import Estimator
 
 __all__ = ["quantizer_stats", "sqnr_db"]
@@ -60,6 +61,11 @@ def quantizer_stats(fq: FakeQuantizer, x: torch.Tensor, x_hat: torch.Tensor | No
     spec = fq.spec
     if spec.estimator is Estimator.PACT:
         clipped = (x < 0) | (x > fq.alpha.detach())
+    elif fq.micro is not None:  # a float format: the elements that saturate (|x / S| > max)
+        f = fq.micro
+        axis = None if f.block_size else fq.axis
+        scale = None if f.block_scale == "e8m0" else (float_scale(x, f.name, axis) if spec.dynamic else s)
+        clipped = ~microscaling_forward(x, f.element, f.block_size, f.block_scale, scale, axis)[1]
     elif spec.dynamic:
         clipped = torch.zeros((), dtype=torch.bool)  # dynamic ranges cover each batch
     else:

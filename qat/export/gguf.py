@@ -16,7 +16,11 @@ Any signed, symmetric, per-group-32 weight spec with float16-exact scales maps o
 llama.cpp's k-quants (Q2_K .. Q6_K, ``QuantSpec.format``, the ``gguf_q*_k*`` presets and
 :func:`qat.kquants.kquant_mix_plan`) have no integer layer: :func:`export_gguf` takes the
 *prepared* model and writes each k-quant layer's blocks from :func:`qat.kquants.kquant_blocks`, the
-codes and two levels of scales its fake quantization used (256-weight super-blocks along a row). Float weights are written as F32 (or quantized with
+codes and two levels of scales its fake quantization used (256-weight super-blocks along a row).
+Weights trained with ``format: mxfp4`` (the ``mxfp4`` / ``gguf_mxfp4`` presets) are written the same
+way, prepared, as MXFP4 blocks (17 bytes: the E8M0 scale byte, then 32 E2M1 codes in nibbles, as
+Q4_0's) from :func:`mxfp4_blocks`. NVFP4 is not written: ggml's NVFP4 block has E4M3 sub-block scales
+but no float32 tensor scale, so the blocks our ``nvfp4`` weights use are not what it stores. Float weights are written as F32 (or quantized with
 gguf-py's port of ggml's reference quantizer when ``float_to`` asks: the "float model straight to
 Q4_0" baseline). The model metadata and tokenizer follow llama.cpp's ``convert_hf_to_gguf.py`` for
 ``BertModel``: architecture ``bert``, WordPiece vocabulary as tokenizer model ``bert`` with
@@ -37,9 +41,10 @@ from ..errors import QATConfigError
 from ..granularity import Layout
 from ..kquant_quantizer import KQuantQuantizer
 from ..kquants import KQUANTS, gguf_type_of, kquant_blocks
+from ..microscaling import mxfp4_codes
 from ..modules import QuantModuleMixin
 
-__all__ = ["export_gguf", "gguf_blocks", "gguf_type_for", "kquant_layers", "llama_embed"]
+__all__ = ["export_gguf", "gguf_blocks", "gguf_type_for", "kquant_layers", "llama_embed", "mxfp4_blocks"]
 
 QK = 32  # weights per Q8_0 / Q4_0 block
 
@@ -82,14 +87,45 @@ def gguf_type_for(mod: IntModuleMixin, name: str = "") -> str:
     raise QATConfigError(f"{where}: {spec.bits}-bit weights have no GGUF Q8_0 / Q4_0 form (at most 8 bits); {hint}")
 
 
-def _kquant_format(mod: Any) -> Optional[str]:
-    """The k-quant format of a fake-quantized layer's weight (``"q4_k"``, ...), else None."""
+def _prepared_format(mod: Any) -> Optional[str]:
+    """The format of a fake-quantized layer's weight that GGUF stores from the prepared layer (a
+    k-quant ``"q4_k"``, ..., or ``"mxfp4"``), else None."""
     if not isinstance(mod, QuantModuleMixin) or mod.weight_quantizer is None:
         return None
     if not bool(mod.weight_quantizer.fake_quant_enabled):
         return None
     fmt = mod.weight_quantizer.spec.format.value
+    return fmt if fmt in KQUANTS or fmt == "mxfp4" else None
+
+
+def _kquant_format(mod: Any) -> Optional[str]:
+    """The k-quant format of a fake-quantized layer's weight (``"q4_k"``, ...), else None."""
+    fmt = _prepared_format(mod)
     return fmt if fmt in KQUANTS else None
+
+
+def mxfp4_blocks(w: torch.Tensor) -> np.ndarray:
+    """GGUF MXFP4 blocks of weight ``w`` (rows, K), K a multiple of 32: ``uint8 (rows, K / 32 * 17)``,
+    each block the E8M0 byte then 16 bytes, byte ``j`` holding element ``j``'s 4-bit E2M1 code in its
+    low nibble and element ``j + 16``'s in its high nibble (ggml's ``block_mxfp4``). The codes and
+    scales are :func:`qat.microscaling.mxfp4_codes`: what the ``mxfp4`` fake quantization used.
+
+    Example::
+
+        >>> import gguf
+        >>> from qat.microscaling import fake_quantize_format
+        >>> w = torch.randn(4, 64)
+        >>> b = mxfp4_blocks(w)
+        >>> b.shape, bool((gguf.quants.dequantize(b, gguf.GGMLQuantizationType.MXFP4)
+        ...                == fake_quantize_format(w, "mxfp4").numpy()).all())
+        ((4, 34), True)
+    """
+    e, q = mxfp4_codes(w.detach().float().cpu())
+    rows, k = q.shape
+    qb = q.numpy().reshape(rows, k // QK, QK)
+    payload = qb[..., : QK // 2] | (qb[..., QK // 2 :] << 4)  # (rows, K/32, 16)
+    blocks = np.concatenate([e.numpy().reshape(rows, k // QK, 1), payload], axis=-1)  # (rows, K/32, 17)
+    return np.ascontiguousarray(blocks.reshape(rows, -1))
 
 
 def kquant_layers(model: nn.Module) -> dict[str, str]:
@@ -114,7 +150,8 @@ def kquant_layers(model: nn.Module) -> dict[str, str]:
 def gguf_blocks(mod: Union[IntModuleMixin, QuantModuleMixin], name: str = "") -> tuple[np.ndarray, str]:
     """The layer's weight as GGUF block bytes: ``(uint8 array (rows, bytes_per_row), type name)``:
     ``"Q4_0"`` / ``"Q8_0"`` for a converted layer, ``"Q2_K"`` .. ``"Q6_K"`` for a prepared layer
-    whose weight spec has a k-quant ``format`` (its fake-quantized weight's own codes and scales).
+    whose weight spec has a k-quant ``format``, ``"MXFP4"`` for one with ``format: mxfp4`` (its
+    fake-quantized weight's own codes and scales).
 
     Example::
 
@@ -128,7 +165,7 @@ def gguf_blocks(mod: Union[IntModuleMixin, QuantModuleMixin], name: str = "") ->
         ...       == layer.quantized_weight().detach().numpy()).all())
         True
     """
-    fmt = _kquant_format(mod)
+    fmt = _prepared_format(mod)
     if fmt is not None:
         if getattr(mod, "input_smooth", None) is not None:
             where = f"layer {name!r}" if name else type(mod).__name__
@@ -137,6 +174,11 @@ def gguf_blocks(mod: Union[IntModuleMixin, QuantModuleMixin], name: str = "") ->
                 f"to divide its input by; train without smoothing for GGUF"
             )
         w = mod.latent_weight().detach()
+        if fmt == "mxfp4":  # E8M0 block scales and E2M1 codes from the weight, as its fake quantization
+            if w.dim() != 2:
+                where = f"layer {name!r}" if name else type(mod).__name__
+                raise QATConfigError(f"{where}: GGUF MXFP4 stores 2-d weights (rows, K), got shape {tuple(w.shape)}")
+            return mxfp4_blocks(w), "MXFP4"
         wq, learned = mod.weight_quantizer, None
         if isinstance(wq, KQuantQuantizer):  # the learned scales as trained, not searched again
             if not wq.is_initialized:
@@ -260,12 +302,12 @@ def export_gguf(
         mod = quant_mods.get(layer)
         if mod is not None and leaf == "weight" and mod.weight_quantizer is not None:
             gguf_blocks(mod, layer)  # refuses an affine fake-quantized layer (convert those first)
-            if _kquant_format(mod) is not None:
+            if _prepared_format(mod) is not None:
                 entries.append((key, mod))
                 continue
         entries.append((key, value))
 
-    n_q4 = n_q8 = 0
+    n_q4 = n_q8 = n_mx = 0
     n_k: dict[str, int] = {}
     writer = gguf.GGUFWriter(path, "bert")
     tensors: list[tuple[str, np.ndarray, Optional[Any]]] = []
@@ -282,6 +324,7 @@ def export_gguf(
             n_k[qtype] = n_k.get(qtype, 0) + qtype.endswith("_K")  # (fallback types do not name the file)
             n_q4 += qtype == "Q4_0"
             n_q8 += qtype == "Q8_0"
+            n_mx += qtype == "MXFP4"
             tensors.append((gname, blocks, getattr(gguf.GGMLQuantizationType, qtype)))
             continue
         data = value.detach().float().cpu().numpy()
@@ -303,6 +346,8 @@ def export_gguf(
     writer.add_causal_attention(False)
     writer.add_pooling_type(gguf.PoolingType.MEAN)
     ftype = gguf.LlamaFileType.MOSTLY_Q4_0 if n_q4 else gguf.LlamaFileType.MOSTLY_Q8_0 if n_q8 else gguf.LlamaFileType.ALL_F32
+    if n_mx:  # llama.cpp's one MXFP4 file type (named for the gpt-oss experts it was made for)
+        ftype = gguf.LlamaFileType.MOSTLY_MXFP4_MOE
     n_k = {k: v for k, v in n_k.items() if v}
     if n_k:  # the most common k-quant names the file type (_M for a mix, as llama.cpp)
         main = max(n_k, key=lambda k: (n_k[k], k))[:2]

@@ -111,7 +111,15 @@ def _placeholders(layers: list[tuple[str, IntModuleMixin]]):
             mod.__dict__.pop("quantize_input", None)
 
 
-def _torch_export(model, args, path, input_names, output_names, dynamic_axes, opset) -> None:
+def trace_onnx(model, args, path, input_names, output_names, dynamic_axes, opset) -> None:
+    """``torch.onnx.export`` (TorchScript exporter) as this package's ONNX exporters call it: the
+    ``qat`` custom domain for the placeholder ops that are replaced afterwards, constants folded,
+    warnings silenced. Used by :func:`export_onnx` and :func:`qat.export.onnx_float.export_onnx_float`.
+
+    Example::
+
+        trace_onnx(model.eval(), (torch.randn(1, 8),), "raw.onnx", ["x"], ["y"], None, OPSET)
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -292,8 +300,19 @@ def _input_nodes(prefix: str, mod: IntModuleMixin, in_name: str, out_name: str, 
     return nodes, inits
 
 
-def _prune(graph) -> None:
-    """Drop initializers and Constant nodes nothing reads any more (the traced float weights)."""
+def prune_unused(graph) -> None:
+    """Drop initializers and Constant nodes nothing reads any more (the traced float weights).
+
+    Example::
+
+        >>> import numpy as np
+        >>> from onnx import TensorProto, helper, numpy_helper
+        >>> keep, drop = numpy_helper.from_array(np.ones(2, np.float32), "a"), numpy_helper.from_array(np.ones(2, np.float32), "b")
+        >>> g = helper.make_graph([helper.make_node("Identity", ["a"], ["y"])], "g", [],
+        ...                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], initializer=[keep, drop])
+        >>> prune_unused(g); [i.name for i in g.initializer]
+        ['a']
+    """
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         dead = [n for n in graph.node if n.op_type == "Constant" and not any(o in used for o in n.output)]
@@ -306,7 +325,14 @@ def _prune(graph) -> None:
         graph.initializer.remove(init)
 
 
-def _finish(model_proto, path: str) -> str:
+def finish_onnx(model_proto, path: str) -> str:
+    """Set the IR version and opset (:data:`IR_VERSION`, :data:`OPSET`), check and save ``model_proto``
+    to ``path``; returns ``path``.
+
+    Example::
+
+        finish_onnx(onnx.load("raw.onnx"), "model.onnx")
+    """
     import onnx
 
     model_proto.ir_version = IR_VERSION
@@ -361,7 +387,7 @@ def export_onnx(
     model.eval()
     try:
         with _placeholders(layers), torch.no_grad():
-            _torch_export(model, args, path, input_names, output_names, dynamic_axes, OPSET)
+            trace_onnx(model, args, path, input_names, output_names, dynamic_axes, OPSET)
     finally:
         model.train(was_training)
     proto = onnx.load(path)
@@ -383,13 +409,13 @@ def export_onnx(
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
-    _prune(graph)
+    prune_unused(graph)
     # topological order: the DequantizeLinear nodes have initializer inputs only, so put them first
     order = sorted(range(len(graph.node)), key=lambda i: 0 if graph.node[i].name.endswith(("weight_dq", "weight_reshape")) else 1)
     nodes = [graph.node[i] for i in order]
     del graph.node[:]
     graph.node.extend(nodes)
-    return _finish(proto, path)
+    return finish_onnx(proto, path)
 
 
 def export_float_onnx(
@@ -410,7 +436,7 @@ def export_float_onnx(
     model.eval()
     try:
         with torch.no_grad():
-            _torch_export(model, args, path, input_names, output_names, dynamic_axes, OPSET)
+            trace_onnx(model, args, path, input_names, output_names, dynamic_axes, OPSET)
     finally:
         model.train(was_training)
-    return _finish(onnx.load(path), path)
+    return finish_onnx(onnx.load(path), path)

@@ -23,7 +23,8 @@ def _check_all(arch):
     sizes = cupy_backend.compile_all(arch=arch)
     expected = {(name, code, vec) for name, code, vec in cupy_backend._variants()}
     assert set(sizes) == expected
-    assert len(expected) == 3 * 3 * 2  # 3 sources (fake_quant, reduce, rows) x {fp32, fp16, bf16} x {scalar, 16-byte vector}
+    assert len(expected) == 4 * 3 * 2  # 4 sources (fake_quant, reduce, rows, microscaling) x {fp32, fp16, bf16} x {scalar, 16-byte vector}
+    assert {name for name, _, _ in expected} == {"fake_quant.cu", "reduce.cu", "rows.cu", "microscaling.cu"}
     assert all(size > 0 for size in sizes.values())
 
 

@@ -138,7 +138,7 @@ def test_layer_blocks_are_its_fake_quantized_weight(preset):
 
 
 def test_spec_checks_name_the_field_and_the_choices():
-    with pytest.raises(QATConfigError, match=r"QuantSpec.format must be one of \[affine, q2_k, q3_k, q4_k, q5_k, q6_k\]"):
+    with pytest.raises(QATConfigError, match=r"QuantSpec.format must be one of \[affine, q2_k, q3_k, q4_k, q5_k, q6_k, mxfp4, mxfp8, nvfp4, fp8_e4m3, fp8_e5m2\]"):
         QuantSpec(format="q4_k_m")
     ok = dict(bits=4, signed=False, symmetric=False, granularity="per_group", group_size=32, scale_dtype="float16")
     assert QuantSpec(**ok, format="q4_k").format.value == "q4_k"
