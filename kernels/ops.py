@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from qat.granularity import Layout
+from qat.microscaling import BLOCK_SCALES, ELEMENTS
 
 from . import reference
 
@@ -749,8 +750,7 @@ def fake_quantize_minmax(
 # definition; docs/math.md, section 13). The STE forward saves the packed clip mask of fake_quantize,
 # so its backward is qat::fake_quantize_backward.
 
-_FLOAT_ELEMENTS = ("e2m1", "e4m3", "e5m2")
-_BLOCK_SCALES = ("none", "e8m0", "e4m3")
+_FLOAT_ELEMENTS = tuple(ELEMENTS)  # the formats' owner is qat.microscaling
 
 
 @torch.library.custom_op("qat::fake_quantize_float", mutates_args=())
@@ -853,8 +853,8 @@ def _check_float(op: str, x, scale, element, block_size, block_scale, axis, lear
         raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if element not in _FLOAT_ELEMENTS:
         raise ValueError(f"{op}: element must be one of {_FLOAT_ELEMENTS}, got {element!r}")
-    if block_scale not in _BLOCK_SCALES:
-        raise ValueError(f"{op}: block_scale must be one of {_BLOCK_SCALES}, got {block_scale!r}")
+    if block_scale not in BLOCK_SCALES:
+        raise ValueError(f"{op}: block_scale must be one of {BLOCK_SCALES}, got {block_scale!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"{op}: block_size must be an int, got {block_size!r}")
     if axis is not None:
