@@ -571,7 +571,7 @@ def run_trainer(cfg: GPTConfig, row: str, mode: str, args, device: torch.device)
     if row in ROW_PLAN:
         from qat.callbacks import QuantizationAwareTraining
 
-        callbacks.append(QuantizationAwareTraining(plan(ROW_PLAN[row])))
+        callbacks.append(QuantizationAwareTraining(plan(ROW_PLAN[row]), skip_nonfinite=args.skip_nonfinite))
     trainer = pl.Trainer(
         precision="bf16-mixed",
         accelerator="gpu" if is_cuda else "cpu",
@@ -859,6 +859,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the model's)")
     p.add_argument("--vocab", type=int, default=None,
                    help="vocabulary size (default: the model's, GPT-2's 50257; 50304 = nanoGPT's padding to a multiple of 64)")
+    p.add_argument("--skip-nonfinite", type=int, default=1,
+                   help="the callback's skip_nonfinite (via trainer): check the quantizer state every N steps (one device sync), 0 never")
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile-steps", type=int, default=None, help="eager steps under torch.profiler (default 3 on CUDA, 0 on CPU)")
     p.add_argument("--out", default=str(RESULTS), help="folder for train_step_<tag>.md / .json")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -76,10 +77,11 @@ def _check_schedule(name: str, value: Optional[int]) -> Optional[int]:
     return value
 
 
-def _quantizer_state(model: torch.nn.Module) -> dict[tuple[str, str], torch.Tensor]:
-    """(quantizer name, tensor name) -> the quantizer's state tensor (sharing its storage)."""
+def _quantizer_state(named: list[tuple[str, torch.nn.Module]]) -> dict[tuple[str, str], torch.Tensor]:
+    """(quantizer name, tensor name) -> the quantizer's state tensor (sharing its storage), for the
+    ``(name, quantizer)`` pairs of :func:`qat.quantizers`."""
     out: dict[tuple[str, str], torch.Tensor] = {}
-    for name, q in quantizers(model):
+    for name, q in named:
         if hasattr(q, "state_tensors"):  # scale, zero_point, alpha (PACT), observer.min_val / max_val
             tensors = q.state_tensors()
         else:
@@ -96,21 +98,25 @@ def _flat_by_device(state: dict[tuple[str, str], torch.Tensor]) -> dict[Any, tup
     keys_by_device: dict[Any, list] = {}
     for key, t in state.items():
         keys_by_device.setdefault(t.device, []).append(key)
-    return {
-        dev: (keys, [state[k].numel() for k in keys], torch.cat([state[k].reshape(-1).float() for k in keys]))
+    return {  # torch.cat promotes a float16 / bfloat16 state to float32 itself
+        dev: (keys, [state[k].numel() for k in keys], torch.cat([state[k].reshape(-1) for k in keys]).float())
         for dev, keys in keys_by_device.items()
     }
 
 
-def _nonfinite(state: dict[tuple[str, str], torch.Tensor], flat: dict[Any, tuple[list, list, torch.Tensor]]) -> dict[str, list[str]]:
+def _nonfinite(
+    state: dict[tuple[str, str], torch.Tensor], flat: dict[Any, tuple[list, list, torch.Tensor]], snapshot_values: bool = False
+) -> dict[str, list[str]]:
     """quantizer name -> its non-finite state tensors; one device sync per device (a tensor-by-tensor
-    look only where a device holds a non-finite value)."""
+    look only where a device holds a non-finite value). ``snapshot_values``: look at the concatenated
+    values (a copy taken at the check) rather than the live tensors (restored since)."""
     out: dict[str, list[str]] = {}
-    for keys, _, values in flat.values():
+    for keys, sizes, values in flat.values():
         if bool(torch.isfinite(values).all()):
             continue
-        for name, key in keys:
-            if not bool(torch.isfinite(state[(name, key)]).all()):
+        parts = values.split(sizes) if snapshot_values else [state[k] for k in keys]
+        for (name, key), t in zip(keys, parts):
+            if not bool(torch.isfinite(t).all()):
                 out.setdefault(name, []).append(key)
     return out
 
@@ -154,10 +160,12 @@ class QuantizationAwareTraining(Callback):
             calibration batches just before calibrating. Needs ``calibration_batches``.
         skip_nonfinite: every this many optimizer steps (default 1: each step), after the step,
             check every quantizer's state (scale, zero point, PACT alpha, observer range) for NaN /
-            Inf; if some is not finite, put back the last finite quantizer state (and drop the
-            optimizer's moments of those parameters), i.e. skip that step's update of the
-            quantizers, and log a warning naming the layers. Each check is one device sync, so on a
-            GPU a larger interval (e.g. 50) keeps it off the hot path; ``0`` turns it off.
+            Inf; where some is not finite, put back the last finite quantizer state, i.e. skip that
+            step's update of the quantizers, then drop the optimizer's moments of those parameters
+            and log a warning naming the layers. The check and the restore run on the device
+            without a sync (a step's verdict is read one check later, when its work has long
+            finished, and at the end of training), so they stay off the hot path of a GPU step;
+            ``0`` turns it off. :meth:`check_nonfinite` is the synchronous form.
         log_plan: send the plan and each layer's bits to the Trainer's loggers as hyperparameters
             when the model is prepared (:func:`qat.callbacks.loggers.plan_hparams`: ``qat/plan``,
             ``qat/bits/<layer>/weight``, ``qat/avg_weight_bits``, ...).
@@ -226,6 +234,9 @@ class QuantizationAwareTraining(Callback):
         self.forward_fn = forward_fn or default_forward
         self.skipped_steps = 0  # optimizer steps whose quantizer update was undone (non-finite state)
         self._finite_state: Optional[dict[Any, tuple[list, list, torch.Tensor]]] = None
+        self._quantizer_cache: Optional[tuple[weakref.ref, list]] = None
+        self._pending: list = []  # per-step checks whose verdict the host has not read yet
+        self._state_views: Optional[tuple] = None  # the quantizer state the per-step check reads (once a fit)
         self.observers_frozen = False
         self.bn_frozen = False
         self.calibrated = False
@@ -235,13 +246,22 @@ class QuantizationAwareTraining(Callback):
         """The module that is quantized (:func:`target_module` of ``module_attr``)."""
         return target_module(pl_module, self.module_attr, "QuantizationAwareTraining")
 
+    def _quantizers(self, pl_module) -> list[tuple[str, torch.nn.Module]]:
+        """``(name, quantizer)`` pairs of the target, found once per target module (the per-step hooks
+        walk this list, not the whole module tree; preparing again, in :meth:`setup`, finds them anew)."""
+        target = self.target(pl_module)
+        if self._quantizer_cache is None or self._quantizer_cache[0]() is not target:
+            self._quantizer_cache = (weakref.ref(target), list(quantizers(target)))
+        return self._quantizer_cache[1]
+
     def _set_observers(self, pl_module, enabled: bool) -> None:
-        for _, q in quantizers(self.target(pl_module)):
+        for _, q in self._quantizers(pl_module):
             # a quantizer that never saw data must observe once, or it has no range at all
             q.enable_observer(enabled or not q.is_initialized)
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._quantizer_cache = self._state_views = None  # prepared below, or by the user since the last fit
         target = self.target(pl_module)
         if is_prepared(target):  # fit twice, or validate after fit: already prepared
             if self.smooth is not None and getattr(target, "qat_smoothing", None) is None:
@@ -261,6 +281,7 @@ class QuantizationAwareTraining(Callback):
         self._apply_schedule(trainer, pl_module)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._state_views = None  # the model is on its device now: the per-step check gathers its state anew
         if self.calibration_batches and not self.calibrated:
             self.calibrate(trainer, pl_module)
 
@@ -308,7 +329,62 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.skip_nonfinite or trainer.global_step % self.skip_nonfinite:
             return
-        self.check_nonfinite(trainer, pl_module)
+        self._report_pending(trainer, pl_module)  # the last check's verdict: its work finished a step ago
+        self._restore_nonfinite(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._report_pending(trainer, pl_module)
+
+    @torch.no_grad()
+    def _restore_nonfinite(self, pl_module) -> None:
+        """The per-step check without a device sync: where this step left a quantizer state tensor
+        non-finite, the last finite state goes back on the device (``torch.where`` on the
+        concatenated state, copied back with one multi-tensor copy: the identity when all is
+        finite), and the verdict is copied to the host asynchronously for :meth:`_report_pending`.
+        The state tensors are gathered once a fit (:meth:`on_train_start`, after Lightning moved
+        the model to its device), so a step costs a handful of launches whatever the model's size."""
+        if self._state_views is None:
+            state = _quantizer_state(self._quantizers(pl_module))
+            self._state_views = (state, {
+                dev: (keys, sizes, [state[k].view(-1) for k in keys]) for dev, (keys, sizes, _) in _flat_by_device(state).items()
+            })  # fmt: skip
+        state, by_device = self._state_views
+        snapshot = self._finite_state or {}
+        self._finite_state = {}
+        for dev, (keys, sizes, views) in by_device.items():
+            values = torch.cat(views).float()
+            ok = torch.isfinite(values).all()
+            prev = snapshot.get(dev)
+            restorable = prev is not None and prev[0] == keys and prev[1] == sizes
+            good = values
+            if restorable:
+                good = torch.where(ok, values, prev[2])
+                torch._foreach_copy_(views, good.split(sizes))
+            self._finite_state[dev] = (keys, sizes, good)
+            if ok.is_cuda:
+                host = torch.empty((), dtype=torch.bool, pin_memory=True)
+                host.copy_(ok, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host, event = ok, None
+            self._pending.append((host, event, state, keys, sizes, values, restorable))
+
+    @torch.no_grad()
+    def _report_pending(self, trainer, pl_module) -> None:
+        """Read the verdicts of :meth:`_restore_nonfinite`'s last check (waiting on its event only, not on
+        the work queued since); for a non-finite one: count the skipped step, drop the optimizer's
+        non-finite moments, and log the layers."""
+        pending, self._pending = self._pending, []
+        for host, event, state, keys, sizes, values, restored in pending:
+            if event is not None:
+                event.synchronize()
+            if bool(host):
+                continue
+            bad = _nonfinite(state, {None: (keys, sizes, values)}, snapshot_values=True)
+            if restored:
+                _drop_nonfinite_optimizer_state(trainer, self.target(pl_module))
+            self._log_skipped(trainer, bad, restored)
 
     @torch.no_grad()
     def check_nonfinite(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, list[str]]:
@@ -321,7 +397,7 @@ class QuantizationAwareTraining(Callback):
             quantizer name -> the state tensors that were not finite (empty: all finite).
         """
         target = self.target(pl_module)
-        state = _quantizer_state(target)
+        state = _quantizer_state(self._quantizers(pl_module))
         flat = _flat_by_device(state)
         bad = _nonfinite(state, flat)
         if not bad:
@@ -336,6 +412,10 @@ class QuantizationAwareTraining(Callback):
                         t.copy_(old.view(t.shape))
                         restored.append(key[0])
             _drop_nonfinite_optimizer_state(trainer, target)
+        self._log_skipped(trainer, bad, bool(restored))
+        return bad
+
+    def _log_skipped(self, trainer, bad: dict[str, list[str]], restored: bool) -> None:
         self.skipped_steps += 1
         layers = sorted({name.rsplit(".", 1)[0] for name in bad})
         log.warning(
@@ -344,7 +424,6 @@ class QuantizationAwareTraining(Callback):
             "restored the last finite state (this step's quantizer update skipped)" if restored
             else "no finite state to restore yet",
         )
-        return bad
 
     def _apply_schedule(self, trainer, pl_module) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch

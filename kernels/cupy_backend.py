@@ -39,7 +39,7 @@ import math
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -287,9 +287,19 @@ _streams: dict[tuple[int, int], object] = {}
 _direct_launch = True  # Function(grid, block, args, shared_mem, stream): no context managers
 
 
+def _current_stream_handle(device: int) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# the current stream's raw handle and the current device without torch.cuda's Python layers (a
+# torch.cuda.Stream object, lazy-init checks): what Inductor's generated code calls; absent from CPU builds
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_handle)
+_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
+
+
 def _stream(device: int):
     """PyTorch's current stream on ``device`` as a CuPy stream (cached by handle)."""
-    ptr = torch.cuda.current_stream(device).cuda_stream
+    ptr = _raw_stream(device)
     s = _streams.get((device, ptr))
     if s is None:
         with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14, still the plain way
@@ -304,7 +314,7 @@ def _launch(kern, grid, args, device: int, shared_mem: int = 0, threads: int = _
     if isinstance(grid, int):
         grid = (grid,)
     stream = _stream(device)
-    if _direct_launch and device == torch.cuda.current_device():
+    if _direct_launch and device == _current_device():
         try:  # the cheapest path: CuPy's Function takes the stream as an argument
             kern.kernel(grid, (threads,), args, shared_mem, stream)
             return
@@ -312,6 +322,41 @@ def _launch(kern, grid, args, device: int, shared_mem: int = 0, threads: int = _
             _direct_launch = False
     with cupy.cuda.Device(device), stream:
         kern(grid, (threads,), args, shared_mem=shared_mem)
+
+
+# ----------------------------------------------------------------------------- launch plans
+# What a launch takes besides its tensors' pointers (kernel, grid, block, the scalar arguments) depends
+# only on the call's shapes, dtypes, device, scalars, pointer alignment and tuning. The hot paths (the
+# quantize-dequantize forward, the STE backward, the range-of-the-data forward) compute it once per such
+# key and replay it: a training step's repeated calls on the same shapes pay for their outputs'
+# allocations and one launch (benchmarks/quantizer_host_cost.py measures the host cost per call).
+
+
+class _Plan(NamedTuple):
+    kern: object
+    grid: tuple
+    threads: int
+    shared: int
+    consts: tuple  # the arguments after the pointers
+    words: int  # int32 words of the packed mask the launch writes (0: none)
+    tn: KernelTuning  # the tuning it was made under (keys hold its id; kept alive here so ids stay unique)
+
+
+_plans: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096  # shapes that vary call to call (ragged batches): start over rather than grow
+
+
+def _plan(key: tuple, tn: KernelTuning, make: Callable[[], _Plan]) -> _Plan:
+    plan = _plans.get(key)
+    if plan is None or plan.tn is not tn:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        plan = _plans[key] = make()
+    return plan
+
+
+def _run(plan: _Plan, ptrs: tuple, device: int) -> None:
+    _launch(plan.kern, plan.grid, (*ptrs, *plan.consts), device, plan.shared, plan.threads)
 
 
 # ----------------------------------------------------------------------------- availability
@@ -531,24 +576,16 @@ def _fwd_tile_t(keymode: int, variant: int, code: int, n: int, tn: KernelTuning)
     return tn.fwd_tile[code] or None
 
 
-def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask,
-             tn: KernelTuning):
-    xc = x.contiguous()
-    n = xc.numel()
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    mask = torch.empty((reference.mask_words(n),), dtype=torch.int32, device=x.device) if with_mask else None
-    if n == 0:
-        return y, mask
+def _forward_plan(x, y, s, z, qmin, qmax, axis, group_size, round_mode, variant, with_mask, tn: KernelTuning) -> _Plan:
+    """The launch of a quantize-dequantize forward for these inputs (``s``, ``z`` as ``_params`` gives them)."""
+    n = x.numel()
     device = x.device.index
     code = _DTYPE_CODE[x.dtype]
-    vec = 16 // _ESIZE[code] if _aligned(xc, y) else 1
+    vec = 16 // _ESIZE[code] if _aligned(x, y) else 1
     if variant == 2:
         inner, c = max(n, 1), 1
-        s = z = None
-        a = _params(alpha)
     else:
-        inner, c = Layout(axis=axis, group_size=group_size).index_rule(xc.shape)
-        s, z, a = _params(scale), _params(zero_point), None
+        inner, c = Layout(axis=axis, group_size=group_size).index_rule(x.shape)
     # 0: one parameter; 1: one key per vector (one divide per vector); 2: a key per element;
     # 3: channels on the last axis, parameters read as vectors (see fake_quant.cu)
     if c == 1:
@@ -560,20 +597,37 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
     else:
         keymode = 2
     nsteps = -(-n // (32 * vec))
-    args = (
-        _ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a),
-        np.int64(n), *_fastdiv(inner), *_fastdiv(c),
-        np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]),
-    )  # fmt: skip
+    consts = (np.int64(n), *_fastdiv(inner), *_fastdiv(c), np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]))
+    words = reference.mask_words(n) if with_mask else 0
     t = _fwd_tile_t(keymode, variant, code, n, tn)
     if t is not None:  # one tile of fwd_tile_threads // 32 * t warp steps a block, 32-bit offsets
         kern = _get("fake_quant.cu", f"fq_forward_t{t}_{variant}_1", code, vec, device, tn)
         grid = -(-nsteps // (tn.fwd_tile_threads // 32 * t))
-        _launch(kern, grid, args, device, threads=tn.fwd_tile_threads)
-        return y, mask
+        return _Plan(kern, (grid,), tn.fwd_tile_threads, 0, consts, words, tn)
     kern = _get("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device, tn)
     grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, tn.elementwise_waves)))
-    _launch(kern, min(grid, 2**31 - 1), args, device)
+    return _Plan(kern, (min(grid, 2**31 - 1),), _THREADS, 0, consts, words, tn)
+
+
+def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask,
+             tn: KernelTuning):
+    xc = x.contiguous()
+    n = xc.numel()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mask = torch.empty((reference.mask_words(n),), dtype=torch.int32, device=x.device) if with_mask else None
+    if n == 0:
+        return y, mask
+    if variant == 2:
+        s = z = None
+        a = _params(alpha)
+    else:
+        s, z, a = _params(scale), _params(zero_point), None
+    # the plan depends on the pointers only through their 16-byte alignment (x's; s and z's where the
+    # channels are on the last axis): y and mask are fresh allocations, aligned
+    key = ("fwd", x.shape, x.dtype, x.device.index, xc.data_ptr() % 16 == 0, variant == 2 or _aligned(s, z), qmin, qmax,
+           axis, group_size, round_mode, variant, with_mask, id(tn))  # fmt: skip
+    plan = _plan(key, tn, lambda: _forward_plan(xc, y, s, z, qmin, qmax, axis, group_size, round_mode, variant, with_mask, tn))
+    _run(plan, (_ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a)), x.device.index)
     return y, mask
 
 
@@ -611,13 +665,18 @@ def fake_quantize_backward(
         return dx
     m = mask.contiguous()
     device = grad.device.index
-    code = _DTYPE_CODE[grad.dtype]
-    vec = 16 // _ESIZE[code] if _aligned(g, dx) else 1
     tn = _tn(tuning)
-    kern = _get("fake_quant.cu", "fq_backward", code, vec, device, tn)
-    nvec = -(-n // vec)
-    grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, tn.elementwise_waves)))
-    _launch(kern, grid, (_ptr(g), _ptr(m), _ptr(dx), np.int64(n)), device)
+
+    def make() -> _Plan:
+        code = _DTYPE_CODE[grad.dtype]
+        vec = 16 // _ESIZE[code] if _aligned(g, dx) else 1
+        kern = _get("fake_quant.cu", "fq_backward", code, vec, device, tn)
+        nvec = -(-n // vec)
+        grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, tn.elementwise_waves)))
+        return _Plan(kern, (grid,), _THREADS, 0, (np.int64(n),), 0, tn)
+
+    plan = _plan(("bwd", n, grad.dtype, device, g.data_ptr() % 16 == 0, id(tn)), tn, make)
+    _run(plan, (_ptr(g), _ptr(m), _ptr(dx)), device)
     return dx
 
 
@@ -820,22 +879,27 @@ def fake_quantize_minmax_forward(
         y, mask = fake_quantize_forward(rows, s, z, qmin, qmax, None, row, round_mode, tuning)
         return y.reshape(x.shape), mask
     device = x.device.index
-    mask = torch.empty((reference.mask_words(n),), dtype=torch.int32, device=x.device)
-    nvec = row // vec
-    nv = next(k for k in _ROWS_NV if 32 * k >= nvec)
-    nrows = n // row
-    kern = _get("rows.cu", f"fq_rows_{nv}", code, vec, device, _tn(tuning))
-    scheme = 2 if not symmetric else (0 if qmin < 0 else 1)
-    div = (qmax - qmin) / 2 if scheme == 0 else float(qmax - qmin)
-    inv_div = np.float32(1.0) / np.float32(div)
-    st = state if state is not None else (None,) * 5
-    args = (
-        _ptr(xc), _ptr(y), _ptr(mask), np.int64(nrows), np.int32(nvec), np.float32(qmin), np.float32(qmax),
-        np.int32(scheme), np.float32(div), inv_div, np.int32(_divides_by_reciprocal(device)),
-        np.int32(bool(scale_f16)), np.int32(_ROUND[round_mode]), *(_ptr(t) for t in st),
-    )  # fmt: skip
-    wpb = _THREADS // 32
-    _launch(kern, -(-nrows // wpb), args, device)
+    tn = _tn(tuning)
+
+    def make() -> _Plan:
+        nvec = row // vec
+        nv = next(k for k in _ROWS_NV if 32 * k >= nvec)
+        nrows = n // row
+        kern = _get("rows.cu", f"fq_rows_{nv}", code, vec, device, tn)
+        scheme = 2 if not symmetric else (0 if qmin < 0 else 1)
+        div = (qmax - qmin) / 2 if scheme == 0 else float(qmax - qmin)
+        consts = (
+            np.int64(nrows), np.int32(nvec), np.float32(qmin), np.float32(qmax), np.int32(scheme), np.float32(div),
+            np.float32(1.0) / np.float32(div), np.int32(_divides_by_reciprocal(device)), np.int32(bool(scale_f16)),
+            np.int32(_ROUND[round_mode]),
+        )  # fmt: skip
+        return _Plan(kern, (-(-nrows // (_THREADS // 32)),), _THREADS, 0, consts, reference.mask_words(n), tn)
+
+    plan = _plan(("rows", n, x.dtype, device, vec, row, qmin, qmax, symmetric, scale_f16, round_mode, id(tn)), tn, make)
+    mask = torch.empty((plan.words,), dtype=torch.int32, device=x.device)
+    ptrs = (_ptr(xc), _ptr(y), _ptr(mask))
+    # the state pointers go after the scalars (rows.cu's argument order)
+    _launch(plan.kern, plan.grid, (*ptrs, *plan.consts, *(_ptr(t) for t in (state or (None,) * 5))), device)
     return y, mask
 
 
