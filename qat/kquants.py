@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import QATConfigError
+from .spec import check_format_fields
 
 __all__ = ["KQuant", "KQUANTS", "QK_K", "FALLBACK", "gguf_type_of", "check_kquant_spec", "kquant_parts", "kquant_dequantize",
            "fake_quantize_kquant", "kquant_blocks", "kquant_mix_plan", "KQUANT_MIXES", "KQUANT_ESTIMATORS", "SUPER_UNIT",
@@ -121,15 +122,7 @@ def check_kquant_spec(spec: Any) -> None:
         "bits": kq.bits, "signed": kq.signed, "symmetric": kq.signed, "granularity": "per_group", "group_size": QK,
         "scale_dtype": "float16", "round_mode": "half_even", "dynamic": False,
     }
-    got = {k: getattr(spec, k) for k in want}
-    got = {k: (v.value if hasattr(v, "value") else v) for k, v in got.items()}
-    bad = [f"{k}={want[k]!r} (got {got[k]!r})" for k in want if got[k] != want[k]]
-    if spec.estimator.value not in KQUANT_ESTIMATORS:
-        bad.append(f"estimator one of {list(KQUANT_ESTIMATORS)} (got {spec.estimator.value!r})")
-    want["estimator"] = "|".join(KQUANT_ESTIMATORS)
-    if bad:
-        need = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in want.items())
-        raise QATConfigError(f"QuantSpec.format {fmt} needs {', '.join(bad)}; a {kq.ggml_name} weight is {{{need}}}")
+    check_format_fields(spec, f"{kq.ggml_name} weight", want, list(KQUANT_ESTIMATORS))
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:

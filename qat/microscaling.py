@@ -45,6 +45,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import QATConfigError
+from .spec import check_format_fields
 
 __all__ = [
     "ElementFormat",
@@ -440,20 +441,13 @@ def check_microscaling_spec(spec: Any) -> None:
     want: dict[str, Any] = {"bits": f.bits, "signed": True, "symmetric": True, "round_mode": "half_even"}
     if f.block_size:
         want.update(granularity="per_group", group_size=f.block_size)
-    got = {k: getattr(spec, k) for k in want}
-    got = {k: (v.value if hasattr(v, "value") else v) for k, v in got.items()}
-    bad = [f"{k}={want[k]!r} (got {got[k]!r})" for k in want if got[k] != want[k]]
     gran = spec.granularity.value
+    extra_bad, extra_want = (), {}
     if not f.block_size and gran not in ("per_tensor", "per_channel"):
-        bad.append(f"granularity per_tensor or per_channel (got {gran!r})")
-        want["granularity"] = "per_tensor|per_channel"
+        extra_bad = (f"granularity per_tensor or per_channel (got {gran!r})",)
+        extra_want = {"granularity": "per_tensor|per_channel"}
     estimators = ["ste", "lsq"] if f.learnable and not spec.dynamic else ["ste"]
-    if spec.estimator.value not in estimators:
-        bad.append(f"estimator one of {estimators} (got {spec.estimator.value!r})")
-    want["estimator"] = "|".join(estimators)
-    if bad:
-        need = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in want.items())
-        raise QATConfigError(f"QuantSpec.format {fmt} needs {', '.join(bad)}; a {fmt} tensor is {{{need}}}")
+    check_format_fields(spec, f"{fmt} tensor", want, estimators, extra_bad, extra_want)
 
 
 def lsq_grad_factor(numel_per_scale: int, fmt: str) -> float:

@@ -15,6 +15,7 @@ import torch
 from .errors import QATConfigError
 
 __all__ = [
+    "check_format_fields",
     "Granularity",
     "ObserverKind",
     "Estimator",
@@ -169,6 +170,36 @@ def _check_float(value: Any, where: str) -> float:
     if not math.isfinite(value):
         raise QATConfigError(f"{where} must be a finite number, got {value!r}")
     return value
+
+
+def check_format_fields(
+    spec: Any, noun: str, want: Mapping[str, Any], estimators: list[str], extra_bad: tuple = (), extra_want: Optional[Mapping[str, Any]] = None
+) -> None:
+    """Check that ``spec`` has the field values a weight / tensor format fixes: ``want`` (field ->
+    value; enums compared by value), an estimator in ``estimators``, and no ``extra_bad`` (further
+    unmet requirements, already worded). What the k-quants and the float formats check
+    (:func:`qat.kquants.check_kquant_spec`, :func:`qat.microscaling.check_microscaling_spec`).
+
+    Raises:
+        QATConfigError: naming each field at fault and what it got, then every field the format
+            takes (``want``, ``extra_want``, the estimators) as ``a <noun> is {...}``.
+
+    Example::
+
+        >>> check_format_fields(QuantSpec(bits=8), "Q8 tensor", {"bits": 4}, ["ste"])
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATConfigError: QuantSpec.format affine needs bits=4 (got 8); a Q8 tensor is {bits: 4, estimator: ste}
+    """
+    got = {k: getattr(spec, k) for k in want}
+    got = {k: (v.value if hasattr(v, "value") else v) for k, v in got.items()}
+    bad = [f"{k}={want[k]!r} (got {got[k]!r})" for k in want if got[k] != want[k]] + list(extra_bad)
+    if spec.estimator.value not in estimators:
+        bad.append(f"estimator one of {list(estimators)} (got {spec.estimator.value!r})")
+    if bad:
+        shown = {**want, **(extra_want or {}), "estimator": "|".join(estimators)}
+        need = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in shown.items())
+        raise QATConfigError(f"QuantSpec.format {spec.format.value} needs {', '.join(bad)}; a {noun} is {{{need}}}")
 
 
 def check_field(name: str, value: Any, where: str = "QuantSpec") -> Any:
