@@ -860,7 +860,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=None,
                    help="vocabulary size (default: the model's, GPT-2's 50257; 50304 = nanoGPT's padding to a multiple of 64)")
     p.add_argument("--skip-nonfinite", type=int, default=1,
-                   help="the callback's skip_nonfinite (via trainer): check the quantizer state every N steps (one device sync), 0 never")
+                   help="the callback's skip_nonfinite (via trainer): check the quantizer state every N steps, 0 never")
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile-steps", type=int, default=None, help="eager steps under torch.profiler (default 3 on CUDA, 0 on CPU)")
     p.add_argument("--out", default=str(RESULTS), help="folder for train_step_<tag>.md / .json")

@@ -92,32 +92,23 @@ def _quantizer_state(named: list[tuple[str, torch.nn.Module]]) -> dict[tuple[str
     return out
 
 
-def _flat_by_device(state: dict[tuple[str, str], torch.Tensor]) -> dict[Any, tuple[list, list, torch.Tensor]]:
-    """device -> (keys, sizes, every state tensor of that device concatenated in float32): one copy
-    kernel a device, which is also the snapshot to restore from."""
+def _by_device(state: dict[tuple[str, str], torch.Tensor]) -> dict[Any, tuple[list, list]]:
+    """device -> (the state keys on it, their sizes): one concatenation a device per check."""
     keys_by_device: dict[Any, list] = {}
     for key, t in state.items():
         keys_by_device.setdefault(t.device, []).append(key)
-    return {  # torch.cat promotes a float16 / bfloat16 state to float32 itself
-        dev: (keys, [state[k].numel() for k in keys], torch.cat([state[k].reshape(-1) for k in keys]).float())
-        for dev, keys in keys_by_device.items()
-    }
+    return {dev: (keys, [state[k].numel() for k in keys]) for dev, keys in keys_by_device.items()}
 
 
-def _nonfinite(
-    state: dict[tuple[str, str], torch.Tensor], flat: dict[Any, tuple[list, list, torch.Tensor]], snapshot_values: bool = False
-) -> dict[str, list[str]]:
-    """quantizer name -> its non-finite state tensors; one device sync per device (a tensor-by-tensor
-    look only where a device holds a non-finite value). ``snapshot_values``: look at the concatenated
-    values (a copy taken at the check) rather than the live tensors (restored since)."""
+def _nonfinite(keys: list, sizes: list, values: torch.Tensor) -> dict[str, list[str]]:
+    """quantizer name -> its non-finite state tensors, from one check's concatenated ``values``
+    (one device sync; read only for a check that found some)."""
+    parts = values.split(sizes)
+    finite = torch.stack([torch.isfinite(t).all() for t in parts]).tolist()
     out: dict[str, list[str]] = {}
-    for keys, sizes, values in flat.values():
-        if bool(torch.isfinite(values).all()):
-            continue
-        parts = values.split(sizes) if snapshot_values else [state[k] for k in keys]
-        for (name, key), t in zip(keys, parts):
-            if not bool(torch.isfinite(t).all()):
-                out.setdefault(name, []).append(key)
+    for (name, key), ok in zip(keys, finite):
+        if not ok:
+            out.setdefault(name, []).append(key)
     return out
 
 
@@ -236,7 +227,7 @@ class QuantizationAwareTraining(Callback):
         self._finite_state: Optional[dict[Any, tuple[list, list, torch.Tensor]]] = None
         self._quantizer_cache: Optional[tuple[weakref.ref, list]] = None
         self._pending: list = []  # per-step checks whose verdict the host has not read yet
-        self._state_views: Optional[tuple] = None  # the quantizer state the per-step check reads (once a fit)
+        self._state_views: Optional[dict] = None  # device -> the quantizer state the per-step check reads (once a fit)
         self.observers_frozen = False
         self.bn_frozen = False
         self.calibrated = False
@@ -345,13 +336,12 @@ class QuantizationAwareTraining(Callback):
         the model to its device), so a step costs a handful of launches whatever the model's size."""
         if self._state_views is None:
             state = _quantizer_state(self._quantizers(pl_module))
-            self._state_views = (state, {
-                dev: (keys, sizes, [state[k].view(-1) for k in keys]) for dev, (keys, sizes, _) in _flat_by_device(state).items()
-            })  # fmt: skip
-        state, by_device = self._state_views
+            self._state_views = {
+                dev: (keys, sizes, [state[k].view(-1) for k in keys]) for dev, (keys, sizes) in _by_device(state).items()
+            }
         snapshot = self._finite_state or {}
         self._finite_state = {}
-        for dev, (keys, sizes, views) in by_device.items():
+        for dev, (keys, sizes, views) in self._state_views.items():
             values = torch.cat(views).float()
             ok = torch.isfinite(values).all()
             prev = snapshot.get(dev)
@@ -368,52 +358,43 @@ class QuantizationAwareTraining(Callback):
                 event.record()
             else:
                 host, event = ok, None
-            self._pending.append((host, event, state, keys, sizes, values, restorable))
+            self._pending.append((host, event, keys, sizes, values, restorable))
 
     @torch.no_grad()
-    def _report_pending(self, trainer, pl_module) -> None:
+    def _report_pending(self, trainer, pl_module) -> dict[str, list[str]]:
         """Read the verdicts of :meth:`_restore_nonfinite`'s last check (waiting on its event only, not on
         the work queued since); for a non-finite one: count the skipped step, drop the optimizer's
-        non-finite moments, and log the layers."""
+        non-finite moments, and log the layers. Returns the non-finite state tensors by quantizer."""
         pending, self._pending = self._pending, []
-        for host, event, state, keys, sizes, values, restored in pending:
+        out: dict[str, list[str]] = {}
+        for host, event, keys, sizes, values, restored in pending:
             if event is not None:
                 event.synchronize()
             if bool(host):
                 continue
-            bad = _nonfinite(state, {None: (keys, sizes, values)}, snapshot_values=True)
+            bad = _nonfinite(keys, sizes, values)
             if restored:
                 _drop_nonfinite_optimizer_state(trainer, self.target(pl_module))
             self._log_skipped(trainer, bad, restored)
+            for name, tensors in bad.items():
+                out.setdefault(name, []).extend(tensors)
+        return out
 
     @torch.no_grad()
     def check_nonfinite(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, list[str]]:
-        """Check the quantizers' state; restore the last finite one if some is NaN / Inf.
-
-        Called after optimizer steps (every ``skip_nonfinite`` steps). A finite state is kept as
-        the one to restore next time.
+        """Check the quantizers' state now and restore the last finite one where some is NaN / Inf:
+        the per-step check of ``skip_nonfinite``, with its verdict read at once (one device sync).
+        The state is gathered anew (the model may have moved since the last check), and the
+        verdicts of earlier per-step checks are read first. A finite state is kept as the one to
+        restore next time.
 
         Returns:
             quantizer name -> the state tensors that were not finite (empty: all finite).
         """
-        target = self.target(pl_module)
-        state = _quantizer_state(self._quantizers(pl_module))
-        flat = _flat_by_device(state)
-        bad = _nonfinite(state, flat)
-        if not bad:
-            self._finite_state = flat  # the concatenation is a copy already: the snapshot costs nothing more
-            return {}
-        restored = []
-        if self._finite_state is not None:
-            for keys, sizes, values in self._finite_state.values():
-                for key, old in zip(keys, values.split(sizes)):
-                    t = state.get(key)
-                    if t is not None and t.numel() == old.numel():
-                        t.copy_(old.view(t.shape))
-                        restored.append(key[0])
-            _drop_nonfinite_optimizer_state(trainer, target)
-        self._log_skipped(trainer, bad, bool(restored))
-        return bad
+        self._report_pending(trainer, pl_module)
+        self._state_views = None
+        self._restore_nonfinite(pl_module)
+        return self._report_pending(trainer, pl_module)
 
     def _log_skipped(self, trainer, bad: dict[str, list[str]], restored: bool) -> None:
         self.skipped_steps += 1

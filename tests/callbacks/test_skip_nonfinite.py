@@ -80,3 +80,18 @@ def test_per_step_check_restores_on_the_device_and_reports_one_check_later():
     assert torch.equal(q.scale.detach(), before) and cb.skipped_steps == 0 and len(cb._pending) == 2
     cb._report_pending(trainer, model)
     assert cb.skipped_steps == 1 and cb._pending == []
+
+
+def test_check_nonfinite_reads_its_verdict_at_once():
+    torch.manual_seed(0)
+    model = ClassifierModule(DigitsCNN(channels=4))
+    cb = QuantizationAwareTraining("w4a8", module_attr="net", calibration_batches=1)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb])
+    trainer.fit(model, DigitsDataModule())
+    assert cb.check_nonfinite(trainer, model) == {}
+    name, q = next(iter(quantizers(model.net)))
+    before = q.scale.detach().clone()
+    q.scale.data.fill_(float("nan"))
+    assert cb.check_nonfinite(trainer, model) == {name: ["scale"]}
+    assert torch.equal(q.scale.detach(), before) and cb.skipped_steps == 1 and cb._pending == []
