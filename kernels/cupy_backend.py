@@ -338,7 +338,6 @@ class _Plan(NamedTuple):
     threads: int
     shared: int
     consts: tuple  # the arguments after the pointers
-    words: int  # int32 words of the packed mask the launch writes (0: none)
     tn: KernelTuning  # the tuning it was made under (keys hold its id; kept alive here so ids stay unique)
 
 
@@ -355,8 +354,9 @@ def _plan(key: tuple, tn: KernelTuning, make: Callable[[], _Plan]) -> _Plan:
     return plan
 
 
-def _run(plan: _Plan, ptrs: tuple, device: int) -> None:
-    _launch(plan.kern, plan.grid, (*ptrs, *plan.consts), device, plan.shared, plan.threads)
+def _run(plan: _Plan, ptrs: tuple, device: int, tail: tuple = ()) -> None:
+    """Launch ``plan`` with these pointers first, then its scalars, then ``tail`` (pointers a kernel takes last)."""
+    _launch(plan.kern, plan.grid, (*ptrs, *plan.consts, *tail), device, plan.shared, plan.threads)
 
 
 # ----------------------------------------------------------------------------- availability
@@ -598,15 +598,14 @@ def _forward_plan(x, y, s, z, qmin, qmax, axis, group_size, round_mode, variant,
         keymode = 2
     nsteps = -(-n // (32 * vec))
     consts = (np.int64(n), *_fastdiv(inner), *_fastdiv(c), np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]))
-    words = reference.mask_words(n) if with_mask else 0
     t = _fwd_tile_t(keymode, variant, code, n, tn)
     if t is not None:  # one tile of fwd_tile_threads // 32 * t warp steps a block, 32-bit offsets
         kern = _get("fake_quant.cu", f"fq_forward_t{t}_{variant}_1", code, vec, device, tn)
         grid = -(-nsteps // (tn.fwd_tile_threads // 32 * t))
-        return _Plan(kern, (grid,), tn.fwd_tile_threads, 0, consts, words, tn)
+        return _Plan(kern, (grid,), tn.fwd_tile_threads, 0, consts, tn)
     kern = _get("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device, tn)
     grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, tn.elementwise_waves)))
-    return _Plan(kern, (min(grid, 2**31 - 1),), _THREADS, 0, consts, words, tn)
+    return _Plan(kern, (min(grid, 2**31 - 1),), _THREADS, 0, consts, tn)
 
 
 def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask,
@@ -673,7 +672,7 @@ def fake_quantize_backward(
         kern = _get("fake_quant.cu", "fq_backward", code, vec, device, tn)
         nvec = -(-n // vec)
         grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, tn.elementwise_waves)))
-        return _Plan(kern, (grid,), _THREADS, 0, (np.int64(n),), 0, tn)
+        return _Plan(kern, (grid,), _THREADS, 0, (np.int64(n),), tn)
 
     plan = _plan(("bwd", n, grad.dtype, device, g.data_ptr() % 16 == 0, id(tn)), tn, make)
     _run(plan, (_ptr(g), _ptr(m), _ptr(dx)), device)
@@ -893,13 +892,12 @@ def fake_quantize_minmax_forward(
             np.float32(1.0) / np.float32(div), np.int32(_divides_by_reciprocal(device)), np.int32(bool(scale_f16)),
             np.int32(_ROUND[round_mode]),
         )  # fmt: skip
-        return _Plan(kern, (-(-nrows // (_THREADS // 32)),), _THREADS, 0, consts, reference.mask_words(n), tn)
+        return _Plan(kern, (-(-nrows // (_THREADS // 32)),), _THREADS, 0, consts, tn)
 
     plan = _plan(("rows", n, x.dtype, device, vec, row, qmin, qmax, symmetric, scale_f16, round_mode, id(tn)), tn, make)
-    mask = torch.empty((plan.words,), dtype=torch.int32, device=x.device)
-    ptrs = (_ptr(xc), _ptr(y), _ptr(mask))
+    mask = torch.empty((reference.mask_words(n),), dtype=torch.int32, device=x.device)
     # the state pointers go after the scalars (rows.cu's argument order)
-    _launch(plan.kern, plan.grid, (*ptrs, *plan.consts, *(_ptr(t) for t in (state or (None,) * 5))), device)
+    _run(plan, (_ptr(xc), _ptr(y), _ptr(mask)), device, tuple(_ptr(t) for t in (state or (None,) * 5)))
     return y, mask
 
 
