@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -325,6 +325,36 @@ def prune_unused(graph) -> None:
         graph.initializer.remove(init)
 
 
+def replace_placeholders(path: str, layers: list, replace: Callable) -> str:
+    """Turn the traced ``path`` into the exported model: each ``qat``-domain placeholder node (its
+    ``index`` attribute points into ``layers``, ``(name, module)`` pairs) becomes the nodes
+    ``replace(node, name, module, prefix)`` returns as ``(nodes, initializers, first)``, ``first``
+    for nodes that read initializers only (a weight's dequantization: put before all others, so the
+    graph stays in topological order); then what nothing reads any more is dropped
+    (:func:`prune_unused`) and the model checked and saved (:func:`finish_onnx`). The tail of
+    :func:`export_onnx` and :func:`qat.export.onnx_float.export_onnx_float`; returns ``path``.
+    """
+    import onnx
+
+    proto = onnx.load(path)
+    graph = proto.graph
+    head, body, inits = [], [], []
+    for node in graph.node:
+        if node.domain != "qat":
+            body.append(node)
+            continue
+        k = next(a.i for a in node.attribute if a.name == "index")
+        name, mod = layers[k]
+        nodes, new, first = replace(node, name, mod, f"{name}." if name else "model.")
+        (head if first else body).extend(nodes)
+        inits += new
+    del graph.node[:]
+    graph.node.extend(head + body)
+    graph.initializer.extend(inits)
+    prune_unused(graph)
+    return finish_onnx(proto, path)
+
+
 def finish_onnx(model_proto, path: str) -> str:
     """Set the IR version and opset (:data:`IR_VERSION`, :data:`OPSET`), check and save ``model_proto``
     to ``path``; returns ``path``.
@@ -372,7 +402,7 @@ def export_onnx(
         export_onnx(convert(model).eval(), torch.randn(1, 1, 8, 8), "digits_int.onnx",
                     input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "batch"}})
     """
-    import onnx
+    import onnx  # noqa: F401 - fail before tracing, not after, when onnx is missing
 
     if not is_converted(model):
         raise QATConfigError("export_onnx() needs a converted model (integer layers): call qat.convert(model) first")
@@ -390,32 +420,13 @@ def export_onnx(
             trace_onnx(model, args, path, input_names, output_names, dynamic_axes, OPSET)
     finally:
         model.train(was_training)
-    proto = onnx.load(path)
-    graph = proto.graph
-    new_nodes, new_inits = [], []
-    for node in graph.node:
-        if node.domain != "qat":
-            new_nodes.append(node)
-            continue
-        k = next(a.i for a in node.attribute if a.name == "index")
-        name, mod = layers[k]
-        prefix = f"{name}." if name else "model."
+
+    def replace(node, name, mod, prefix):
         if node.op_type == "Weight":
-            nodes, inits = _weight_nodes(prefix, mod, node.output[0])
-        else:
-            nodes, inits = _input_nodes(prefix, mod, node.input[0], node.output[0], name)
-        new_nodes += nodes
-        new_inits += inits
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(new_inits)
-    prune_unused(graph)
-    # topological order: the DequantizeLinear nodes have initializer inputs only, so put them first
-    order = sorted(range(len(graph.node)), key=lambda i: 0 if graph.node[i].name.endswith(("weight_dq", "weight_reshape")) else 1)
-    nodes = [graph.node[i] for i in order]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return finish_onnx(proto, path)
+            return (*_weight_nodes(prefix, mod, node.output[0]), True)
+        return (*_input_nodes(prefix, mod, node.input[0], node.output[0], name), False)
+
+    return replace_placeholders(path, layers, replace)
 
 
 def export_float_onnx(

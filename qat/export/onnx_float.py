@@ -35,7 +35,7 @@ import torch.nn as nn
 from ..errors import QATConfigError
 from ..microscaling import MICRO_FORMATS, float_codes
 from ..modules import QuantModuleMixin
-from .onnx import OPSET, finish_onnx, prune_unused, trace_onnx
+from .onnx import OPSET, replace_placeholders, trace_onnx
 
 __all__ = ["export_onnx_float", "ONNX_FLOAT_FORMATS"]
 
@@ -204,7 +204,7 @@ def export_onnx_float(
         model.apply(lambda m: m.enable_observer(False) if isinstance(m, FakeQuantizer) else None)
         export_onnx_float(model.eval(), torch.randn(1, 64), "model_fp8.onnx")
     """
-    import onnx
+    import onnx  # noqa: F401 - fail before tracing, not after, when onnx is missing
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModuleMixin)]
     for name, mod in layers:
@@ -218,25 +218,10 @@ def export_onnx_float(
             trace_onnx(model, args, path, input_names, output_names, dynamic_axes, OPSET)
     finally:
         model.train(was_training)
-    proto = onnx.load(path)
-    graph = proto.graph
-    head, body, inits = [], [], []
-    for node in graph.node:
-        if node.domain != "qat":
-            body.append(node)
-            continue
-        k = next(a.i for a in node.attribute if a.name == "index")
-        name, mod = layers[k]
-        prefix = f"{name}." if name else "model."
+
+    def replace(node, name, mod, prefix):
         if node.op_type == "FloatWeight":
-            nodes, new = _weight_nodes(prefix, mod, node.output[0])
-            head += nodes  # initializer inputs only: first in topological order
-        else:
-            nodes, new = _input_nodes(prefix, mod, node.input[0], node.output[0])
-            body += nodes
-        inits += new
-    del graph.node[:]
-    graph.node.extend(head + body)
-    graph.initializer.extend(inits)
-    prune_unused(graph)
-    return finish_onnx(proto, path)
+            return (*_weight_nodes(prefix, mod, node.output[0]), True)
+        return (*_input_nodes(prefix, mod, node.input[0], node.output[0]), False)
+
+    return replace_placeholders(path, layers, replace)
