@@ -112,6 +112,10 @@ _KERNELS = {
 _ROWS_NV = (1, 2, 4, 8, 16)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ESIZE = {0: 4, 1: 2, 2: 2}
+#: sources whose y (forwards) / grad (STE backward) may be in another dtype than x (``out_dtype``):
+#: each x dtype code -> the codes of that other tensor (an element at most x's size)
+_OUT_CODES = {0: (0, 1, 2), 1: (1, 2), 2: (2, 1)}
+_TWO_DTYPES = ("fake_quant.cu", "rows.cu")
 _ROUND = {mode: i for i, mode in enumerate(reference.ROUND_MODES)}
 #: threads of a block (the sources' QAT_THREADS, passed as a define); the tile kernels take fewer
 #: (KernelTuning.tile_threads, fwd_tile_threads)
@@ -171,23 +175,26 @@ def _source(name: str) -> str:
     return text.replace('#include "common.cuh"', header)
 
 
-def _options(dtype_code: int, vec: int, defines: tuple[str, ...]) -> tuple[str, ...]:
-    """NVRTC options of one module: the instantiation (dtype, vector width, block size) and the tuning's
-    device fields (``KernelTuning.defines(dtype_code)``); the sources define nothing of these themselves."""
+def _options(dtype_code: int, vec: int, defines: tuple[str, ...], out_code: Optional[int] = None) -> tuple[str, ...]:
+    """NVRTC options of one module: the instantiation (x's dtype, the other streamed tensor's dtype
+    ``out_code``, default x's, vector width, block size) and the tuning's device fields
+    (``KernelTuning.defines(dtype_code)``); the sources define nothing of these themselves."""
+    out_code = dtype_code if out_code is None else out_code
     # --fmad=false: no a*b+c contraction, so every float op rounds like PyTorch's (bit-exact parity).
-    return ("-std=c++17", "--fmad=false", f"-DQAT_DTYPE={dtype_code}", f"-DQAT_VEC={vec}",
+    return ("-std=c++17", "--fmad=false", f"-DQAT_DTYPE={dtype_code}", f"-DQAT_OTYPE={out_code}", f"-DQAT_VEC={vec}",
             f"-DQAT_THREADS={_THREADS}", *defines)  # fmt: skip
 
 
 def _variants():
-    """Every (source, dtype code, vector width) this backend can launch."""
+    """Every (source, dtype code, vector width, out dtype code) this backend can launch."""
     for name in _KERNELS:
         for code, esize in _ESIZE.items():
             for vec in (1, 16 // esize):
-                yield name, code, vec
+                for out in _OUT_CODES[code] if name in _TWO_DTYPES else (code,):
+                    yield name, code, vec, out
 
 
-def _compile(name: str, code: int, vec: int, arch: str, tuning: KernelTuning) -> tuple[str, int]:
+def _compile(name: str, code: int, vec: int, arch: str, tuning: KernelTuning, out: Optional[int] = None) -> tuple[str, int]:
     """NVRTC-compile one instantiation without a GPU: ``(ptx, size)``, size that of the cubin for a real
     ``arch`` (of the PTX for a virtual one)."""
     from cupy.cuda import nvrtc
@@ -195,15 +202,15 @@ def _compile(name: str, code: int, vec: int, arch: str, tuning: KernelTuning) ->
     prog = nvrtc.createProgram(_source(name), name, [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, [*_options(code, vec, tuning.defines(code)), f"--gpu-architecture={arch}"])
+            nvrtc.compileProgram(prog, [*_options(code, vec, tuning.defines(code), out), f"--gpu-architecture={arch}"])
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(prog)
-            raise RuntimeError(f"NVRTC failed on {name} (dtype {code}, vec {vec}): {exc}\n{log}") from exc
+            raise RuntimeError(f"NVRTC failed on {name} (dtype {code}, out {out}, vec {vec}): {exc}\n{log}") from exc
         ptx = nvrtc.getPTX(prog)
         ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
         missing = [k for k in _KERNELS[name] if f".entry {k}(" not in ptx]
         if missing:
-            raise RuntimeError(f"{name} (dtype {code}, vec {vec}) compiled without kernels {missing}")
+            raise RuntimeError(f"{name} (dtype {code}, out {out}, vec {vec}) compiled without kernels {missing}")
         return ptx, len(ptx) if arch.startswith("compute_") else len(nvrtc.getCUBIN(prog))
     finally:
         nvrtc.destroyProgram(prog)
@@ -219,7 +226,7 @@ def compile_all(arch: str = "sm_90", tuning: KernelTuning = DEFAULT_TUNING) -> d
         tuning: whose device fields become the sources' defines (:data:`DEFAULT_TUNING`).
 
     Returns:
-        ``{(source, dtype_code, vec): size in bytes of the cubin (or the PTX)}``.
+        ``{(source, dtype_code, vec, out_code): size in bytes of the cubin (or the PTX)}``.
 
     Raises:
         ImportError: CuPy or its NVRTC library is missing.
@@ -228,7 +235,7 @@ def compile_all(arch: str = "sm_90", tuning: KernelTuning = DEFAULT_TUNING) -> d
     """
     if cupy is None:
         raise ImportError("compile_all needs CuPy")
-    return {(name, code, vec): _compile(name, code, vec, arch, tuning)[1] for name, code, vec in _variants()}
+    return {v: _compile(*v[:3], arch, tuning, v[3])[1] for v in _variants()}
 
 
 _lock = threading.Lock()
@@ -241,20 +248,22 @@ def _cache_key(name: str, dtype_code: int, vec: int, tuning: KernelTuning) -> tu
 
 
 @functools.lru_cache(maxsize=None)
-def _module(name: str, dtype_code: int, vec: int, defines: tuple[str, ...], device: int):
+def _module(name: str, dtype_code: int, vec: int, defines: tuple[str, ...], device: int, out_code: int):
     with cupy.cuda.Device(device):
-        return cupy.RawModule(code=_source(name), options=_options(dtype_code, vec, defines))
+        return cupy.RawModule(code=_source(name), options=_options(dtype_code, vec, defines, out_code))
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, kernel: str, dtype_code: int, vec: int, defines: tuple[str, ...], device: int):
+def _kernel(name: str, kernel: str, dtype_code: int, vec: int, defines: tuple[str, ...], device: int, out_code: int):
     with _lock, cupy.cuda.Device(device):
-        return _module(name, dtype_code, vec, defines, device).get_function(kernel)
+        return _module(name, dtype_code, vec, defines, device, out_code).get_function(kernel)
 
 
-def _get(name: str, kernel: str, dtype_code: int, vec: int, device: int, tn: KernelTuning):
-    """The compiled ``kernel`` of source ``name`` for this instantiation and tuning."""
-    return _kernel(name, kernel, dtype_code, vec, tn.defines(dtype_code), device)
+def _get(name: str, kernel: str, dtype_code: int, vec: int, device: int, tn: KernelTuning, out_code: Optional[int] = None):
+    """The compiled ``kernel`` of source ``name`` for this instantiation and tuning (``out_code``: the
+    dtype of y / the STE backward's grad where it differs from x's)."""
+    out_code = dtype_code if out_code is None else out_code
+    return _kernel(name, kernel, dtype_code, vec, tn.defines(dtype_code), device, out_code)
 
 
 @functools.lru_cache(maxsize=None)
@@ -392,6 +401,20 @@ def _supported(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
         if t is not None and t.device != x.device:
             return False
     return True
+
+
+_CODE_DTYPE = {code: dtype for dtype, code in _DTYPE_CODE.items()}
+
+
+def _out_code(dtype: torch.dtype, out_dtype: Optional[torch.dtype]) -> Optional[int]:
+    """The code of the tensor that goes with one of ``dtype`` (y of a forward of x, grad of the backward
+    of dx) in ``out_dtype`` (``dtype`` when None), or None where no kernel pairs them (an element wider
+    than x's, or not a float the kernels take): then the result is cast after."""
+    code = _DTYPE_CODE[dtype]
+    if out_dtype is None or out_dtype == dtype:
+        return code
+    out = _DTYPE_CODE.get(out_dtype)
+    return out if out in _OUT_CODES[code] else None
 
 
 def _params(p: torch.Tensor) -> torch.Tensor:
@@ -576,7 +599,8 @@ def _fwd_tile_t(keymode: int, variant: int, code: int, n: int, tn: KernelTuning)
     return tn.fwd_tile[code] or None
 
 
-def _forward_plan(x, y, s, z, qmin, qmax, axis, group_size, round_mode, variant, with_mask, tn: KernelTuning) -> _Plan:
+def _forward_plan(x, y, s, z, qmin, qmax, axis, group_size, round_mode, variant, with_mask, tn: KernelTuning,
+                  ocode: int) -> _Plan:
     """The launch of a quantize-dequantize forward for these inputs (``s``, ``z`` as ``_params`` gives them)."""
     n = x.numel()
     device = x.device.index
@@ -600,19 +624,23 @@ def _forward_plan(x, y, s, z, qmin, qmax, axis, group_size, round_mode, variant,
     consts = (np.int64(n), *_fastdiv(inner), *_fastdiv(c), np.float32(qmin), np.float32(qmax), np.int32(_ROUND[round_mode]))
     t = _fwd_tile_t(keymode, variant, code, n, tn)
     if t is not None:  # one tile of fwd_tile_threads // 32 * t warp steps a block, 32-bit offsets
-        kern = _get("fake_quant.cu", f"fq_forward_t{t}_{variant}_1", code, vec, device, tn)
+        kern = _get("fake_quant.cu", f"fq_forward_t{t}_{variant}_1", code, vec, device, tn, ocode)
         grid = -(-nsteps // (tn.fwd_tile_threads // 32 * t))
         return _Plan(kern, (grid,), tn.fwd_tile_threads, 0, consts, tn)
-    kern = _get("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device, tn)
+    kern = _get("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device, tn, ocode)
     grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, tn.elementwise_waves)))
     return _Plan(kern, (min(grid, 2**31 - 1),), _THREADS, 0, consts, tn)
 
 
 def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask,
-             tn: KernelTuning):
+             tn: KernelTuning, out_dtype: Optional[torch.dtype] = None):
+    ocode = _out_code(x.dtype, out_dtype)
+    if ocode is None:  # no kernel writes this pair: x's dtype, then the cast
+        y, mask = _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask, tn)
+        return y.to(out_dtype), mask
     xc = x.contiguous()
     n = xc.numel()
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=_CODE_DTYPE[ocode], device=x.device)
     mask = torch.empty((reference.mask_words(n),), dtype=torch.int32, device=x.device) if with_mask else None
     if n == 0:
         return y, mask
@@ -624,8 +652,9 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
     # the plan depends on the pointers only through their 16-byte alignment (x's; s and z's where the
     # channels are on the last axis): y and mask are fresh allocations, aligned
     key = ("fwd", x.shape, x.dtype, x.device.index, xc.data_ptr() % 16 == 0, variant == 2 or _aligned(s, z), qmin, qmax,
-           axis, group_size, round_mode, variant, with_mask, id(tn))  # fmt: skip
-    plan = _plan(key, tn, lambda: _forward_plan(xc, y, s, z, qmin, qmax, axis, group_size, round_mode, variant, with_mask, tn))
+           axis, group_size, round_mode, variant, with_mask, ocode, id(tn))  # fmt: skip
+    plan = _plan(key, tn, lambda: _forward_plan(xc, y, s, z, qmin, qmax, axis, group_size, round_mode, variant, with_mask,
+                                                tn, ocode))
     _run(plan, (_ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a)), x.device.index)
     return y, mask
 
@@ -642,24 +671,30 @@ def fake_quantize_forward(
     axis: Optional[int] = None,
     group_size: Optional[int] = None,
     round_mode: str = "half_even",
+    out_dtype: Optional[torch.dtype] = None,
     tuning: Optional[KernelTuning] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize-dequantize ``x``; returns ``(x_hat, packed_mask)`` (see reference). ``tuning``: the
-    kernels' :class:`KernelTuning` (None: :func:`current_tuning`), as in every function below."""
+    """Quantize-dequantize ``x``; returns ``(x_hat, packed_mask)``, ``x_hat`` in ``out_dtype`` (default
+    ``x``'s; see reference). ``tuning``: the kernels' :class:`KernelTuning` (None: :func:`current_tuning`),
+    as in every function below."""
     if not _supported(x, scale, zero_point):
-        return reference.fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
-    return _forward(x, scale, zero_point, None, qmin, qmax, axis, group_size, round_mode, 0, True, _tn(tuning))
+        return reference.fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
+    return _forward(x, scale, zero_point, None, qmin, qmax, axis, group_size, round_mode, 0, True, _tn(tuning), out_dtype)
 
 
 def fake_quantize_backward(
-    grad: torch.Tensor, mask: torch.Tensor, tuning: Optional[KernelTuning] = None
+    grad: torch.Tensor, mask: torch.Tensor, dtype: Optional[torch.dtype] = None, tuning: Optional[KernelTuning] = None
 ) -> torch.Tensor:
-    """Clipped-STE backward: ``grad`` where the saved mask bit is set, 0 elsewhere."""
-    if not _supported(grad, mask) or mask.dtype != torch.int32:
-        return reference.fake_quantize_backward(grad, mask)
+    """Clipped-STE backward: ``grad`` where the saved mask bit is set, 0 elsewhere, in ``dtype``
+    (``x``'s where the forward wrote another; default ``grad``'s)."""
+    dtype = grad.dtype if dtype is None else dtype
+    if not _supported(grad, mask) or mask.dtype != torch.int32 or dtype not in _DTYPE_CODE:
+        return reference.fake_quantize_backward(grad, mask, dtype)
+    if _out_code(dtype, grad.dtype) is None:  # no kernel pairs them: the backward in grad's dtype, then the cast
+        return fake_quantize_backward(grad, mask, None, tuning).to(dtype)
     g = grad.contiguous()
     n = g.numel()
-    dx = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    dx = torch.empty(grad.shape, dtype=dtype, device=grad.device)
     if n == 0:
         return dx
     m = mask.contiguous()
@@ -667,25 +702,25 @@ def fake_quantize_backward(
     tn = _tn(tuning)
 
     def make() -> _Plan:
-        code = _DTYPE_CODE[grad.dtype]
+        code = _DTYPE_CODE[dtype]  # dx is x's dtype; grad is the forward's y's
         vec = 16 // _ESIZE[code] if _aligned(g, dx) else 1
-        kern = _get("fake_quant.cu", "fq_backward", code, vec, device, tn)
+        kern = _get("fake_quant.cu", "fq_backward", code, vec, device, tn, _DTYPE_CODE[grad.dtype])
         nvec = -(-n // vec)
         grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, tn.elementwise_waves)))
         return _Plan(kern, (grid,), _THREADS, 0, (np.int64(n),), tn)
 
-    plan = _plan(("bwd", n, grad.dtype, device, g.data_ptr() % 16 == 0, id(tn)), tn, make)
+    plan = _plan(("bwd", n, grad.dtype, dtype, device, g.data_ptr() % 16 == 0, id(tn)), tn, make)
     _run(plan, (_ptr(g), _ptr(m), _ptr(dx)), device)
     return dx
 
 
 def fake_quantize_lsq_forward(
-    x, scale, zero_point, qmin, qmax, axis=None, group_size=None, round_mode="half_even", tuning=None
+    x, scale, zero_point, qmin, qmax, axis=None, group_size=None, round_mode="half_even", out_dtype=None, tuning=None
 ):
     """Forward of the learned-step (LSQ / LSQ+) quantizer (zero point used as clamp(rint(z)))."""
     if not _supported(x, scale, zero_point):
-        return reference.fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
-    y, _ = _forward(x, scale, zero_point, None, qmin, qmax, axis, group_size, round_mode, 1, False, _tn(tuning))
+        return reference.fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
+    y, _ = _forward(x, scale, zero_point, None, qmin, qmax, axis, group_size, round_mode, 1, False, _tn(tuning), out_dtype)
     return y
 
 
@@ -719,11 +754,11 @@ def fake_quantize_lsq_backward(
     return dx, ds.reshape(scale.shape), dz.reshape(zero_point.shape)
 
 
-def fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode="half_even", tuning=None):
+def fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode="half_even", out_dtype=None, tuning=None):
     """PACT forward: clip to ``[0, alpha]``, quantize with ``s = alpha / (qmax - qmin)``, ``z = qmin``."""
     if not _supported(x, alpha):
-        return reference.fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode)
-    y, _ = _forward(x, None, None, alpha, qmin, qmax, None, None, round_mode, 2, False, _tn(tuning))
+        return reference.fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode, out_dtype)
+    y, _ = _forward(x, None, None, alpha, qmin, qmax, None, None, round_mode, 2, False, _tn(tuning), out_dtype)
     return y
 
 
@@ -854,28 +889,31 @@ def fake_quantize_minmax_forward(
     scale_f16: bool = False,
     round_mode: str = "half_even",
     state: Optional[tuple] = None,
+    out_dtype: Optional[torch.dtype] = None,
     tuning: Optional[KernelTuning] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake-quantize each contiguous row of ``row`` elements with its own finite min / max (see the
     reference, :func:`qat.kernels.reference.fake_quantize_minmax_forward`), in one kernel: one warp a
     row (``row % 32 == 0``, at most 512 16-byte vectors), reading ``x`` once. ``state``: the observer's
-    ``(min_val, max_val, seen, scale, zero_point)``, updated in place. Returns ``(x_hat, packed_mask)``."""
+    ``(min_val, max_val, seen, scale, zero_point)``, updated in place. Returns ``(x_hat, packed_mask)``,
+    ``x_hat`` in ``out_dtype`` (default ``x``'s)."""
     n = x.numel()
     ok = _supported(x, *(state or ())) and n > 0 and row > 0 and n % row == 0
+    ocode = _out_code(x.dtype, out_dtype) if ok else None
     if ok and state is not None:
         nrows = n // row
         ok = all(t.is_contiguous() and t.numel() == nrows for t in state) and state[2].dtype == torch.bool and all(
             t.dtype == torch.float32 for t in (state[0], state[1], state[3], state[4])
         )
-    if ok:
+    if ok and ocode is not None:
         xc = x.contiguous()
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        y = torch.empty(x.shape, dtype=_CODE_DTYPE[ocode], device=x.device)
         code = _DTYPE_CODE[x.dtype]
         vec = _rows_vec(xc, y, row, code)
         ok = vec is not None
-    if not ok:  # PyTorch's reductions for the range, this backend's forward where it takes x
+    if not ok or ocode is None:  # PyTorch's reductions for the range, this backend's forward where it takes x
         rows, s, z = reference.minmax_qparams(x, row, qmin, qmax, symmetric, scale_f16, state)
-        y, mask = fake_quantize_forward(rows, s, z, qmin, qmax, None, row, round_mode, tuning)
+        y, mask = fake_quantize_forward(rows, s, z, qmin, qmax, None, row, round_mode, out_dtype, tuning)
         return y.reshape(x.shape), mask
     device = x.device.index
     tn = _tn(tuning)
@@ -884,7 +922,7 @@ def fake_quantize_minmax_forward(
         nvec = row // vec
         nv = next(k for k in _ROWS_NV if 32 * k >= nvec)
         nrows = n // row
-        kern = _get("rows.cu", f"fq_rows_{nv}", code, vec, device, tn)
+        kern = _get("rows.cu", f"fq_rows_{nv}", code, vec, device, tn, ocode)
         scheme = 2 if not symmetric else (0 if qmin < 0 else 1)
         div = (qmax - qmin) / 2 if scheme == 0 else float(qmax - qmin)
         consts = (
@@ -894,7 +932,8 @@ def fake_quantize_minmax_forward(
         )  # fmt: skip
         return _Plan(kern, (-(-nrows // (_THREADS // 32)),), _THREADS, 0, consts, tn)
 
-    plan = _plan(("rows", n, x.dtype, device, vec, row, qmin, qmax, symmetric, scale_f16, round_mode, id(tn)), tn, make)
+    plan = _plan(("rows", n, x.dtype, ocode, device, vec, row, qmin, qmax, symmetric, scale_f16, round_mode, id(tn)), tn,
+                 make)
     mask = torch.empty((reference.mask_words(n),), dtype=torch.int32, device=x.device)
     # the state pointers go after the scalars (rows.cu's argument order)
     _run(plan, (_ptr(xc), _ptr(y), _ptr(mask)), device, tuple(_ptr(t) for t in (state or (None,) * 5)))

@@ -201,32 +201,38 @@ def _fq(
     axis: Optional[int],
     group_size: Optional[int],
     round_mode: str,
+    out_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor]:
-    return _backend(x).fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    return _backend(x).fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
+
+
+def _mask_like(x: Tensor) -> Tensor:
+    return x.new_empty((reference.mask_words(x.numel()),), dtype=torch.int32)
 
 
 @_fq.register_fake
-def _(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode):
-    return x.new_empty(x.shape), x.new_empty((reference.mask_words(x.numel()),), dtype=torch.int32)
+def _(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), _mask_like(x)
 
 
 @torch.library.custom_op("qat::fake_quantize_backward", mutates_args=())
-def _fq_bwd(grad: Tensor, mask: Tensor) -> Tensor:
-    return _backend(grad).fake_quantize_backward(grad, mask)
+def _fq_bwd(grad: Tensor, mask: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    return _backend(grad).fake_quantize_backward(grad, mask, dtype)
 
 
 @_fq_bwd.register_fake
-def _(grad, mask):
-    return grad.new_empty(grad.shape)
+def _(grad, mask, dtype):
+    return grad.new_empty(grad.shape, dtype=dtype or grad.dtype)
 
 
 def _fq_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.x_dtype = inputs[0].dtype
 
 
 def _fq_grad(ctx, grad_y, grad_mask):
     (mask,) = ctx.saved_tensors
-    return torch.ops.qat.fake_quantize_backward(grad_y, mask), None, None, None, None, None, None, None
+    return torch.ops.qat.fake_quantize_backward(grad_y, mask, ctx.x_dtype), *(None,) * 8
 
 
 _fq.register_autograd(_fq_grad, setup_context=_fq_setup)
@@ -245,13 +251,14 @@ def _lsq(
     group_size: Optional[int],
     grad_factor: float,
     round_mode: str,
+    out_dtype: Optional[torch.dtype],
 ) -> Tensor:
-    return _backend(x).fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    return _backend(x).fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
 
 
 @_lsq.register_fake
-def _(x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode):
-    return x.new_empty(x.shape)
+def _(x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype)
 
 
 @torch.library.custom_op("qat::fake_quantize_lsq_backward", mutates_args=())
@@ -278,15 +285,15 @@ def _(grad, x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, rou
 
 
 def _lsq_setup(ctx, inputs, output):
-    x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode = inputs
+    x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode, _ = inputs
     ctx.save_for_backward(x, scale, zero_point)
     ctx.args = (qmin, qmax, axis, group_size, grad_factor, round_mode)
 
 
 def _lsq_grad(ctx, grad_y):
     x, scale, zero_point = ctx.saved_tensors
-    dx, ds, dz = torch.ops.qat.fake_quantize_lsq_backward(grad_y, x, scale, zero_point, *ctx.args)
-    return dx, ds, dz, None, None, None, None, None, None
+    dx, ds, dz = torch.ops.qat.fake_quantize_lsq_backward(grad_y.to(x.dtype), x, scale, zero_point, *ctx.args)
+    return dx, ds, dz, *(None,) * 7
 
 
 _lsq.register_autograd(_lsq_grad, setup_context=_lsq_setup)
@@ -295,13 +302,13 @@ _lsq.register_autograd(_lsq_grad, setup_context=_lsq_setup)
 
 
 @torch.library.custom_op("qat::fake_quantize_pact", mutates_args=())
-def _pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mode: str) -> Tensor:
-    return _backend(x).fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode)
+def _pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mode: str, out_dtype: Optional[torch.dtype]) -> Tensor:
+    return _backend(x).fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode, out_dtype)
 
 
 @_pact.register_fake
-def _(x, alpha, qmin, qmax, round_mode):
-    return x.new_empty(x.shape)
+def _(x, alpha, qmin, qmax, round_mode, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype)
 
 
 @torch.library.custom_op("qat::fake_quantize_pact_backward", mutates_args=())
@@ -321,8 +328,8 @@ def _pact_setup(ctx, inputs, output):
 
 def _pact_grad(ctx, grad_y):
     x, alpha = ctx.saved_tensors
-    dx, dalpha = torch.ops.qat.fake_quantize_pact_backward(grad_y, x, alpha)
-    return dx, dalpha, None, None, None
+    dx, dalpha = torch.ops.qat.fake_quantize_pact_backward(grad_y.to(x.dtype), x, alpha)
+    return dx, dalpha, None, None, None, None
 
 
 _pact.register_autograd(_pact_grad, setup_context=_pact_setup)
@@ -334,14 +341,15 @@ _pact.register_autograd(_pact_grad, setup_context=_pact_setup)
 
 @torch.library.custom_op("qat::fake_quantize_minmax", mutates_args=())
 def _mm(
-    x: Tensor, row: int, qmin: int, qmax: int, symmetric: bool, scale_f16: bool, round_mode: str
+    x: Tensor, row: int, qmin: int, qmax: int, symmetric: bool, scale_f16: bool, round_mode: str,
+    out_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor]:
-    return _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode)
+    return _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, None, out_dtype)
 
 
 @_mm.register_fake
-def _(x, row, qmin, qmax, symmetric, scale_f16, round_mode):
-    return x.new_empty(x.shape), x.new_empty((reference.mask_words(x.numel()),), dtype=torch.int32)
+def _(x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), _mask_like(x)
 
 
 @torch.library.custom_op("qat::fake_quantize_minmax_observe", mutates_args=())
@@ -356,35 +364,32 @@ def _mmo(
     symmetric: bool,
     scale_f16: bool,
     round_mode: str,
+    out_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     state = (min_val.clone(), max_val.clone(), seen.clone(), torch.empty_like(min_val), torch.empty_like(min_val))
-    y, mask = _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state)
+    y, mask = _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state,
+                                                       out_dtype)  # fmt: skip
     return (y, mask, *state)
 
 
 @_mmo.register_fake
-def _(x, min_val, max_val, seen, row, qmin, qmax, symmetric, scale_f16, round_mode):
-    mask = x.new_empty((reference.mask_words(x.numel()),), dtype=torch.int32)
-    return (x.new_empty(x.shape), mask, torch.empty_like(min_val), torch.empty_like(max_val), torch.empty_like(seen),
-            torch.empty_like(min_val), torch.empty_like(min_val))  # fmt: skip
+def _(x, min_val, max_val, seen, row, qmin, qmax, symmetric, scale_f16, round_mode, out_dtype):
+    return (x.new_empty(x.shape, dtype=out_dtype or x.dtype), _mask_like(x), torch.empty_like(min_val),
+            torch.empty_like(max_val), torch.empty_like(seen), torch.empty_like(min_val), torch.empty_like(min_val))  # fmt: skip
+
+
+def _mm_grad(ctx, grad_y, *unused):
+    (mask,) = ctx.saved_tensors
+    return torch.ops.qat.fake_quantize_backward(grad_y, mask, ctx.x_dtype), *(None,) * (ctx.n_inputs - 1)
 
 
 def _mm_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-
-
-def _mm_grad(ctx, grad_y, grad_mask):
-    (mask,) = ctx.saved_tensors
-    return torch.ops.qat.fake_quantize_backward(grad_y, mask), None, None, None, None, None, None
-
-
-def _mmo_grad(ctx, grad_y, *unused):
-    (mask,) = ctx.saved_tensors
-    return (torch.ops.qat.fake_quantize_backward(grad_y, mask), *(None,) * 9)
+    _fq_setup(ctx, inputs, output)
+    ctx.n_inputs = len(inputs)
 
 
 _mm.register_autograd(_mm_grad, setup_context=_mm_setup)
-_mmo.register_autograd(_mmo_grad, setup_context=_mm_setup)
+_mmo.register_autograd(_mm_grad, setup_context=_mm_setup)
 
 # ----------------------------------------------------------------------------- eager fast path
 # The custom ops above are what torch.compile / torch.export see. In eager mode the dispatcher's
@@ -399,42 +404,45 @@ def _traced(x: Tensor) -> bool:
 
 class _FakeQuantizeFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, round_mode):
-        y, mask = _backend(x).fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype):
+        y, mask = _backend(x).fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode,
+                                                    out_dtype)  # fmt: skip
         ctx.save_for_backward(mask)
+        ctx.x_dtype = x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         (mask,) = ctx.saved_tensors
-        return _backend(grad_y).fake_quantize_backward(grad_y, mask), None, None, None, None, None, None, None
+        return _backend(grad_y).fake_quantize_backward(grad_y, mask, ctx.x_dtype), *(None,) * 8
 
 
 class _LSQFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode, out_dtype):
         ctx.save_for_backward(x, scale, zero_point)
         ctx.args = (qmin, qmax, axis, group_size, grad_factor, round_mode)
-        return _backend(x).fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+        return _backend(x).fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode,
+                                                     out_dtype)  # fmt: skip
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale, zero_point = ctx.saved_tensors
-        dx, ds, dz = _backend(x).fake_quantize_lsq_backward(grad_y, x, scale, zero_point, *ctx.args)
-        return dx, ds, dz, None, None, None, None, None, None
+        dx, ds, dz = _backend(x).fake_quantize_lsq_backward(grad_y.to(x.dtype), x, scale, zero_point, *ctx.args)
+        return dx, ds, dz, *(None,) * 7
 
 
 class _PACTFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, alpha, qmin, qmax, round_mode):
+    def forward(ctx, x, alpha, qmin, qmax, round_mode, out_dtype):
         ctx.save_for_backward(x, alpha)
-        return _backend(x).fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode)
+        return _backend(x).fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, alpha = ctx.saved_tensors
-        dx, dalpha = _backend(x).fake_quantize_pact_backward(grad_y, x, alpha)
-        return dx, dalpha, None, None, None
+        dx, dalpha = _backend(x).fake_quantize_pact_backward(grad_y.to(x.dtype), x, alpha)
+        return dx, dalpha, None, None, None, None
 
 
 class _MaskedSTE(torch.autograd.Function):
@@ -452,26 +460,30 @@ class _MaskedSTE(torch.autograd.Function):
         return torch.where(inside, grad_y, torch.zeros_like(grad_y)), None, None
 
 
-def _fake_quantize_inductor(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode):
+def _fake_quantize_inductor(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype):
     with torch.no_grad():
         y, inside = reference.fake_quantize_unpacked(x.detach(), scale, zero_point, qmin, qmax, axis, group_size, round_mode)
-    return _MaskedSTE.apply(x, y, inside)
+    y = _MaskedSTE.apply(x, y, inside)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
-def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state):
+def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_dtype, state):
     with torch.no_grad():
         rows, s, z = reference.minmax_qparams(x.detach(), row, qmin, qmax, symmetric, scale_f16, state)
         y, inside = reference.fake_quantize_unpacked(rows, s, z, qmin, qmax, None, row, round_mode)
-    return _MaskedSTE.apply(x, y.reshape(x.shape), inside.reshape(x.shape))
+    y = _MaskedSTE.apply(x, y.reshape(x.shape), inside.reshape(x.shape))
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 class _MinMaxFn(_FakeQuantizeFn):
-    """The range-of-the-data forward; the backward is :class:`_FakeQuantizeFn`'s mask (8 inputs too)."""
+    """The range-of-the-data forward; the backward is :class:`_FakeQuantizeFn`'s mask (9 inputs too)."""
 
     @staticmethod
-    def forward(ctx, x, row, qmin, qmax, symmetric, scale_f16, round_mode, state):
-        y, mask = _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state)
+    def forward(ctx, x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_dtype, state):
+        y, mask = _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state,
+                                                           out_dtype)  # fmt: skip
         ctx.save_for_backward(mask)
+        ctx.x_dtype = x.dtype
         return y
 
 
@@ -490,6 +502,11 @@ def _check_ints(op: str, qmin, qmax, axis, group_size, round_mode) -> None:
             raise TypeError(f"{op}: {name} must be an int or None, got {v!r} ({type(v).__name__})")
     if not isinstance(round_mode, str) or round_mode not in reference.ROUND_MODES:
         raise ValueError(f"{op}: round_mode must be one of {reference.ROUND_MODES}, got {round_mode!r}")
+
+
+def _check_out_dtype(op: str, out_dtype) -> None:
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"{op}: out_dtype must be None or a floating dtype, got {out_dtype!r}")
 
 
 def _checks_values(x: Tensor) -> bool:
@@ -569,6 +586,7 @@ def fake_quantize(
     axis: Optional[int] = None,
     group_size: Optional[int] = None,
     round_mode: str = "half_even",
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Quantize-dequantize ``x`` with a clipped straight-through estimator in the backward pass.
 
@@ -581,9 +599,12 @@ def fake_quantize(
         axis: channel axis for per-channel scales.
         group_size: group length along the last axis for per-group scales.
         round_mode: ``"half_even"`` (default, as ``torch.round``), ``"half_away"`` or ``"half_up"``.
+        out_dtype: the result's dtype (default ``x``'s): the result is what ``.to(out_dtype)`` of it
+            would give, written so by the kernel in one pass, and the gradient comes back in ``x``'s
+            dtype. What a layer under autocast passes (a float32 input feeding a bfloat16 matmul).
 
     Returns:
-        A tensor of ``x``'s shape and dtype: ``(clamp(round(x / s) + z, qmin, qmax) - z) * s``.
+        A tensor of ``x``'s shape: ``(clamp(round(x / s) + z, qmin, qmax) - z) * s``.
 
     Raises:
         TypeError: ``qmin`` / ``qmax`` not Python ints, or a tensor of the wrong dtype.
@@ -598,7 +619,10 @@ def fake_quantize(
         tensor([ 0.0000,  0.2500, -2.0000])
     """
     axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
-    args = (x, scale, zero_point, int(qmin), int(qmax), axis, None if group_size is None else int(group_size), round_mode)
+    _check_out_dtype("fake_quantize", out_dtype)
+    out_dtype = None if out_dtype == x.dtype else out_dtype
+    args = (x, scale, zero_point, int(qmin), int(qmax), axis, None if group_size is None else int(group_size), round_mode,
+            out_dtype)  # fmt: skip
     if _traced(x):
         if _COMPILE_ROUTE == "inductor":
             return _fake_quantize_inductor(*args)
@@ -616,11 +640,12 @@ def fake_quantize_lsq(
     group_size: Optional[int] = None,
     grad_factor: float = 1.0,
     round_mode: str = "half_even",
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Fake quantization with a learned step size (LSQ) and, if ``zero_point`` requires grad, a
     learned offset (LSQ+).
 
-    Same arguments as :func:`fake_quantize`, plus ``grad_factor``, the LSQ gradient scale
+    Same arguments as :func:`fake_quantize` (``out_dtype`` too), plus ``grad_factor``, the LSQ gradient scale
     (``1 / sqrt(N * qmax)`` in the paper, ``N`` the elements per scale). The backward pass returns
     gradients for ``x``, ``scale`` and ``zero_point``, matching
     ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``.
@@ -636,17 +661,22 @@ def fake_quantize_lsq(
     if isinstance(grad_factor, bool) or not isinstance(grad_factor, numbers.Real) or not math.isfinite(grad_factor):
         raise TypeError(f"fake_quantize_lsq: grad_factor must be a finite number, got {grad_factor!r}")
     axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, op="fake_quantize_lsq", lsq=True)
-    args = (x, scale, zero_point, int(qmin), int(qmax), axis, group_size, float(grad_factor), round_mode)
+    _check_out_dtype("fake_quantize_lsq", out_dtype)
+    out_dtype = None if out_dtype == x.dtype else out_dtype
+    args = (x, scale, zero_point, int(qmin), int(qmax), axis, group_size, float(grad_factor), round_mode, out_dtype)
     if _traced(x):  # the opaque op on both routes: traced as an autograd.Function, Inductor gave wrong
         # LSQ gradients on CUDA (right on the CPU); benchmarks/compile_grad_check.py shows it
         return torch.ops.qat.fake_quantize_lsq(*args)
     return _LSQFn.apply(*args)
 
 
-def fake_quantize_pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mode: str = "half_even") -> Tensor:
+def fake_quantize_pact(
+    x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mode: str = "half_even", out_dtype: Optional[torch.dtype] = None
+) -> Tensor:
     """PACT: clip ``x`` to ``[0, alpha]`` with a learned ``alpha`` and quantize to ``[qmin, qmax]``.
 
-    The gradient reaches ``alpha`` from elements at or above it (``dy/dalpha = 1[x >= alpha]``).
+    The gradient reaches ``alpha`` from elements at or above it (``dy/dalpha = 1[x >= alpha]``);
+    ``out_dtype`` as :func:`fake_quantize`.
 
     Raises:
         TypeError / ValueError: as :func:`fake_quantize`; and ``alpha`` not a one-element float32
@@ -667,12 +697,14 @@ def fake_quantize_pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mod
     if alpha.device != x.device:
         raise ValueError(f"{op}: alpha is on {alpha.device} but x is on {x.device}")
     _check_ints(op, qmin, qmax, None, None, round_mode)
+    _check_out_dtype(op, out_dtype)
+    out_dtype = None if out_dtype == x.dtype else out_dtype
     if _checks_values(x):
         a = alpha.detach()
         bad = ~(torch.isfinite(a) & torch.isfinite(float(qmax - qmin) / a)) | (a <= 0)  # s = alpha / (qmax - qmin): 1/s finite
         if bad.any().item():
             _first_bad(op, "alpha", a, bad, "finite and positive (the clip [0, alpha]), with (qmax - qmin) / alpha finite")
-    args = (x, alpha, int(qmin), int(qmax), round_mode)
+    args = (x, alpha, int(qmin), int(qmax), round_mode, out_dtype)
     if _traced(x):  # the opaque op on both routes, as LSQ
         return torch.ops.qat.fake_quantize_pact(*args)
     return _PACTFn.apply(*args)
@@ -687,6 +719,7 @@ def fake_quantize_minmax(
     scale_f16: bool = False,
     round_mode: str = "half_even",
     state: Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Fake-quantize every contiguous row of ``row`` elements of ``x`` with the range of its own finite
     elements, with a clipped straight-through estimator in the backward pass: a dynamic per-token or
@@ -706,6 +739,7 @@ def fake_quantize_minmax(
         state: ``(min_val, max_val, seen, scale, zero_point)``, contiguous, one entry a row
             (float32; ``seen`` bool): updated in place, as a min/max observer's first batch and
             its ``qparams()`` set them.
+        out_dtype: as :func:`fake_quantize`.
 
     Example::
 
@@ -730,7 +764,9 @@ def fake_quantize_minmax(
                 raise TypeError(f"{op}: state {name} must be a contiguous {dtype} tensor on {x.device}")
             if t.numel() != x.numel() // row:
                 raise ValueError(f"{op}: state {name} must have one entry a row ({x.numel() // row}), got {t.numel()}")
-    args = (x, int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode)
+    _check_out_dtype(op, out_dtype)
+    out_dtype = None if out_dtype == x.dtype else out_dtype
+    args = (x, int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode, out_dtype)
     if _traced(x):
         if _COMPILE_ROUTE == "inductor":
             return _minmax_inductor(*args, state)
@@ -771,7 +807,7 @@ def _ff_setup(ctx, inputs, output):
 
 def _ff_grad(ctx, grad_y, grad_mask):
     (mask,) = ctx.saved_tensors
-    return torch.ops.qat.fake_quantize_backward(grad_y, mask), None, None, None, None, None
+    return torch.ops.qat.fake_quantize_backward(grad_y, mask, None), None, None, None, None, None
 
 
 _ff.register_autograd(_ff_grad, setup_context=_ff_setup)

@@ -13,7 +13,10 @@ Granularity is given the way the public op takes it: ``axis=None, group_size=Non
 elements); ``group_size=g`` is per-group over ``g`` consecutive elements of the last axis (``scale``
 of shape ``x.shape[:-1] + (x.shape[-1] // g,)``). How elements line up with parameters is
 :class:`qat.granularity.Layout`'s to say; rounding modes are :func:`qat.spec.round_with_mode`'s. All arithmetic is float32; half-precision inputs
-are upcast for the math and the result is cast back.
+are upcast for the math and the result is cast back. ``out_dtype`` (the forwards) returns the result
+cast on to another dtype, the dtype a layer computes in under autocast, as ``.to(out_dtype)`` of the
+result would: the kernels write it so directly, and the STE backward takes the gradient in that dtype
+and returns it in ``x``'s (``dtype``).
 
 The clip mask saved for the backward pass is packed 32 elements to an int32 word, bit ``j`` of word
 ``w`` holding element ``32 * w + j`` of the contiguous input: the layout a warp ballot produces.
@@ -106,12 +109,14 @@ def fake_quantize_forward(
     axis: Optional[int] = None,
     group_size: Optional[int] = None,
     round_mode: str = "half_even",
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize-dequantize ``x``; returns ``(x_hat, packed_mask)``.
+    """Quantize-dequantize ``x``; returns ``(x_hat, packed_mask)``, ``x_hat`` in ``out_dtype``
+    (default ``x``'s).
 
     ``packed_mask`` holds 1 where the clipped STE passes the gradient (see module docstring).
     """
-    y, inside = fake_quantize_unpacked(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    y, inside = fake_quantize_unpacked(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
     return y, pack_mask(inside)
 
 
@@ -124,30 +129,37 @@ def fake_quantize_unpacked(
     axis: Optional[int] = None,
     group_size: Optional[int] = None,
     round_mode: str = "half_even",
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fake_quantize_forward` with the STE mask as a boolean tensor of ``x``'s shape (what
     ``torch.compile`` fuses into neighbouring ops, where packing bits would only cost)."""
     x32 = x.contiguous().float()
     _, s, z, q_raw, q = _quantize(x32, scale.float(), zero_point.float(), qmin, qmax, axis, group_size, round_mode)
     y = ((q - z) * s).reshape(x.shape).to(x.dtype)
+    if out_dtype is not None:
+        y = y.to(out_dtype)
     inside = (q_raw >= qmin) & (q_raw <= qmax)
     return y, inside.reshape(x.shape)
 
 
-def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Clipped-STE backward: ``grad`` where the saved mask bit is set, 0 elsewhere."""
+def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Clipped-STE backward: ``grad`` where the saved mask bit is set, 0 elsewhere, in ``dtype``
+    (``x``'s, when the forward wrote ``out_dtype``; default ``grad``'s)."""
     keep = unpack_mask(mask, grad.numel()).reshape(grad.shape)
-    return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    dx = torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    return dx if dtype is None else dx.to(dtype)
 
 
-def fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis=None, group_size=None, round_mode="half_even"):
+def fake_quantize_lsq_forward(
+    x, scale, zero_point, qmin, qmax, axis=None, group_size=None, round_mode="half_even", out_dtype=None
+):
     """Forward of the learned-step (LSQ / LSQ+) quantizer.
 
     The zero point is learned as a float but used rounded and clamped to ``[qmin, qmax]``, as
     ``torch._fake_quantize_learnable_*`` does.
     """
     z = torch.clamp(torch.round(zero_point.float()), qmin, qmax)
-    y, _ = fake_quantize_forward(x, scale, z, qmin, qmax, axis, group_size, round_mode)
+    y, _ = fake_quantize_forward(x, scale, z, qmin, qmax, axis, group_size, round_mode, out_dtype)
     return y
 
 
@@ -187,7 +199,7 @@ def fake_quantize_lsq_backward(
     return dx, dscale, dzp
 
 
-def fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode="half_even"):
+def fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode="half_even", out_dtype=None):
     """PACT: clip activations to ``[0, alpha]`` (``alpha`` learned, one element), quantize unsigned.
 
     ``s = alpha / (qmax - qmin)``, ``z = qmin``; equals :func:`fake_quantize_forward` with that
@@ -198,7 +210,8 @@ def fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode="half_even"):
     z = torch.full((1,), float(qmin), device=x.device)
     xc = torch.minimum(torch.clamp(x.float(), min=0.0), a)
     y, _ = fake_quantize_forward(xc, s, z, qmin, qmax, None, None, round_mode)
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def fake_quantize_pact_backward(grad, x, alpha):
@@ -220,6 +233,7 @@ def fake_quantize_minmax_forward(
     scale_f16: bool = False,
     round_mode: str = "half_even",
     state: Optional[tuple] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake-quantize each contiguous row of ``row`` elements of ``x`` with the range of its own finite
     elements: a dynamic per-token / per-group quantizer, or (``state`` given) a min/max observer's
@@ -234,7 +248,7 @@ def fake_quantize_minmax_forward(
     the scale and zero point are those of the stored range. Returns ``(x_hat, packed_mask)``.
     """
     rows, s, z = minmax_qparams(x, row, qmin, qmax, symmetric, scale_f16, state)
-    y, mask = fake_quantize_forward(rows, s, z, qmin, qmax, None, row, round_mode)
+    y, mask = fake_quantize_forward(rows, s, z, qmin, qmax, None, row, round_mode, out_dtype)
     return y.reshape(x.shape), mask
 
 

@@ -147,7 +147,16 @@ class FakeQuantizer(Float32State, FlagBuffers):
         return 1.0 / math.sqrt(n * max(self.spec.qmax, 1))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``x`` fake-quantized (observed first where the observer is on), in ``out_dtype``.
+
+        Args:
+            x: the tensor.
+            out_dtype: the result's dtype (default ``x``'s): exactly ``.to(out_dtype)`` of the
+                result, which the fused kernels write directly (one pass fewer, and the gradient
+                comes back in ``x``'s dtype in the same pass). A layer under autocast passes the
+                dtype its matmul runs in (:meth:`qat.QuantModuleMixin.compute_dtype`).
+        """
         spec = self.spec
         rm = spec.round_mode.value
         flags = self._flags  # Python mirrors of the flag buffers: no device sync per step
@@ -156,34 +165,37 @@ class FakeQuantizer(Float32State, FlagBuffers):
             # observers still observe (as PyTorch's FakeQuantize): calibration on float values
             if observing:
                 self._observe(x)
-            return x
+            return _cast(x, out_dtype)
         if self.micro is not None:
-            return self._microscaling(x, observing)
+            return _cast(self._microscaling(x, observing), out_dtype)
         if spec.dynamic:
-            return self._dynamic(x)
+            return fake_quantize_dynamic(x, spec, self.layout, out_dtype)
         if spec.format is not WeightFormat.AFFINE:  # llama.cpp k-quant: both scale levels from the current weight
             self._set_flag("initialized", True)
-            return fake_quantize_kquant(x, spec.format.value)
+            return _cast(fake_quantize_kquant(x, spec.format.value), out_dtype)
         if spec.estimator is Estimator.STE:
             if observing and self._minmax_row is not None and x.numel() == self.scale.numel() * self._minmax_row:
-                return self._observe_and_quantize(x)
+                return self._observe_and_quantize(x, out_dtype)
             if observing:
                 self._observe(x)
             elif not flags["initialized"]:
                 raise RuntimeError(
                     "FakeQuantizer: observer disabled before it saw any data; calibrate or enable the observer first"
                 )
-            return fake_quantize(x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, rm)
+            return fake_quantize(
+                x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, rm, out_dtype
+            )
         if not flags["initialized"]:
             self._init_learned(x)
             if not flags["initialized"]:
-                return x  # no finite value seen yet: nothing to initialize from
+                return _cast(x, out_dtype)  # no finite value seen yet: nothing to initialize from
         elif observing and not self.training:
             self.observer(x)  # calibration statistics; the learned values stay as they are
         if spec.estimator is Estimator.PACT:
-            return fake_quantize_pact(x, self.alpha, spec.qmin, spec.qmax, rm)
+            return fake_quantize_pact(x, self.alpha, spec.qmin, spec.qmax, rm, out_dtype)
         return fake_quantize_lsq(
-            x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, self.grad_factor(x), rm
+            x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, self.grad_factor(x), rm,
+            out_dtype,
         )
 
     def _microscaling(self, x: torch.Tensor, observing: bool) -> torch.Tensor:
@@ -222,7 +234,7 @@ class FakeQuantizer(Float32State, FlagBuffers):
         self._set_flag("initialized", True)
         return fake_quantize_float(x, f.element, f.block_size, f.block_scale, s, axis)
 
-    def _observe_and_quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def _observe_and_quantize(self, x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
         """The observer's update (reset, then this batch), the scale and zero point, and the
         fake quantization, in one op (:func:`qat.kernels.fake_quantize_minmax`): what
         :meth:`_observe` then :func:`fake_quantize` compute, bit for bit."""
@@ -230,7 +242,7 @@ class FakeQuantizer(Float32State, FlagBuffers):
         state = (obs.min_val, obs.max_val, obs.seen, self.scale, self.zero_point)
         y = fake_quantize_minmax(
             x, self._minmax_row, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16,
-            spec.round_mode.value, state,
+            spec.round_mode.value, state, out_dtype,
         )
         obs.mark_observed()
         self._set_flag("initialized", True)
@@ -299,9 +311,6 @@ class FakeQuantizer(Float32State, FlagBuffers):
             self.zero_point.copy_(z)
         self._set_flag("initialized", True)
 
-    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_dynamic(x, self.spec, self.layout)
-
     def current_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` as the forward pass uses them (detached; PACT's derived from alpha)."""
         if self.spec.estimator is Estimator.PACT:
@@ -349,9 +358,16 @@ class FakeQuantizer(Float32State, FlagBuffers):
         )
 
 
-def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, layout: Optional[Layout] = None) -> torch.Tensor:
+def _cast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)
+
+
+def fake_quantize_dynamic(
+    x: torch.Tensor, spec: QuantSpec, layout: Optional[Layout] = None, out_dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
     """Fake-quantize ``x`` with the range of ``x`` itself (a dynamic spec: per tensor, per token or
-    per group), as the quantizer does in training and the converted layer does in inference.
+    per group), as the quantizer does in training and the converted layer does in inference; the
+    result in ``out_dtype`` (default ``x``'s; :meth:`FakeQuantizer.forward`).
 
     Example::
 
@@ -362,18 +378,19 @@ def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, layout: Optional[Lay
     """
     layout = Layout.of(spec) if layout is None else layout
     if x.numel() == 0:
-        return x
+        return _cast(x, out_dtype)
     if spec.nonfinite is NonFinite.RAISE:
         check_finite(x, spec, "dynamic quantizer")
     row = layout.row_length(x.shape)
     if row is not None:  # every scale one contiguous run: range, qparams and quantize fused
         return fake_quantize_minmax(
-            x, row, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16, spec.round_mode.value
+            x, row, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16, spec.round_mode.value,
+            out_dtype=out_dtype,
         )
     with torch.no_grad():  # the range of the finite elements: a NaN row does not poison the others
         s, z = qparams_from_range(*layout.aminmax(x, finite=True), spec)
     axis, group_size = layout.op_args(x)  # per token: one group spanning the last axis
-    return fake_quantize(x, s, z, spec.qmin, spec.qmax, axis, group_size, spec.round_mode.value)
+    return fake_quantize(x, s, z, spec.qmin, spec.qmax, axis, group_size, spec.round_mode.value, out_dtype)
 
 
 def _nonfinite_names(tensors: dict) -> list:

@@ -90,12 +90,16 @@ class KQuantQuantizer(FakeQuantizer):
         self.kq_block.copy_(st["block"].reshape(self.kq_block.shape))
         self._set_flag("initialized", True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``x`` fake-quantized with the learned scales, in ``out_dtype`` (default ``x``'s), as
+        :meth:`FakeQuantizer.forward`."""
         if not self._flags["fake_quant_enabled"]:
-            return x
-        if not self._flags["initialized"]:
-            self.init_from(x)
-        return fake_quantize_kquant(x, self.spec.format.value, self.learned())
+            y = x
+        else:
+            if not self._flags["initialized"]:
+                self.init_from(x)
+            y = fake_quantize_kquant(x, self.spec.format.value, self.learned())
+        return y if out_dtype is None else y.to(out_dtype)
 
     def kquant_parts(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """The codes and scales of weight ``w`` the forward pass uses (what the GGUF file stores).

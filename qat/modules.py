@@ -24,8 +24,29 @@ from .spec import LayerQuant, QuantSpec
 __all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantModuleMixin", "LayerType", "LAYER_TYPES", "layer_type"]
 
 
+def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast casts ``t`` to before a matmul or convolution on ``t``'s device (None where
+    autocast is off or leaves ``t`` as it is: float64, or already that dtype)."""
+    device = t.device.type
+    if t.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return None if dtype == t.dtype else dtype
+
+
+def _run(q: FakeQuantizer, t: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    # a quantizer with forward hooks (telemetry) keeps t's dtype, so they see the quantization alone
+    # and not autocast's rounding as well
+    return q(t) if out_dtype is None or q._forward_hooks else q(t, out_dtype)
+
+
 class QuantModuleMixin:
-    """Shared machinery: building quantizers from a :class:`LayerQuant`, weight fake-quant."""
+    """Shared machinery: building quantizers from a :class:`LayerQuant`, weight fake-quant.
+
+    Under autocast, the quantizers of a linear or convolution write their results in the dtype the
+    layer computes in (``bfloat16`` for a float32 input and weight under ``bf16-mixed``): the value
+    autocast's cast would give, in the fake-quant pass itself, and the gradient back in float32 in the
+    backward pass, so neither cast costs a pass over the tensor of its own."""
 
     _FLOAT: type[nn.Module]
     layer_quant: LayerQuant
@@ -50,19 +71,27 @@ class QuantModuleMixin:
             w = w * (self.input_smooth.detach() if detach_smooth else self.input_smooth)
         return w if self.weight_quantizer is None else weight_view(w, self.weight_quantizer.spec)
 
-    def quantized_weight(self) -> torch.Tensor:
+    def quantized_weight(self, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight as the forward pass sees it (fake-quantized when a weight spec is set; its
-        input channels multiplied by ``input_smooth`` first when the layer is smoothed)."""
+        input channels multiplied by ``input_smooth`` first when the layer is smoothed), in
+        ``out_dtype`` when given (:meth:`FakeQuantizer.forward`)."""
         w = self.latent_weight()
         if self.weight_quantizer is None:
             return w
-        y = self.weight_quantizer(w)
+        y = _run(self.weight_quantizer, w, out_dtype)
         return y if y.dim() == self.weight.dim() else y.view_as(self.weight)  # (O, I*k) -> (O, I, *k)
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_input(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The input as the layer computes with it: divided by ``input_smooth`` when smoothed, then
+        fake-quantized (in ``out_dtype`` when given)."""
         if self.input_smooth is not None:
             x = x / self.input_smooth
-        return x if self.input_quantizer is None else self.input_quantizer(x)
+        return x if self.input_quantizer is None else _run(self.input_quantizer, x, out_dtype)
+
+    def autocast_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input, weight)`` as the matmul / convolution takes them: fake-quantized, and in
+        autocast's dtype where autocast would cast them (written so by the quantizers)."""
+        return self.quantize_input(x, _autocast_dtype(x)), self.quantized_weight(_autocast_dtype(self.weight))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint of a smoothed layer (qat.smooth_inputs) holds input_smooth: make room for it
@@ -133,7 +162,7 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
         return cls._adopt(mod, lq, (mod.in_features,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return F.linear(*self.autocast_inputs(x), self.bias)
 
 
 class _QuantConvNd(QuantModuleMixin):
@@ -143,7 +172,7 @@ class _QuantConvNd(QuantModuleMixin):
         return cls._adopt(mod, lq, (1, mod.in_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(*self.autocast_inputs(x), self.bias)
 
 
 class QuantConv1d(_QuantConvNd, nn.Conv1d):

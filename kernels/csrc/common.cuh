@@ -4,6 +4,8 @@
 // (dtype, vector width, tuning); these sources keep no defaults of their own, a missing define is an
 // #error. Here:
 //   QAT_DTYPE    0 = float32, 1 = float16, 2 = bfloat16 (storage of x, y, grad, dx);
+//   QAT_OTYPE    the same codes: storage of y (forwards) and grad (fq_backward) where it differs from
+//                x's (fake_quant.cu, rows.cu; QAT_DTYPE for the other sources);
 //   QAT_VEC      elements per thread per access: 16 bytes' worth (4 fp32 / 8 half) when every
 //                pointer is 16-byte aligned, else 1;
 //   QAT_THREADS  threads of a block (cupy_backend._THREADS);
@@ -18,43 +20,75 @@
 // per-group of g along the last axis: C = numel / g, inner = g. Indices are 64-bit.
 #pragma once
 
-#if !defined(QAT_DTYPE) || !defined(QAT_VEC) || !defined(QAT_THREADS)
-#error "QAT_DTYPE, QAT_VEC and QAT_THREADS are set by cupy_backend (-D options)"
+#if !defined(QAT_DTYPE) || !defined(QAT_OTYPE) || !defined(QAT_VEC) || !defined(QAT_THREADS)
+#error "QAT_DTYPE, QAT_OTYPE, QAT_VEC and QAT_THREADS are set by cupy_backend (-D options)"
 #endif
 
-#if QAT_DTYPE == 0
-typedef float scalar_t;
-#define QAT_ESIZE 4
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float from_f(float v) { return v; }
-__device__ __forceinline__ float scalar_zero() { return 0.0f; }
-#elif QAT_DTYPE == 1
-typedef unsigned short scalar_t;
-#define QAT_ESIZE 2
-__device__ __forceinline__ float to_f(unsigned short h) {
+// Storage and float32 conversions of each dtype code.
+template <int CODE>
+struct Storage {
+  typedef unsigned short type;  // float16 / bfloat16: the raw 16 bits
+};
+template <>
+struct Storage<0> {
+  typedef float type;
+};
+template <int CODE>
+__device__ __forceinline__ float cvt_to_f(typename Storage<CODE>::type v);
+template <>
+__device__ __forceinline__ float cvt_to_f<0>(float v) { return v; }
+template <>
+__device__ __forceinline__ float cvt_to_f<1>(unsigned short h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
 }
-__device__ __forceinline__ unsigned short from_f(float f) {
+template <>
+__device__ __forceinline__ float cvt_to_f<2>(unsigned short h) { return __uint_as_float(((unsigned)h) << 16); }
+template <int CODE>
+__device__ __forceinline__ typename Storage<CODE>::type cvt_from_f(float f);
+template <>
+__device__ __forceinline__ float cvt_from_f<0>(float f) { return f; }
+template <>
+__device__ __forceinline__ unsigned short cvt_from_f<1>(float f) {
   unsigned short h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
 }
-__device__ __forceinline__ unsigned short scalar_zero() { return 0; }
-#elif QAT_DTYPE == 2
-typedef unsigned short scalar_t;
-#define QAT_ESIZE 2
-__device__ __forceinline__ float to_f(unsigned short h) { return __uint_as_float(((unsigned)h) << 16); }
-__device__ __forceinline__ unsigned short from_f(float f) {
+template <>
+__device__ __forceinline__ unsigned short cvt_from_f<2>(float f) {
   unsigned short h;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
 }
-__device__ __forceinline__ unsigned short scalar_zero() { return 0; }
-#else
-#error "QAT_DTYPE must be 0 (float32), 1 (float16) or 2 (bfloat16)"
+
+#if QAT_DTYPE < 0 || QAT_DTYPE > 2 || QAT_OTYPE < 0 || QAT_OTYPE > 2
+#error "QAT_DTYPE and QAT_OTYPE must be 0 (float32), 1 (float16) or 2 (bfloat16)"
 #endif
+typedef Storage<QAT_DTYPE>::type scalar_t;
+#define QAT_ESIZE (QAT_DTYPE == 0 ? 4 : 2)
+__device__ __forceinline__ float to_f(scalar_t v) { return cvt_to_f<QAT_DTYPE>(v); }
+__device__ __forceinline__ scalar_t from_f(float v) { return cvt_from_f<QAT_DTYPE>(v); }
+__device__ __forceinline__ scalar_t scalar_zero() { return (scalar_t)0; }
+
+// The other streamed tensor (QAT_OTYPE): y of a forward and grad of the STE backward, in the dtype the
+// layer computes in when it differs from x's (autocast: a float32 x whose fake-quantized copy feeds a
+// bfloat16 matmul is written in bfloat16, as autocast would cast it). Its element is at most x's size.
+typedef Storage<QAT_OTYPE>::type oscalar_t;
+#define QAT_OESIZE (QAT_OTYPE == 0 ? 4 : 2)
+#if QAT_OESIZE > QAT_ESIZE
+#error "QAT_OTYPE's element must not be wider than QAT_DTYPE's"
+#endif
+__device__ __forceinline__ float to_fo(oscalar_t v) { return cvt_to_f<QAT_OTYPE>(v); }
+__device__ __forceinline__ oscalar_t from_fo(float v) { return cvt_from_f<QAT_OTYPE>(v); }
+// a forward's float32 result as y stores it: x's dtype first, then y's (what casting the result does)
+__device__ __forceinline__ oscalar_t out_of(float v) {
+#if QAT_DTYPE == 0 || QAT_OTYPE == QAT_DTYPE
+  return from_fo(v);
+#else
+  return from_fo(to_f(from_f(v)));
+#endif
+}
 
 #define QAT_VEC_BYTES (QAT_VEC * QAT_ESIZE)
 #if QAT_VEC_BYTES != 16 && QAT_VEC != 1
@@ -94,6 +128,43 @@ __device__ __forceinline__ void store_vec(scalar_t* __restrict__ p, long long e,
 #if QAT_VEC_BYTES == 16
   if (nvalid == QAT_VEC) {
     __stcs(reinterpret_cast<uint4*>(p + e), r.u);
+    return;
+  }
+#endif
+#pragma unroll
+  for (int j = 0; j < QAT_VEC; ++j)
+    if (j < nvalid) p[e + j] = r.s[j];
+}
+
+// One thread's slice of the other streamed tensor: QAT_VEC elements of oscalar_t (16 or 8 bytes when
+// vectorized).
+#define QAT_OVEC_BYTES (QAT_VEC * QAT_OESIZE)
+union ORawVec {
+#if QAT_VEC > 1 && QAT_OVEC_BYTES == 16
+  uint4 u;
+#elif QAT_VEC > 1 && QAT_OVEC_BYTES == 8
+  uint2 u;
+#endif
+  oscalar_t s[QAT_VEC];
+};
+
+__device__ __forceinline__ ORawVec load_ovec(const oscalar_t* __restrict__ p, long long e, int nvalid) {
+  ORawVec r;
+#if QAT_VEC > 1
+  if (nvalid == QAT_VEC) {
+    r.u = __ldcs(reinterpret_cast<const decltype(r.u)*>(p + e));
+    return r;
+  }
+#endif
+#pragma unroll
+  for (int j = 0; j < QAT_VEC; ++j) r.s[j] = j < nvalid ? p[e + j] : (oscalar_t)0;
+  return r;
+}
+
+__device__ __forceinline__ void store_ovec(oscalar_t* __restrict__ p, long long e, int nvalid, const ORawVec& r) {
+#if QAT_VEC > 1
+  if (nvalid == QAT_VEC) {
+    __stcs(reinterpret_cast<decltype(r.u)*>(p + e), r.u);
     return;
   }
 #endif

@@ -73,7 +73,7 @@ __device__ __forceinline__ void write_mask(unsigned* __restrict__ mask, long lon
 // One lane's vector. FULL: all QAT_VEC elements are inside the tensor (every step but the last).
 // Key modes 0 and 1 find p set (key mode 1: by fwd_body, with both steps' parameters).
 template <int VARIANT, int KEYMODE, int RMODE, bool FULL>
-__device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, RawVec& yv, long long e0, int nvalid,
+__device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, ORawVec& yv, long long e0, int nvalid,
                                         unsigned& bits, const float* __restrict__ scale,
                                         const float* __restrict__ zp,
                                         const float* __restrict__ alpha, const FastDiv& inner, const FastDiv& C,
@@ -87,7 +87,7 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
       if (j) it.next();
       p.load(it.key, scale, zp, alpha, qmin, qmax);
       bool inside;
-      yv.s[j] = from_f(fwd_elem<VARIANT, RMODE>(p, to_f(xv.s[j]), qmin, qmax, inside));
+      yv.s[j] = out_of(fwd_elem<VARIANT, RMODE>(p, to_f(xv.s[j]), qmin, qmax, inside));
       bits |= (unsigned)(inside && (FULL || j < nvalid)) << j;
     }
   } else if (KEYMODE == 3) {
@@ -105,44 +105,40 @@ __device__ __forceinline__ void fwd_vec(FwdParam<VARIANT>& p, const RawVec& xv, 
       pj.z = VARIANT == 1 ? qclamp(rintf(zv[j]), qmin, qmax) : zv[j];
       pj.inv_s = 1.0f / pj.s;
       bool inside;
-      yv.s[j] = from_f(fwd_elem<VARIANT, RMODE>(pj, to_f(xv.s[j]), qmin, qmax, inside));
+      yv.s[j] = out_of(fwd_elem<VARIANT, RMODE>(pj, to_f(xv.s[j]), qmin, qmax, inside));
       bits |= (unsigned)(inside && (FULL || j < nvalid)) << j;
     }
   } else {
 #pragma unroll
     for (int j = 0; j < QAT_VEC; ++j) {
       bool inside;
-      yv.s[j] = from_f(fwd_elem<VARIANT, RMODE>(p, to_f(xv.s[j]), qmin, qmax, inside));
+      yv.s[j] = out_of(fwd_elem<VARIANT, RMODE>(p, to_f(xv.s[j]), qmin, qmax, inside));
       bits |= (unsigned)(inside && (FULL || j < nvalid)) << j;
     }
   }
 }
 
 template <int VARIANT, int KEYMODE, int RMODE>
-__device__ __forceinline__ void fwd_one(FwdParam<VARIANT>& p, const RawVec& xv, scalar_t* __restrict__ y,
+__device__ __forceinline__ void fwd_one(FwdParam<VARIANT>& p, const RawVec& xv, oscalar_t* __restrict__ y,
                                         unsigned* __restrict__ mask, long long st, long long e, int nv, long long nwords,
                                         const float* __restrict__ scale,
                                         const float* __restrict__ zp,
                                         const float* __restrict__ alpha, const FastDiv& inner, const FastDiv& C,
                                         float qmin, float qmax) {
-  RawVec yv;
+  ORawVec yv;
   unsigned bits;
   if (nv == QAT_VEC) {
     fwd_vec<VARIANT, KEYMODE, RMODE, true>(p, xv, yv, e, nv, bits, scale, zp, alpha, inner, C, qmin, qmax);
-#if QAT_VEC_BYTES == 16
-    __stcs(reinterpret_cast<uint4*>(y + e), yv.u);
-#else
-    y[e] = yv.s[0];
-#endif
+    store_ovec(y, e, QAT_VEC, yv);
   } else {
     fwd_vec<VARIANT, KEYMODE, RMODE, false>(p, xv, yv, e, nv, bits, scale, zp, alpha, inner, C, qmin, qmax);
-    store_vec(y, e, nv, yv);
+    store_ovec(y, e, nv, yv);
   }
   if (VARIANT == 0) write_mask(mask, st, bits, nwords);
 }
 
 template <int VARIANT, int KEYMODE, int RMODE>
-__device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+__device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, oscalar_t* __restrict__ y,
                                          unsigned* __restrict__ mask, const float* __restrict__ scale,
                                          const float* __restrict__ zp, const float* __restrict__ alpha, long long n,
                                          const FastDiv& inner, const FastDiv& C, float qmin, float qmax) {
@@ -195,7 +191,7 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, scalar_
 // fq_forward_<variant>_<keymode>, variant 0 STE (writes the mask), 1 LSQ, 2 PACT (key mode 0).
 #define QAT_FWD_KERNEL(V, K)                                                                                   \
   extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_forward_##V##_##K(                                                  \
-      const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
+      const scalar_t* __restrict__ x, oscalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
       long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \
       float qmax, int round_mode) {                                                                             \
@@ -247,7 +243,7 @@ __device__ __forceinline__ void write_mask32(unsigned* __restrict__ mask, unsign
 
 // FULL: the block's tile lies inside the tensor (every block but the last), no bounds.
 template <int VARIANT, int RMODE, int T, bool FULL>
-__device__ __forceinline__ void fwd_tile_work(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+__device__ __forceinline__ void fwd_tile_work(const scalar_t* __restrict__ x, oscalar_t* __restrict__ y,
                                               unsigned* __restrict__ mask, const float* __restrict__ scale,
                                               const float* __restrict__ zp, unsigned n, unsigned inner_d,
                                               unsigned inner_mul, int inner_shr, unsigned C_d, unsigned C_mul,
@@ -289,21 +285,21 @@ __device__ __forceinline__ void fwd_tile_work(const scalar_t* __restrict__ x, sc
       p.z = VARIANT == 1 ? qclamp(rintf(zv[t]), qmin, qmax) : zv[t];
       p.inv_s = 1.0f / p.s;
     }
-    RawVec yv;
+    ORawVec yv;
     unsigned bits = 0;
 #pragma unroll
     for (int j = 0; j < QAT_VEC; ++j) {
       bool inside;
-      yv.s[j] = from_f(fwd_elem<VARIANT, RMODE>(p, to_f(xv[t].s[j]), qmin, qmax, inside));
+      yv.s[j] = out_of(fwd_elem<VARIANT, RMODE>(p, to_f(xv[t].s[j]), qmin, qmax, inside));
       bits |= (unsigned)(inside && (FULL || j < nv[t])) << j;
     }
-    store_vec(y, e, FULL ? QAT_VEC : nv[t], yv);
+    store_ovec(y, e, FULL ? QAT_VEC : nv[t], yv);
     if (VARIANT == 0) write_mask32(mask, st0 + (unsigned)t * sstride, bits, nwords);
   }
 }
 
 template <int VARIANT, int RMODE, int T>
-__device__ __forceinline__ void fwd_tile_body(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+__device__ __forceinline__ void fwd_tile_body(const scalar_t* __restrict__ x, oscalar_t* __restrict__ y,
                                               unsigned* __restrict__ mask, const float* __restrict__ scale,
                                               const float* __restrict__ zp, unsigned n, unsigned inner_d,
                                               unsigned inner_mul, int inner_shr, unsigned C_d, unsigned C_mul,
@@ -324,7 +320,7 @@ __device__ __forceinline__ void fwd_tile_body(const scalar_t* __restrict__ x, sc
 // and n < 2^31.
 #define QAT_FWD_TILE_KERNEL(V, T)                                                                              \
   extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_forward_t##T##_##V##_1(                        \
-      const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
+      const scalar_t* __restrict__ x, oscalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
       long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \
       float qmax, int round_mode) {                                                                             \
@@ -345,31 +341,37 @@ QAT_FWD_TILE_KERNEL(1, 4)
 #undef QAT_FWD_TILE_KERNEL
 
 // Clipped-STE backward: dx = grad where the saved mask bit is set, else 0. A lane's QAT_VEC
-// elements lie in one mask word (QAT_VEC divides 32 and e0 is a multiple of QAT_VEC).
+// elements lie in one mask word (QAT_VEC divides 32 and e0 is a multiple of QAT_VEC). grad is in
+// QAT_OTYPE (the forward's y), dx in QAT_DTYPE (x's): the cast autocast's backward would make, fused.
 // Bytes: reads grad and numel/8 bytes of mask, writes dx.
 struct GradMask {
-  RawVec g;
+  ORawVec g;
   unsigned w;
 };
 
 extern "C" __global__ void __launch_bounds__(QAT_THREADS)
-fq_backward(const scalar_t* __restrict__ g, const unsigned* __restrict__ mask, scalar_t* __restrict__ dx, long long n) {
+fq_backward(const oscalar_t* __restrict__ g, const unsigned* __restrict__ mask, scalar_t* __restrict__ dx, long long n) {
   const long long nthreads = (long long)gridDim.x * blockDim.x;
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long nvec = (n + QAT_VEC - 1) / QAT_VEC;
   auto load = [&](long long v) {
     const long long e = v * QAT_VEC;
     GradMask r;
-    r.g = load_vec(g, e, (int)min((long long)QAT_VEC, n - e));
+    r.g = load_ovec(g, e, (int)min((long long)QAT_VEC, n - e));
     r.w = __ldg(mask + (e >> 5)) >> (e & 31);
     return r;
   };
   auto work = [&](long long v, const GradMask& gm) {
     const long long e = v * QAT_VEC;
-    RawVec d = gm.g;
+    RawVec d;
 #pragma unroll
-    for (int j = 0; j < QAT_VEC; ++j)
-      if (!((gm.w >> j) & 1u)) d.s[j] = scalar_zero();
+    for (int j = 0; j < QAT_VEC; ++j) {
+#if QAT_OTYPE == QAT_DTYPE
+      d.s[j] = ((gm.w >> j) & 1u) ? gm.g.s[j] : scalar_zero();
+#else
+      d.s[j] = ((gm.w >> j) & 1u) ? from_f(to_fo(gm.g.s[j])) : scalar_zero();
+#endif
+    }
     store_vec(dx, e, (int)min((long long)QAT_VEC, n - e), d);
   };
   pipelined(tid, nthreads, nvec, load, work);

@@ -57,7 +57,7 @@ __device__ __forceinline__ void qparams_of(float mn, float mx, float qmin, float
 // NV >= ceil(nvec / 32) vectors a lane kept in registers. State pointers null: dynamic (nothing
 // stored); otherwise all five are given (min_val, max_val, seen, scale, zp: nrows entries each).
 template <int NV, int RMODE>
-__device__ __forceinline__ void rows_body(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+__device__ __forceinline__ void rows_body(const scalar_t* __restrict__ x, oscalar_t* __restrict__ y,
                                           unsigned* __restrict__ mask, long long nrows, int nvec, float qmin,
                                           float qmax, int scheme, float div, float inv_div, int recip, int f16,
                                           float* __restrict__ min_val, float* __restrict__ max_val,
@@ -118,14 +118,14 @@ __device__ __forceinline__ void rows_body(const scalar_t* __restrict__ x, scalar
     const long long e = base + (long long)v * QAT_VEC;
     unsigned bits = 0;
     if (valid) {
-      RawVec yv;
+      ORawVec yv;
 #pragma unroll
       for (int j = 0; j < QAT_VEC; ++j) {
         bool inside;
-        yv.s[j] = from_f(rows_elem<RMODE>(s, z, inv_s, to_f(xv[i].s[j]), qmin, qmax, inside));
+        yv.s[j] = out_of(rows_elem<RMODE>(s, z, inv_s, to_f(xv[i].s[j]), qmin, qmax, inside));
         bits |= (unsigned)inside << j;
       }
-      store_vec(y, e, QAT_VEC, yv);
+      store_ovec(y, e, QAT_VEC, yv);
     }
 #if QAT_VEC == 1
     const unsigned w = __ballot_sync(QAT_FULL, bits);
@@ -144,7 +144,7 @@ __device__ __forceinline__ void rows_body(const scalar_t* __restrict__ x, scalar
 // qmin, qmax, scheme, div, inv_div, recip, f16, round_mode, then the state pointers (0: dynamic).
 #define QAT_ROWS_KERNEL(NV)                                                                                  \
   extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_rows_##NV(                                   \
-      const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask, long long nrows, \
+      const scalar_t* __restrict__ x, oscalar_t* __restrict__ y, unsigned* __restrict__ mask, long long nrows, \
       int nvec, float qmin, float qmax, int scheme, float div, float inv_div, int recip, int f16, int round_mode, \
       float* __restrict__ min_val, float* __restrict__ max_val, unsigned char* __restrict__ seen,             \
       float* __restrict__ scale, float* __restrict__ zp) {                                                    \

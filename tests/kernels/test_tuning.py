@@ -12,7 +12,7 @@ from qat.kernels import cupy_backend
 from qat.kernels.tuning import DEFAULT_TUNING, ByDtype, KernelTuning
 
 #: what cupy_backend._options passes besides the tuning's defines (the instantiation and block size)
-_INSTANTIATION = {"QAT_DTYPE", "QAT_VEC", "QAT_THREADS"}
+_INSTANTIATION = {"QAT_DTYPE", "QAT_OTYPE", "QAT_VEC", "QAT_THREADS"}
 
 
 def _sources() -> str:

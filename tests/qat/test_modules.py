@@ -224,3 +224,112 @@ def test_flag_mirrors_follow_load_state_dict():
     dst.load_state_dict(src.state_dict())
     assert dst.is_initialized and not dst.flag("observer_enabled")
     torch.testing.assert_close(dst(torch.ones(2, 4)), src(torch.ones(2, 4)), atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- autocast: the fused cast
+# Under autocast a quantizer writes its result in the dtype the matmul runs in, and takes the gradient
+# back to float32 in its own backward pass: the same numbers as fake quantization in float32 followed
+# by autocast's cast, bit for bit, in the outputs, every gradient and the observer state.
+
+_AUTOCAST_PLANS = {
+    # the step benchmark's plan: int4 per-group STE weights (fused observer), int8 dynamic per-token inputs
+    "ste_g128_dyn_token": (QuantSpec(bits=4, granularity="per_group", group_size=32),
+                           QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_token", dynamic=True)),
+    "lsq_channel_static": (QuantSpec(bits=4, granularity="per_channel", axis=0, estimator="lsq"),
+                           QuantSpec(bits=8, signed=False, symmetric=False)),
+    "lsq_plus_pact": (QuantSpec(bits=3, symmetric=False, granularity="per_channel", axis=0, estimator="lsq_plus"),
+                      QuantSpec(bits=4, signed=False, estimator="pact")),
+    "dyn_tensor_mxfp4": (QuantSpec(format="mxfp4", bits=4, granularity="per_group", group_size=32),
+                         QuantSpec(bits=8, signed=False, symmetric=False, dynamic=True)),
+}
+
+
+def _autocast_model(wspec, aspec, device):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64), nn.Conv1d(8, 16, 3, padding=1))
+    for i in (0, 2):
+        net[i] = QuantLinear.from_float(net[i], LayerQuant(wspec, aspec))
+    if wspec.format.value == "affine":
+        net[3] = QuantConv1d.from_float(net[3], LayerQuant(QuantSpec(bits=4, granularity="per_channel", axis=0), aspec))
+    return net.to(device)
+
+
+def _autocast_run(net, x, device, dtype):
+    outs, grads = [], []
+    for _ in range(2):  # the second step runs on the state the first one left (initialized scales, ranges)
+        net.zero_grad()
+        with torch.autocast(device, dtype=dtype):
+            y = net[3](net[2](net[1](net[0](x))).reshape(-1, 8, 8))  # (32, 64) -> 32 sequences of 8 x 8
+        y.float().square().mean().backward()
+        outs.append(y.detach())
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    return outs, grads, state
+
+
+def _compare_fused_and_unfused(plan, device, dtype, monkeypatch):
+    import qat.modules as modules_mod
+
+    wspec, aspec = _AUTOCAST_PLANS[plan]
+    x = torch.randn(32, 64, device=device) * 2
+    calls = []
+    real = FakeQuantizer.forward
+
+    def spy(self, t, out_dtype=None):
+        calls.append(out_dtype)
+        return real(self, t, out_dtype)
+
+    monkeypatch.setattr(FakeQuantizer, "forward", spy)
+    fused = _autocast_run(_autocast_model(wspec, aspec, device), x, device, dtype)
+    # float32 tensors (the weights, the first input) written in the matmul's dtype; the GELU's output is
+    # in it already (None: nothing to cast)
+    assert calls.count(dtype) >= 4 and set(calls) == {dtype, None}
+    calls.clear()
+    monkeypatch.setattr(modules_mod, "_autocast_dtype", lambda t: None)  # the quantizers in float32, autocast casts
+    unfused = _autocast_run(_autocast_model(wspec, aspec, device), x, device, dtype)
+    assert calls and all(c is None for c in calls)
+    for a, b in zip(fused[0], unfused[0]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for ga, gb in zip(fused[1], unfused[1]):
+        assert ga.keys() == gb.keys() and len(ga) >= 6
+        for n in ga:
+            assert ga[n].dtype == gb[n].dtype == torch.float32 and torch.equal(ga[n], gb[n]), n
+    assert fused[2].keys() == unfused[2].keys()
+    for k in fused[2]:
+        assert torch.equal(fused[2][k], unfused[2][k]), k
+
+
+@pytest.mark.parametrize("plan", sorted(_AUTOCAST_PLANS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_quantizers_write_the_matmul_dtype_bit_exactly(plan, dtype, monkeypatch):
+    _compare_fused_and_unfused(plan, "cpu", dtype, monkeypatch)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("plan", sorted(_AUTOCAST_PLANS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_quantizers_write_the_matmul_dtype_bit_exactly_on_gpu(plan, dtype, monkeypatch):
+    _compare_fused_and_unfused(plan, "cuda", dtype, monkeypatch)
+
+
+def test_autocast_quantizer_outputs_are_in_the_matmul_dtype():
+    """Under autocast the input and weight quantizers return bfloat16 (what the matmul takes); outside
+    it, and for a quantizer with a forward hook (telemetry), x's own dtype."""
+    wspec, aspec = _AUTOCAST_PLANS["ste_g128_dyn_token"]
+    lin = QuantLinear.from_float(nn.Linear(64, 32), LayerQuant(wspec, aspec))
+    seen = {}
+    for name, q in lin.quantizers():
+        q.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.dtype))
+    x = torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16
+    assert seen == {"weight": torch.float32, "input": torch.float32}  # hooked: x's dtype
+    lin2 = QuantLinear.from_float(nn.Linear(64, 32), LayerQuant(wspec, aspec))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xq, wq = lin2.autocast_inputs(x)
+    assert xq.dtype == wq.dtype == torch.bfloat16
+    xq, wq = lin2.autocast_inputs(x)
+    assert xq.dtype == wq.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin2.autocast_inputs(x.double())[0].dtype == torch.float64  # autocast leaves float64 alone
