@@ -125,9 +125,9 @@ def set_compile_route(route: str) -> str:
     kernel as one opaque custom op; or ``"inductor"``, the same math as PyTorch ops (range, scale,
     quantize-dequantize, the STE mask a boolean tensor) that Inductor fuses with the neighbouring
     ops. LSQ and PACT are the opaque op on both routes. Measured on an H200
-    (``benchmarks/results/train_step_h200.md``), ``"inductor"`` makes the STE training step faster
-    (1.15x float against 1.81x under default ``torch.compile``, 1.15x against 1.18x with CUDA
-    graphs) but compiles slower, and its gradients differ from eager's more than the kernel route's
+    (``benchmarks/results/train_step_h200_inductor_route.md``), ``"inductor"`` makes the STE training
+    step faster under default ``torch.compile`` (1.14x float against 1.64x; with CUDA graphs 1.14x
+    against 1.13x) but compiles 5x slower, and its gradients differ from eager's more than the kernel route's
     (``benchmarks/compile_grad_check.py``: largest relative difference 0.64 against 0.006 on CUDA,
     0.03 against 0.008 on the CPU), so it is not the default. Also ``QAT_COMPILE_ROUTE`` in the
     environment; returns the previous route. Takes effect at the next compilation
