@@ -91,10 +91,10 @@ def _markers(layers):
     # nothing of the fake quantization itself is traced
     for k, (_, mod) in enumerate(layers):
 
-        def weight(k=k, mod=mod):
+        def weight(out_dtype=None, *, k=k, mod=mod):  # the layer's signatures (out_dtype: autocast's, unused)
             return _Marker.apply(mod.weight.detach(), "Weight", k)
 
-        def quant_in(x, k=k, mod=mod):
+        def quant_in(x, out_dtype=None, *, k=k, mod=mod):
             return _Marker.apply(x, "Input", k) if _active(mod.input_quantizer) else x
 
         if _active(mod.weight_quantizer):
