@@ -89,6 +89,8 @@ def main() -> None:
     p.add_argument("--render", default=None, help="print the table of a JSON list and stop")
     p.add_argument("--out", default=None, help="also write the table here (with --render)")
     p.add_argument("-n", type=int, default=300, help="calls between synchronizations")
+    p.add_argument("--tuning", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="KernelTuning fields for this run (e.g. param_block=0: launches through CuPy's argument conversion)")
     a = p.parse_args()
     if a.render:
         text = render(json.loads(pathlib.Path(a.render).read_text()))
@@ -104,8 +106,18 @@ def main() -> None:
         git = "?"
     import qat
 
+    from qat.kernels.cupy_backend import DEFAULT_TUNING, use_tuning
+
+    changes = {}
+    for item in a.tuning:
+        name, _, value = item.partition("=")
+        kind = type(getattr(DEFAULT_TUNING, name))
+        changes[name] = bool(int(value)) if kind is bool else kind(value)
+    with use_tuning(**changes):
+        cases = measure(a.n)
     doc = {"label": a.label, "git": git, "qat": str(pathlib.Path(qat.__file__).parent), "gpu": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"), "cases": measure(a.n)}
+           "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"), "tuning": changes,
+           "cases": cases}
     print(json.dumps(doc, indent=1))
     if a.json:
         path = pathlib.Path(a.json)

@@ -33,6 +33,7 @@ every call returns the reference's answer.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import math
@@ -51,6 +52,9 @@ from .tuning import DEFAULT_TUNING, ByDtype, KernelTuning
 try:  # CuPy is optional: without it ops.py keeps every tensor on the reference.
     import cupy
     import numpy as np
+    from cupy.cuda import driver as _driver
+
+    _launch_kernel = _driver.launchKernel
 except ImportError:  # pragma: no cover - exercised where CuPy is absent
     cupy = None
     np = None
@@ -348,6 +352,47 @@ class _Plan(NamedTuple):
     shared: int
     consts: tuple  # the arguments after the pointers
     tn: KernelTuning  # the tuning it was made under (keys hold its id; kept alive here so ids stay unique)
+    block: list  # [its _ParamBlock], made at its first launch ([] until then, [None] where none applies)
+
+
+class _ParamBlock:
+    """A plan's kernel parameters laid out once for ``cuLaunchKernel``: one 8-byte slot an argument
+    (the driver reads each at the size the kernel declares, little-endian), the scalars written when
+    the block is made, the pointers at each launch. A launch is then one slice assignment and one call
+    into the driver, without CuPy's conversion of every argument (``tn.param_block``)."""
+
+    __slots__ = ("fn", "dims", "slots", "addr", "nptrs", "tail_at", "lock", "params")
+
+    def __init__(self, plan: _Plan, nptrs: int, ntail: int) -> None:
+        consts = plan.consts
+        n = nptrs + len(consts) + ntail
+        self.slots = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(self.slots)
+        self.params = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+        self.addr = ctypes.addressof(self.params)
+        for i, v in enumerate(consts):
+            raw = v.tobytes()
+            ctypes.memmove(base + 8 * (nptrs + i), raw, len(raw))
+        self.fn = plan.kern.kernel.ptr
+        grid = (*plan.grid, 1, 1)[:3]
+        self.dims = (*grid, plan.threads, 1, 1, plan.shared)
+        self.nptrs, self.tail_at = nptrs, nptrs + len(consts)
+        self.lock = threading.Lock()  # the slots are shared: one launch at a time writes them
+
+    @staticmethod
+    def make(plan: _Plan, nptrs: int, ntail: int) -> Optional["_ParamBlock"]:
+        """The block of ``plan``, or None where its scalars are not all numpy scalars of at most 8 bytes."""
+        if not all(isinstance(v, np.generic) and v.nbytes <= 8 for v in plan.consts):
+            return None
+        return _ParamBlock(plan, nptrs, ntail)
+
+    def launch(self, ptrs: tuple, tail: tuple, stream: int) -> None:
+        with self.lock:
+            slots = self.slots
+            slots[: self.nptrs] = ptrs
+            if tail:
+                slots[self.tail_at :] = tail
+            _launch_kernel(self.fn, *self.dims, stream, self.addr, 0)
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -364,8 +409,18 @@ def _plan(key: tuple, tn: KernelTuning, make: Callable[[], _Plan]) -> _Plan:
 
 
 def _run(plan: _Plan, ptrs: tuple, device: int, tail: tuple = ()) -> None:
-    """Launch ``plan`` with these pointers first, then its scalars, then ``tail`` (pointers a kernel takes last)."""
-    _launch(plan.kern, plan.grid, (*ptrs, *plan.consts, *tail), device, plan.shared, plan.threads)
+    """Launch ``plan`` with these pointers (ints) first, then its scalars, then ``tail`` (pointers a
+    kernel takes last): through its parameter block where ``tn.param_block`` and ``device`` is the
+    current one, else through CuPy."""
+    if plan.tn.param_block and device == _current_device():
+        if not plan.block:
+            plan.block.append(_ParamBlock.make(plan, len(ptrs), len(tail)))
+        block = plan.block[0]
+        if block is not None:
+            block.launch(ptrs, tail, _raw_stream(device))
+            return
+    args = (*(np.uint64(p) for p in ptrs), *plan.consts, *(np.uint64(p) for p in tail))
+    _launch(plan.kern, plan.grid, args, device, plan.shared, plan.threads)
 
 
 # ----------------------------------------------------------------------------- availability
@@ -387,6 +442,10 @@ def available() -> bool:
 
 def _ptr(t: Optional[torch.Tensor]):
     return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _addr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _aligned(*ts: torch.Tensor) -> bool:
@@ -626,10 +685,10 @@ def _forward_plan(x, y, s, z, qmin, qmax, axis, group_size, round_mode, variant,
     if t is not None:  # one tile of fwd_tile_threads // 32 * t warp steps a block, 32-bit offsets
         kern = _get("fake_quant.cu", f"fq_forward_t{t}_{variant}_1", code, vec, device, tn, ocode)
         grid = -(-nsteps // (tn.fwd_tile_threads // 32 * t))
-        return _Plan(kern, (grid,), tn.fwd_tile_threads, 0, consts, tn)
+        return _Plan(kern, (grid,), tn.fwd_tile_threads, 0, consts, tn, [])
     kern = _get("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device, tn, ocode)
     grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, tn.elementwise_waves)))
-    return _Plan(kern, (min(grid, 2**31 - 1),), _THREADS, 0, consts, tn)
+    return _Plan(kern, (min(grid, 2**31 - 1),), _THREADS, 0, consts, tn, [])
 
 
 def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask,
@@ -655,7 +714,7 @@ def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mo
            axis, group_size, round_mode, variant, with_mask, ocode, id(tn))  # fmt: skip
     plan = _plan(key, tn, lambda: _forward_plan(xc, y, s, z, qmin, qmax, axis, group_size, round_mode, variant, with_mask,
                                                 tn, ocode))
-    _run(plan, (_ptr(xc), _ptr(y), _ptr(mask), _ptr(s), _ptr(z), _ptr(a)), x.device.index)
+    _run(plan, (_addr(xc), _addr(y), _addr(mask), _addr(s), _addr(z), _addr(a)), x.device.index)
     return y, mask
 
 
@@ -707,10 +766,10 @@ def fake_quantize_backward(
         kern = _get("fake_quant.cu", "fq_backward", code, vec, device, tn, _DTYPE_CODE[grad.dtype])
         nvec = -(-n // vec)
         grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, tn.elementwise_waves)))
-        return _Plan(kern, (grid,), _THREADS, 0, (np.int64(n),), tn)
+        return _Plan(kern, (grid,), _THREADS, 0, (np.int64(n),), tn, [])
 
     plan = _plan(("bwd", n, grad.dtype, dtype, device, g.data_ptr() % 16 == 0, id(tn)), tn, make)
-    _run(plan, (_ptr(g), _ptr(m), _ptr(dx)), device)
+    _run(plan, (g.data_ptr(), m.data_ptr(), dx.data_ptr()), device)
     return dx
 
 
@@ -930,13 +989,13 @@ def fake_quantize_minmax_forward(
             np.float32(1.0) / np.float32(div), np.int32(_divides_by_reciprocal(device)), np.int32(bool(scale_f16)),
             np.int32(_ROUND[round_mode]),
         )  # fmt: skip
-        return _Plan(kern, (-(-nrows // (_THREADS // 32)),), _THREADS, 0, consts, tn)
+        return _Plan(kern, (-(-nrows // (_THREADS // 32)),), _THREADS, 0, consts, tn, [])
 
     plan = _plan(("rows", n, x.dtype, ocode, device, vec, row, qmin, qmax, symmetric, scale_f16, round_mode, id(tn)), tn,
                  make)
     mask = torch.empty((reference.mask_words(n),), dtype=torch.int32, device=x.device)
     # the state pointers go after the scalars (rows.cu's argument order)
-    _run(plan, (_ptr(xc), _ptr(y), _ptr(mask)), device, tuple(_ptr(t) for t in (state or (None,) * 5)))
+    _run(plan, (xc.data_ptr(), y.data_ptr(), mask.data_ptr()), device, tuple(_addr(t) for t in (state or (None,) * 5)))
     return y, mask
 
 

@@ -1,8 +1,10 @@
-"""The public fake-quant ops: ``torch.library`` custom ops that dispatch to a backend.
+"""The public fake-quant ops: ``torch.autograd.Function`` s over a backend, and the ``qat::`` ops that
+a traced graph calls.
 
-Each op is one opaque node for ``torch.compile`` / ``torch.export`` (a fake implementation gives
-output shapes); in eager mode the public functions call the same backend through a plain
-``torch.autograd.Function``, which skips the dispatcher's Python overhead. The backend is chosen per call from the input's device:
+Each backend function is also one registered ``torch.library`` op (``torch.ops.qat.*``): one opaque
+node for ``torch.compile`` / ``torch.export``, with a fake implementation for the output shapes. The
+gradients have one definition, the autograd Functions below: in eager mode they call the backend
+directly (no dispatcher), in a trace the registered ops. The backend is chosen per call from the input's device:
 
 * CUDA tensor and CuPy importable -> :mod:`qat.kernels.cupy_backend` (fused CUDA kernels);
 * anything else -> :mod:`qat.kernels.reference` (PyTorch).
@@ -188,225 +190,123 @@ def backend_name(device: torch.device | str) -> str:
     return "cupy" if device.type == "cuda" and _cupy_backend() is not None else "reference"
 
 
-# ----------------------------------------------------------------------------- clipped STE
+# ----------------------------------------------------------------------------- the registered ops
+# Each qat:: op below is one backend function as one opaque node for torch.compile / torch.export (its
+# fake implementation gives the output shapes). The ops carry no autograd of their own: the autograd
+# Functions further down are the one definition of every gradient, in eager mode (they call the backend
+# directly) and in a traced graph (they call these ops; Dynamo traces the Function's forward and
+# backward). They are registered with torch.library.Library rather than torch.library.custom_op, and
+# without a Python autograd kernel: a call then skips the custom op's Python autograd and redispatch
+# layers (about 9 of 16 us a call on a CPU, benchmarks/op_overhead.py), which a compiled training step
+# pays at every quantizer, forward and backward. The observer's op updates its state in place (the
+# schema says so), so a compiled step neither copies the state nor allocates a new one.
+
+_LIB = torch.library.Library("qat", "FRAGMENT")
 
 
-@torch.library.custom_op("qat::fake_quantize", mutates_args=())
-def _fq(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    qmin: int,
-    qmax: int,
-    axis: Optional[int],
-    group_size: Optional[int],
-    round_mode: str,
-    out_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor]:
-    return _backend(x).fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
+def _op(schema: str, kernel, fake):
+    """Define ``qat::<schema>`` with ``kernel`` on every device and ``fake`` as its shape function;
+    returns the op's overload (what a traced graph calls)."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"qat::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.qat, name).default
 
 
 def _mask_like(x: Tensor) -> Tensor:
     return x.new_empty((reference.mask_words(x.numel()),), dtype=torch.int32)
 
 
-@_fq.register_fake
-def _(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), _mask_like(x)
+def _like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return x.new_empty(x.shape, dtype=dtype or x.dtype)
 
 
-@torch.library.custom_op("qat::fake_quantize_backward", mutates_args=())
-def _fq_bwd(grad: Tensor, mask: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
-    return _backend(grad).fake_quantize_backward(grad, mask, dtype)
+_FQ = _op(
+    "fake_quantize(Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, SymInt? axis, "
+    "SymInt? group_size, str round_mode, ScalarType? out_dtype) -> (Tensor, Tensor)",
+    lambda x, *a: _backend(x).fake_quantize_forward(x, *a),
+    lambda x, s, z, qmin, qmax, axis, gs, rm, out_dtype: (_like(x, out_dtype), _mask_like(x)),
+)
+_FQ_BWD = _op(
+    "fake_quantize_backward(Tensor grad, Tensor mask, ScalarType? dtype) -> Tensor",
+    lambda grad, *a: _backend(grad).fake_quantize_backward(grad, *a),
+    lambda grad, mask, dtype: _like(grad, dtype),
+)
+_LSQ = _op(
+    "fake_quantize_lsq(Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, SymInt? axis, "
+    "SymInt? group_size, str round_mode, ScalarType? out_dtype) -> Tensor",
+    lambda x, *a: _backend(x).fake_quantize_lsq_forward(x, *a),
+    lambda x, s, z, qmin, qmax, axis, gs, rm, out_dtype: _like(x, out_dtype),
+)
+_LSQ_BWD = _op(
+    "fake_quantize_lsq_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, "
+    "SymInt? axis, SymInt? group_size, float grad_factor, str round_mode) -> (Tensor, Tensor, Tensor)",
+    lambda grad, x, *a: _backend(x).fake_quantize_lsq_backward(grad, x, *a),
+    lambda grad, x, s, z, *a: (_like(x), _like(s), _like(z)),
+)
+_PACT = _op(
+    "fake_quantize_pact(Tensor x, Tensor alpha, SymInt qmin, SymInt qmax, str round_mode, ScalarType? out_dtype) -> Tensor",
+    lambda x, *a: _backend(x).fake_quantize_pact_forward(x, *a),
+    lambda x, alpha, qmin, qmax, rm, out_dtype: _like(x, out_dtype),
+)
+_PACT_BWD = _op(
+    "fake_quantize_pact_backward(Tensor grad, Tensor x, Tensor alpha) -> (Tensor, Tensor)",
+    lambda grad, x, alpha: _backend(x).fake_quantize_pact_backward(grad, x, alpha),
+    lambda grad, x, alpha: (_like(x), _like(alpha)),
+)
+_MM = _op(
+    "fake_quantize_minmax(Tensor x, SymInt row, SymInt qmin, SymInt qmax, bool symmetric, bool scale_f16, "
+    "str round_mode, ScalarType? out_dtype) -> (Tensor, Tensor)",
+    lambda x, row, qmin, qmax, sym, f16, rm, out_dtype: _backend(x).fake_quantize_minmax_forward(
+        x, row, qmin, qmax, sym, f16, rm, None, out_dtype),
+    lambda x, row, qmin, qmax, sym, f16, rm, out_dtype: (_like(x, out_dtype), _mask_like(x)),
+)
+_MMO = _op(
+    "fake_quantize_minmax_observe(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) seen, "
+    "Tensor(d!) scale, Tensor(e!) zero_point, SymInt row, SymInt qmin, SymInt qmax, bool symmetric, "
+    "bool scale_f16, str round_mode, ScalarType? out_dtype) -> (Tensor, Tensor)",
+    lambda x, mn, mx, seen, s, z, row, qmin, qmax, sym, f16, rm, out_dtype: _backend(x).fake_quantize_minmax_forward(
+        x, row, qmin, qmax, sym, f16, rm, (mn, mx, seen, s, z), out_dtype),
+    lambda x, mn, mx, seen, s, z, row, qmin, qmax, sym, f16, rm, out_dtype: (_like(x, out_dtype), _mask_like(x)),
+)
+_FF = _op(
+    "fake_quantize_float(Tensor x, Tensor? scale, str element, SymInt block_size, str block_scale, SymInt? axis) "
+    "-> (Tensor, Tensor)",
+    lambda x, scale, element, bs, bsc, axis: _backend(x).microscaling_forward(x, element, bs, bsc, scale, axis),
+    lambda x, scale, element, bs, bsc, axis: (_like(x), _mask_like(x)),
+)
+_FF_BWD = _op(
+    "fake_quantize_float_lsq_backward(Tensor grad, Tensor x, Tensor scale, str element, SymInt block_size, "
+    "str block_scale, SymInt? axis, float grad_factor) -> (Tensor, Tensor)",
+    lambda grad, x, scale, element, bs, bsc, axis, gf: _backend(x).microscaling_lsq_backward(
+        grad, x, element, bs, bsc, scale, axis, gf),
+    lambda grad, x, scale, *a: (_like(grad), scale.new_empty(scale.shape, dtype=torch.float32)),
+)
 
-
-@_fq_bwd.register_fake
-def _(grad, mask, dtype):
-    return grad.new_empty(grad.shape, dtype=dtype or grad.dtype)
-
-
-def _fq_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.x_dtype = inputs[0].dtype
-
-
-def _fq_grad(ctx, grad_y, grad_mask):
-    (mask,) = ctx.saved_tensors
-    return torch.ops.qat.fake_quantize_backward(grad_y, mask, ctx.x_dtype), *(None,) * 8
-
-
-_fq.register_autograd(_fq_grad, setup_context=_fq_setup)
-
-# ----------------------------------------------------------------------------- LSQ / LSQ+
-
-
-@torch.library.custom_op("qat::fake_quantize_lsq", mutates_args=())
-def _lsq(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    qmin: int,
-    qmax: int,
-    axis: Optional[int],
-    group_size: Optional[int],
-    grad_factor: float,
-    round_mode: str,
-    out_dtype: Optional[torch.dtype],
-) -> Tensor:
-    return _backend(x).fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
-
-
-@_lsq.register_fake
-def _(x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype or x.dtype)
-
-
-@torch.library.custom_op("qat::fake_quantize_lsq_backward", mutates_args=())
-def _lsq_bwd(
-    grad: Tensor,
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    qmin: int,
-    qmax: int,
-    axis: Optional[int],
-    group_size: Optional[int],
-    grad_factor: float,
-    round_mode: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _backend(x).fake_quantize_lsq_backward(
-        grad, x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode
-    )
-
-
-@_lsq_bwd.register_fake
-def _(grad, x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode):
-    return x.new_empty(x.shape), scale.new_empty(scale.shape), zero_point.new_empty(zero_point.shape)
-
-
-def _lsq_setup(ctx, inputs, output):
-    x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode, _ = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.args = (qmin, qmax, axis, group_size, grad_factor, round_mode)
-
-
-def _lsq_grad(ctx, grad_y):
-    x, scale, zero_point = ctx.saved_tensors
-    dx, ds, dz = torch.ops.qat.fake_quantize_lsq_backward(grad_y.to(x.dtype), x, scale, zero_point, *ctx.args)
-    return dx, ds, dz, *(None,) * 7
-
-
-_lsq.register_autograd(_lsq_grad, setup_context=_lsq_setup)
-
-# ----------------------------------------------------------------------------- PACT
-
-
-@torch.library.custom_op("qat::fake_quantize_pact", mutates_args=())
-def _pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mode: str, out_dtype: Optional[torch.dtype]) -> Tensor:
-    return _backend(x).fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode, out_dtype)
-
-
-@_pact.register_fake
-def _(x, alpha, qmin, qmax, round_mode, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype or x.dtype)
-
-
-@torch.library.custom_op("qat::fake_quantize_pact_backward", mutates_args=())
-def _pact_bwd(grad: Tensor, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
-    return _backend(x).fake_quantize_pact_backward(grad, x, alpha)
-
-
-@_pact_bwd.register_fake
-def _(grad, x, alpha):
-    return x.new_empty(x.shape), alpha.new_empty(alpha.shape)
-
-
-def _pact_setup(ctx, inputs, output):
-    x, alpha, *_ = inputs
-    ctx.save_for_backward(x, alpha)
-
-
-def _pact_grad(ctx, grad_y):
-    x, alpha = ctx.saved_tensors
-    dx, dalpha = torch.ops.qat.fake_quantize_pact_backward(grad_y.to(x.dtype), x, alpha)
-    return dx, dalpha, None, None, None, None
-
-
-_pact.register_autograd(_pact_grad, setup_context=_pact_setup)
-
-# ----------------------------------------------------------------------------- range of the data
-# Functional for torch.compile: the observer state comes back as new tensors (the caller copies them
-# into its buffers); the eager path below updates the buffers in place inside the kernel instead.
-
-
-@torch.library.custom_op("qat::fake_quantize_minmax", mutates_args=())
-def _mm(
-    x: Tensor, row: int, qmin: int, qmax: int, symmetric: bool, scale_f16: bool, round_mode: str,
-    out_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor]:
-    return _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, None, out_dtype)
-
-
-@_mm.register_fake
-def _(x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), _mask_like(x)
-
-
-@torch.library.custom_op("qat::fake_quantize_minmax_observe", mutates_args=())
-def _mmo(
-    x: Tensor,
-    min_val: Tensor,
-    max_val: Tensor,
-    seen: Tensor,
-    row: int,
-    qmin: int,
-    qmax: int,
-    symmetric: bool,
-    scale_f16: bool,
-    round_mode: str,
-    out_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    state = (min_val.clone(), max_val.clone(), seen.clone(), torch.empty_like(min_val), torch.empty_like(min_val))
-    y, mask = _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state,
-                                                       out_dtype)  # fmt: skip
-    return (y, mask, *state)
-
-
-@_mmo.register_fake
-def _(x, min_val, max_val, seen, row, qmin, qmax, symmetric, scale_f16, round_mode, out_dtype):
-    return (x.new_empty(x.shape, dtype=out_dtype or x.dtype), _mask_like(x), torch.empty_like(min_val),
-            torch.empty_like(max_val), torch.empty_like(seen), torch.empty_like(min_val), torch.empty_like(min_val))  # fmt: skip
-
-
-def _mm_grad(ctx, grad_y, *unused):
-    (mask,) = ctx.saved_tensors
-    return torch.ops.qat.fake_quantize_backward(grad_y, mask, ctx.x_dtype), *(None,) * (ctx.n_inputs - 1)
-
-
-def _mm_setup(ctx, inputs, output):
-    _fq_setup(ctx, inputs, output)
-    ctx.n_inputs = len(inputs)
-
-
-_mm.register_autograd(_mm_grad, setup_context=_mm_setup)
-_mmo.register_autograd(_mm_grad, setup_context=_mm_setup)
-
-# ----------------------------------------------------------------------------- eager fast path
-# The custom ops above are what torch.compile / torch.export see. In eager mode the dispatcher's
-# Python layers around a custom op (autograd wrapper, redispatch, dynamo guards) cost ~0.2-0.4 ms
-# of CPU per forward + backward, more than the fused kernels take on a 64M-element tensor; these
-# autograd Functions call the same backend functions directly.
+# ----------------------------------------------------------------------------- autograd
+# One Function per estimator, in eager mode and traced alike: eager calls the backend function straight
+# (no dispatcher), a trace the op above (_traced: torch.compile / torch.export, or meta tensors).
 
 
 def _traced(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or x.is_meta
 
 
+def _fq_forward(x, *args):
+    return _FQ(x, *args) if _traced(x) else _backend(x).fake_quantize_forward(x, *args)
+
+
+def _fq_backward(grad, mask, dtype):
+    return _FQ_BWD(grad, mask, dtype) if _traced(grad) else _backend(grad).fake_quantize_backward(grad, mask, dtype)
+
+
 class _FakeQuantizeFn(torch.autograd.Function):
+    """Clipped STE: the forward saves the packed clip mask, the backward passes the gradient where it is set."""
+
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype):
-        y, mask = _backend(x).fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode,
-                                                    out_dtype)  # fmt: skip
+        y, mask = _fq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
         ctx.save_for_backward(mask)
         ctx.x_dtype = x.dtype
         return y
@@ -414,7 +314,7 @@ class _FakeQuantizeFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (mask,) = ctx.saved_tensors
-        return _backend(grad_y).fake_quantize_backward(grad_y, mask, ctx.x_dtype), *(None,) * 8
+        return _fq_backward(grad_y, mask, ctx.x_dtype), *(None,) * 8
 
 
 class _LSQFn(torch.autograd.Function):
@@ -422,13 +322,14 @@ class _LSQFn(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode, out_dtype):
         ctx.save_for_backward(x, scale, zero_point)
         ctx.args = (qmin, qmax, axis, group_size, grad_factor, round_mode)
-        return _backend(x).fake_quantize_lsq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode,
-                                                     out_dtype)  # fmt: skip
+        args = (x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
+        return _LSQ(*args) if _traced(x) else _backend(x).fake_quantize_lsq_forward(*args)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale, zero_point = ctx.saved_tensors
-        dx, ds, dz = _backend(x).fake_quantize_lsq_backward(grad_y.to(x.dtype), x, scale, zero_point, *ctx.args)
+        args = (grad_y.to(x.dtype), x, scale, zero_point, *ctx.args)
+        dx, ds, dz = _LSQ_BWD(*args) if _traced(x) else _backend(x).fake_quantize_lsq_backward(*args)
         return dx, ds, dz, *(None,) * 7
 
 
@@ -436,13 +337,39 @@ class _PACTFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, qmin, qmax, round_mode, out_dtype):
         ctx.save_for_backward(x, alpha)
-        return _backend(x).fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode, out_dtype)
+        args = (x, alpha, qmin, qmax, round_mode, out_dtype)
+        return _PACT(*args) if _traced(x) else _backend(x).fake_quantize_pact_forward(*args)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, alpha = ctx.saved_tensors
-        dx, dalpha = _backend(x).fake_quantize_pact_backward(grad_y.to(x.dtype), x, alpha)
+        args = (grad_y.to(x.dtype), x, alpha)
+        dx, dalpha = _PACT_BWD(*args) if _traced(x) else _backend(x).fake_quantize_pact_backward(*args)
         return dx, dalpha, None, None, None, None
+
+
+class _MinMaxFn(torch.autograd.Function):
+    """The range-of-the-data forward (``state``: a min/max observer's five tensors, updated in place),
+    the clipped-STE backward of :class:`_FakeQuantizeFn`."""
+
+    @staticmethod
+    def forward(ctx, x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_dtype, *state):
+        args = (row, qmin, qmax, symmetric, scale_f16, round_mode)
+        if not _traced(x):
+            y, mask = _backend(x).fake_quantize_minmax_forward(x, *args, state or None, out_dtype)
+        elif state:
+            y, mask = _MMO(x, *state, *args, out_dtype)
+        else:
+            y, mask = _MM(x, *args, out_dtype)
+        ctx.save_for_backward(mask)
+        ctx.x_dtype = x.dtype
+        ctx.n_state = len(state)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (mask,) = ctx.saved_tensors
+        return _fq_backward(grad_y, mask, ctx.x_dtype), *(None,) * (7 + ctx.n_state)
 
 
 class _MaskedSTE(torch.autograd.Function):
@@ -473,18 +400,6 @@ def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_d
         y, inside = reference.fake_quantize_unpacked(rows, s, z, qmin, qmax, None, row, round_mode)
     y = _MaskedSTE.apply(x, y.reshape(x.shape), inside.reshape(x.shape))
     return y if out_dtype is None else y.to(out_dtype)
-
-
-class _MinMaxFn(_FakeQuantizeFn):
-    """The range-of-the-data forward; the backward is :class:`_FakeQuantizeFn`'s mask (9 inputs too)."""
-
-    @staticmethod
-    def forward(ctx, x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_dtype, state):
-        y, mask = _backend(x).fake_quantize_minmax_forward(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state,
-                                                           out_dtype)  # fmt: skip
-        ctx.save_for_backward(mask)
-        ctx.x_dtype = x.dtype
-        return y
 
 
 # ----------------------------------------------------------------------------- public API
@@ -623,10 +538,8 @@ def fake_quantize(
     out_dtype = None if out_dtype == x.dtype else out_dtype
     args = (x, scale, zero_point, int(qmin), int(qmax), axis, None if group_size is None else int(group_size), round_mode,
             out_dtype)  # fmt: skip
-    if _traced(x):
-        if _COMPILE_ROUTE == "inductor":
-            return _fake_quantize_inductor(*args)
-        return torch.ops.qat.fake_quantize(*args)[0]
+    if _traced(x) and _COMPILE_ROUTE == "inductor":
+        return _fake_quantize_inductor(*args)
     return _FakeQuantizeFn.apply(*args)
 
 
@@ -664,9 +577,8 @@ def fake_quantize_lsq(
     _check_out_dtype("fake_quantize_lsq", out_dtype)
     out_dtype = None if out_dtype == x.dtype else out_dtype
     args = (x, scale, zero_point, int(qmin), int(qmax), axis, group_size, float(grad_factor), round_mode, out_dtype)
-    if _traced(x):  # the opaque op on both routes: traced as an autograd.Function, Inductor gave wrong
-        # LSQ gradients on CUDA (right on the CPU); benchmarks/compile_grad_check.py shows it
-        return torch.ops.qat.fake_quantize_lsq(*args)
+    # the opaque op on both compile routes: LSQ's math as PyTorch ops gave Inductor wrong gradients on
+    # CUDA (right on the CPU); benchmarks/compile_grad_check.py shows it
     return _LSQFn.apply(*args)
 
 
@@ -705,9 +617,7 @@ def fake_quantize_pact(
         if bad.any().item():
             _first_bad(op, "alpha", a, bad, "finite and positive (the clip [0, alpha]), with (qmax - qmin) / alpha finite")
     args = (x, alpha, int(qmin), int(qmax), round_mode, out_dtype)
-    if _traced(x):  # the opaque op on both routes, as LSQ
-        return torch.ops.qat.fake_quantize_pact(*args)
-    return _PACTFn.apply(*args)
+    return _PACTFn.apply(*args)  # the opaque op on both compile routes, as LSQ
 
 
 def fake_quantize_minmax(
@@ -767,18 +677,9 @@ def fake_quantize_minmax(
     _check_out_dtype(op, out_dtype)
     out_dtype = None if out_dtype == x.dtype else out_dtype
     args = (x, int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode, out_dtype)
-    if _traced(x):
-        if _COMPILE_ROUTE == "inductor":
-            return _minmax_inductor(*args, state)
-        if state is None:
-            return torch.ops.qat.fake_quantize_minmax(*args)[0]
-        min_val, max_val, seen, scale, zero_point = state
-        y, _, mn, mx, sn, s, z = torch.ops.qat.fake_quantize_minmax_observe(x, min_val, max_val, seen, *args[1:])
-        with torch.no_grad():
-            for buf, new in zip(state, (mn, mx, sn, s, z)):
-                buf.copy_(new)
-        return y
-    return _MinMaxFn.apply(*args, state)
+    if _traced(x) and _COMPILE_ROUTE == "inductor":
+        return _minmax_inductor(*args, state)
+    return _MinMaxFn.apply(*args, *(state or ()))
 
 
 # ----------------------------------------------------------------------------- microscaling / FP8
@@ -789,82 +690,23 @@ def fake_quantize_minmax(
 _FLOAT_ELEMENTS = tuple(ELEMENTS)  # the formats' owner is qat.microscaling
 
 
-@torch.library.custom_op("qat::fake_quantize_float", mutates_args=())
-def _ff(
-    x: Tensor, scale: Optional[Tensor], element: str, block_size: int, block_scale: str, axis: Optional[int]
-) -> tuple[Tensor, Tensor]:
+def _float_forward(x, scale, element, block_size, block_scale, axis):
+    if _traced(x):
+        return _FF(x, scale, element, block_size, block_scale, axis)
     return _backend(x).microscaling_forward(x, element, block_size, block_scale, scale, axis)
-
-
-@_ff.register_fake
-def _(x, scale, element, block_size, block_scale, axis):
-    return x.new_empty(x.shape), x.new_empty((reference.mask_words(x.numel()),), dtype=torch.int32)
-
-
-def _ff_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-
-
-def _ff_grad(ctx, grad_y, grad_mask):
-    (mask,) = ctx.saved_tensors
-    return torch.ops.qat.fake_quantize_backward(grad_y, mask, None), None, None, None, None, None
-
-
-_ff.register_autograd(_ff_grad, setup_context=_ff_setup)
-
-
-@torch.library.custom_op("qat::fake_quantize_float_lsq", mutates_args=())
-def _ffl(
-    x: Tensor, scale: Tensor, element: str, block_size: int, block_scale: str, axis: Optional[int], grad_factor: float
-) -> Tensor:
-    return _backend(x).microscaling_forward(x, element, block_size, block_scale, scale, axis)[0]
-
-
-@_ffl.register_fake
-def _(x, scale, element, block_size, block_scale, axis, grad_factor):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("qat::fake_quantize_float_lsq_backward", mutates_args=())
-def _ffl_bwd(
-    grad: Tensor, x: Tensor, scale: Tensor, element: str, block_size: int, block_scale: str, axis: Optional[int],
-    grad_factor: float,
-) -> tuple[Tensor, Tensor]:
-    return _backend(x).microscaling_lsq_backward(grad, x, element, block_size, block_scale, scale, axis, grad_factor)
-
-
-@_ffl_bwd.register_fake
-def _(grad, x, scale, element, block_size, block_scale, axis, grad_factor):
-    return grad.new_empty(grad.shape), scale.new_empty(scale.shape, dtype=torch.float32)
-
-
-def _ffl_setup(ctx, inputs, output):
-    x, scale = inputs[0], inputs[1]
-    ctx.save_for_backward(x, scale)
-    ctx.args = inputs[2:]
-
-
-def _ffl_grad(ctx, grad_y):
-    x, scale = ctx.saved_tensors
-    element, block_size, block_scale, axis, grad_factor = ctx.args
-    dx, ds = torch.ops.qat.fake_quantize_float_lsq_backward(grad_y, x, scale, element, block_size, block_scale, axis, grad_factor)
-    return dx, ds, None, None, None, None, None
-
-
-_ffl.register_autograd(_ffl_grad, setup_context=_ffl_setup)
 
 
 class _FloatFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, element, block_size, block_scale, axis):
-        y, mask = _backend(x).microscaling_forward(x, element, block_size, block_scale, scale, axis)
+        y, mask = _float_forward(x, scale, element, block_size, block_scale, axis)
         ctx.save_for_backward(mask)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         (mask,) = ctx.saved_tensors
-        return _backend(grad_y).fake_quantize_backward(grad_y, mask), None, None, None, None, None
+        return _fq_backward(grad_y, mask, None), None, None, None, None, None
 
 
 class _FloatLSQFn(torch.autograd.Function):
@@ -872,13 +714,16 @@ class _FloatLSQFn(torch.autograd.Function):
     def forward(ctx, x, scale, element, block_size, block_scale, axis, grad_factor):
         ctx.save_for_backward(x, scale)
         ctx.args = (element, block_size, block_scale, axis, grad_factor)
-        return _backend(x).microscaling_forward(x, element, block_size, block_scale, scale, axis)[0]
+        return _float_forward(x, scale, element, block_size, block_scale, axis)[0]
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale = ctx.saved_tensors
         element, block_size, block_scale, axis, grad_factor = ctx.args
-        dx, ds = _backend(x).microscaling_lsq_backward(grad_y, x, element, block_size, block_scale, scale, axis, grad_factor)
+        if _traced(x):
+            dx, ds = _FF_BWD(grad_y, x, scale, element, block_size, block_scale, axis, grad_factor)
+        else:
+            dx, ds = _backend(x).microscaling_lsq_backward(grad_y, x, element, block_size, block_scale, scale, axis, grad_factor)
         return dx, ds, None, None, None, None, None
 
 
@@ -960,8 +805,6 @@ def fake_quantize_float(
     op = "fake_quantize_float"
     axis = _check_float(op, x, scale, element, block_size, block_scale, axis, learned=False)
     args = (x, scale, element, int(block_size), block_scale, axis)
-    if _traced(x):
-        return torch.ops.qat.fake_quantize_float(*args)[0]
     return _FloatFn.apply(*args)
 
 
@@ -986,6 +829,4 @@ def fake_quantize_float_lsq(
         raise TypeError(f"{op}: grad_factor must be a finite number, got {grad_factor!r}")
     axis = _check_float(op, x, scale, element, block_size, block_scale, axis, learned=True)
     args = (x, scale, element, int(block_size), block_scale, axis, float(grad_factor))
-    if _traced(x):
-        return torch.ops.qat.fake_quantize_float_lsq(*args)
     return _FloatLSQFn.apply(*args)

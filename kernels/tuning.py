@@ -50,6 +50,13 @@ class KernelTuning:
     Every field is a setting the default code path uses; settings that measured no gain were removed
     with their code paths (``research/NOTES_kernels.md``, "Kernel tuning: one object")."""
 
+    # ------------------------------------------------------------------ launches (host)
+    param_block: bool = True
+    """Planned launches (the quantize-dequantize forward, the clipped-STE backward, the range-of-the-data
+    forward) go straight to ``cuLaunchKernel`` with a parameter block laid out once per plan, the
+    pointers written per call, rather than through CuPy's conversion of every argument
+    (``benchmarks/quantizer_host_cost.py --tuning param_block=0`` measures the other way)."""
+
     # ------------------------------------------------------------------ element-wise kernels (host)
     elementwise_waves: float = 8
     """Grid of the forward (``fq_forward_<variant>_<keymode>``) and clipped-STE backward kernels, in full
@@ -184,6 +191,7 @@ class KernelTuning:
                      "rows_loads_lsq", "rows_loads_minmax", "cols_rows_lsq", "cols_rows_minmax", "colsh_rows_lsq",
                      "colsh_rows_minmax"):  # fmt: skip
             need(int(getattr(self, name)) >= 1, f"{name} >= 1")
+        need(isinstance(self.param_block, bool), "param_block a bool")
         need(self.tensor_rows_min_waves >= 0, "tensor_rows_min_waves >= 0")
         for name in ("cols_vecs", "cols_half_vecs"):
             need(1 <= getattr(self, name) <= 256, f"{name} in 1..256")

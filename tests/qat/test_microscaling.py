@@ -473,18 +473,6 @@ def test_onnxruntime_has_no_fp4_dequantize_kernel():
 # ----------------------------------------------------------------------------- torch.compile
 
 
-def test_custom_ops_pass_opcheck():
-    """Schemas, fake (meta) implementations and autograd registrations of the two custom ops."""
-    x = torch.randn(4, 64, requires_grad=True)
-    for op, args in (
-        (torch.ops.qat.fake_quantize_float.default, (x, None, "e2m1", 32, "e8m0", None)),
-        (torch.ops.qat.fake_quantize_float_lsq.default, (x, torch.tensor([0.01], requires_grad=True), "e2m1", 16, "e4m3", None, 0.5)),
-        (torch.ops.qat.fake_quantize_float_lsq.default, (x, torch.full((4,), 0.01, requires_grad=True), "e4m3", 0, "none", 0, 0.5)),
-    ):
-        result = torch.library.opcheck(op, args)
-        assert all(v == "SUCCESS" for v in result.values()), result
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["mxfp4", "nvfp4", "fp8_e4m3"])
 def test_compiled_model_equals_eager(preset):
