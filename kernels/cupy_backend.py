@@ -516,65 +516,88 @@ def _tensor_rows(kind: str, n: int, c: int, vec: int, device: int, tn: KernelTun
     return nrows, rowv
 
 
-def _no_init(poison: bool = False) -> None:
-    pass
-
-
-def _init_unless(stores_all: bool, init: Callable[[bool], None], tn: KernelTuning) -> None:
-    if not stores_all:
-        init(False)
-    elif tn.poison_outputs:
-        init(True)
-
-
 def _by_kind(kind: str, lsq: ByDtype, minmax: ByDtype, code: int):
     return (lsq if kind == "lsq_backward" else minmax)[code]
 
 
+class _Steps(NamedTuple):
+    """The launches of one reduction (:func:`_reduce_steps`), cached per call key as a plan is."""
+
+    launches: tuple  # ((_Plan, byte offset added to the streamed tensors' pointers), ...)
+    init: Optional[bool]  # before them: init(False), init(True) (poison), or none (None)
+    streamed: int  # the pointers that walk the data (x, grad, dx), first in every launch
+    tn: KernelTuning
+
+
+def _init_mode(stores_all: bool, tn: KernelTuning) -> Optional[bool]:
+    if not stores_all:
+        return False
+    return True if tn.poison_outputs else None
+
+
 def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tuple, device: int, tn: KernelTuning,
-                   tensor_rows: bool = True, init: Optional[Callable[[bool], None]] = None) -> None:
+                   init: Optional[Callable[[bool], None]] = None) -> None:
     """Launch ``{kind}_rows``, ``_cols``, ``_colsh``, ``_grp``, ``_tile`` or ``_seg`` (reduce.cu) for the
-    layout ``(inner, C)``; ``tensor_rows=False`` keeps a per-tensor reduction off the rows kernels (its tail).
+    layout ``(inner, C)``: ``ptrs`` (ints) are those of x (, grad, dx) first, then the parameters'.
+    The launches depend on the call's shapes, dtype, alignment, scalars and tuning only: computed once
+    per such key (:func:`_reduce_steps`) and replayed, each through its parameter block.
 
     ``init(poison)`` sets the parameter-sized outputs to the reduction's identity (zeros, +-inf), or to
     NaN with ``poison`` (``tn.poison_outputs``, for tests: a key a storing kernel leaves unwritten shows).
     It runs only before kernels that add into them (atomics); the kernels that store every key's total
     (tile, grp on per-group layouts, rows with one block per key) leave the outputs unset before they run,
     which saves two fills of the parameters' size (about 5 us at 64M elements in groups of 128)."""
-    if init is None:
-        init = _no_init
-    code = _DTYPE_CODE[x.dtype]
-    vec_full = 16 // _ESIZE[code]
     tensors = [t for t in (x, g, dx) if t is not None]
     aligned = _aligned(*tensors)
+    key = ("reduce", kind, x.dtype, aligned, len(tensors), n, inner, c, tail_args, device, id(tn))
+    steps = _plan(key, tn, lambda: _reduce_steps(kind, _DTYPE_CODE[x.dtype], aligned, len(tensors), n, inner, c,
+                                                 tail_args, device, tn))  # fmt: skip
+    if steps.init is not None and init is not None:
+        init(steps.init)
+    for plan, off in steps.launches:
+        if off:
+            _run(plan, tuple(p + off if i < steps.streamed else p for i, p in enumerate(ptrs)), device)
+        else:
+            _run(plan, ptrs, device)
+
+
+def _reduce_steps(kind: str, code: int, aligned: bool, streamed: int, n: int, inner: int, c: int, tail_args: tuple,
+                  device: int, tn: KernelTuning, tensor_rows: bool = True) -> _Steps:
+    """The launches :func:`_launch_reduce` makes; ``tensor_rows=False`` keeps a per-tensor reduction off
+    the rows kernels (its tail)."""
+    vec_full = 16 // _ESIZE[code]
+
+    def step(kern, grid, consts, shared=0, threads=_THREADS, off=0):
+        grid = (grid,) if isinstance(grid, int) else grid
+        return _Plan(kern, grid, threads, shared, consts, tn, []), off
+
+    def steps(launches, stores_all: bool) -> _Steps:
+        return _Steps(tuple(launches), _init_mode(stores_all, tn), streamed, tn)
+
     vec_rows = vec_full if aligned and inner % vec_full == 0 else 1
     rows_t = _tensor_rows(kind, n, c, vec_full if aligned else 1, device, tn) if tensor_rows else None
     if rows_t is not None:
         # one parameter for the whole tensor: the rows kernels over virtual rows of rowv vectors (one
         # atomic per row), the tail past the last whole row on the seg kernel
         nrows, rowv = rows_t
-        init(False)
         kern = _get("reduce.cu", f"{kind}_rows", code, vec_full, device, tn)
         shape = (np.int64(nrows), np.int64(rowv), np.int64(1), np.int32(0))
-        _launch(kern, nrows, (*ptrs, *shape, *tail_args), device)
+        launches = [step(kern, nrows, (*shape, *tail_args))]
         head = nrows * rowv * vec_full
         if head < n:
             off = head * _ESIZE[code]
-            streamed = len(tensors)  # ptrs start with those of x (, grad, dx)
-            tail_ptrs = tuple(np.uint64(int(p) + off) if i < streamed else p for i, p in enumerate(ptrs))
-            _launch_reduce(kind, x, g, dx, n - head, n - head, 1, tail_args, tail_ptrs, device, tn, tensor_rows=False)
-        return
+            rest = _reduce_steps(kind, code, aligned, streamed, n - head, n - head, 1, tail_args, device, tn, False)
+            launches += [(plan, off + o) for plan, o in rest.launches]
+        return steps(launches, False)
     if kind != "pact_backward" and _use_rows(inner, c, vec_rows, tn):
         # one block per row (grid-stride over rows past 2**31 - 1 blocks)
         vec = vec_rows
         kern = _get("reduce.cu", f"{kind}_rows", code, vec, device, tn)
         nrows = n // inner
-        grid = min(nrows, 2**31 - 1)
         store = np.int32(nrows == c)  # one block per key: plain stores
-        _init_unless(bool(store), init, tn)
         shape = (np.int64(nrows), np.int64(inner // vec), np.int64(c), store)
-        _launch(kern, grid, (*ptrs, *shape, *tail_args), device)
-    elif _use_cols(inner, c, tn):
+        return steps([step(kern, min(nrows, 2**31 - 1), (*shape, *tail_args))], bool(store))
+    if _use_cols(inner, c, tn):
         wd = c * inner
         rows = n // wd
         vec = vec_full if aligned and wd % vec_full == 0 else 1
@@ -588,48 +611,43 @@ def _launch_reduce(kind: str, x, g, dx, n, inner, c, tail_args: tuple, ptrs: tup
         gx = -(-wdv // colsv)
         # the grid fits one wave: each block owns its rows start to end, so no block waits for a second one
         gy = max(1, min(-(-rows // r), _wave(kern, device, 1, shared) // gx))
-        init(False)
-        args = (*ptrs, np.int64(rows), np.int64(wd), np.int64(inner), np.int32(colsv), np.int32(r), *tail_args)
-        _launch(kern, (gx, gy), args, device, shared)
+        consts = (np.int64(rows), np.int64(wd), np.int64(inner), np.int32(colsv), np.int32(r), *tail_args)
+        return steps([step(kern, (gx, gy), consts, shared)], False)
+    vec = vec_full if aligned and (c == 1 or inner % vec_full == 0) else 1
+    run = inner // vec  # vectors of a key's run
+    k = _grp_k(run, kind, tn) if c > 1 and inner % vec == 0 else None
+    # per-group layouts (every key one run): the tile kernel where the tuning asks for it
+    t = _tile_t(run, kind, code, tn) if k is not None and c * inner == n else None
+    grid = -(-n // (tn.tile_threads * (t or 1) * vec))  # one tile of tile_threads // 32 * t units a block
+    if t is not None and grid < 2**31:
+        kern = _get("reduce.cu", f"{kind}_tile{t}", code, vec, device, tn)
+        consts = (np.int64(n), *_fastdiv(inner), *_fastdiv(c), *tail_args)
+        return steps([step(kern, grid, consts, threads=tn.tile_threads)], True)
+    wpb = _THREADS // 32
+    if kind == "pact_backward":
+        name = "pact_backward_seg"
+    elif k is not None:
+        name = f"{kind}_grp{k}"  # short aligned runs: K loads per lane, run // K lanes per run
+    elif c == 1 or inner >= 4 * 32 * vec:
+        name = f"{kind}_seg0"  # long runs: accumulate in registers
     else:
-        vec = vec_full if aligned and (c == 1 or inner % vec_full == 0) else 1
-        run = inner // vec  # vectors of a key's run
-        k = _grp_k(run, kind, tn) if c > 1 and inner % vec == 0 else None
-        # per-group layouts (every key one run): the tile kernel where the tuning asks for it
-        t = _tile_t(run, kind, code, tn) if k is not None and c * inner == n else None
-        grid = -(-n // (tn.tile_threads * (t or 1) * vec))  # one tile of tile_threads // 32 * t units a block
-        if t is not None and grid < 2**31:
-            _init_unless(True, init, tn)
-            kern = _get("reduce.cu", f"{kind}_tile{t}", code, vec, device, tn)
-            args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), *tail_args)
-            _launch(kern, grid, args, device, threads=tn.tile_threads)
-            return
-        wpb = _THREADS // 32
-        if kind == "pact_backward":
-            name = "pact_backward_seg"
-        elif k is not None:
-            name = f"{kind}_grp{k}"  # short aligned runs: K loads per lane, run // K lanes per run
-        elif c == 1 or inner >= 4 * 32 * vec:
-            name = f"{kind}_seg0"  # long runs: accumulate in registers
-        else:
-            name = f"{kind}_seg2"  # general: segmented scan
-        kern = _get("reduce.cu", name, code, vec, device, tn)
-        nsteps = -(-n // (32 * vec * (k or 1)))
-        grid = max(1, min(-(-nsteps // wpb), _wave(kern, device, tn.grp_waves if k else tn.seg_waves)))
-        # seg: teams of `wil` warps interleave their steps (reduce.cu, seg_body). Per tensor, one
-        # team (grid-stride) ran 1-3% faster on an H100 than per-warp ranges; per channel (axis 0),
-        # teams of 2-4 blocks ran 2-25% slower, so there each warp keeps its contiguous range.
-        team = grid if k is None and c == 1 else 1
-        if team > 1:
-            grid = max(team, grid // team * team)
-        wil = np.int64(team * wpb if team > 1 else 1)
-        if kind == "pact_backward":
-            args = (*ptrs, np.int64(n), wil)
-        else:
-            unique = np.int32(c * inner == n)  # every key is one run (per-group): plain stores
-            args = (*ptrs, np.int64(n), *_fastdiv(inner), *_fastdiv(c), unique, *tail_args, wil)
-        _init_unless(kind != "pact_backward" and k is not None and c * inner == n, init, tn)  # grp stores
-        _launch(kern, grid, args, device)
+        name = f"{kind}_seg2"  # general: segmented scan
+    kern = _get("reduce.cu", name, code, vec, device, tn)
+    nsteps = -(-n // (32 * vec * (k or 1)))
+    grid = max(1, min(-(-nsteps // wpb), _wave(kern, device, tn.grp_waves if k else tn.seg_waves)))
+    # seg: teams of `wil` warps interleave their steps (reduce.cu, seg_body). Per tensor, one
+    # team (grid-stride) ran 1-3% faster on an H100 than per-warp ranges; per channel (axis 0),
+    # teams of 2-4 blocks ran 2-25% slower, so there each warp keeps its contiguous range.
+    team = grid if k is None and c == 1 else 1
+    if team > 1:
+        grid = max(team, grid // team * team)
+    wil = np.int64(team * wpb if team > 1 else 1)
+    if kind == "pact_backward":
+        consts = (np.int64(n), wil)
+    else:
+        unique = np.int32(c * inner == n)  # every key is one run (per-group): plain stores
+        consts = (np.int64(n), *_fastdiv(inner), *_fastdiv(c), unique, *tail_args, wil)
+    return steps([step(kern, grid, consts)], kind != "pact_backward" and k is not None and c * inner == n)  # grp stores
 
 
 def _tile_t(run: int, kind: str, code: int, tn: KernelTuning) -> Optional[int]:
@@ -792,12 +810,13 @@ def fake_quantize_lsq_backward(
         return reference.fake_quantize_lsq_backward(
             grad, x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode
         )
-    xc, g = x.contiguous(), grad.reshape(x.shape).contiguous()
+    xc = x.contiguous()
+    g = (grad if grad.shape == x.shape else grad.reshape(x.shape)).contiguous()
     n = xc.numel()
     dx = torch.empty(x.shape, dtype=grad.dtype, device=x.device)
     inner, c = Layout(axis=axis, group_size=group_size).index_rule(xc.shape)
-    ds = torch.empty(c, dtype=torch.float32, device=x.device)
-    dz = torch.empty(c, dtype=torch.float32, device=x.device)
+    ds = torch.empty(scale.shape, dtype=torch.float32, device=x.device)  # c elements, as the kernels write them
+    dz = torch.empty(zero_point.shape, dtype=torch.float32, device=x.device)
 
     def init(poison: bool = False) -> None:  # sums start at 0 (kernels that add into them)
         ds.fill_(math.nan if poison else 0.0)
@@ -807,10 +826,16 @@ def fake_quantize_lsq_backward(
         init()
     else:
         s, z = _params(scale), _params(zero_point)
-        tail = (np.float32(qmin), np.float32(qmax), np.float32(grad_factor), np.int32(_ROUND[round_mode]))
-        ptrs = (_ptr(xc), _ptr(g), _ptr(dx), _ptr(s), _ptr(z), _ptr(ds), _ptr(dz))
-        _launch_reduce("lsq_backward", xc, g, dx, n, inner, c, tail, ptrs, x.device.index, _tn(tuning), init=init)
-    return dx, ds.reshape(scale.shape), dz.reshape(zero_point.shape)
+        ptrs = tuple(t.data_ptr() for t in (xc, g, dx, s, z, ds, dz))
+        _launch_reduce("lsq_backward", xc, g, dx, n, inner, c, _lsq_tail(qmin, qmax, grad_factor, round_mode), ptrs,
+                       x.device.index, _tn(tuning), init=init)  # fmt: skip
+    return dx, ds, dz
+
+
+@functools.lru_cache(maxsize=1024)
+def _lsq_tail(qmin: int, qmax: int, grad_factor: float, round_mode: str) -> tuple:
+    """The LSQ backward kernels' last scalar arguments (also part of their launch key)."""
+    return np.float32(qmin), np.float32(qmax), np.float32(grad_factor), np.int32(_ROUND[round_mode])
 
 
 def fake_quantize_pact_forward(x, alpha, qmin, qmax, round_mode="half_even", out_dtype=None, tuning=None):
@@ -831,7 +856,7 @@ def fake_quantize_pact_backward(grad, x, alpha, tuning=None):
     da = torch.zeros(1, dtype=torch.float32, device=x.device)
     if n:
         a = _params(alpha)
-        ptrs = (_ptr(xc), _ptr(g), _ptr(dx), _ptr(a), _ptr(da))
+        ptrs = tuple(t.data_ptr() for t in (xc, g, dx, a, da))
         _launch_reduce("pact_backward", xc, g, dx, n, n, 1, (), ptrs, x.device.index, _tn(tuning))
     return dx, da.reshape(alpha.shape)
 
@@ -888,7 +913,7 @@ def _aminmax_kernel(x: torch.Tensor, axis: Optional[int] = None, group_size: Opt
     if not n:
         init()
     else:
-        ptrs = (_ptr(xc), _ptr(mn), _ptr(mx))
+        ptrs = (xc.data_ptr(), mn.data_ptr(), mx.data_ptr())
         _launch_reduce("minmax", xc, None, None, n, inner, c, (), ptrs, x.device.index, _tn(tuning), init=init)
     shape = Layout(axis=axis, group_size=group_size).param_shape(x.shape)
     return mn.reshape(shape), mx.reshape(shape)
