@@ -407,6 +407,9 @@ def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_d
 
 def _check_ints(op: str, qmin, qmax, axis, group_size, round_mode) -> None:
     """The checks that read no tensor: argument types and the integer range."""
+    if (type(qmin) is int and type(qmax) is int and qmin < qmax and (axis is None or type(axis) is int)
+            and (group_size is None or type(group_size) is int) and type(round_mode) is str and round_mode in _ROUND_MODES):
+        return  # the common call, without the abstract-class checks below (a training step makes ~200)
     for name, v in (("qmin", qmin), ("qmax", qmax)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{op}: {name} must be a Python int, got {v!r} ({type(v).__name__})")
@@ -417,6 +420,9 @@ def _check_ints(op: str, qmin, qmax, axis, group_size, round_mode) -> None:
             raise TypeError(f"{op}: {name} must be an int or None, got {v!r} ({type(v).__name__})")
     if not isinstance(round_mode, str) or round_mode not in reference.ROUND_MODES:
         raise ValueError(f"{op}: round_mode must be one of {reference.ROUND_MODES}, got {round_mode!r}")
+
+
+_ROUND_MODES = frozenset(reference.ROUND_MODES)
 
 
 def _check_out_dtype(op: str, out_dtype) -> None:
@@ -662,18 +668,20 @@ def fake_quantize_minmax(
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     _check_ints(op, qmin, qmax, None, None, round_mode)
-    if isinstance(row, bool) or not isinstance(row, numbers.Integral) or row <= 0 or x.numel() % row:
-        raise ValueError(f"{op}: row={row!r} must be a positive int dividing x.numel() = {x.numel()}")
+    n = x.numel()
+    if not (type(row) is int or (isinstance(row, numbers.Integral) and not isinstance(row, bool))) or row <= 0 or n % row:
+        raise ValueError(f"{op}: row={row!r} must be a positive int dividing x.numel() = {n}")
     if state is not None:
         names = ("min_val", "max_val", "seen", "scale", "zero_point")
         if len(state) != 5:
             raise TypeError(f"{op}: state must be the 5 tensors {names}, got {len(state)}")
+        device, nrows = x.device, n // row
         for name, t in zip(names, state):
             dtype = torch.bool if name == "seen" else torch.float32
-            if not isinstance(t, Tensor) or t.dtype != dtype or t.device != x.device or not t.is_contiguous():
-                raise TypeError(f"{op}: state {name} must be a contiguous {dtype} tensor on {x.device}")
-            if t.numel() != x.numel() // row:
-                raise ValueError(f"{op}: state {name} must have one entry a row ({x.numel() // row}), got {t.numel()}")
+            if not isinstance(t, Tensor) or t.dtype != dtype or t.device != device or not t.is_contiguous():
+                raise TypeError(f"{op}: state {name} must be a contiguous {dtype} tensor on {device}")
+            if t.numel() != nrows:
+                raise ValueError(f"{op}: state {name} must have one entry a row ({nrows}), got {t.numel()}")
     _check_out_dtype(op, out_dtype)
     out_dtype = None if out_dtype == x.dtype else out_dtype
     args = (x, int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode, out_dtype)

@@ -127,13 +127,12 @@ class Layout:
             >>> Layout(axis=1).index_rule((4, 3, 5)), Layout(group_size=8).index_rule((2, 32)), Layout().index_rule((6,))
             ((5, 3), (8, 8), (6, 1))
         """
-        shape = tuple(shape)
         n = math.prod(shape)
-        r = Layout(group_size=shape[-1] if shape else 1) if self.per_row else self
-        if r.group_size is not None:
-            inner, c = r.group_size, n // r.group_size
-        elif r.axis is not None:
-            axis = r.axis % len(shape)
+        group = (shape[-1] if len(shape) else 1) if self.per_row else self.group_size  # per row: groups of a row
+        if group is not None:
+            inner, c = group, n // group
+        elif self.axis is not None:
+            axis = self.axis % len(shape)
             inner, c = math.prod(shape[axis + 1 :]), shape[axis]
         else:
             inner, c = n, 1
