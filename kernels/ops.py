@@ -4,8 +4,7 @@ a traced graph calls.
 Each backend function is also one registered ``torch.library`` op (``torch.ops.qat.*``): one opaque
 node for ``torch.compile`` / ``torch.export``, with a fake implementation for the output shapes. The
 gradients have one definition, the autograd Functions below: in eager mode they call the backend
-directly (no dispatcher); a torch.compile trace records each as one ``qat::*_autograd`` op, which
-AOTAutograd decomposes through the Function into the kernel ops and their backward. The backend is chosen per call from the input's device:
+directly (no dispatcher), in a trace the registered ops. The backend is chosen per call from the input's device:
 
 * CUDA tensor and CuPy importable -> :mod:`qat.kernels.cupy_backend` (fused CUDA kernels);
 * anything else -> :mod:`qat.kernels.reference` (PyTorch).
@@ -286,66 +285,67 @@ _FF_BWD = _op(
 )
 
 # ----------------------------------------------------------------------------- autograd
-# One Function per estimator: the one definition of every gradient. ``via_ops`` (the last argument
-# before any state) picks how its forward and backward reach the kernels: False in eager mode, the
-# backend function straight (no dispatcher); True in a trace, the registered ops above.
+# One Function per estimator, in eager mode and traced alike: eager calls the backend function straight
+# (no dispatcher), a trace the op above (_traced: torch.compile / torch.export, or meta tensors).
 
 
 def _traced(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or x.is_meta
 
 
-def _fq_backward(grad, mask, dtype, via_ops: bool):
-    return _FQ_BWD(grad, mask, dtype) if via_ops else _backend(grad).fake_quantize_backward(grad, mask, dtype)
+def _fq_forward(x, *args):
+    return _FQ(x, *args) if _traced(x) else _backend(x).fake_quantize_forward(x, *args)
+
+
+def _fq_backward(grad, mask, dtype):
+    return _FQ_BWD(grad, mask, dtype) if _traced(grad) else _backend(grad).fake_quantize_backward(grad, mask, dtype)
 
 
 class _FakeQuantizeFn(torch.autograd.Function):
     """Clipped STE: the forward saves the packed clip mask, the backward passes the gradient where it is set."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype, via_ops):
-        args = (x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
-        y, mask = _FQ(*args) if via_ops else _backend(x).fake_quantize_forward(*args)
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype):
+        y, mask = _fq_forward(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
         ctx.save_for_backward(mask)
-        ctx.x_dtype, ctx.via_ops = x.dtype, via_ops
+        ctx.x_dtype = x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         (mask,) = ctx.saved_tensors
-        return _fq_backward(grad_y, mask, ctx.x_dtype, ctx.via_ops), *(None,) * 9
+        return _fq_backward(grad_y, mask, ctx.x_dtype), *(None,) * 8
 
 
 class _LSQFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode, out_dtype, via_ops):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode, out_dtype):
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.args, ctx.via_ops = (qmin, qmax, axis, group_size, grad_factor, round_mode), via_ops
+        ctx.args = (qmin, qmax, axis, group_size, grad_factor, round_mode)
         args = (x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype)
-        return _LSQ(*args) if via_ops else _backend(x).fake_quantize_lsq_forward(*args)
+        return _LSQ(*args) if _traced(x) else _backend(x).fake_quantize_lsq_forward(*args)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale, zero_point = ctx.saved_tensors
         args = (grad_y.to(x.dtype), x, scale, zero_point, *ctx.args)
-        dx, ds, dz = _LSQ_BWD(*args) if ctx.via_ops else _backend(x).fake_quantize_lsq_backward(*args)
-        return dx, ds, dz, *(None,) * 8
+        dx, ds, dz = _LSQ_BWD(*args) if _traced(x) else _backend(x).fake_quantize_lsq_backward(*args)
+        return dx, ds, dz, *(None,) * 7
 
 
 class _PACTFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, alpha, qmin, qmax, round_mode, out_dtype, via_ops):
+    def forward(ctx, x, alpha, qmin, qmax, round_mode, out_dtype):
         ctx.save_for_backward(x, alpha)
-        ctx.via_ops = via_ops
         args = (x, alpha, qmin, qmax, round_mode, out_dtype)
-        return _PACT(*args) if via_ops else _backend(x).fake_quantize_pact_forward(*args)
+        return _PACT(*args) if _traced(x) else _backend(x).fake_quantize_pact_forward(*args)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, alpha = ctx.saved_tensors
         args = (grad_y.to(x.dtype), x, alpha)
-        dx, dalpha = _PACT_BWD(*args) if ctx.via_ops else _backend(x).fake_quantize_pact_backward(*args)
-        return dx, dalpha, *(None,) * 5
+        dx, dalpha = _PACT_BWD(*args) if _traced(x) else _backend(x).fake_quantize_pact_backward(*args)
+        return dx, dalpha, None, None, None, None
 
 
 class _MinMaxFn(torch.autograd.Function):
@@ -353,107 +353,23 @@ class _MinMaxFn(torch.autograd.Function):
     the clipped-STE backward of :class:`_FakeQuantizeFn`."""
 
     @staticmethod
-    def forward(ctx, x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_dtype, via_ops, *state):
+    def forward(ctx, x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_dtype, *state):
         args = (row, qmin, qmax, symmetric, scale_f16, round_mode)
-        if not via_ops:
+        if not _traced(x):
             y, mask = _backend(x).fake_quantize_minmax_forward(x, *args, state or None, out_dtype)
         elif state:
             y, mask = _MMO(x, *state, *args, out_dtype)
         else:
             y, mask = _MM(x, *args, out_dtype)
         ctx.save_for_backward(mask)
-        ctx.x_dtype, ctx.via_ops, ctx.n_state = x.dtype, via_ops, len(state)
+        ctx.x_dtype = x.dtype
+        ctx.n_state = len(state)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         (mask,) = ctx.saved_tensors
-        return _fq_backward(grad_y, mask, ctx.x_dtype, ctx.via_ops), *(None,) * (8 + ctx.n_state)
-
-
-class _FloatFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, element, block_size, block_scale, axis, via_ops):
-        y, mask = _float_forward(x, scale, element, block_size, block_scale, axis, via_ops)
-        ctx.save_for_backward(mask)
-        ctx.via_ops = via_ops
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        (mask,) = ctx.saved_tensors
-        return _fq_backward(grad_y, mask, None, ctx.via_ops), *(None,) * 6
-
-
-class _FloatLSQFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, element, block_size, block_scale, axis, grad_factor, via_ops):
-        ctx.save_for_backward(x, scale)
-        ctx.args, ctx.via_ops = (element, block_size, block_scale, axis, grad_factor), via_ops
-        return _float_forward(x, scale, element, block_size, block_scale, axis, via_ops)[0]
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, scale = ctx.saved_tensors
-        element, block_size, block_scale, axis, grad_factor = ctx.args
-        if ctx.via_ops:
-            dx, ds = _FF_BWD(grad_y, x, scale, element, block_size, block_scale, axis, grad_factor)
-        else:
-            dx, ds = _backend(x).microscaling_lsq_backward(grad_y, x, element, block_size, block_scale, scale, axis, grad_factor)
-        return dx, ds, *(None,) * 6
-
-
-def _float_forward(x, scale, element, block_size, block_scale, axis, via_ops: bool):
-    if via_ops:
-        return _FF(x, scale, element, block_size, block_scale, axis)
-    return _backend(x).microscaling_forward(x, element, block_size, block_scale, scale, axis)
-
-
-# The Functions as ops (CompositeImplicitAutograd: each runs its Function with via_ops): what a traced
-# graph records, one node a quantizer. Dynamo would otherwise trace every Function's forward and
-# backward as subgraphs, at each call (about 40% of its tracing time for a GPT-2-class model); AOTAutograd
-# decomposes these ops through the Function into the kernel ops above and their backward.
-
-
-def _autograd_op(schema: str, fn: type, n_args: int):
-    """Define ``qat::<schema>`` as ``fn.apply`` with ``via_ops=True`` after its first ``n_args``
-    arguments (the rest, a state, after it); returns the op's overload."""
-    name = schema.split("(", 1)[0]
-    _LIB.define(schema)
-    _LIB.impl(name, lambda *a: fn.apply(*a[:n_args], True, *a[n_args:]), "CompositeImplicitAutograd")
-    return getattr(torch.ops.qat, name).default
-
-
-_FQ_AD = _autograd_op(
-    "fake_quantize_autograd(Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, SymInt? axis, "
-    "SymInt? group_size, str round_mode, ScalarType? out_dtype) -> Tensor", _FakeQuantizeFn, 9)
-_LSQ_AD = _autograd_op(
-    "fake_quantize_lsq_autograd(Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, SymInt? axis, "
-    "SymInt? group_size, float grad_factor, str round_mode, ScalarType? out_dtype) -> Tensor", _LSQFn, 10)
-_PACT_AD = _autograd_op(
-    "fake_quantize_pact_autograd(Tensor x, Tensor alpha, SymInt qmin, SymInt qmax, str round_mode, "
-    "ScalarType? out_dtype) -> Tensor", _PACTFn, 6)
-_MM_AD = _autograd_op(
-    "fake_quantize_minmax_autograd(Tensor x, SymInt row, SymInt qmin, SymInt qmax, bool symmetric, bool scale_f16, "
-    "str round_mode, ScalarType? out_dtype) -> Tensor", _MinMaxFn, 8)
-_MMO_AD = _autograd_op(
-    "fake_quantize_minmax_observe_autograd(Tensor x, SymInt row, SymInt qmin, SymInt qmax, bool symmetric, "
-    "bool scale_f16, str round_mode, ScalarType? out_dtype, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) seen, "
-    "Tensor(d!) scale, Tensor(e!) zero_point) -> Tensor", _MinMaxFn, 8)
-_FF_AD = _autograd_op(
-    "fake_quantize_float_autograd(Tensor x, Tensor? scale, str element, SymInt block_size, str block_scale, "
-    "SymInt? axis) -> Tensor", _FloatFn, 6)
-_FFL_AD = _autograd_op(
-    "fake_quantize_float_lsq_autograd(Tensor x, Tensor scale, str element, SymInt block_size, str block_scale, "
-    "SymInt? axis, float grad_factor) -> Tensor", _FloatLSQFn, 7)
-
-
-def _apply(fn: type, op, args: tuple, state: tuple = ()) -> Tensor:
-    """``fn`` on ``args`` (and ``state``): its op in a torch.compile trace, else the Function itself
-    (through the registered kernel ops for meta tensors, the backend straight otherwise)."""
-    if torch.compiler.is_compiling():
-        return op(*args, *state)
-    return fn.apply(*args, args[0].is_meta, *state)
+        return _fq_backward(grad_y, mask, ctx.x_dtype), *(None,) * (7 + ctx.n_state)
 
 
 class _MaskedSTE(torch.autograd.Function):
@@ -630,7 +546,7 @@ def fake_quantize(
             out_dtype)  # fmt: skip
     if _traced(x) and _COMPILE_ROUTE == "inductor":
         return _fake_quantize_inductor(*args)
-    return _apply(_FakeQuantizeFn, _FQ_AD, args)
+    return _FakeQuantizeFn.apply(*args)
 
 
 def fake_quantize_lsq(
@@ -669,7 +585,7 @@ def fake_quantize_lsq(
     args = (x, scale, zero_point, int(qmin), int(qmax), axis, group_size, float(grad_factor), round_mode, out_dtype)
     # the opaque op on both compile routes: LSQ's math as PyTorch ops gave Inductor wrong gradients on
     # CUDA (right on the CPU); benchmarks/compile_grad_check.py shows it
-    return _apply(_LSQFn, _LSQ_AD, args)
+    return _LSQFn.apply(*args)
 
 
 def fake_quantize_pact(
@@ -707,7 +623,7 @@ def fake_quantize_pact(
         if bad.any().item():
             _first_bad(op, "alpha", a, bad, "finite and positive (the clip [0, alpha]), with (qmax - qmin) / alpha finite")
     args = (x, alpha, int(qmin), int(qmax), round_mode, out_dtype)
-    return _apply(_PACTFn, _PACT_AD, args)  # the opaque op on both compile routes, as LSQ
+    return _PACTFn.apply(*args)  # the opaque op on both compile routes, as LSQ
 
 
 def fake_quantize_minmax(
@@ -771,7 +687,7 @@ def fake_quantize_minmax(
     args = (x, int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode, out_dtype)
     if _traced(x) and _COMPILE_ROUTE == "inductor":
         return _minmax_inductor(*args, state)
-    return _apply(_MinMaxFn, _MMO_AD if state else _MM_AD, args, tuple(state or ()))
+    return _MinMaxFn.apply(*args, *(state or ()))
 
 
 # ----------------------------------------------------------------------------- microscaling / FP8
@@ -780,6 +696,43 @@ def fake_quantize_minmax(
 # so its backward is qat::fake_quantize_backward.
 
 _FLOAT_ELEMENTS = tuple(ELEMENTS)  # the formats' owner is qat.microscaling
+
+
+def _float_forward(x, scale, element, block_size, block_scale, axis):
+    if _traced(x):
+        return _FF(x, scale, element, block_size, block_scale, axis)
+    return _backend(x).microscaling_forward(x, element, block_size, block_scale, scale, axis)
+
+
+class _FloatFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, element, block_size, block_scale, axis):
+        y, mask = _float_forward(x, scale, element, block_size, block_scale, axis)
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (mask,) = ctx.saved_tensors
+        return _fq_backward(grad_y, mask, None), None, None, None, None, None
+
+
+class _FloatLSQFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, element, block_size, block_scale, axis, grad_factor):
+        ctx.save_for_backward(x, scale)
+        ctx.args = (element, block_size, block_scale, axis, grad_factor)
+        return _float_forward(x, scale, element, block_size, block_scale, axis)[0]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scale = ctx.saved_tensors
+        element, block_size, block_scale, axis, grad_factor = ctx.args
+        if _traced(x):
+            dx, ds = _FF_BWD(grad_y, x, scale, element, block_size, block_scale, axis, grad_factor)
+        else:
+            dx, ds = _backend(x).microscaling_lsq_backward(grad_y, x, element, block_size, block_scale, scale, axis, grad_factor)
+        return dx, ds, None, None, None, None, None
 
 
 def _check_float(op: str, x, scale, element, block_size, block_scale, axis, learned: bool) -> Optional[int]:
@@ -860,7 +813,7 @@ def fake_quantize_float(
     op = "fake_quantize_float"
     axis = _check_float(op, x, scale, element, block_size, block_scale, axis, learned=False)
     args = (x, scale, element, int(block_size), block_scale, axis)
-    return _apply(_FloatFn, _FF_AD, args)
+    return _FloatFn.apply(*args)
 
 
 def fake_quantize_float_lsq(
@@ -884,4 +837,4 @@ def fake_quantize_float_lsq(
         raise TypeError(f"{op}: grad_factor must be a finite number, got {grad_factor!r}")
     axis = _check_float(op, x, scale, element, block_size, block_scale, axis, learned=True)
     args = (x, scale, element, int(block_size), block_scale, axis, float(grad_factor))
-    return _apply(_FloatLSQFn, _FFL_AD, args)
+    return _FloatLSQFn.apply(*args)
