@@ -33,7 +33,6 @@ fields recompile the sources). Nothing in the backend is patched: every configur
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import datetime
 import fnmatch
@@ -50,6 +49,7 @@ import torch
 
 from qat.kernels import cupy_backend, fake_quantize, reference
 from qat.kernels.tuning import DEFAULT_TUNING, KernelTuning
+from qat.kernels.tuning import tuning_from as parse_tuning
 
 GRANULARITIES = {
     "tensor": dict(axis=None, group_size=None),
@@ -602,21 +602,10 @@ def launch_overhead():
 
 
 def tuning_from(items, base: KernelTuning = DEFAULT_TUNING) -> KernelTuning:
-    """``base`` with ``FIELD=VALUE`` items applied (values are Python literals: ``4``, ``(2,2,2)``,
-    ``True``); an unknown field or an invalid value exits with the reason."""
-    fields = {f.name for f in dataclasses.fields(KernelTuning)}
-    changes = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or name not in fields:
-            raise SystemExit(f"not a KernelTuning field assignment: {item!r} (fields: {', '.join(sorted(fields))})")
-        try:
-            changes[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError) as exc:
-            raise SystemExit(f"{item!r}: the value must be a Python literal ({exc})") from exc
+    """:func:`qat.kernels.tuning.tuning_from`, exiting with the reason on a bad item."""
     try:
-        return dataclasses.replace(base, **changes)
-    except (TypeError, ValueError) as exc:
+        return parse_tuning(items, base)
+    except ValueError as exc:
         raise SystemExit(str(exc)) from exc
 
 

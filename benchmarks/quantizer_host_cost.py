@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the table here (with --render)")
     p.add_argument("-n", type=int, default=300, help="calls between synchronizations")
     p.add_argument("--tuning", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="KernelTuning fields for this run (e.g. param_block=0: launches through CuPy's argument conversion)")
+                   help="KernelTuning fields for this run (e.g. param_block=False: launches through CuPy's argument conversion)")
     a = p.parse_args()
     if a.render:
         text = render(json.loads(pathlib.Path(a.render).read_text()))
@@ -106,14 +106,15 @@ def main() -> None:
         git = "?"
     import qat
 
-    from qat.kernels.cupy_backend import DEFAULT_TUNING, use_tuning
+    from qat.kernels.cupy_backend import use_tuning
+    from qat.kernels.tuning import tuning_from
 
-    changes = {}
-    for item in a.tuning:
-        name, _, value = item.partition("=")
-        kind = type(getattr(DEFAULT_TUNING, name))
-        changes[name] = bool(int(value)) if kind is bool else kind(value)
-    with use_tuning(**changes):
+    try:
+        tuning = tuning_from(a.tuning)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    changes = tuning.changes()
+    with use_tuning(tuning):
         cases = measure(a.n)
     doc = {"label": a.label, "git": git, "qat": str(pathlib.Path(qat.__file__).parent), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"), "tuning": changes,

@@ -567,9 +567,9 @@ def _reduce_steps(kind: str, code: int, aligned: bool, streamed: int, n: int, in
     the rows kernels (its tail)."""
     vec_full = 16 // _ESIZE[code]
 
-    def step(kern, grid, consts, shared=0, threads=_THREADS, off=0):
+    def step(kern, grid, consts, shared=0, threads=_THREADS):
         grid = (grid,) if isinstance(grid, int) else grid
-        return _Plan(kern, grid, threads, shared, consts, tn, []), off
+        return _Plan(kern, grid, threads, shared, consts, tn, []), 0
 
     def steps(launches, stores_all: bool) -> _Steps:
         return _Steps(tuple(launches), _init_mode(stores_all, tn), streamed, tn)

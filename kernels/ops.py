@@ -197,8 +197,8 @@ def backend_name(device: torch.device | str) -> str:
 # directly) and in a traced graph (they call these ops; Dynamo traces the Function's forward and
 # backward). They are registered with torch.library.Library rather than torch.library.custom_op, and
 # without a Python autograd kernel: a call then skips the custom op's Python autograd and redispatch
-# layers (about 9 of 16 us a call on a CPU, benchmarks/op_overhead.py), which a compiled training step
-# pays at every quantizer, forward and backward. The observer's op updates its state in place (the
+# layers (15 us a forward + backward pair on a CPU, benchmarks/results/op_overhead.md), which a compiled
+# training step pays at every quantizer. The observer's op updates its state in place (the
 # schema says so), so a compiled step neither copies the state nor allocates a new one.
 
 _LIB = torch.library.Library("qat", "FRAGMENT")
@@ -281,7 +281,7 @@ _FF_BWD = _op(
     "str block_scale, SymInt? axis, float grad_factor) -> (Tensor, Tensor)",
     lambda grad, x, scale, element, bs, bsc, axis, gf: _backend(x).microscaling_lsq_backward(
         grad, x, element, bs, bsc, scale, axis, gf),
-    lambda grad, x, scale, *a: (_like(grad), scale.new_empty(scale.shape, dtype=torch.float32)),
+    lambda grad, x, scale, *a: (_like(grad), _like(scale, torch.float32)),
 )
 
 # ----------------------------------------------------------------------------- autograd
@@ -405,6 +405,9 @@ def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_d
 # ----------------------------------------------------------------------------- public API
 
 
+_ROUND_MODES = frozenset(reference.ROUND_MODES)
+
+
 def _check_ints(op: str, qmin, qmax, axis, group_size, round_mode) -> None:
     """The checks that read no tensor: argument types and the integer range."""
     if (type(qmin) is int and type(qmax) is int and qmin < qmax and (axis is None or type(axis) is int)
@@ -421,8 +424,6 @@ def _check_ints(op: str, qmin, qmax, axis, group_size, round_mode) -> None:
     if not isinstance(round_mode, str) or round_mode not in reference.ROUND_MODES:
         raise ValueError(f"{op}: round_mode must be one of {reference.ROUND_MODES}, got {round_mode!r}")
 
-
-_ROUND_MODES = frozenset(reference.ROUND_MODES)
 
 
 def _check_out_dtype(op: str, out_dtype) -> None:

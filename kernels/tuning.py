@@ -23,11 +23,12 @@ Values that are "by dtype" are :class:`ByDtype` triples indexed by the backend's
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["ByDtype", "KernelTuning", "DEFAULT_TUNING"]
+__all__ = ["ByDtype", "KernelTuning", "DEFAULT_TUNING", "tuning_from"]
 
 
 class ByDtype(NamedTuple):
@@ -53,9 +54,10 @@ class KernelTuning:
     # ------------------------------------------------------------------ launches (host)
     param_block: bool = True
     """Planned launches (the quantize-dequantize forward, the clipped-STE backward, the range-of-the-data
-    forward) go straight to ``cuLaunchKernel`` with a parameter block laid out once per plan, the
-    pointers written per call, rather than through CuPy's conversion of every argument
-    (``benchmarks/quantizer_host_cost.py --tuning param_block=0`` measures the other way)."""
+    forward, the reductions) go straight to ``cuLaunchKernel`` with a parameter block laid out once per
+    plan, the pointers written per call, rather than through CuPy's conversion of every argument
+    (``benchmarks/quantizer_host_cost.py --tuning param_block=False`` measures the other way; an H100:
+    ``benchmarks/results/quantizer_host_cost_h100.md``)."""
 
     # ------------------------------------------------------------------ element-wise kernels (host)
     elementwise_waves: float = 8
@@ -234,3 +236,32 @@ class KernelTuning:
 
 #: the tuning the backend uses (the measured defaults above)
 DEFAULT_TUNING = KernelTuning()
+
+
+def tuning_from(items, base: KernelTuning = DEFAULT_TUNING) -> KernelTuning:
+    """``base`` with ``FIELD=VALUE`` items applied, the values Python literals (``4``, ``(2,2,2)``,
+    ``False``): what the benchmarks' ``--set`` / ``--tuning`` options take.
+
+    Raises:
+        ValueError: an item that is not an assignment of a field, a value that is not a literal, or
+            a tuning that :class:`KernelTuning` refuses.
+
+    Example::
+
+        >>> tuning_from(["param_block=False", "tile_lsq=(2,2,2)"]).changes()
+        {'param_block': False, 'tile_lsq': ByDtype(fp32=2, fp16=2, bf16=2)}
+    """
+    fields = {f.name for f in dataclasses.fields(KernelTuning)}
+    changes = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"not a KernelTuning field assignment: {item!r} (fields: {', '.join(sorted(fields))})")
+        try:
+            changes[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"{item!r}: the value must be a Python literal ({exc})") from exc
+    try:
+        return dataclasses.replace(base, **changes)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from exc

@@ -42,7 +42,7 @@ def test_block_lays_out_scalars_once_and_pointers_per_launch(monkeypatch):
         block.launch(ptrs, tail, 0x5)
     for (dims, args), (ptrs, tail) in zip(seen, calls):
         assert dims == (0xF00D, 12, 2, 1, 128, 1, 1, 64, 0x5, 0)
-        assert args == [np.uint64(p).tobytes() for p in (*ptrs,)] + [v.tobytes() for v in consts] + [np.uint64(tail[0]).tobytes()]
+        assert args == [np.uint64(p).tobytes() for p in ptrs] + [v.tobytes() for v in consts] + [np.uint64(tail[0]).tobytes()]
 
 
 def test_block_refused_for_arguments_it_cannot_lay_out():

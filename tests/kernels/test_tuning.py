@@ -124,3 +124,14 @@ def test_use_tuning_swaps_and_restores():
     with pytest.raises(TypeError):
         with cupy_backend.use_tuning({"tile_threads": 64}):  # type: ignore[arg-type]
             pass
+
+
+def test_tuning_from_applies_literals_and_names_bad_items():
+    from qat.kernels.tuning import tuning_from
+
+    t = tuning_from(["param_block=False", "tile_lsq=(2,2,2)"])
+    assert t.changes() == {"param_block": False, "tile_lsq": (2, 2, 2)}
+    for bad, match in ((["nope=1"], "not a KernelTuning field"), (["tile_lsq=x"], "Python literal"),
+                       (["param_block=0"], "param_block a bool"), (["param_block"], "not a KernelTuning field")):
+        with pytest.raises(ValueError, match=match):
+            tuning_from(bad)
