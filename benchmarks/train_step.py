@@ -82,12 +82,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-ALL_ROWS = ("float", "ste", "lsq", "ste_kern", "lsq_kern", "ste_ind", "lsq_ind", "ste_ref", "torchao")
+ALL_ROWS = ("float", "ste", "lsq", "ste_unfused", "lsq_unfused", "ste_kern", "lsq_kern", "ste_ind", "lsq_ind", "ste_ref", "torchao")
 ALL_MODES = ("eager", "compile", "cudagraphs")
 ROW_LABELS = {
     "float": "float",
     "ste": "ours, STE weights",
     "lsq": "ours, LSQ weights",
+    "ste_unfused": "ours, STE weights (eager: QuantLinear unfused)",
+    "lsq_unfused": "ours, LSQ weights (eager: QuantLinear unfused)",
     "ste_kern": "ours, STE weights (compile route 'kernel')",
     "lsq_kern": "ours, LSQ weights (compile route 'kernel')",
     "ste_ind": "ours, STE weights (compile route 'inductor')",
@@ -223,7 +225,7 @@ def plan(estimator: str) -> dict:
     }
 
 
-ROW_PLAN = {"ste": "ste", "lsq": "lsq", "ste_kern": "ste", "lsq_kern": "lsq", "ste_ind": "ste", "lsq_ind": "lsq", "ste_ref": "ste"}
+ROW_PLAN = {"ste": "ste", "lsq": "lsq", "ste_unfused": "ste", "lsq_unfused": "lsq", "ste_kern": "ste", "lsq_kern": "lsq", "ste_ind": "ste", "lsq_ind": "lsq", "ste_ref": "ste"}
 # the compile route of each row (qat.kernels.set_compile_route): ste / lsq take the product's
 # default; *_kern call the fused kernels as opaque ops, *_ind trace the fake-quant math for
 # Inductor to fuse. In eager mode all of them run the fused kernels.
@@ -282,6 +284,13 @@ def set_route(route: str) -> str:
 
     set_compile_route(route)
     return compile_route()
+
+
+def set_fused_linear(enabled: bool) -> None:
+    """``qat.modules.set_fused_linear``: the ``*_unfused`` rows time QuantLinear's three-node graph."""
+    from qat.modules import set_fused_linear as _set
+
+    _set(enabled)
 
 
 def sync(device: torch.device) -> None:
@@ -928,6 +937,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 try:
                     if row in ROW_PLAN:
                         rec["backend"] = set_kernel_backend("reference" if row == "ste_ref" else "cupy", device)
+                        set_fused_linear(not row.endswith("_unfused"))
                         rec["compile_route"] = set_route(ROW_ROUTE.get(row, DEFAULT_ROUTE))
                     fn = run_prepare if via == "prepare" else run_trainer
                     rec.update(fn(cfg, row, mode, args, device))
@@ -940,6 +950,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         set_kernel_backend("cupy", device)
                     if row in ROW_ROUTE:
                         set_route(DEFAULT_ROUTE)
+                    if row.endswith("_unfused"):
+                        set_fused_linear(True)
                 rec["config_wall_s"] = time.perf_counter() - t0
                 doc["results"].append(rec)
                 if rec["ok"]:

@@ -9,8 +9,8 @@ Example::
 """
 
 from .ops import (
-    backend_name, compile_route, fake_quantize, fake_quantize_float, fake_quantize_float_lsq, fake_quantize_lsq, fake_quantize_minmax, fake_quantize_pact, param_checks,
+    IDENTITY, BoundQuant, bind_fake_quantize, bind_lsq, bind_minmax, bind_pact, backend_name, compile_route, fake_quantize, fake_quantize_float, fake_quantize_float_lsq, fake_quantize_lsq, fake_quantize_minmax, fake_quantize_pact, param_checks,
     set_compile_route, set_param_checks,
 )
 
-__all__ = ["backend_name", "compile_route", "set_compile_route", "fake_quantize", "fake_quantize_float", "fake_quantize_float_lsq", "fake_quantize_lsq", "fake_quantize_minmax", "fake_quantize_pact", "param_checks", "set_param_checks"]
+__all__ = ["BoundQuant", "IDENTITY", "bind_fake_quantize", "bind_lsq", "bind_minmax", "bind_pact", "backend_name", "compile_route", "set_compile_route", "fake_quantize", "fake_quantize_float", "fake_quantize_float_lsq", "fake_quantize_lsq", "fake_quantize_minmax", "fake_quantize_pact", "param_checks", "set_param_checks"]

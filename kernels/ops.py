@@ -58,6 +58,12 @@ __all__ = [
     "fake_quantize_lsq",
     "fake_quantize_pact",
     "fake_quantize_minmax",
+    "BoundQuant",
+    "IDENTITY",
+    "bind_fake_quantize",
+    "bind_lsq",
+    "bind_pact",
+    "bind_minmax",
     "fake_quantize_float",
     "fake_quantize_float_lsq",
     "backend_name",
@@ -402,6 +408,175 @@ def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_d
     return y if out_dtype is None else y.to(out_dtype)
 
 
+# ----------------------------------------------------------------------------- bound ops
+# A quantizer's op with its arguments checked and bound. apply() is the op as the public functions run
+# it (the autograd Functions above; traced: the registered ops). forward() / backward() are the same
+# backend calls without an autograd node of their own, for a layer that fuses its quantizers and its
+# matmul into one node in eager mode (qat.QuantLinear): the gradient math stays the backend's.
+
+
+def _cast(x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)
+
+
+class BoundQuant:
+    """One fake-quant op with its arguments checked and bound (``bind_*`` make them; a
+    :class:`qat.FakeQuantizer` binds its own with :meth:`~qat.FakeQuantizer.bind`).
+
+    * :meth:`apply` runs it with autograd, exactly as the public function would.
+    * :meth:`forward` / :meth:`backward` run its forward and its gradient eagerly, with no autograd
+      node of their own: what a layer calls inside its own ``torch.autograd.Function`` to be one node
+      in the graph rather than three (:class:`qat.QuantLinear`).
+
+    Attributes:
+        tensors: the tensors it reads (scale, zero point, observer state, alpha).
+        args: its scalar arguments.
+
+    Example::
+
+        >>> x = torch.tensor([0.1, 0.26, -3.0])
+        >>> b = bind_fake_quantize(x, torch.tensor([0.25]), torch.tensor([0.0]), -8, 7)
+        >>> y, saved = b.forward(x)
+        >>> y, b.backward(torch.ones(3), saved, x.dtype)[0]
+        (tensor([ 0.0000,  0.2500, -2.0000]), tensor([1., 1., 0.]))
+    """
+
+    __slots__ = ("tensors", "args")
+
+    def __init__(self, tensors: tuple, args: tuple) -> None:
+        self.tensors, self.args = tensors, args
+
+    @property
+    def learned(self) -> tuple:
+        """The tensors :meth:`backward` returns gradients for, after ``x``'s."""
+        return ()
+
+    def check_values(self, x: Tensor) -> None:
+        """Its bind function's checks of parameter values, where they apply to ``x`` (the module
+        docstring says when): what a caller re-using a bound op runs at each use, since learned
+        parameters move."""
+
+    def apply(self, x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The fake-quantized ``x`` (in ``out_dtype``), differentiable as the public function's."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, tuple]:
+        """``(y, saved)``: the result, and the tensors :meth:`backward` takes. Eager only."""
+        raise NotImplementedError
+
+    def backward(self, grad: Tensor, saved: tuple, x_dtype: torch.dtype) -> tuple:
+        """``(dx, *d_learned)`` from the gradient of the result; ``dx`` in ``x_dtype``."""
+        raise NotImplementedError
+
+
+class _BoundFQ(BoundQuant):  # (scale, zero_point); (qmin, qmax, axis, group_size, round_mode)
+    __slots__ = ()
+
+    def check_values(self, x):
+        if _checks_values(x):
+            _check_values("fake_quantize", *self.tensors, *self.args[:2], lsq=False)
+
+    def apply(self, x, out_dtype=None):
+        out_dtype = None if out_dtype == x.dtype else out_dtype
+        if _traced(x) and _COMPILE_ROUTE == "inductor":
+            return _fake_quantize_inductor(x, *self.tensors, *self.args, out_dtype)
+        return _FakeQuantizeFn.apply(x, *self.tensors, *self.args, out_dtype)
+
+    def forward(self, x, out_dtype=None):
+        y, mask = _backend(x).fake_quantize_forward(x, *self.tensors, *self.args, None if out_dtype == x.dtype else out_dtype)
+        return y, (mask,)
+
+    def backward(self, grad, saved, x_dtype):
+        return (_backend(grad).fake_quantize_backward(grad, saved[0], x_dtype),)
+
+
+class _BoundMinMax(_BoundFQ):  # observer state (5) or (); (row, qmin, qmax, symmetric, scale_f16, round_mode)
+    __slots__ = ()
+
+    def check_values(self, x):
+        pass  # the range comes from x
+
+    def apply(self, x, out_dtype=None):
+        out_dtype = None if out_dtype == x.dtype else out_dtype
+        if _traced(x) and _COMPILE_ROUTE == "inductor":
+            return _minmax_inductor(x, *self.args, out_dtype, self.tensors or None)
+        return _MinMaxFn.apply(x, *self.args, out_dtype, *self.tensors)
+
+    def forward(self, x, out_dtype=None):
+        out_dtype = None if out_dtype == x.dtype else out_dtype
+        y, mask = _backend(x).fake_quantize_minmax_forward(x, *self.args, self.tensors or None, out_dtype)
+        return y, (mask,)
+
+
+class _BoundLSQ(BoundQuant):  # (scale, zero_point); (qmin, qmax, axis, group_size, grad_factor, round_mode)
+    __slots__ = ()
+
+    @property
+    def learned(self):
+        return self.tensors
+
+    def check_values(self, x):
+        if _checks_values(x):
+            _check_values("fake_quantize_lsq", *self.tensors, *self.args[:2], lsq=True)
+
+    def apply(self, x, out_dtype=None):
+        # the opaque op on both compile routes: LSQ's math as PyTorch ops gave Inductor wrong gradients
+        # on CUDA (right on the CPU); benchmarks/compile_grad_check.py shows it
+        qmin, qmax, axis, group_size, grad_factor, round_mode = self.args
+        return _LSQFn.apply(x, *self.tensors, qmin, qmax, axis, group_size, grad_factor, round_mode,
+                            None if out_dtype == x.dtype else out_dtype)  # fmt: skip
+
+    def forward(self, x, out_dtype=None):
+        qmin, qmax, axis, group_size, _, round_mode = self.args
+        y = _backend(x).fake_quantize_lsq_forward(x, *self.tensors, qmin, qmax, axis, group_size, round_mode,
+                                                  None if out_dtype == x.dtype else out_dtype)  # fmt: skip
+        return y, (x,)
+
+    def backward(self, grad, saved, x_dtype):
+        (x,) = saved
+        return _backend(x).fake_quantize_lsq_backward(grad.to(x.dtype), x, *self.tensors, *self.args)
+
+
+class _BoundPACT(BoundQuant):  # (alpha,); (qmin, qmax, round_mode)
+    __slots__ = ()
+
+    @property
+    def learned(self):
+        return self.tensors
+
+    def check_values(self, x):
+        if _checks_values(x):
+            _check_alpha(self.tensors[0], *self.args[:2])
+
+    def apply(self, x, out_dtype=None):
+        # the opaque op on both compile routes, as LSQ
+        return _PACTFn.apply(x, *self.tensors, *self.args, None if out_dtype == x.dtype else out_dtype)
+
+    def forward(self, x, out_dtype=None):
+        return _backend(x).fake_quantize_pact_forward(x, *self.tensors, *self.args, None if out_dtype == x.dtype else out_dtype), (x,)
+
+    def backward(self, grad, saved, x_dtype):
+        (x,) = saved
+        return _backend(x).fake_quantize_pact_backward(grad.to(x.dtype), x, *self.tensors)
+
+
+class _BoundIdentity(BoundQuant):
+    __slots__ = ()
+
+    def apply(self, x, out_dtype=None):
+        return _cast(x, out_dtype)
+
+    def forward(self, x, out_dtype=None):
+        return _cast(x, out_dtype), ()
+
+    def backward(self, grad, saved, x_dtype):
+        return (_cast(grad, x_dtype),)
+
+
+#: The bound op that passes ``x`` through (cast to ``out_dtype``): a quantizer with nothing to do yet.
+IDENTITY = _BoundIdentity((), ())
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -540,14 +715,24 @@ def fake_quantize(
         >>> fake_quantize(x, torch.tensor([0.25]), torch.tensor([0.0]), -8, 7)
         tensor([ 0.0000,  0.2500, -2.0000])
     """
-    axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
     _check_out_dtype("fake_quantize", out_dtype)
-    out_dtype = None if out_dtype == x.dtype else out_dtype
-    args = (x, scale, zero_point, int(qmin), int(qmax), axis, None if group_size is None else int(group_size), round_mode,
-            out_dtype)  # fmt: skip
-    if _traced(x) and _COMPILE_ROUTE == "inductor":
-        return _fake_quantize_inductor(*args)
-    return _FakeQuantizeFn.apply(*args)
+    return bind_fake_quantize(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode).apply(x, out_dtype)
+
+
+def bind_fake_quantize(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: Optional[int] = None,
+    group_size: Optional[int] = None, round_mode: str = "half_even",
+) -> "BoundQuant":
+    """:func:`fake_quantize`'s arguments checked against ``x`` and bound (:class:`BoundQuant`).
+
+    Example::
+
+        >>> x = torch.tensor([0.1, 0.26, -3.0])
+        >>> bind_fake_quantize(x, torch.tensor([0.25]), torch.tensor([0.0]), -8, 7).apply(x)
+        tensor([ 0.0000,  0.2500, -2.0000])
+    """
+    axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    return _BoundFQ((scale, zero_point), (int(qmin), int(qmax), axis, None if group_size is None else int(group_size), round_mode))
 
 
 def fake_quantize_lsq(
@@ -578,15 +763,28 @@ def fake_quantize_lsq(
         >>> y.sum().backward(); s.grad.shape
         torch.Size([4])
     """
+    _check_out_dtype("fake_quantize_lsq", out_dtype)
+    return bind_lsq(x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode).apply(x, out_dtype)
+
+
+def bind_lsq(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: Optional[int] = None,
+    group_size: Optional[int] = None, grad_factor: float = 1.0, round_mode: str = "half_even",
+) -> "BoundQuant":
+    """:func:`fake_quantize_lsq`'s arguments checked against ``x`` and bound (:class:`BoundQuant`);
+    its ``learned`` tensors are ``(scale, zero_point)``.
+
+    Example::
+
+        >>> s = torch.full((1,), 0.1, requires_grad=True)
+        >>> b = bind_lsq(torch.randn(8), s, torch.zeros(1), -8, 7, grad_factor=0.1)
+        >>> b.learned[0] is s
+        True
+    """
     if isinstance(grad_factor, bool) or not isinstance(grad_factor, numbers.Real) or not math.isfinite(grad_factor):
         raise TypeError(f"fake_quantize_lsq: grad_factor must be a finite number, got {grad_factor!r}")
     axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, op="fake_quantize_lsq", lsq=True)
-    _check_out_dtype("fake_quantize_lsq", out_dtype)
-    out_dtype = None if out_dtype == x.dtype else out_dtype
-    args = (x, scale, zero_point, int(qmin), int(qmax), axis, group_size, float(grad_factor), round_mode, out_dtype)
-    # the opaque op on both compile routes: LSQ's math as PyTorch ops gave Inductor wrong gradients on
-    # CUDA (right on the CPU); benchmarks/compile_grad_check.py shows it
-    return _LSQFn.apply(*args)
+    return _BoundLSQ((scale, zero_point), (int(qmin), int(qmax), axis, group_size, float(grad_factor), round_mode))
 
 
 def fake_quantize_pact(
@@ -608,6 +806,19 @@ def fake_quantize_pact(
         >>> y.detach()
         tensor([0.0000, 0.5333, 2.0000])
     """
+    _check_out_dtype("fake_quantize_pact", out_dtype)
+    return bind_pact(x, alpha, qmin, qmax, round_mode).apply(x, out_dtype)
+
+
+def bind_pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mode: str = "half_even") -> "BoundQuant":
+    """:func:`fake_quantize_pact`'s arguments checked against ``x`` and bound (:class:`BoundQuant`);
+    its ``learned`` tensor is ``alpha``.
+
+    Example::
+
+        >>> bind_pact(torch.ones(3), torch.tensor([2.0]), 0, 15).apply(torch.tensor([-1.0, 0.5, 3.0]))
+        tensor([0.0000, 0.5333, 2.0000])
+    """
     op = "fake_quantize_pact"
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -616,15 +827,16 @@ def fake_quantize_pact(
     if alpha.device != x.device:
         raise ValueError(f"{op}: alpha is on {alpha.device} but x is on {x.device}")
     _check_ints(op, qmin, qmax, None, None, round_mode)
-    _check_out_dtype(op, out_dtype)
-    out_dtype = None if out_dtype == x.dtype else out_dtype
     if _checks_values(x):
-        a = alpha.detach()
-        bad = ~(torch.isfinite(a) & torch.isfinite(float(qmax - qmin) / a)) | (a <= 0)  # s = alpha / (qmax - qmin): 1/s finite
-        if bad.any().item():
-            _first_bad(op, "alpha", a, bad, "finite and positive (the clip [0, alpha]), with (qmax - qmin) / alpha finite")
-    args = (x, alpha, int(qmin), int(qmax), round_mode, out_dtype)
-    return _PACTFn.apply(*args)  # the opaque op on both compile routes, as LSQ
+        _check_alpha(alpha, qmin, qmax)
+    return _BoundPACT((alpha,), (int(qmin), int(qmax), round_mode))
+
+
+def _check_alpha(alpha: Tensor, qmin: int, qmax: int) -> None:
+    a = alpha.detach()
+    bad = ~(torch.isfinite(a) & torch.isfinite(float(qmax - qmin) / a)) | (a <= 0)  # s = alpha / (qmax - qmin): 1/s finite
+    if bad.any().item():
+        _first_bad("fake_quantize_pact", "alpha", a, bad, "finite and positive (the clip [0, alpha]), with (qmax - qmin) / alpha finite")
 
 
 def fake_quantize_minmax(
@@ -665,6 +877,22 @@ def fake_quantize_minmax(
         >>> y[0, :4]
         tensor([ 0.5333, -1.0667,  1.8667,  0.2667])
     """
+    _check_out_dtype("fake_quantize_minmax", out_dtype)
+    return bind_minmax(x, row, qmin, qmax, symmetric, scale_f16, round_mode, state).apply(x, out_dtype)
+
+
+def bind_minmax(
+    x: Tensor, row: int, qmin: int, qmax: int, symmetric: bool = False, scale_f16: bool = False,
+    round_mode: str = "half_even", state: Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = None,
+) -> "BoundQuant":
+    """:func:`fake_quantize_minmax`'s arguments checked against ``x`` and bound (:class:`BoundQuant`).
+
+    Example::
+
+        >>> x = torch.tensor([[0.5, -1.0, 2.0, 0.25] * 8])
+        >>> bind_minmax(x, 32, -8, 7, symmetric=True).apply(x)[0, :2]
+        tensor([ 0.5333, -1.0667])
+    """
     op = "fake_quantize_minmax"
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -683,12 +911,7 @@ def fake_quantize_minmax(
                 raise TypeError(f"{op}: state {name} must be a contiguous {dtype} tensor on {device}")
             if t.numel() != nrows:
                 raise ValueError(f"{op}: state {name} must have one entry a row ({nrows}), got {t.numel()}")
-    _check_out_dtype(op, out_dtype)
-    out_dtype = None if out_dtype == x.dtype else out_dtype
-    args = (x, int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode, out_dtype)
-    if _traced(x) and _COMPILE_ROUTE == "inductor":
-        return _minmax_inductor(*args, state)
-    return _MinMaxFn.apply(*args, *(state or ()))
+    return _BoundMinMax(tuple(state or ()), (int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode))
 
 
 # ----------------------------------------------------------------------------- microscaling / FP8

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from qat.kernels import (
-    fake_quantize, fake_quantize_float, fake_quantize_float_lsq, fake_quantize_lsq, fake_quantize_minmax, fake_quantize_pact,
+    IDENTITY, BoundQuant, bind_fake_quantize, bind_lsq, bind_minmax, bind_pact, fake_quantize, fake_quantize_float,
+    fake_quantize_float_lsq,
 )
 
 from .flags import FlagBuffers
@@ -27,7 +28,7 @@ from .microscaling import MICRO_FORMATS, float_scale, lsq_grad_factor
 from .observers import Float32State, check_finite, make_observer, qparams_from_range
 from .spec import Estimator, NonFinite, QuantSpec, ScaleDtype, WeightFormat
 
-__all__ = ["FakeQuantizer", "fake_quantize_dynamic", "nonfinite_quantizers"]
+__all__ = ["FakeQuantizer", "bind_dynamic", "fake_quantize_dynamic", "nonfinite_quantizers"]
 
 
 def _sync_mean(t: torch.Tensor, sync: bool) -> torch.Tensor:
@@ -102,6 +103,7 @@ class FakeQuantizer(Float32State, FlagBuffers):
             self.register_buffer("zero_point", zp)
         if spec.estimator is Estimator.PACT:
             self.alpha = nn.Parameter(torch.ones(1))
+        self._bound = None  # (key, the op bound at the last call): bind() re-uses it (_reuse)
         # a weight's STE quantizer whose observer holds the current min / max: observer update, scale,
         # zero point and fake quantization in one fused op (rows of this many elements), else None
         self._minmax_row = None
@@ -157,46 +159,102 @@ class FakeQuantizer(Float32State, FlagBuffers):
                 comes back in ``x``'s dtype in the same pass). A layer under autocast passes the
                 dtype its matmul runs in (:meth:`qat.QuantModuleMixin.compute_dtype`).
         """
-        spec = self.spec
-        rm = spec.round_mode.value
-        flags = self._flags  # Python mirrors of the flag buffers: no device sync per step
-        observing = flags["observer_enabled"] and self.observer is not None
+        b = self.bind(x)
+        if b is not None:
+            return b.apply(x, out_dtype)
+        spec, flags = self.spec, self._flags
         if not flags["fake_quant_enabled"]:
             # observers still observe (as PyTorch's FakeQuantize): calibration on float values
-            if observing:
+            if flags["observer_enabled"] and self.observer is not None:
                 self._observe(x)
             return _cast(x, out_dtype)
         if self.micro is not None:
-            return _cast(self._microscaling(x, observing), out_dtype)
+            return _cast(self._microscaling(x, flags["observer_enabled"] and self.observer is not None), out_dtype)
         if spec.dynamic:
             return fake_quantize_dynamic(x, spec, self.layout, out_dtype)
-        if spec.format is not WeightFormat.AFFINE:  # llama.cpp k-quant: both scale levels from the current weight
-            self._set_flag("initialized", True)
-            return _cast(fake_quantize_kquant(x, spec.format.value), out_dtype)
+        # llama.cpp k-quant: both scale levels from the current weight
+        self._set_flag("initialized", True)
+        return _cast(fake_quantize_kquant(x, spec.format.value), out_dtype)
+
+    def bind(self, x: torch.Tensor) -> Optional[BoundQuant]:
+        """The op this quantizer runs on ``x`` now, with its arguments bound
+        (:class:`qat.kernels.BoundQuant`), after what comes first: the observer's update, a learned
+        quantizer's initialization. :meth:`forward` is ``bind(x).apply(x, out_dtype)`` where this
+        is not ``None``; a layer that fuses its quantizers into one autograd node calls it and runs
+        the op's ``forward`` / ``backward`` itself (:class:`qat.QuantLinear`). Call it once per use
+        of ``x``: it observes.
+
+        Returns ``None``, having done nothing, where :meth:`forward` does something else: fake
+        quantization off, a microscaling / FP8 or k-quant format, or a dynamic range that is not one
+        contiguous run a scale.
+
+        Example::
+
+            >>> fq = FakeQuantizer(QuantSpec(bits=8), (4,))
+            >>> x = torch.tensor([0.5, -1.0, 2.0, 0.25])
+            >>> bool(torch.equal(fq.bind(x).apply(x), fq(x)))
+            True
+        """
+        spec, flags = self.spec, self._flags  # Python mirrors of the flag buffers: no device sync per step
+        if not flags["fake_quant_enabled"] or self.micro is not None:
+            return None
+        if spec.dynamic:
+            if spec.nonfinite is not NonFinite.RAISE:
+                return self._reuse(x, "dynamic", (), lambda: bind_dynamic(x, spec, self.layout))
+            return bind_dynamic(x, spec, self.layout)
+        if spec.format is not WeightFormat.AFFINE:
+            return None
+        rm = spec.round_mode.value
+        observing = flags["observer_enabled"] and self.observer is not None
         if spec.estimator is Estimator.STE:
             if observing and self._minmax_row is not None and x.numel() == self.scale.numel() * self._minmax_row:
-                return self._observe_and_quantize(x, out_dtype)
+                # the observer's update (reset, then this batch), the scale and zero point, and the fake
+                # quantization in one op: what _observe then fake_quantize compute, bit for bit
+                obs = self.observer
+                state = (obs.min_val, obs.max_val, obs.seen, self.scale, self.zero_point)
+                b = self._reuse(x, "minmax", state, lambda: bind_minmax(
+                    x, self._minmax_row, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16,
+                    rm, state,
+                ))  # fmt: skip
+                obs.mark_observed()
+                self._set_flag("initialized", True)
+                return b
             if observing:
                 self._observe(x)
             elif not flags["initialized"]:
                 raise RuntimeError(
                     "FakeQuantizer: observer disabled before it saw any data; calibrate or enable the observer first"
                 )
-            return fake_quantize(
-                x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, rm, out_dtype
-            )
+            return self._reuse(x, "ste", (self.scale, self.zero_point), lambda: bind_fake_quantize(
+                x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, rm))  # fmt: skip
         if not flags["initialized"]:
             self._init_learned(x)
             if not flags["initialized"]:
-                return _cast(x, out_dtype)  # no finite value seen yet: nothing to initialize from
+                return IDENTITY  # no finite value seen yet: nothing to initialize from
         elif observing and not self.training:
             self.observer(x)  # calibration statistics; the learned values stay as they are
         if spec.estimator is Estimator.PACT:
-            return fake_quantize_pact(x, self.alpha, spec.qmin, spec.qmax, rm, out_dtype)
-        return fake_quantize_lsq(
-            x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, self.grad_factor(x), rm,
-            out_dtype,
-        )
+            return self._reuse(x, "pact", (self.alpha,), lambda: bind_pact(x, self.alpha, spec.qmin, spec.qmax, rm))
+        return self._reuse(x, "lsq", (self.scale, self.zero_point), lambda: bind_lsq(
+            x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, self.grad_factor(x), rm))  # fmt: skip
+
+    def _reuse(self, x: torch.Tensor, kind: str, tensors: tuple, make) -> Optional[BoundQuant]:
+        """The op bound at the previous call where it was bound for the same kind of op, the same
+        shape, dtype and device of ``x`` and the same state tensors (their values are read at each
+        launch; their checks run again, :meth:`~qat.kernels.BoundQuant.check_values`), else
+        ``make()``: a training step binds each quantizer's op once and re-uses it, without the
+        checks of its arguments that cannot have changed (a few microseconds of host time a call).
+        Not under torch.compile."""
+        if torch.compiler.is_compiling():
+            return make()  # a traced graph binds once anyway; a cache would only add guards on it
+        key = (kind, x.shape, x.dtype, x.device)
+        cached = self._bound
+        if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1].tensors, tensors)):
+            cached[1].check_values(x)
+            return cached[1]
+        b = make()
+        self._bound = None if b is None or b is IDENTITY else (key, b)
+        return b
 
     def _microscaling(self, x: torch.Tensor, observing: bool) -> torch.Tensor:
         """A microscaling / FP8 format (``docs/math.md``, section 13): MX blocks take their E8M0
@@ -233,20 +291,6 @@ class FakeQuantizer(Float32State, FlagBuffers):
                 self.scale.copy_(s.reshape(self.scale.shape))
         self._set_flag("initialized", True)
         return fake_quantize_float(x, f.element, f.block_size, f.block_scale, s, axis)
-
-    def _observe_and_quantize(self, x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
-        """The observer's update (reset, then this batch), the scale and zero point, and the
-        fake quantization, in one op (:func:`qat.kernels.fake_quantize_minmax`): what
-        :meth:`_observe` then :func:`fake_quantize` compute, bit for bit."""
-        spec, obs = self.spec, self.observer
-        state = (obs.min_val, obs.max_val, obs.seen, self.scale, self.zero_point)
-        y = fake_quantize_minmax(
-            x, self._minmax_row, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16,
-            spec.round_mode.value, state, out_dtype,
-        )
-        obs.mark_observed()
-        self._set_flag("initialized", True)
-        return y
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
@@ -377,20 +421,37 @@ def fake_quantize_dynamic(
         True
     """
     layout = Layout.of(spec) if layout is None else layout
-    if x.numel() == 0:
-        return _cast(x, out_dtype)
+    b = bind_dynamic(x, spec, layout)
+    if b is not None:
+        return b.apply(x, out_dtype)
     if spec.nonfinite is NonFinite.RAISE:
         check_finite(x, spec, "dynamic quantizer")
-    row = layout.row_length(x.shape)
-    if row is not None:  # every scale one contiguous run: range, qparams and quantize fused
-        return fake_quantize_minmax(
-            x, row, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16, spec.round_mode.value,
-            out_dtype=out_dtype,
-        )
     with torch.no_grad():  # the range of the finite elements: a NaN row does not poison the others
         s, z = qparams_from_range(*layout.aminmax(x, finite=True), spec)
     axis, group_size = layout.op_args(x)  # per token: one group spanning the last axis
     return fake_quantize(x, s, z, spec.qmin, spec.qmax, axis, group_size, spec.round_mode.value, out_dtype)
+
+
+def bind_dynamic(x: torch.Tensor, spec: QuantSpec, layout: Optional[Layout] = None) -> Optional[BoundQuant]:
+    """:func:`fake_quantize_dynamic` of ``x`` as one bound op (:class:`qat.kernels.BoundQuant`) where
+    every scale covers one contiguous run of ``x`` (per token, per group, per tensor: range, qparams
+    and quantization fused), the identity for an empty ``x``; ``None`` otherwise (nothing checked).
+
+    Example::
+
+        >>> spec = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_token", dynamic=True)
+        >>> x = torch.randn(2, 3, 16)
+        >>> bool(torch.equal(bind_dynamic(x, spec).apply(x), fake_quantize_dynamic(x, spec)))
+        True
+    """
+    if x.numel() == 0:
+        return IDENTITY
+    row = (Layout.of(spec) if layout is None else layout).row_length(x.shape)
+    if row is None:
+        return None
+    if spec.nonfinite is NonFinite.RAISE:
+        check_finite(x, spec, "dynamic quantizer")
+    return bind_minmax(x, row, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16, spec.round_mode.value)
 
 
 def _nonfinite_names(tensors: dict) -> list:

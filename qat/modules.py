@@ -15,13 +15,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
+from qat.kernels import IDENTITY
+
 from .fake_quant import FakeQuantizer
 from .granularity import weight_view, weight_view_shape
 from .int_modules import IntConv1d, IntConv2d, IntEmbedding, IntLinear, IntModuleMixin
 from .kquant_quantizer import weight_quantizer_class
 from .spec import LayerQuant, QuantSpec
 
-__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantModuleMixin", "LayerType", "LAYER_TYPES", "layer_type"]
+__all__ = ["set_fused_linear", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantModuleMixin", "LayerType", "LAYER_TYPES", "layer_type"]
 
 
 def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
@@ -32,6 +36,81 @@ def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
         return None
     dtype = torch.get_autocast_dtype(device)
     return None if dtype == t.dtype else dtype
+
+
+_FUSED_LINEAR = True
+
+
+def set_fused_linear(enabled: bool) -> bool:
+    """Whether :class:`QuantLinear` runs as one autograd node in eager mode (default ``True``; the
+    values are the same either way, bit for bit); returns the previous setting. ``False`` gives the
+    three-node graph (input quantizer, weight quantizer, linear), which
+    ``benchmarks/train_step.py --rows ste_unfused`` times against the fused node.
+
+    Example::
+
+        >>> previous = set_fused_linear(False)
+        >>> set_fused_linear(previous)
+        False
+    """
+    global _FUSED_LINEAR
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_fused_linear: enabled must be a bool, got {enabled!r}")
+    previous, _FUSED_LINEAR = _FUSED_LINEAR, enabled
+    return previous
+
+
+def _fusable(q: Optional[FakeQuantizer]) -> bool:
+    """Whether a layer may run ``q`` inside its fused node: no hooks would miss a call of it."""
+    return q is None or not (q._forward_hooks or q._forward_pre_hooks)
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """Whether this call runs eagerly: no torch.compile / export / JIT trace, no functorch transform,
+    no meta tensor (where the layer keeps its unfused form, which every tracer takes)."""
+    return not (
+        torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing() or x.is_meta
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    """``F.linear`` of the fake-quantized input and weight as one autograd node, in eager mode.
+
+    The forward runs both quantizers' bound ops (:meth:`qat.FakeQuantizer.bind`) and the matmul;
+    the backward the matmul's gradients (as autograd computes them for ``addmm``: ``grad @ W`` and
+    ``grad.T @ x``, the bias's ``grad.sum(0)`` in the matmul's dtype) and then each bound op's own
+    backward. The values are those of the three-node graph (quantizer, quantizer, linear), bit for
+    bit; the host pays for one node instead of three, the step's largest fixed cost per layer on a
+    GPU (``benchmarks/results/train_step_*.md``, eager rows).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, bx, bw, x_out, w_out, *learned):
+        xq, sx = bx.forward(x, x_out)
+        wq, sw = bw.forward(w, w_out)
+        y = F.linear(xq, wq, bias)  # under the caller's autocast, which casts the bias as it would
+        ctx.bound = (bx, bw, len(sx), len(bx.learned))
+        ctx.dtypes = (x.dtype, w.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(xq, wq, *sx, *sw)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xq, wq, *saved = ctx.saved_tensors
+        bx, bw, nsx, nlx = ctx.bound
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        need = ctx.needs_input_grad
+        g2 = gy.reshape(-1, gy.shape[-1])
+        dx = dw = db = None
+        dlx, dlw = (None,) * nlx, (None,) * len(bw.learned)
+        if need[0] or any(need[7 : 7 + nlx]):
+            dx, *dlx = bx.backward((g2 @ wq).view(xq.shape), tuple(saved[:nsx]), x_dtype)
+        if need[1] or any(need[7 + nlx :]):
+            dw, *dlw = bw.backward(g2.t() @ xq.reshape(-1, xq.shape[-1]), tuple(saved[nsx:]), w_dtype)
+        if need[2]:
+            db = g2.sum(0).to(b_dtype)
+        return dx, dw, db, None, None, None, None, *dlx, *dlw
 
 
 def _run(q: FakeQuantizer, t: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -162,7 +241,26 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
         return cls._adopt(mod, lq, (mod.in_features,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        iq, wq = self.input_quantizer, self.weight_quantizer
+        if (
+            _FUSED_LINEAR and self.input_smooth is None and (iq is not None or wq is not None) and _fusable(iq) and _fusable(wq)
+            and not (_global_forward_hooks or _global_forward_pre_hooks) and _eager(x)
+        ):
+            return self._fused(x, iq, wq)
         return F.linear(*self.autocast_inputs(x), self.bias)
+
+    def _fused(self, x: torch.Tensor, iq: Optional[FakeQuantizer], wq: Optional[FakeQuantizer]) -> torch.Tensor:
+        """The forward as one autograd node (:class:`_QuantLinearFn`); a quantizer whose op does not
+        bind (:meth:`qat.FakeQuantizer.bind` gives ``None``) runs as its own module first."""
+        x_out, w = _autocast_dtype(x), self.weight
+        w_out = _autocast_dtype(w)
+        bx = IDENTITY if iq is None else iq.bind(x)
+        if bx is None:
+            x, bx, x_out = _run(iq, x, x_out), IDENTITY, None
+        bw = IDENTITY if wq is None else wq.bind(w)
+        if bw is None:
+            w, bw, w_out = self.quantized_weight(w_out), IDENTITY, None
+        return _QuantLinearFn.apply(x, w, self.bias, bx, bw, x_out, w_out, *bx.learned, *bw.learned)
 
 
 class _QuantConvNd(QuantModuleMixin):
