@@ -508,7 +508,9 @@ class _BoundMinMax(_BoundFQ):  # observer state (5) or (); (row, qmin, qmax, sym
         return y, (mask,)
 
 
-class _BoundLSQ(BoundQuant):  # (scale, zero_point); (qmin, qmax, axis, group_size, grad_factor, round_mode)
+class _BoundLearned(BoundQuant):
+    """An op whose tensors are all learned (their gradients follow x's), checked by ``_check``."""
+
     __slots__ = ()
 
     @property
@@ -517,7 +519,14 @@ class _BoundLSQ(BoundQuant):  # (scale, zero_point); (qmin, qmax, axis, group_si
 
     def check_values(self, x):
         if _checks_values(x):
-            _check_values("fake_quantize_lsq", *self.tensors, *self.args[:2], lsq=True)
+            self._check()
+
+
+class _BoundLSQ(_BoundLearned):  # (scale, zero_point); (qmin, qmax, axis, group_size, grad_factor, round_mode)
+    __slots__ = ()
+
+    def _check(self):
+        _check_values("fake_quantize_lsq", *self.tensors, *self.args[:2], lsq=True)
 
     def apply(self, x, out_dtype=None):
         # the opaque op on both compile routes: LSQ's math as PyTorch ops gave Inductor wrong gradients
@@ -537,16 +546,11 @@ class _BoundLSQ(BoundQuant):  # (scale, zero_point); (qmin, qmax, axis, group_si
         return _backend(x).fake_quantize_lsq_backward(grad.to(x.dtype), x, *self.tensors, *self.args)
 
 
-class _BoundPACT(BoundQuant):  # (alpha,); (qmin, qmax, round_mode)
+class _BoundPACT(_BoundLearned):  # (alpha,); (qmin, qmax, round_mode)
     __slots__ = ()
 
-    @property
-    def learned(self):
-        return self.tensors
-
-    def check_values(self, x):
-        if _checks_values(x):
-            _check_alpha(self.tensors[0], *self.args[:2])
+    def _check(self):
+        _check_alpha(self.tensors[0], *self.args[:2])
 
     def apply(self, x, out_dtype=None):
         # the opaque op on both compile routes, as LSQ

@@ -136,3 +136,14 @@ def test_fake_quant_disabled_and_calibration():
     yp, gxp, _, _ = _step(plain, x, None)
     assert torch.equal(yf, yp) and torch.equal(gxf, gxp)
     assert torch.equal(fused.input_quantizer.observer.max_val, plain.input_quantizer.observer.max_val)
+
+
+def test_reused_bound_op_still_checks_learned_values():
+    """The op a quantizer binds once and re-uses checks its learned values at every call (CPU)."""
+    fused, _ = _pair("lsq_w_dyn_a")
+    x = torch.randn(2, 256)
+    _step(fused, x, None), _step(fused, x, None)  # initialized, then the bound op re-used
+    with torch.no_grad():
+        fused.weight_quantizer.scale[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="fake_quantize_lsq: scale must be finite"):
+        fused(x)
