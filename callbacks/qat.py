@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 import torch
 
 from qat import QATConfigError, QuantPlan, is_prepared, load_plan, prepare, quantizers
-from qat.prepare import freeze_bn_stats
+from qat.prepare import freeze_bn_stats, init_weight_quantizers
 from qat.ptq import default_forward
 from qat.smooth import SmoothingLike, SmoothingSpec, fit_smoothing
 
@@ -123,6 +123,12 @@ def _drop_nonfinite_optimizer_state(trainer: Trainer, model: torch.nn.Module) ->
 
 class QuantizationAwareTraining(Callback):
     """Quantization-aware training in one line.
+
+    Lifecycle: ``setup`` prepares the model (:func:`qat.prepare`); the start of fit, once the weights
+    are on their device and wrapped by the strategy, initializes the weight quantizers from the
+    weights (:func:`qat.init_weight_quantizers`: a compiled model traces its first step with its
+    learned weight scales already set, one graph for every step); the start of training calibrates
+    (``calibration_batches``); the schedules below freeze observers and BatchNorm statistics.
 
     Args:
         plan: a preset name (``"w8a8"``, ``"w4a8"``, ``"w4a4"``, ``"w2a2"``, ...), a YAML path, a
@@ -269,6 +275,8 @@ class QuantizationAwareTraining(Callback):
             log_hparams(trainer.loggers, plan_hparams(target, self.plan))
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        n = init_weight_quantizers(self.target(pl_module))
+        log.debug("QAT: %d weight quantizers hold a range at the start of fit", n)
         self._apply_schedule(trainer, pl_module)
 
     def on_train_start(self, trainer, pl_module) -> None:

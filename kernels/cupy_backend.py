@@ -20,8 +20,10 @@ Tuning: every launch-shape, dispatch and compile-time setting is a field of one 
 defaults. Each public function takes ``tuning=`` (None: the active tuning, :data:`DEFAULT_TUNING` unless
 a :func:`use_tuning` block installed another), and the launchers below take it explicitly; nothing else
 in this module is a knob. Its device fields become NVRTC ``-D`` options (the CUDA sources have no
-defaults of their own), so each source is compiled by NVRTC once per (dtype, vector width, device
-tuning) and cached (in memory here, on disk by CuPy).
+defaults of their own), so each kernel is compiled by NVRTC once per (dtype, vector width, device
+tuning) and cached (in memory here, on disk by CuPy). A kernel is compiled alone at its first launch
+(its entry is an uninstantiated template named by :func:`_entry`), so a model's first step pays for
+the few kernels its plan runs, not for every kernel in their files.
 
 Kernels run on PyTorch's current stream, take raw device pointers, and index with 64-bit integers.
 Inputs this backend does not cover (float64, mixed dtypes, CPU parameters) go to the reference, so
@@ -37,6 +39,7 @@ import ctypes
 import dataclasses
 import functools
 import math
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -198,13 +201,25 @@ def _variants():
                     yield name, code, vec, out
 
 
-def _compile(name: str, code: int, vec: int, arch: str, tuning: KernelTuning, out: Optional[int] = None) -> tuple[str, int]:
-    """NVRTC-compile one instantiation without a GPU: ``(ptx, size)``, size that of the cubin for a real
-    ``arch`` (of the PTX for a virtual one)."""
+def _entry(kernel: str) -> str:
+    """The NVRTC name expression of a kernel: its entry point is a template (``QAT_ENTRY`` in
+    ``common.cuh``) that only this instantiation compiles."""
+    return f"{kernel}<0>"
+
+
+def _compile(
+    name: str, code: int, vec: int, arch: str, tuning: KernelTuning, out: Optional[int] = None,
+    kernels: Optional[tuple[str, ...]] = None,
+) -> tuple[str, int]:  # fmt: skip
+    """NVRTC-compile the ``kernels`` of one instantiation (default: all of the source's) without a GPU:
+    ``(ptx, size)``, size that of the cubin for a real ``arch`` (of the PTX for a virtual one)."""
     from cupy.cuda import nvrtc
 
+    kernels = _KERNELS[name] if kernels is None else kernels
     prog = nvrtc.createProgram(_source(name), name, [], [])
     try:
+        for k in kernels:
+            nvrtc.addNameExpression(prog, _entry(k))
         try:
             nvrtc.compileProgram(prog, [*_options(code, vec, tuning.defines(code), out), f"--gpu-architecture={arch}"])
         except nvrtc.NVRTCError as exc:
@@ -212,9 +227,13 @@ def _compile(name: str, code: int, vec: int, arch: str, tuning: KernelTuning, ou
             raise RuntimeError(f"NVRTC failed on {name} (dtype {code}, out {out}, vec {vec}): {exc}\n{log}") from exc
         ptx = nvrtc.getPTX(prog)
         ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-        missing = [k for k in _KERNELS[name] if f".entry {k}(" not in ptx]
-        if missing:
-            raise RuntimeError(f"{name} (dtype {code}, out {out}, vec {vec}) compiled without kernels {missing}")
+        entries = set(re.findall(r"\.entry\s+(\w+)\(", ptx))
+        missing = [k for k in kernels if nvrtc.getLoweredName(prog, _entry(k)) not in entries]
+        if missing or len(entries) != len(kernels):
+            raise RuntimeError(
+                f"{name} (dtype {code}, out {out}, vec {vec}) compiled without kernels {missing}"
+                f" or with entries not asked for ({len(entries)} entries, {len(kernels)} asked)"
+            )
         return ptx, len(ptx) if arch.startswith("compute_") else len(nvrtc.getCUBIN(prog))
     finally:
         nvrtc.destroyProgram(prog)
@@ -252,15 +271,13 @@ def _cache_key(name: str, dtype_code: int, vec: int, tuning: KernelTuning) -> tu
 
 
 @functools.lru_cache(maxsize=None)
-def _module(name: str, dtype_code: int, vec: int, defines: tuple[str, ...], device: int, out_code: int):
-    with cupy.cuda.Device(device):
-        return cupy.RawModule(code=_source(name), options=_options(dtype_code, vec, defines, out_code))
-
-
-@functools.lru_cache(maxsize=None)
 def _kernel(name: str, kernel: str, dtype_code: int, vec: int, defines: tuple[str, ...], device: int, out_code: int):
+    """``kernel`` of source ``name``, compiled alone for this instantiation (one module a kernel)."""
     with _lock, cupy.cuda.Device(device):
-        return _module(name, dtype_code, vec, defines, device, out_code).get_function(kernel)
+        module = cupy.RawModule(
+            code=_source(name), options=_options(dtype_code, vec, defines, out_code), name_expressions=(_entry(kernel),)
+        )
+        return module.get_function(_entry(kernel))
 
 
 def _get(name: str, kernel: str, dtype_code: int, vec: int, device: int, tn: KernelTuning, out_code: Optional[int] = None):

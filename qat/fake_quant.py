@@ -269,9 +269,7 @@ class FakeQuantizer(Float32State, FlagBuffers):
         axis = None if f.block_size else self.axis
         if spec.estimator is Estimator.LSQ:
             if not self._flags["initialized"]:
-                with torch.no_grad():
-                    self.scale.copy_(float_scale(x, f.name, axis).reshape(self.scale.shape))
-                self._set_flag("initialized", True)
+                self._init_float_scale(x)
             g = lsq_grad_factor(x.numel() // self.scale.numel(), f.name)
             return fake_quantize_float_lsq(x, self.scale, f.element, f.block_size, f.block_scale, axis, g)
         with torch.no_grad():
@@ -291,6 +289,44 @@ class FakeQuantizer(Float32State, FlagBuffers):
                 self.scale.copy_(s.reshape(self.scale.shape))
         self._set_flag("initialized", True)
         return fake_quantize_float(x, f.element, f.block_size, f.block_scale, s, axis)
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """Set the state the first forward pass would set from ``x``, now: a learned scale and zero
+        point (PACT: ``alpha``; a float format's learned scale) from their initializers, an STE
+        quantizer's from its observer. A format whose scales come from each call's data (dynamic
+        inputs, MX blocks, k-quants with searched scales) keeps nothing, and nothing changes.
+
+        A weight's quantizer initialized before the first step (:func:`qat.init_weight_quantizers`,
+        which the :class:`~qat.callbacks.QuantizationAwareTraining` callback runs at the start of
+        fit) gives ``torch.compile`` one graph from the first step: the flag the forward pass branches
+        on no longer flips between step 1 and step 2 (a recompile, and a second compile's warm-up).
+
+        Example::
+
+            >>> fq = FakeQuantizer(QuantSpec(bits=4, estimator="lsq"), (8,))
+            >>> fq.init_from(torch.linspace(-1.0, 1.0, 8)); fq.is_initialized
+            True
+        """
+        spec = self.spec
+        if self.micro is not None:
+            if spec.estimator is Estimator.LSQ and self.micro.block_scale != "e8m0":
+                self._init_float_scale(x)
+        elif spec.dynamic or spec.format is not WeightFormat.AFFINE:
+            return
+        elif spec.estimator is Estimator.STE:
+            self._observe(x)
+        else:
+            self._init_learned(x)
+
+    @torch.no_grad()
+    def _init_float_scale(self, x: torch.Tensor) -> None:
+        """A float format's learned scale from the range of ``x`` (per block format's tensor, or
+        per channel)."""
+        f = self.micro
+        axis = None if f.block_size else self.axis
+        self.scale.copy_(float_scale(x, f.name, axis).reshape(self.scale.shape))
+        self._set_flag("initialized", True)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:

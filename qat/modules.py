@@ -134,6 +134,7 @@ class QuantModuleMixin:
         self.layer_quant = lq
         # per-input-channel smoothing factors s (set by qat.smooth_inputs): x / s meets s * W
         self.register_parameter("input_smooth", None)
+        self._qat_weight_shape = tuple(self.weight.shape)  # what the weight quantizer was built for
         self.weight_quantizer = None if lq.weight is None else weight_quantizer_class(lq.weight)(
             lq.weight, weight_view_shape(self.weight.shape, lq.weight), track_history=False
         )
@@ -149,6 +150,22 @@ class QuantModuleMixin:
         if self.input_smooth is not None:
             w = w * (self.input_smooth.detach() if detach_smooth else self.input_smooth)
         return w if self.weight_quantizer is None else weight_view(w, self.weight_quantizer.spec)
+
+    @torch.no_grad()
+    def init_weight_quantizer(self) -> bool:
+        """Initialize the weight quantizer from the current weight now, where it is not yet
+        (:meth:`FakeQuantizer.init_from`), rather than at the first forward pass; returns whether it
+        holds a range. A weight that is not a whole, materialized tensor of the shape the quantizer
+        was built for (meta, or sharded by FSDP) is left to the first forward pass."""
+        wq = self.weight_quantizer
+        if wq is None:
+            return False
+        if not wq.is_initialized:
+            w = self.weight
+            if w.is_meta or type(w.data) is not torch.Tensor or tuple(w.shape) != self._qat_weight_shape:
+                return False
+            wq.init_from(self.latent_weight())
+        return wq.is_initialized
 
     def quantized_weight(self, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight as the forward pass sees it (fake-quantized when a weight spec is set; its

@@ -19,6 +19,7 @@ __all__ = [
     "is_prepared",
     "quant_layers",
     "quantizers",
+    "init_weight_quantizers",
     "enable_observers",
     "enable_fake_quant",
     "freeze_bn_stats",
@@ -118,6 +119,27 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
     for name, mod in model.named_modules():
         if isinstance(mod, FakeQuantizer):
             yield name, mod
+
+
+def init_weight_quantizers(model: nn.Module) -> int:
+    """Initialize every weight quantizer that is not yet from its current weight
+    (:meth:`qat.QuantModuleMixin.init_weight_quantizer`); returns how many hold a range.
+
+    Run it after the weights are final (loaded, on their device) and before ``torch.compile`` traces
+    the first step: a learned weight scale (LSQ, LSQ+, PACT) otherwise initializes inside the first
+    step, and the compiled graph that branches on it is compiled again at the second. The
+    :class:`~qat.callbacks.QuantizationAwareTraining` callback runs it at the start of fit.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from qat import LayerRule, QuantPlan, prepare
+        >>> plan = QuantPlan([LayerRule(weight={"bits": 4, "estimator": "lsq"})])
+        >>> model = prepare(nn.Sequential(nn.Linear(8, 8)), plan)
+        >>> init_weight_quantizers(model), model[0].weight_quantizer.is_initialized
+        (1, True)
+    """
+    return sum(layer.init_weight_quantizer() for _, layer in quant_layers(model))
 
 
 def enable_observers(model: nn.Module, enabled: bool = True) -> None:

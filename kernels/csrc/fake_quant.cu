@@ -190,7 +190,7 @@ __device__ __forceinline__ void fwd_body(const scalar_t* __restrict__ x, oscalar
 // One entry point per (variant, key mode), so each gets its own register allocation:
 // fq_forward_<variant>_<keymode>, variant 0 STE (writes the mask), 1 LSQ, 2 PACT (key mode 0).
 #define QAT_FWD_KERNEL(V, K)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_forward_##V##_##K(                                                  \
+  QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS) fq_forward_##V##_##K(                                                  \
       const scalar_t* __restrict__ x, oscalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
       long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \
@@ -319,7 +319,7 @@ __device__ __forceinline__ void fwd_tile_body(const scalar_t* __restrict__ x, os
 // Same arguments as fq_forward_<V>_<K> (alpha unused); the host guarantees 1 < C, inner % QAT_VEC == 0
 // and n < 2^31.
 #define QAT_FWD_TILE_KERNEL(V, T)                                                                              \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_forward_t##T##_##V##_1(                        \
+  QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS) fq_forward_t##T##_##V##_1(                        \
       const scalar_t* __restrict__ x, oscalar_t* __restrict__ y, unsigned* __restrict__ mask,                    \
       const float* __restrict__ scale, const float* __restrict__ zp, const float* __restrict__ alpha, long long n, \
       long long inner_d, unsigned inner_mul, int inner_shr, long long C_d, unsigned C_mul, int C_shr, float qmin,  \
@@ -349,7 +349,7 @@ struct GradMask {
   unsigned w;
 };
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS)
 fq_backward(const oscalar_t* __restrict__ g, const unsigned* __restrict__ mask, scalar_t* __restrict__ dx, long long n) {
   const long long nthreads = (long long)gridDim.x * blockDim.x;
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;

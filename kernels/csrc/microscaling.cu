@@ -114,7 +114,7 @@ __device__ __forceinline__ MxElement mx_element(const scalar_t* __restrict__ x, 
   return e;
 }
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS)
 mx_forward(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* __restrict__ mask,
            const float* __restrict__ scale, long long n, long long inner, long long C, int elem, int block,
            int kind) {
@@ -130,7 +130,7 @@ mx_forward(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, unsigned* _
   }
 }
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS)
 mx_lsq_backward(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
                 float* __restrict__ dscale, const float* __restrict__ scale, long long n, long long inner,
                 long long C, int elem, int block, int kind) {

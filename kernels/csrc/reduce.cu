@@ -758,11 +758,11 @@ __device__ __forceinline__ void colsh_body(const Op& op, const scalar_t* __restr
     CALL;                                                                                                       \
   }
 #define QAT_LSQ_SEG(M)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB) lsq_backward_seg##M(QAT_LSQ_ARGS) {      \
+  QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB) lsq_backward_seg##M(QAT_LSQ_ARGS) {      \
     QAT_LSQ_DISPATCH((seg_body<OpT, M, QAT_SEG_STEPS_LSQ>(op, x, g, dx, n, inner, C, wil)))                                    \
   }
 #define QAT_LSQ_GRP(K)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB) lsq_backward_grp##K(QAT_LSQ_ARGS) {      \
+  QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB) lsq_backward_grp##K(QAT_LSQ_ARGS) {      \
     QAT_LSQ_DISPATCH((grp_body<OpT, K>(op, x, g, dx, n, inner, C, unique)))                            \
   }
 QAT_LSQ_SEG(0)
@@ -772,7 +772,7 @@ QAT_LSQ_GRP(2)
 QAT_LSQ_GRP(4)
 QAT_LSQ_GRP(8)
 #define QAT_LSQ_TILE(T)                                                                                         \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS) lsq_backward_tile##T(QAT_LSQ_TILE_ARGS) {            \
+  QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS) lsq_backward_tile##T(QAT_LSQ_TILE_ARGS) {            \
     QAT_LSQ_DISPATCH((tile_body<OpT, T>(op, x, g, dx, n, inner, C)))                                              \
   }
 QAT_LSQ_TILE(2)
@@ -782,7 +782,7 @@ QAT_LSQ_TILE(8)
 #undef QAT_LSQ_GRP
 #undef QAT_LSQ_TILE
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS)
 lsq_backward_cols(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long rows,
                   long long Wd, long long inner, int colsv, int R, float qmin, float qmax, float f, int round_mode) {
@@ -794,7 +794,7 @@ lsq_backward_cols(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g
     cols_body<LsqOp<2>, QAT_COLS_ROWS_LSQ>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
 }
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS)
 lsq_backward_colsh(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                    const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long rows,
                    long long Wd, long long inner, int colsv, int R, float qmin, float qmax, float f, int round_mode) {
@@ -806,7 +806,7 @@ lsq_backward_colsh(const scalar_t* __restrict__ x, const scalar_t* __restrict__ 
     colsh_body<LsqOp<2>, QAT_COLSH_ROWS_LSQ>(LsqOp<2>{scale, zp, ds, dz, qmin, qmax, f}, x, g, dx, rows, Wd, inner, colsv, R);
 }
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS)
 pact_backward_seg(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ alpha, float* dalpha, long long n, long long wil) {
   const PactOp op{alpha, dalpha};
@@ -819,12 +819,12 @@ pact_backward_seg(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g
       int inner_shr, long long C_d, unsigned C_mul, int C_shr
 #define QAT_MINMAX_ARGS QAT_MINMAX_HEAD, int unique, long long wil
 #define QAT_MINMAX_SEG(M)                                                                                       \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS) minmax_seg##M(QAT_MINMAX_ARGS) {                     \
+  QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS) minmax_seg##M(QAT_MINMAX_ARGS) {                     \
     const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
     seg_body<MinMaxOp, M, QAT_SEG_STEPS_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C, wil); \
   }
 #define QAT_MINMAX_GRP(K)                                                                                       \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS) minmax_grp##K(QAT_MINMAX_ARGS) {                     \
+  QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS) minmax_grp##K(QAT_MINMAX_ARGS) {                     \
     const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
     grp_body<MinMaxOp, K>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C, unique); \
   }
@@ -835,7 +835,7 @@ QAT_MINMAX_GRP(2)
 QAT_MINMAX_GRP(4)
 QAT_MINMAX_GRP(8)
 #define QAT_MINMAX_TILE(T)                                                                                      \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS) minmax_tile##T(QAT_MINMAX_HEAD) {                    \
+  QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS) minmax_tile##T(QAT_MINMAX_HEAD) {                    \
     const FastDiv inner{inner_d, inner_mul, inner_shr}, C{C_d, C_mul, C_shr};                                 \
     tile_body<MinMaxOp, T>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, n, inner, C);    \
   }
@@ -846,28 +846,28 @@ QAT_MINMAX_TILE(8)
 #undef QAT_MINMAX_GRP
 #undef QAT_MINMAX_TILE
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS)
 minmax_cols(const scalar_t* __restrict__ x, float* mn, float* mx, long long rows, long long Wd, long long inner,
             int colsv, int R) {
   cols_body<MinMaxOp, QAT_COLS_ROWS_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, rows, Wd,
                                         inner, colsv, R);
 }
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS)
 minmax_colsh(const scalar_t* __restrict__ x, float* mn, float* mx, long long rows, long long Wd, long long inner,
              int colsv, int R) {
   colsh_body<MinMaxOp, QAT_COLSH_ROWS_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, rows, Wd,
                                           inner, colsv, R);
 }
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS)
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS)
 minmax_rows(const scalar_t* __restrict__ x, float* mn, float* mx, long long nrows, long long innerv, long long C,
             int store) {
   rows_body<MinMaxOp, QAT_ROWS_U_MM>(MinMaxOp{mn, mx}, x, (const scalar_t*)nullptr, (scalar_t*)nullptr, nrows, innerv,
                                      C, store != 0);
 }
 
-extern "C" __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB)
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS, QAT_LSQ_MINB)
 lsq_backward_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ dx,
                   const float* __restrict__ scale, const float* __restrict__ zp, float* ds, float* dz, long long nrows,
                   long long innerv, long long C, int store, float qmin, float qmax, float f, int round_mode) {

@@ -143,7 +143,7 @@ __device__ __forceinline__ void rows_body(const scalar_t* __restrict__ x, oscala
 // fq_rows_<NV>: rows of up to 32 * NV vectors. Arguments: x, y, mask, nrows, nvec (vectors a row),
 // qmin, qmax, scheme, div, inv_div, recip, f16, round_mode, then the state pointers (0: dynamic).
 #define QAT_ROWS_KERNEL(NV)                                                                                  \
-  extern "C" __global__ void __launch_bounds__(QAT_THREADS) fq_rows_##NV(                                   \
+  QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS) fq_rows_##NV(                                   \
       const scalar_t* __restrict__ x, oscalar_t* __restrict__ y, unsigned* __restrict__ mask, long long nrows, \
       int nvec, float qmin, float qmax, int scheme, float div, float inv_div, int recip, int f16, int round_mode, \
       float* __restrict__ min_val, float* __restrict__ max_val, unsigned char* __restrict__ seen,             \

@@ -295,3 +295,46 @@ def test_smooth_on_a_model_prepared_without_it_is_an_error(tmp_path):
     with pytest.raises(QATConfigError, match=r"smooth: the model was prepared before, without smoothing"):
         _trainer(tmp_path, [QuantizationAwareTraining(PLAN, module_attr="net", calibration_batches=2, smooth=0.5)]).fit(
             model, _loader())
+
+
+class CompiledTiny(pl.LightningModule):
+    """The model compiled in ``configure_model`` (after the callback's ``setup`` prepared it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    def configure_model(self):
+        if not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
+            self.net = torch.compile(self.net, backend="aot_eager")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("estimator", ["lsq", "lsq_plus"])
+def test_compiled_model_traces_once_with_learned_weight_scales(estimator):
+    """The weight quantizers are initialized at the start of fit, so the first compiled step does not
+    branch on the learned scales' initialization: one graph, no recompile at the second step."""
+    from torch._dynamo.utils import counters, guard_failures
+
+    plan = {"rules": [{"match": "*", "weight": {"bits": 4, "granularity": "per_channel", "estimator": estimator},
+                       "input": {"bits": 8, "symmetric": False, "dynamic": True, "granularity": "per_token"}}]}  # fmt: skip
+    torch._dynamo.reset()
+    counters.clear()
+    guard_failures.clear()
+    qat_cb = QuantizationAwareTraining(plan)
+    model = CompiledTiny()
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[qat_cb])  # fmt: skip
+    trainer.fit(model, _loader())
+    assert trainer.global_step == 4
+    assert all(q.is_initialized for _, q in quantizers(model.net) if q.spec.estimator.value == estimator)
+    reasons = [str(r) for v in guard_failures.values() for r in v]
+    assert reasons == [], reasons
+    assert int(counters["stats"]["unique_graphs"]) == 1

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from qat.kernels import cupy_backend, reference
+from qat.kernels.tuning import DEFAULT_TUNING
 
 
 def _nvrtc_version():
@@ -39,6 +40,18 @@ def test_every_kernel_compiles_with_nvrtc():
 def test_every_kernel_assembles_for_sm90():
     """The same down to sm_90 machine code, so the inline PTX is assembled too (about 60 s)."""
     _check_all("sm_90")
+
+
+def test_each_kernel_compiles_alone():
+    """A kernel's first launch compiles it alone (its template entry named by the host), so every
+    entry must compile by itself and bring no other entry with it (bfloat16 x and y, 16-byte vectors;
+    the whole-file compiles above cover every dtype)."""
+    _nvrtc_version()
+    for name, kernels in cupy_backend._KERNELS.items():
+        out = 2 if name in cupy_backend._TWO_DTYPES else None
+        for k in kernels:
+            ptx, size = cupy_backend._compile(name, 2, 8, "compute_90", DEFAULT_TUNING, out, (k,))
+            assert size > 0 and ptx.count(".entry ") == 1, (name, k)
 
 
 def test_compile_error_is_reported(monkeypatch):
