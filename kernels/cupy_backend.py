@@ -73,6 +73,7 @@ __all__ = [
     "aminmax_torch",
     "fake_quantize_forward",
     "fake_quantize_backward",
+    "fake_quantize_backward_",
     "fake_quantize_lsq_forward",
     "fake_quantize_lsq_backward",
     "fake_quantize_pact_forward",
@@ -96,6 +97,7 @@ _KERNELS = {
         "fq_forward_2_0",
         *(f"fq_forward_t{t}_{v}_1" for v in (0, 1) for t in _FWD_TILE_T),
         "fq_backward",
+        "fq_backward_inplace",
     ),
     "reduce.cu": (
         *(f"lsq_backward_seg{m}" for m in (0, 2)),
@@ -806,6 +808,29 @@ def fake_quantize_backward(
     plan = _plan(("bwd", n, grad.dtype, dtype, device, g.data_ptr() % 16 == 0, id(tn)), tn, make)
     _run(plan, (g.data_ptr(), m.data_ptr(), dx.data_ptr()), device)
     return dx
+
+
+def fake_quantize_backward_(grad: torch.Tensor, mask: torch.Tensor, tuning: Optional[KernelTuning] = None) -> torch.Tensor:
+    """Clipped-STE backward in place: ``grad``'s elements whose mask bit is clear set to 0; returns
+    ``grad``. For a gradient in ``x``'s dtype that the caller owns; reads the mask and writes only the
+    clipped elements."""
+    if not _supported(grad, mask) or mask.dtype != torch.int32 or not grad.is_contiguous():
+        return reference.fake_quantize_backward_(grad, mask)
+    n = grad.numel()
+    if n == 0:
+        return grad
+    m = mask.contiguous()
+    device = grad.device.index
+    tn = _tn(tuning)
+
+    def make() -> _Plan:
+        kern = _get("fake_quant.cu", "fq_backward_inplace", _DTYPE_CODE[grad.dtype], 1, device, tn)
+        grid = max(1, min(-(-reference.mask_words(n) // _THREADS), _wave(kern, device, tn.elementwise_waves)))
+        return _Plan(kern, (grid,), _THREADS, 0, (np.int64(n),), tn, [])
+
+    plan = _plan(("bwd_", n, grad.dtype, device, id(tn)), tn, make)
+    _run(plan, (grad.data_ptr(), m.data_ptr()), device)
+    return grad
 
 
 def fake_quantize_lsq_forward(

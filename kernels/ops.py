@@ -234,11 +234,11 @@ _FQ = _op(
     lambda x, *a: _backend(x).fake_quantize_forward(x, *a),
     lambda x, s, z, qmin, qmax, axis, gs, rm, out_dtype: (_like(x, out_dtype), _mask_like(x)),
 )
-_FQ_BWD = _op(
-    "fake_quantize_backward(Tensor grad, Tensor mask, ScalarType? dtype) -> Tensor",
-    lambda grad, *a: _backend(grad).fake_quantize_backward(grad, *a),
-    lambda grad, mask, dtype: _like(grad, dtype),
-)
+def _fq_backward_inplace(grad: Tensor, mask: Tensor) -> None:
+    _backend(grad).fake_quantize_backward_(grad, mask)
+
+
+_FQ_BWD_ = _op("fake_quantize_backward_(Tensor(a!) grad, Tensor mask) -> ()", _fq_backward_inplace, lambda grad, mask: None)
 _LSQ = _op(
     "fake_quantize_lsq(Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, SymInt? axis, "
     "SymInt? group_size, str round_mode, ScalarType? out_dtype) -> Tensor",
@@ -304,7 +304,13 @@ def _fq_forward(x, *args):
 
 
 def _fq_backward(grad, mask, dtype):
-    return _FQ_BWD(grad, mask, dtype) if _traced(grad) else _backend(grad).fake_quantize_backward(grad, mask, dtype)
+    if _traced(grad):
+        # in a traced graph, in place (the graph is functional: where grad is read elsewhere, or is the
+        # backward's input, the compiler copies it first), then a cast the compiler fuses into the
+        # consumer of dx (a float32 layer norm's backward under autocast): no pass over the gradient
+        _FQ_BWD_(grad, mask)
+        return grad if dtype is None or dtype == grad.dtype else grad.to(dtype)
+    return _backend(grad).fake_quantize_backward(grad, mask, dtype)
 
 
 class _FakeQuantizeFn(torch.autograd.Function):
@@ -464,8 +470,10 @@ class BoundQuant:
         """``(y, saved)``: the result, and the tensors :meth:`backward` takes. Eager only."""
         raise NotImplementedError
 
-    def backward(self, grad: Tensor, saved: tuple, x_dtype: torch.dtype) -> tuple:
-        """``(dx, *d_learned)`` from the gradient of the result; ``dx`` in ``x_dtype``."""
+    def backward(self, grad: Tensor, saved: tuple, x_dtype: torch.dtype, owned: bool = False) -> tuple:
+        """``(dx, *d_learned)`` from the gradient of the result; ``dx`` in ``x_dtype``. ``owned``: the
+        caller made ``grad`` and nothing else reads it, so an op may write ``dx`` into it (the
+        clipped STE then only zeroes the clipped elements, no pass over the gradient)."""
         raise NotImplementedError
 
 
@@ -486,7 +494,9 @@ class _BoundFQ(BoundQuant):  # (scale, zero_point); (qmin, qmax, axis, group_siz
         y, mask = _backend(x).fake_quantize_forward(x, *self.tensors, *self.args, None if out_dtype == x.dtype else out_dtype)
         return y, (mask,)
 
-    def backward(self, grad, saved, x_dtype):
+    def backward(self, grad, saved, x_dtype, owned=False):
+        if owned and grad.dtype == x_dtype and grad.is_contiguous():
+            return (_backend(grad).fake_quantize_backward_(grad, saved[0]),)
         return (_backend(grad).fake_quantize_backward(grad, saved[0], x_dtype),)
 
 
@@ -541,7 +551,7 @@ class _BoundLSQ(_BoundLearned):  # (scale, zero_point); (qmin, qmax, axis, group
                                                   None if out_dtype == x.dtype else out_dtype)  # fmt: skip
         return y, (x,)
 
-    def backward(self, grad, saved, x_dtype):
+    def backward(self, grad, saved, x_dtype, owned=False):
         (x,) = saved
         return _backend(x).fake_quantize_lsq_backward(grad.to(x.dtype), x, *self.tensors, *self.args)
 
@@ -559,7 +569,7 @@ class _BoundPACT(_BoundLearned):  # (alpha,); (qmin, qmax, round_mode)
     def forward(self, x, out_dtype=None):
         return _backend(x).fake_quantize_pact_forward(x, *self.tensors, *self.args, None if out_dtype == x.dtype else out_dtype), (x,)
 
-    def backward(self, grad, saved, x_dtype):
+    def backward(self, grad, saved, x_dtype, owned=False):
         (x,) = saved
         return _backend(x).fake_quantize_pact_backward(grad.to(x.dtype), x, *self.tensors)
 
@@ -573,7 +583,7 @@ class _BoundIdentity(BoundQuant):
     def forward(self, x, out_dtype=None):
         return _cast(x, out_dtype), ()
 
-    def backward(self, grad, saved, x_dtype):
+    def backward(self, grad, saved, x_dtype, owned=False):
         return (_cast(grad, x_dtype),)
 
 
@@ -921,7 +931,7 @@ def bind_minmax(
 # ----------------------------------------------------------------------------- microscaling / FP8
 # Float element formats with block or per-tensor / per-channel scales (qat/microscaling.py is the
 # definition; docs/math.md, section 13). The STE forward saves the packed clip mask of fake_quantize,
-# so its backward is qat::fake_quantize_backward.
+# so its backward is qat::fake_quantize_backward_.
 
 _FLOAT_ELEMENTS = tuple(ELEMENTS)  # the formats' owner is qat.microscaling
 

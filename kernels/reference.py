@@ -38,6 +38,7 @@ __all__ = [
     "broadcast_param",
     "fake_quantize_forward",
     "fake_quantize_backward",
+    "fake_quantize_backward_",
     "fake_quantize_lsq_forward",
     "fake_quantize_lsq_backward",
     "fake_quantize_pact_forward",
@@ -148,6 +149,13 @@ def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor, dtype: Option
     keep = unpack_mask(mask, grad.numel()).reshape(grad.shape)
     dx = torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     return dx if dtype is None else dx.to(dtype)
+
+
+def fake_quantize_backward_(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`fake_quantize_backward` in place, in ``grad``'s dtype: the elements whose mask bit is
+    clear set to 0; returns ``grad``."""
+    keep = unpack_mask(mask, grad.numel()).reshape(grad.shape)
+    return grad.masked_fill_(~keep, 0)
 
 
 def fake_quantize_lsq_forward(

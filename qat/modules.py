@@ -80,7 +80,8 @@ class _QuantLinearFn(torch.autograd.Function):
     The forward runs both quantizers' bound ops (:meth:`qat.FakeQuantizer.bind`) and the matmul;
     the backward the matmul's gradients (as autograd computes them for ``addmm``: ``grad @ W`` and
     ``grad.T @ x``, the bias's ``grad.sum(0)`` in the matmul's dtype) and then each bound op's own
-    backward. The values are those of the three-node graph (quantizer, quantizer, linear), bit for
+    backward, given those products as its own (``owned``: a clipped STE in the product's dtype zeroes
+    the clipped elements in place rather than copying the gradient). The values are those of the three-node graph (quantizer, quantizer, linear), bit for
     bit; the host pays for one node instead of three, the step's largest fixed cost per layer on a
     GPU (``benchmarks/results/train_step_*.md``, eager rows).
     """
@@ -105,9 +106,9 @@ class _QuantLinearFn(torch.autograd.Function):
         dx = dw = db = None
         dlx, dlw = (None,) * nlx, (None,) * len(bw.learned)
         if need[0] or any(need[7 : 7 + nlx]):
-            dx, *dlx = bx.backward((g2 @ wq).view(xq.shape), tuple(saved[:nsx]), x_dtype)
+            dx, *dlx = bx.backward((g2 @ wq).view(xq.shape), tuple(saved[:nsx]), x_dtype, owned=True)
         if need[1] or any(need[7 + nlx :]):
-            dw, *dlw = bw.backward(g2.t() @ xq.reshape(-1, xq.shape[-1]), tuple(saved[nsx:]), w_dtype)
+            dw, *dlw = bw.backward(g2.t() @ xq.reshape(-1, xq.shape[-1]), tuple(saved[nsx:]), w_dtype, owned=True)
         if need[2]:
             db = g2.sum(0).to(b_dtype)
         return dx, dw, db, None, None, None, None, *dlx, *dlw

@@ -376,3 +376,22 @@ fq_backward(const oscalar_t* __restrict__ g, const unsigned* __restrict__ mask, 
   };
   pipelined(tid, nthreads, nvec, load, work);
 }
+
+// Clipped-STE backward in place, for a gradient in x's own dtype that the caller owns: grad's
+// elements whose mask bit is clear become 0, the others stay. One thread a mask word: reads numel/8
+// bytes of mask and writes only the clipped elements (dynamic per-token ranges clip almost none), so
+// the backward pass of an activation quantizer costs no pass over its gradient.
+QAT_ENTRY __global__ void __launch_bounds__(QAT_THREADS)
+fq_backward_inplace(scalar_t* __restrict__ g, const unsigned* __restrict__ mask, long long n) {
+  const long long nwords = (n + 31) >> 5;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long w = (long long)blockIdx.x * blockDim.x + threadIdx.x; w < nwords; w += stride) {
+    const long long e0 = w << 5;
+    unsigned cleared = ~__ldg(mask + w);
+    if (n - e0 < 32) cleared &= (1u << (n - e0)) - 1u;  // the last word's bits past n
+    while (cleared) {
+      g[e0 + __ffs(cleared) - 1] = scalar_zero();
+      cleared &= cleared - 1u;
+    }
+  }
+}

@@ -168,6 +168,25 @@ def test_fake_quantize_forward_backward(case, dtype):
         grad = torch.randn(shape, generator=gen).to(dtype).cuda()
         dx = cupy_backend.fake_quantize_backward(grad, m)
         torch.testing.assert_close(dx.cpu(), reference.fake_quantize_backward(grad.cpu(), m_ref), atol=0, rtol=0)
+        owned = grad.clone()
+        assert cupy_backend.fake_quantize_backward_(owned, m) is owned
+        assert torch.equal(owned, dx)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 4097, 3 * 2**20 + 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_in_place_backward_on_random_masks(n, dtype):
+    """The in-place clipped STE against the out-of-place one on random masks (every bit pattern of a
+    word, the last word's bits past n set or not)."""
+    gen = torch.Generator().manual_seed(n)
+    grad = torch.randn(n, generator=gen).to(dtype).cuda()
+    words = torch.randint(-(2**31), 2**31 - 1, (reference.mask_words(n),), generator=gen, dtype=torch.int32)
+    words[: len(words) // 2] = -1  # whole words kept, as dynamic per-token ranges give
+    words = words.cuda()
+    want = reference.fake_quantize_backward(grad.cpu(), words.cpu())
+    got = grad.clone()
+    cupy_backend.fake_quantize_backward_(got, words)
+    assert torch.equal(got.cpu(), want)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)

@@ -21,7 +21,7 @@ def _cases():
     return [
         (Q.fake_quantize.default, (x, s, z, -8, 7, None, 32, "half_even", torch.bfloat16)),
         (Q.fake_quantize.default, (x, torch.full((4,), 0.1), torch.zeros(4), 0, 15, 0, None, "half_away", None)),
-        (Q.fake_quantize_backward.default, (torch.randn(4, 64, dtype=torch.bfloat16), mask, torch.float32)),
+        (Q.fake_quantize_backward_.default, (torch.randn(4, 64, dtype=torch.bfloat16), mask)),
         (Q.fake_quantize_lsq.default, (x, s, z, -8, 7, None, 32, "half_even", None)),
         (Q.fake_quantize_lsq_backward.default, (torch.randn(4, 64), x, s, z, -8, 7, None, 32, 0.1, "half_even")),
         (Q.fake_quantize_pact.default, (x, torch.tensor([1.5]), 0, 15, "half_even", None)),
@@ -87,3 +87,47 @@ def test_compiled_step_matches_eager(plan):
         torch.testing.assert_close(p.grad, eager[n], rtol=1e-4, atol=1e-5, msg=n)
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers[n]), n
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+def test_compiled_ste_backward_in_place_equals_eager(out_dtype):
+    """In a traced graph the clipped-STE backward zeroes the clipped elements of the gradient in place
+    (then casts to x's dtype, for the compiler to fuse): the same gradient as eager, bit for bit, and a
+    gradient the caller passes in is left as it was (the compiler copies a graph input first)."""
+    from qat.kernels import fake_quantize
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 64, generator=g) * 3).requires_grad_()
+    s, z = torch.full((6,), 0.2), torch.zeros(6)
+    w = torch.randn(6, 64, generator=g).to(out_dtype or torch.float32)
+    seed = torch.randn(6, 64, generator=g).to(out_dtype or torch.float32)
+
+    def inner(x):  # the gradient reaching the op is an intermediate (seed * w)
+        return fake_quantize(x, s, z, -8, 7, axis=0, out_dtype=out_dtype) * w
+
+    def outer(x):  # the gradient reaching the op is the backward's input
+        return fake_quantize(x, s, z, -8, 7, axis=0, out_dtype=out_dtype)
+
+    for fn in (inner, outer):
+        fn(x).backward(seed)
+        want = x.grad.clone()
+        x.grad = None
+        torch._dynamo.reset()
+        given = seed.clone()
+        torch.compile(fn, fullgraph=True)(x).backward(given)
+        assert torch.equal(x.grad, want), fn.__name__
+        assert torch.equal(given, seed)
+        assert bool((want == 0).any()) and want.dtype == torch.float32
+        x.grad = None
+
+
+def test_in_place_backward_equals_out_of_place():
+    from qat.kernels import reference
+
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 31, 32, 33, 1000):
+        grad = torch.randn(n, generator=g).to(torch.bfloat16)
+        words = torch.randint(-(2**31), 2**31 - 1, (reference.mask_words(n),), generator=g, dtype=torch.int32)
+        want = reference.fake_quantize_backward(grad, words)
+        got = grad.clone()
+        assert reference.fake_quantize_backward_(got, words) is got and torch.equal(got, want)
