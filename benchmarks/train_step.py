@@ -302,12 +302,63 @@ def compile_kwargs(mode: str) -> Optional[dict]:
     return {"eager": None, "compile": {}, "cudagraphs": {"mode": "reduce-overhead"}}[mode]
 
 
+_KERNEL_COMPILE_S = [0.0]
+
+
+def time_kernel_compiles() -> None:
+    """Add the wall time of the CuPy backend's kernel builds (NVRTC, at a kernel's first launch) to
+    ``_KERNEL_COMPILE_S``: the part of a warm-up that is ours alone."""
+    try:
+        from qat.kernels import cupy_backend as cb
+    except ImportError:
+        return
+    build = cb._kernel
+    if getattr(build, "timed", False):
+        return
+
+    def timed(*a):
+        t = time.perf_counter()
+        try:
+            return build(*a)
+        finally:
+            _KERNEL_COMPILE_S[0] += time.perf_counter() - t
+
+    timed.timed = True
+    cb._kernel = timed
+
+
+#: torch.compile's timed phases the warm-up table names (dynamo's compilation_time_metrics; they nest):
+#: the whole compile of a frame, AOTAutograd (which includes Inductor), Inductor's lowering and code
+#: generation of the forward / backward graph, the wait for the Triton kernels' compiles, the backward
+WARMUP_PHASES = {
+    "_compile.compile_inner": "dynamo",
+    "create_aot_dispatcher_function": "aot",
+    "GraphLowering.codegen": "codegen",
+    "async_compile.wait": "triton_wait",
+    "compile_fx.<locals>.bw_compiler": "bw_compile",
+}
+
+
+def warmup_parts() -> dict:
+    """Seconds of the warm-up by part: the CuPy kernel builds, and torch.compile's main phases
+    (:data:`WARMUP_PHASES`; nested, so they do not add up)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    parts = {"kernel_builds": round(_KERNEL_COMPILE_S[0], 2)}
+    for key, name in WARMUP_PHASES.items():
+        if key in compilation_time_metrics:
+            parts[name] = round(sum(compilation_time_metrics[key]), 2)
+    return parts
+
+
 def reset_state(device: torch.device) -> None:
     torch._dynamo.reset()
-    from torch._dynamo.utils import counters, guard_failures
+    from torch._dynamo.utils import compilation_time_metrics, counters, guard_failures
 
     counters.clear()
     guard_failures.clear()
+    compilation_time_metrics.clear()
+    _KERNEL_COMPILE_S[0] = 0.0
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -809,6 +860,8 @@ def render(doc: dict) -> str:
             notes.append(f"- {tag}: kernel backend `{r['backend']}`" + ("; the tied head had to be re-tied" if r.get("retied_head") else ""))
         if r.get("graph_break_reasons"):
             notes.append(f"- {tag} graph breaks: " + "; ".join(f"{n}x {_one_line(k)}" for k, n in r["graph_break_reasons"][:3]))
+        if r.get("warmup_parts") and r["mode"] != "eager" or (r.get("warmup_parts") or {}).get("kernel_builds", 0) >= 1:
+            notes.append(f"- {tag} warm-up parts (s): " + ", ".join(f"`{k}` {v}" for k, v in r["warmup_parts"].items()))
         if r.get("recompile_reasons"):
             notes.append(f"- {tag} recompiles ({r['recompiles']}), first: " + "; ".join(_one_line(x, 200) for x in r["recompile_reasons"][:2]))
     if notes:
@@ -923,6 +976,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     tao_missing = torchao_available() if "torchao" in rows else None
     out = pathlib.Path(args.out)
     print(f"# {env.get('gpu')} | torch {env['torch']} | CuPy {env['cupy']} | torchao {env['torchao']} | {command}", flush=True)
+    time_kernel_compiles()
     for via in vias:
         for mode in modes:
             for row in rows:
@@ -953,6 +1007,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     if row.endswith("_unfused"):
                         set_fused_linear(True)
                 rec["config_wall_s"] = time.perf_counter() - t0
+                rec["warmup_parts"] = warmup_parts()
                 doc["results"].append(rec)
                 if rec["ok"]:
                     print(f"{via:8s} {mode:10s} {row:8s} step {rec['step_ms']:8.2f} ms  mem {_fmt(rec.get('peak_mem_gib'), '.2f')} GiB  "
@@ -961,6 +1016,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                           + (f"  breaks {rec['graph_breaks']} recompiles {rec['recompiles']} graphs {rec['unique_graphs']}"
                              f"(+{rec['graphs_after_first_step']}) cg-skips {rec['cudagraph_skips']}" if "graph_breaks" in rec else ""),
                           flush=True)
+                    print("  warm-up parts (s): " + ", ".join(f"{k} {v}" for k, v in rec["warmup_parts"].items()), flush=True)
                 else:
                     print(f"{via:8s} {mode:10s} {row:8s} FAILED {rec['error'][:300]}", flush=True)
                 reset_state(device)
