@@ -22,7 +22,7 @@ def _cases():
         (Q.fake_quantize.default, (x, s, z, -8, 7, None, 32, "half_even", torch.bfloat16)),
         (Q.fake_quantize.default, (x, torch.full((4,), 0.1), torch.zeros(4), 0, 15, 0, None, "half_away", None)),
         (Q.fake_quantize_backward_.default, (torch.randn(4, 64, dtype=torch.bfloat16), mask)),
-        (Q.fake_quantize_lsq.default, (x, s, z, -8, 7, None, 32, "half_even", None)),
+        (Q.fake_quantize_lsq.default, (x, s, z, -8, 7, None, 32, 0.1, "half_even", None)),
         (Q.fake_quantize_lsq_backward.default, (torch.randn(4, 64), x, s, z, -8, 7, None, 32, 0.1, "half_even")),
         (Q.fake_quantize_pact.default, (x, torch.tensor([1.5]), 0, 15, "half_even", None)),
         (Q.fake_quantize_pact_backward.default, (torch.randn(4, 64), x, torch.tensor([1.5]))),
@@ -131,3 +131,17 @@ def test_in_place_backward_equals_out_of_place():
         want = reference.fake_quantize_backward(grad, words)
         got = grad.clone()
         assert reference.fake_quantize_backward_(got, words) is got and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["fake_quantize", "fake_quantize_minmax", "fake_quantize_lsq", "fake_quantize_pact"])
+def test_traced_autograd_registration_passes_opcheck(name):
+    """The forward ops a compiled graph calls carry their own autograd (what Dynamo traces instead of an
+    autograd.Function): opcheck's autograd and AOT-dispatch tests with x (and learned tensors) needing grad."""
+    for op, args in _cases():
+        if op is getattr(Q, name).default:
+            args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                         for a in args)  # fmt: skip
+            result = torch.library.opcheck(op, args)
+            assert all(v == "SUCCESS" for v in result.values()), result
+            return
+    raise AssertionError(f"no case for {name}")
