@@ -339,6 +339,24 @@ WARMUP_PHASES = {
 }
 
 
+def prewarm_compiler(device: torch.device, lightning: bool) -> float:
+    """Pay the process's one-time compile costs before the first row (Inductor's and Triton's imports
+    and initialization, the compile workers' start; Lightning's import): otherwise the first row's
+    warm-up holds them, and its ratio to float's is off by seconds. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    if lightning:
+        import pytorch_lightning  # noqa: F401
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)).to(device)
+    fn = torch.compile(net)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        loss = fn(torch.randn(8, 64, device=device)).float().square().mean()
+    loss.backward()
+    sync(device)
+    torch._dynamo.reset()
+    return round(time.perf_counter() - t0, 2)
+
+
 def warmup_parts() -> dict:
     """Seconds of the warm-up by part: the CuPy kernel builds, and torch.compile's main phases
     (:data:`WARMUP_PHASES`; nested, so they do not add up)."""
@@ -773,6 +791,9 @@ def render(doc: dict) -> str:
     ]
     lines += [f"    {c}" for c in doc.get("commands", [])]
     lines += [""]
+    if doc.get("prewarm_s") is not None:
+        lines += [f"Compile pre-warm before the first row (the process's one-time compile costs, so no row's warm-up "
+                  f"holds them): {doc['prewarm_s']} s.", ""]
     if doc.get("notes"):
         lines += [f"- {n}" for n in doc["notes"]] + [""]
     params = {(r["model"], r["batch"], r["seq"]): r["params"] for r in res if r.get("params")}
@@ -902,6 +923,9 @@ def merge(paths: list[str], out: pathlib.Path, tag: str, extra_notes: Optional[l
     notes = [n for d in docs for n in d.get("notes", [])] + list(extra_notes or [])
     doc = {"env": docs[-1]["env"], "envs": [d["env"] for d in docs], "commands": commands, "notes": notes,
            "results": list(by_key.values())}
+    prewarm = [str(d["prewarm_s"]) for d in docs if d.get("prewarm_s") is not None]
+    if prewarm:
+        doc["prewarm_s"] = " / ".join(prewarm) + " (one a run)"
     write(doc, out, tag)
     return doc
 
@@ -977,6 +1001,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     out = pathlib.Path(args.out)
     print(f"# {env.get('gpu')} | torch {env['torch']} | CuPy {env['cupy']} | torchao {env['torchao']} | {command}", flush=True)
     time_kernel_compiles()
+    if any(m != "eager" for m in modes):
+        doc["prewarm_s"] = prewarm_compiler(device, "trainer" in vias)
     for via in vias:
         for mode in modes:
             for row in rows:

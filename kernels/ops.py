@@ -228,11 +228,41 @@ def _like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return x.new_empty(x.shape, dtype=dtype or x.dtype)
 
 
+# The fake implementations check the op's arguments as the public functions do (the bind_* functions
+# below skip their checks inside a trace, which would cost Dynamo seconds to trace; a fake
+# implementation runs natively), so a traced call fails with the eager call's message.
+
+
+def _fq_fake(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype):
+    _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, values=False)
+    _check_out_dtype("fake_quantize", out_dtype)
+    return _like(x, out_dtype), _mask_like(x)
+
+
+def _lsq_fake(x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode, out_dtype):
+    _check_grad_factor(grad_factor)
+    _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, op="fake_quantize_lsq", lsq=True, values=False)
+    _check_out_dtype("fake_quantize_lsq", out_dtype)
+    return _like(x, out_dtype)
+
+
+def _pact_fake(x, alpha, qmin, qmax, round_mode, out_dtype):
+    _check_pact(x, alpha, qmin, qmax, round_mode, values=False)
+    _check_out_dtype("fake_quantize_pact", out_dtype)
+    return _like(x, out_dtype)
+
+
+def _minmax_fake(x, row, qmin, qmax, round_mode, state, out_dtype):
+    _check_minmax(x, row, qmin, qmax, round_mode, state)
+    _check_out_dtype("fake_quantize_minmax", out_dtype)
+    return _like(x, out_dtype), _mask_like(x)
+
+
 _FQ = _op(
     "fake_quantize(Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, SymInt? axis, "
     "SymInt? group_size, str round_mode, ScalarType? out_dtype) -> (Tensor, Tensor)",
     lambda x, *a: _backend(x).fake_quantize_forward(x, *a),
-    lambda x, s, z, qmin, qmax, axis, gs, rm, out_dtype: (_like(x, out_dtype), _mask_like(x)),
+    _fq_fake,
 )
 def _fq_backward_inplace(grad: Tensor, mask: Tensor) -> None:
     _backend(grad).fake_quantize_backward_(grad, mask)
@@ -244,7 +274,7 @@ _LSQ = _op(  # grad_factor: for the backward only (the traced autograd below rea
     "SymInt? group_size, float grad_factor, str round_mode, ScalarType? out_dtype) -> Tensor",
     lambda x, s, z, qmin, qmax, axis, gs, gf, rm, out_dtype: _backend(x).fake_quantize_lsq_forward(
         x, s, z, qmin, qmax, axis, gs, rm, out_dtype),
-    lambda x, s, z, qmin, qmax, axis, gs, gf, rm, out_dtype: _like(x, out_dtype),
+    _lsq_fake,
 )
 _LSQ_BWD = _op(
     "fake_quantize_lsq_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, "
@@ -255,7 +285,7 @@ _LSQ_BWD = _op(
 _PACT = _op(
     "fake_quantize_pact(Tensor x, Tensor alpha, SymInt qmin, SymInt qmax, str round_mode, ScalarType? out_dtype) -> Tensor",
     lambda x, *a: _backend(x).fake_quantize_pact_forward(x, *a),
-    lambda x, alpha, qmin, qmax, rm, out_dtype: _like(x, out_dtype),
+    _pact_fake,
 )
 _PACT_BWD = _op(
     "fake_quantize_pact_backward(Tensor grad, Tensor x, Tensor alpha) -> (Tensor, Tensor)",
@@ -267,7 +297,7 @@ _MM = _op(
     "str round_mode, ScalarType? out_dtype) -> (Tensor, Tensor)",
     lambda x, row, qmin, qmax, sym, f16, rm, out_dtype: _backend(x).fake_quantize_minmax_forward(
         x, row, qmin, qmax, sym, f16, rm, None, out_dtype),
-    lambda x, row, qmin, qmax, sym, f16, rm, out_dtype: (_like(x, out_dtype), _mask_like(x)),
+    lambda x, row, qmin, qmax, sym, f16, rm, out_dtype: _minmax_fake(x, row, qmin, qmax, rm, None, out_dtype),
 )
 _MMO = _op(
     "fake_quantize_minmax_observe(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) seen, "
@@ -275,7 +305,8 @@ _MMO = _op(
     "bool scale_f16, str round_mode, ScalarType? out_dtype) -> (Tensor, Tensor)",
     lambda x, mn, mx, seen, s, z, row, qmin, qmax, sym, f16, rm, out_dtype: _backend(x).fake_quantize_minmax_forward(
         x, row, qmin, qmax, sym, f16, rm, (mn, mx, seen, s, z), out_dtype),
-    lambda x, mn, mx, seen, s, z, row, qmin, qmax, sym, f16, rm, out_dtype: (_like(x, out_dtype), _mask_like(x)),
+    lambda x, mn, mx, seen, s, z, row, qmin, qmax, sym, f16, rm, out_dtype: _minmax_fake(
+        x, row, qmin, qmax, rm, (mn, mx, seen, s, z), out_dtype),
 )
 _FF = _op(
     "fake_quantize_float(Tensor x, Tensor? scale, str element, SymInt block_size, str block_scale, SymInt? axis) "
@@ -441,7 +472,14 @@ def _save_pact(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1])
 
 
-def _register_traced_autograd() -> None:
+def _save_observe(ctx, inputs, output):
+    _save_mask(ctx, inputs, output)
+    ctx.n_state = 5  # min_val, max_val, seen, scale, zero_point: inputs of the op, no gradient
+
+
+def _register_traced_autograd() -> bool:
+    """Register the traced ops' autograd; returns whether the observer's op has its own (else a trace
+    runs it through _MinMaxFn)."""
     def fq(ctx, grad_y, grad_mask):
         return _FakeQuantizeFn.backward(ctx, grad_y)
 
@@ -452,9 +490,22 @@ def _register_traced_autograd() -> None:
     torch.library.register_autograd("qat::fake_quantize_minmax", minmax, setup_context=_save_mask, lib=_LIB)
     torch.library.register_autograd("qat::fake_quantize_lsq", _LSQFn.backward, setup_context=_save_lsq, lib=_LIB)
     torch.library.register_autograd("qat::fake_quantize_pact", _PACTFn.backward, setup_context=_save_pact, lib=_LIB)
+    # The observer's op updates its state in place, and torch.library.register_autograd refuses a
+    # mutating op, for mutated tensors that take a gradient; this op's state takes none (buffers, and
+    # its formula returns None for them), so its autograd kernel is made by the same torch function
+    # register_autograd calls. A compiled graph then runs the op in place, as before, and Dynamo traces
+    # one op call rather than an autograd.Function (~35 ms each on a CPU; a weight quantizer each).
+    try:
+        from torch._library.autograd import Info, make_autograd_impl
+
+        kernel = make_autograd_impl(_MMO, Info(minmax, _save_observe))
+    except (ImportError, AttributeError, TypeError):  # another torch: the Function it is
+        return False
+    _LIB.impl("fake_quantize_minmax_observe", kernel, "Autograd", with_keyset=True)
+    return True
 
 
-_register_traced_autograd()
+_OBSERVE_AUTOGRAD = _register_traced_autograd()
 
 
 # ----------------------------------------------------------------------------- bound ops
@@ -558,8 +609,8 @@ class _BoundMinMax(_BoundFQ):  # observer state (5) or (); (row, qmin, qmax, sym
                 return _minmax_inductor(x, *self.args, out_dtype, self.tensors or None)
             if not self.tensors:
                 return _MM(x, *self.args, out_dtype)[0]
-        # the observer's op updates its state in place: no autograd formula of its own (a mutating op
-        # takes none), so a trace goes through the Function
+            if _OBSERVE_AUTOGRAD:
+                return _MMO(x, *self.tensors, *self.args, out_dtype)[0]
         return _MinMaxFn.apply(x, *self.args, out_dtype, *self.tensors)
 
     def forward(self, x, out_dtype=None):
@@ -707,8 +758,10 @@ def _check_values(op: str, scale: Tensor, zero_point: Tensor, qmin: int, qmax: i
     _first_bad(op, "zero_point", z, bad_z, what)
 
 
-def _check(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis, group_size, round_mode, op="fake_quantize", lsq=False):
-    """Validate arguments before launch; returns the axis normalized to be non-negative."""
+def _check(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis, group_size, round_mode, op="fake_quantize",
+           lsq=False, values=True):
+    """Validate arguments before launch (``values``: the parameter values too, where
+    :func:`_checks_values` says so); returns the axis normalized to be non-negative."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     for name, p in (("scale", scale), ("zero_point", zero_point)):
@@ -737,9 +790,16 @@ def _check(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, a
                 raise ValueError(f"{op}: per-tensor {name} must have one element, got shape {tuple(p.shape)}")
         elif tuple(p.shape) != expected:
             raise ValueError(f"{op}: {name} must have shape {expected}, got {tuple(p.shape)}")
-    if _checks_values(x):
+    if values and _checks_values(x):
         _check_values(op, scale, zero_point, qmin, qmax, lsq)
     return axis
+
+
+def _bind_axis(x: Tensor, axis):
+    """``axis`` as :func:`_check` returns it, without the checks: a trace binds an op without checking
+    its arguments, since the op's fake implementation checks them (natively, where Dynamo would trace
+    every line of the checks, seconds of compile warm-up on a model of a hundred quantizers)."""
+    return axis if axis is None else axis % x.dim()
 
 
 def fake_quantize(
@@ -799,7 +859,10 @@ def bind_fake_quantize(
         >>> bind_fake_quantize(x, torch.tensor([0.25]), torch.tensor([0.0]), -8, 7).apply(x)
         tensor([ 0.0000,  0.2500, -2.0000])
     """
-    axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
+    if torch.compiler.is_compiling() and _COMPILE_ROUTE == "kernel":
+        axis = _bind_axis(x, axis)  # the op checks (_fq_fake)
+    else:
+        axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode)
     return _BoundFQ((scale, zero_point), (int(qmin), int(qmax), axis, None if group_size is None else int(group_size), round_mode))
 
 
@@ -849,9 +912,11 @@ def bind_lsq(
         >>> b.learned[0] is s
         True
     """
-    if isinstance(grad_factor, bool) or not isinstance(grad_factor, numbers.Real) or not math.isfinite(grad_factor):
-        raise TypeError(f"fake_quantize_lsq: grad_factor must be a finite number, got {grad_factor!r}")
-    axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, op="fake_quantize_lsq", lsq=True)
+    if torch.compiler.is_compiling():
+        axis = _bind_axis(x, axis)  # the op checks (_lsq_fake)
+    else:
+        _check_grad_factor(grad_factor)
+        axis = _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, op="fake_quantize_lsq", lsq=True)
     return _BoundLSQ((scale, zero_point), (int(qmin), int(qmax), axis, group_size, float(grad_factor), round_mode))
 
 
@@ -887,6 +952,12 @@ def bind_pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mode: str = 
         >>> bind_pact(torch.ones(3), torch.tensor([2.0]), 0, 15).apply(torch.tensor([-1.0, 0.5, 3.0]))
         tensor([0.0000, 0.5333, 2.0000])
     """
+    if not torch.compiler.is_compiling():  # else the op checks (_pact_fake)
+        _check_pact(x, alpha, qmin, qmax, round_mode)
+    return _BoundPACT((alpha,), (int(qmin), int(qmax), round_mode))
+
+
+def _check_pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mode: str, values: bool = True) -> None:
     op = "fake_quantize_pact"
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -895,9 +966,13 @@ def bind_pact(x: Tensor, alpha: Tensor, qmin: int, qmax: int, round_mode: str = 
     if alpha.device != x.device:
         raise ValueError(f"{op}: alpha is on {alpha.device} but x is on {x.device}")
     _check_ints(op, qmin, qmax, None, None, round_mode)
-    if _checks_values(x):
+    if values and _checks_values(x):
         _check_alpha(alpha, qmin, qmax)
-    return _BoundPACT((alpha,), (int(qmin), int(qmax), round_mode))
+
+
+def _check_grad_factor(grad_factor) -> None:
+    if isinstance(grad_factor, bool) or not isinstance(grad_factor, numbers.Real) or not math.isfinite(grad_factor):
+        raise TypeError(f"fake_quantize_lsq: grad_factor must be a finite number, got {grad_factor!r}")
 
 
 def _check_alpha(alpha: Tensor, qmin: int, qmax: int) -> None:
@@ -961,6 +1036,12 @@ def bind_minmax(
         >>> bind_minmax(x, 32, -8, 7, symmetric=True).apply(x)[0, :2]
         tensor([ 0.5333, -1.0667])
     """
+    if not (torch.compiler.is_compiling() and _COMPILE_ROUTE == "kernel"):  # else the op checks (_minmax_fake)
+        _check_minmax(x, row, qmin, qmax, round_mode, state)
+    return _BoundMinMax(tuple(state or ()), (int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode))
+
+
+def _check_minmax(x: Tensor, row: int, qmin: int, qmax: int, round_mode: str, state) -> None:
     op = "fake_quantize_minmax"
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -979,7 +1060,6 @@ def bind_minmax(
                 raise TypeError(f"{op}: state {name} must be a contiguous {dtype} tensor on {device}")
             if t.numel() != nrows:
                 raise ValueError(f"{op}: state {name} must have one entry a row ({nrows}), got {t.numel()}")
-    return _BoundMinMax(tuple(state or ()), (int(row), int(qmin), int(qmax), bool(symmetric), bool(scale_f16), round_mode))
 
 
 # ----------------------------------------------------------------------------- microscaling / FP8

@@ -107,9 +107,14 @@ class FakeQuantizer(Float32State, FlagBuffers):
         # a weight's STE quantizer whose observer holds the current min / max: observer update, scale,
         # zero point and fake quantization in one fused op (rows of this many elements), else None
         self._minmax_row = None
-        if spec.estimator is Estimator.STE and not spec.dynamic and not track_history and self.micro is None:
+        if (spec.estimator is Estimator.STE and not spec.dynamic and not track_history and self.micro is None
+                and spec.format is WeightFormat.AFFINE):
             if self.observer.first_batch_is_minmax:
                 self._minmax_row = self.layout.row_length(tuple(shape))
+        # the op's scalar arguments, fixed by the (frozen) spec: bind() reads them rather than deriving
+        # them per call (under torch.compile, every line bind() runs is traced, per quantizer)
+        self._qrange = (spec.qmin, spec.qmax)
+        self._round = spec.round_mode.value
         self._register_flag("fake_quant_enabled", True)
         self._register_flag("observer_enabled", True)
         self._register_flag("initialized", False)
@@ -127,6 +132,13 @@ class FakeQuantizer(Float32State, FlagBuffers):
         """Declare scale / zero point set from outside (e.g. by GPTQ)."""
         self._set_flag("initialized", True)
         return self
+
+    @property
+    def tracks_current_weight(self) -> bool:
+        """Whether each forward pass sets the whole state from the tensor it is given, as a weight's
+        STE quantizer with a min / max observer does (one fused op): initializing it early
+        (:meth:`init_from`) can then never leave a stale range, and the layer does it when made."""
+        return self._minmax_row is not None
 
     @property
     def is_initialized(self) -> bool:
@@ -200,24 +212,26 @@ class FakeQuantizer(Float32State, FlagBuffers):
             return None
         if spec.dynamic:
             if spec.nonfinite is not NonFinite.RAISE:
-                return self._reuse(x, "dynamic", (), lambda: bind_dynamic(x, spec, self.layout))
+                return self._reuse(x, "dynamic", (), bind_dynamic, x, spec, self.layout)
             return bind_dynamic(x, spec, self.layout)
         if spec.format is not WeightFormat.AFFINE:
             return None
-        rm = spec.round_mode.value
+        (qmin, qmax), rm = self._qrange, self._round
         observing = flags["observer_enabled"] and self.observer is not None
         if spec.estimator is Estimator.STE:
-            if observing and self._minmax_row is not None and x.numel() == self.scale.numel() * self._minmax_row:
+            row = self._minmax_row
+            if observing and row is not None and x.numel() == self.scale.numel() * row:
                 # the observer's update (reset, then this batch), the scale and zero point, and the fake
                 # quantization in one op: what _observe then fake_quantize compute, bit for bit
                 obs = self.observer
                 state = (obs.min_val, obs.max_val, obs.seen, self.scale, self.zero_point)
-                b = self._reuse(x, "minmax", state, lambda: bind_minmax(
-                    x, self._minmax_row, spec.qmin, spec.qmax, spec.symmetric, spec.scale_dtype is ScaleDtype.FLOAT16,
-                    rm, state,
-                ))  # fmt: skip
-                obs.mark_observed()
-                self._set_flag("initialized", True)
+                b = self._reuse(x, "minmax", state, bind_minmax, x, row, qmin, qmax, spec.symmetric,
+                                spec.scale_dtype is ScaleDtype.FLOAT16, rm, state)  # fmt: skip
+                if not (torch.compiler.is_compiling() and flags["initialized"] and obs.is_initialized):
+                    # (a compiled graph of an initialized quantizer, the usual case: the layer observes
+                    # its weight when made, tracks_current_weight, writes no flags each step)
+                    obs.mark_observed()
+                    self._set_flag("initialized", True)
                 return b
             if observing:
                 self._observe(x)
@@ -225,8 +239,8 @@ class FakeQuantizer(Float32State, FlagBuffers):
                 raise RuntimeError(
                     "FakeQuantizer: observer disabled before it saw any data; calibrate or enable the observer first"
                 )
-            return self._reuse(x, "ste", (self.scale, self.zero_point), lambda: bind_fake_quantize(
-                x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, rm))  # fmt: skip
+            return self._reuse(x, "ste", (self.scale, self.zero_point), bind_fake_quantize,
+                               x, self.scale, self.zero_point, qmin, qmax, self.layout.axis, self.layout.group_size, rm)  # fmt: skip
         if not flags["initialized"]:
             self._init_learned(x)
             if not flags["initialized"]:
@@ -234,25 +248,25 @@ class FakeQuantizer(Float32State, FlagBuffers):
         elif observing and not self.training:
             self.observer(x)  # calibration statistics; the learned values stay as they are
         if spec.estimator is Estimator.PACT:
-            return self._reuse(x, "pact", (self.alpha,), lambda: bind_pact(x, self.alpha, spec.qmin, spec.qmax, rm))
-        return self._reuse(x, "lsq", (self.scale, self.zero_point), lambda: bind_lsq(
-            x, self.scale, self.zero_point, spec.qmin, spec.qmax, self.axis, self.group_size, self.grad_factor(x), rm))  # fmt: skip
+            return self._reuse(x, "pact", (self.alpha,), bind_pact, x, self.alpha, qmin, qmax, rm)
+        return self._reuse(x, "lsq", (self.scale, self.zero_point), bind_lsq, x, self.scale, self.zero_point,
+                           qmin, qmax, self.layout.axis, self.layout.group_size, self.grad_factor(x), rm)  # fmt: skip
 
-    def _reuse(self, x: torch.Tensor, kind: str, tensors: tuple, make) -> Optional[BoundQuant]:
+    def _reuse(self, x: torch.Tensor, kind: str, tensors: tuple, bind, *args) -> Optional[BoundQuant]:
         """The op bound at the previous call where it was bound for the same kind of op, the same
         shape, dtype and device of ``x`` and the same state tensors (their values are read at each
         launch; their checks run again, :meth:`~qat.kernels.BoundQuant.check_values`), else
-        ``make()``: a training step binds each quantizer's op once and re-uses it, without the
+        ``bind(*args)``: a training step binds each quantizer's op once and re-uses it, without the
         checks of its arguments that cannot have changed (a few microseconds of host time a call).
         Not under torch.compile."""
         if torch.compiler.is_compiling():
-            return make()  # a traced graph binds once anyway; a cache would only add guards on it
+            return bind(*args)  # a traced graph binds once anyway; a cache would only add guards on it
         key = (kind, x.shape, x.dtype, x.device)
         cached = self._bound
         if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1].tensors, tensors)):
             cached[1].check_values(x)
             return cached[1]
-        b = make()
+        b = bind(*args)
         self._bound = None if b is None or b is IDENTITY else (key, b)
         return b
 

@@ -229,6 +229,10 @@ class QuantModuleMixin:
         # quantizer state lives on the weight's device
         mod._build_quantizers(lq, input_shape)
         mod.to(float_mod.weight.device)
+        if mod.weight_quantizer is not None and mod.weight_quantizer.tracks_current_weight:
+            # its range now, from the weight (every forward pass sets it again): a compiled graph then
+            # branches on no first observation (one graph from the first step, no flag writes a step)
+            mod.init_weight_quantizer()
         return mod
 
     def extra_repr(self) -> str:
@@ -261,8 +265,8 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         iq, wq = self.input_quantizer, self.weight_quantizer
         if (
-            _FUSED_LINEAR and self.input_smooth is None and (iq is not None or wq is not None) and _fusable(iq) and _fusable(wq)
-            and not (_global_forward_hooks or _global_forward_pre_hooks) and _eager(x)
+            _FUSED_LINEAR and _eager(x) and self.input_smooth is None and (iq is not None or wq is not None)
+            and _fusable(iq) and _fusable(wq) and not (_global_forward_hooks or _global_forward_pre_hooks)
         ):
             return self._fused(x, iq, wq)
         return F.linear(*self.autocast_inputs(x), self.bias)

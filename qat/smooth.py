@@ -278,7 +278,9 @@ def smooth_inputs(
         raise QATConfigError(f"smooth_inputs: alpha must be in [0, 1], got {alpha}")
     layers = _select(model, match, "smooth_inputs")
     for n, m in layers.items():
-        if any(q.is_initialized for _, q in m.quantizers() if not q.spec.dynamic) and not reset_ranges:
+        # (a weight quantizer that tracks the current weight sets its whole range at every call: its
+        # range from the unsmoothed weight is no calibration, and the next call takes s * W)
+        if any(q.is_initialized for _, q in m.quantizers() if not (q.spec.dynamic or q.tracks_current_weight)) and not reset_ranges:
             raise QATConfigError(f"smooth_inputs: layer {n!r} is already calibrated; smooth it before qat.ptq.calibrate "
                                  "(or pass reset_ranges=True and calibrate again)")
     sums: dict[str, torch.Tensor] = {}
@@ -310,7 +312,9 @@ def smooth_inputs(
             m.input_smooth.data.copy_(s)
             m.input_smooth.requires_grad_(learnable)
         for _, q in m.quantizers():  # ranges observed without s (if any) no longer apply
-            if q.observer is not None and q.is_initialized and reset_ranges:
+            if q.tracks_current_weight and q.is_initialized:
+                q.init_from(m.latent_weight())  # the range of s * W now
+            elif q.observer is not None and q.is_initialized and reset_ranges:
                 q.observer.reset()
                 q._set_flag("initialized", False)
         out[n] = s.detach().clone()

@@ -133,7 +133,9 @@ def test_in_place_backward_equals_out_of_place():
         assert reference.fake_quantize_backward_(got, words) is got and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("name", ["fake_quantize", "fake_quantize_minmax", "fake_quantize_lsq", "fake_quantize_pact"])
+@pytest.mark.parametrize(
+    "name", ["fake_quantize", "fake_quantize_minmax", "fake_quantize_minmax_observe", "fake_quantize_lsq", "fake_quantize_pact"]
+)
 def test_traced_autograd_registration_passes_opcheck(name):
     """The forward ops a compiled graph calls carry their own autograd (what Dynamo traces instead of an
     autograd.Function): opcheck's autograd and AOT-dispatch tests with x (and learned tensors) needing grad."""
@@ -145,3 +147,43 @@ def test_traced_autograd_registration_passes_opcheck(name):
             assert all(v == "SUCCESS" for v in result.values()), result
             return
     raise AssertionError(f"no case for {name}")
+
+
+def test_observe_op_carries_its_own_autograd():
+    """The weight observer's op (mutating its state) has an autograd kernel: a trace calls the op, not
+    an autograd.Function; its gradient is the clipped STE and the state still updates in place."""
+    from qat.kernels import ops
+
+    assert ops._OBSERVE_AUTOGRAD
+    x = torch.tensor([[0.5, -1.0, 2.0, 9.0] * 8], requires_grad=True)
+    state = (torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.bool), torch.ones(1), torch.ones(1))
+    y, mask = Q.fake_quantize_minmax_observe.default(x, *state, 32, -8, 7, True, False, "half_even", None)
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    want = fake_quantize_minmax(x2, 32, -8, 7, symmetric=True)
+    want.sum().backward()
+    assert torch.equal(y.detach(), want.detach()) and state[1].item() == 9.0 and state[2].all()
+    assert torch.equal(x.grad, x2.grad) and x.grad.sum() == 24  # 9.0 -> code 7.5 -> 8 > qmax: clipped
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(scale=torch.full((3,), 0.1)), "scale must have shape"),
+    (dict(qmin=8), "need qmin < qmax"),
+    (dict(round_mode="up"), "round_mode must be one of"),
+])
+def test_traced_call_checks_arguments_as_eager_does(bad, match):
+    """A trace binds an op without checking its arguments in traced Python; the op's fake
+    implementation checks them, with the eager call's message."""
+    from qat.kernels import fake_quantize
+
+    kw = dict(scale=torch.full((4,), 0.1), zero_point=torch.zeros(4), qmin=-8, qmax=7, axis=0, round_mode="half_even")
+    kw.update(bad)
+    if "scale" in bad:
+        kw["zero_point"] = torch.zeros_like(kw["scale"])
+    x = torch.randn(4, 8)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fake_quantize(x, **kw)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=match):
+        torch.compile(lambda t: fake_quantize(t, **kw), backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()

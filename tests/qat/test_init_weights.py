@@ -36,7 +36,9 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_init_equals_first_forward(name):
     plan = _plan(SPECS[name])
     lazy, eager = prepare(_net(), plan), prepare(_net(), plan)
-    assert not any(q.is_initialized for _, q in quantizers(eager))
+    # a quantizer whose every call sets its whole state from the weight (STE, min / max) starts
+    # initialized (the layer observes its weight when made); the others wait for init or a batch
+    assert all(q.is_initialized == q.tracks_current_weight for _, q in quantizers(eager))
     assert init_weight_quantizers(eager) == 2
     assert all(q.is_initialized for _, q in quantizers(eager))
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
@@ -88,3 +90,30 @@ def test_dynamic_and_data_formats_keep_nothing():
     assert init_weight_quantizers(model) == 0
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ste_weight_quantizer_starts_from_the_weight_and_a_compiled_step_writes_no_flags():
+    """An STE weight quantizer with a min / max observer is initialized when its layer is made, so a
+    compiled step neither branches on a first observation nor writes the flags each step."""
+    model = prepare(_net(), _plan(SPECS["ste_group"]))
+    q = model[0].weight_quantizer
+    assert q.tracks_current_weight and q.is_initialized and q.observer.is_initialized
+    fresh = prepare(_net(), _plan(SPECS["ste_group"]))
+    fresh[0].weight_quantizer.observer.reset()
+    fresh[0].weight_quantizer.init_from(fresh[0].weight)
+    assert all(torch.equal(a, b) for a, b in zip(_state(model).values(), _state(fresh).values()))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        x = torch.randn(5, 32)
+        torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
+    finally:
+        torch._dynamo.reset()
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+    assert sum("fake_quantize_minmax_observe" in t for t in targets) == 2
+    assert not any("fill_" in t for t in targets), targets

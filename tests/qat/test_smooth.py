@@ -175,7 +175,11 @@ def test_init_smoothing_is_identity_and_smooth_inputs_updates_it_in_place():
         smooth_inputs(model, [(x, None)], match="0", learnable=True)
     s = smooth_inputs(model, [(x, None)], match="0", learnable=True, reset_ranges=True)
     assert model[0].input_smooth is p and torch.equal(p.detach(), s["0"])  # the optimizer's tensor, filled
-    assert not model[0].weight_quantizer.is_initialized  # the range seen without s is dropped
+    assert not model[0].input_quantizer.is_initialized  # the range seen without s is dropped
+    wq = model[0].weight_quantizer  # tracks the current weight: its range is that of s * W now
+    wq_state = wq.scale.clone()
+    wq.init_from(model[0].latent_weight())
+    assert wq.is_initialized and torch.equal(wq.scale, wq_state)
     calibrate(model, [(x, None)])
     model(x).square().mean().backward()
     before = p.detach().clone()
