@@ -264,11 +264,11 @@ _FQ = _op(
     lambda x, *a: _backend(x).fake_quantize_forward(x, *a),
     _fq_fake,
 )
-def _fq_backward_inplace(grad: Tensor, mask: Tensor) -> None:
-    _backend(grad).fake_quantize_backward_(grad, mask)
-
-
-_FQ_BWD_ = _op("fake_quantize_backward_(Tensor(a!) grad, Tensor mask) -> ()", _fq_backward_inplace, lambda grad, mask: None)
+_FQ_BWD = _op(
+    "fake_quantize_backward(Tensor grad, Tensor mask, ScalarType? dtype) -> Tensor",
+    lambda grad, *a: _backend(grad).fake_quantize_backward(grad, *a),
+    lambda grad, mask, dtype: _like(grad, dtype),
+)
 _LSQ = _op(  # grad_factor: for the backward only (the traced autograd below reads it from the inputs)
     "fake_quantize_lsq(Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, SymInt? axis, "
     "SymInt? group_size, float grad_factor, str round_mode, ScalarType? out_dtype) -> Tensor",
@@ -328,7 +328,9 @@ _FF_BWD = _op(
 
 
 def _traced(x: Tensor) -> bool:
-    return torch.compiler.is_compiling() or x.is_meta
+    # torch.compile / torch.export (whose AOT stage runs the backward formulas under dispatch modes,
+    # where torch.compiler.is_compiling() need not be set), or meta tensors
+    return torch.compiler.is_compiling() or x.is_meta or torch._C._len_torch_dispatch_stack() > 0
 
 
 def _fq_forward(x, *args):
@@ -336,13 +338,10 @@ def _fq_forward(x, *args):
 
 
 def _fq_backward(grad, mask, dtype):
-    if _traced(grad):
-        # in a traced graph, in place (the graph is functional: where grad is read elsewhere, or is the
-        # backward's input, the compiler copies it first), then a cast the compiler fuses into the
-        # consumer of dx (a float32 layer norm's backward under autocast): no pass over the gradient
-        _FQ_BWD_(grad, mask)
-        return grad if dtype is None or dtype == grad.dtype else grad.to(dtype)
-    return _backend(grad).fake_quantize_backward(grad, mask, dtype)
+    # out of place: the gradient an autograd formula is given may be a view of one element (the
+    # backward of a sum), or the same tensor another formula reads (an add's), so it is not ours to
+    # write (QuantLinear's eager node writes the products it makes itself: BoundQuant.backward, owned)
+    return _FQ_BWD(grad, mask, dtype) if _traced(grad) else _backend(grad).fake_quantize_backward(grad, mask, dtype)
 
 
 class _FakeQuantizeFn(torch.autograd.Function):
@@ -1065,7 +1064,7 @@ def _check_minmax(x: Tensor, row: int, qmin: int, qmax: int, round_mode: str, st
 # ----------------------------------------------------------------------------- microscaling / FP8
 # Float element formats with block or per-tensor / per-channel scales (qat/microscaling.py is the
 # definition; docs/math.md, section 13). The STE forward saves the packed clip mask of fake_quantize,
-# so its backward is qat::fake_quantize_backward_.
+# so its backward is qat::fake_quantize_backward.
 
 _FLOAT_ELEMENTS = tuple(ELEMENTS)  # the formats' owner is qat.microscaling
 

@@ -21,7 +21,7 @@ def _cases():
     return [
         (Q.fake_quantize.default, (x, s, z, -8, 7, None, 32, "half_even", torch.bfloat16)),
         (Q.fake_quantize.default, (x, torch.full((4,), 0.1), torch.zeros(4), 0, 15, 0, None, "half_away", None)),
-        (Q.fake_quantize_backward_.default, (torch.randn(4, 64, dtype=torch.bfloat16), mask)),
+        (Q.fake_quantize_backward.default, (torch.randn(4, 64, dtype=torch.bfloat16), mask, torch.float32)),
         (Q.fake_quantize_lsq.default, (x, s, z, -8, 7, None, 32, 0.1, "half_even", None)),
         (Q.fake_quantize_lsq_backward.default, (torch.randn(4, 64), x, s, z, -8, 7, None, 32, 0.1, "half_even")),
         (Q.fake_quantize_pact.default, (x, torch.tensor([1.5]), 0, 15, "half_even", None)),
@@ -90,35 +90,42 @@ def test_compiled_step_matches_eager(plan):
 
 
 @pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
-def test_compiled_ste_backward_in_place_equals_eager(out_dtype):
-    """In a traced graph the clipped-STE backward zeroes the clipped elements of the gradient in place
-    (then casts to x's dtype, for the compiler to fuse): the same gradient as eager, bit for bit, and a
-    gradient the caller passes in is left as it was (the compiler copies a graph input first)."""
+def test_compiled_ste_backward_equals_eager(out_dtype):
+    """The clipped-STE backward in a traced graph gives eager's gradient, bit for bit, whatever the
+    gradient it is given: an intermediate, the backward's input (left as it was), the backward of a
+    sum (a view of one element: a formula that wrote into it zeroed every gradient), or a gradient
+    another formula reads too (an add's, whose other input must get it unchanged)."""
     from qat.kernels import fake_quantize
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(6, 64, generator=g) * 3).requires_grad_()
+    other = torch.randn(6, 64, generator=g).requires_grad_()
     s, z = torch.full((6,), 0.2), torch.zeros(6)
     w = torch.randn(6, 64, generator=g).to(out_dtype or torch.float32)
     seed = torch.randn(6, 64, generator=g).to(out_dtype or torch.float32)
 
-    def inner(x):  # the gradient reaching the op is an intermediate (seed * w)
-        return fake_quantize(x, s, z, -8, 7, axis=0, out_dtype=out_dtype) * w
-
-    def outer(x):  # the gradient reaching the op is the backward's input
+    def fq(x):
         return fake_quantize(x, s, z, -8, 7, axis=0, out_dtype=out_dtype)
 
-    for fn in (inner, outer):
-        fn(x).backward(seed)
-        want = x.grad.clone()
-        x.grad = None
+    cases = {
+        "inner": lambda x, o: fq(x) * w,  # the gradient reaching the op is an intermediate (seed * w)
+        "outer": lambda x, o: fq(x),  # the backward's input
+        "sum": lambda x, o: fq(x).sum(),  # an expanded view of one element
+        "shared": lambda x, o: (fq(x) + o).square().sum(),  # the same gradient for both of the add's inputs
+    }
+    for name, fn in cases.items():
+        seed_arg = seed if name in ("inner", "outer") else None
+        fn(x, other).backward(seed_arg)
+        want, want_o = x.grad.clone(), None if other.grad is None else other.grad.clone()
+        x.grad = other.grad = None
         torch._dynamo.reset()
-        given = seed.clone()
-        torch.compile(fn, fullgraph=True)(x).backward(given)
-        assert torch.equal(x.grad, want), fn.__name__
-        assert torch.equal(given, seed)
-        assert bool((want == 0).any()) and want.dtype == torch.float32
-        x.grad = None
+        given = None if seed_arg is None else seed.clone()
+        torch.compile(fn, fullgraph=True)(x, other).backward(given)
+        assert torch.equal(x.grad, want), name
+        assert (other.grad is None) == (want_o is None) and (want_o is None or torch.equal(other.grad, want_o)), name
+        assert given is None or torch.equal(given, seed)
+        assert bool((want == 0).any()) and bool((want != 0).any()) and want.dtype == torch.float32
+        x.grad = other.grad = None
 
 
 def test_in_place_backward_equals_out_of_place():
