@@ -315,6 +315,12 @@ def _wave(kern, device: int, waves: float, shared_mem: int = 0) -> int:
     return max(1, int(_num_sms(device) * _blocks_per_sm(kern, shared_mem) * waves))
 
 
+def _elementwise_grid(kern, work: int, per_block: int, device: int, tn: KernelTuning) -> int:
+    """The grid of an elementwise kernel (a grid-stride loop) over ``work`` items, ``per_block`` a block
+    a step: one block per ``per_block`` items, at most ``tn.elementwise_waves`` waves."""
+    return max(1, min(-(-work // per_block), _wave(kern, device, tn.elementwise_waves), 2**31 - 1))
+
+
 _streams: dict[tuple[int, int], object] = {}
 _direct_launch = True  # Function(grid, block, args, shared_mem, stream): no context managers
 
@@ -724,8 +730,7 @@ def _forward_plan(x, y, s, z, qmin, qmax, axis, group_size, round_mode, variant,
         grid = -(-nsteps // (tn.fwd_tile_threads // 32 * t))
         return _Plan(kern, (grid,), tn.fwd_tile_threads, 0, consts, tn, [])
     kern = _get("fake_quant.cu", f"fq_forward_{variant}_{keymode}", code, vec, device, tn, ocode)
-    grid = max(1, min(-(-nsteps // (_THREADS // 32)), _wave(kern, device, tn.elementwise_waves)))
-    return _Plan(kern, (min(grid, 2**31 - 1),), _THREADS, 0, consts, tn, [])
+    return _Plan(kern, (_elementwise_grid(kern, nsteps, _THREADS // 32, device, tn),), _THREADS, 0, consts, tn, [])
 
 
 def _forward(x, scale, zero_point, alpha, qmin, qmax, axis, group_size, round_mode, variant, with_mask,
@@ -802,8 +807,7 @@ def fake_quantize_backward(
         vec = 16 // _ESIZE[code] if _aligned(g, dx) else 1
         kern = _get("fake_quant.cu", "fq_backward", code, vec, device, tn, _DTYPE_CODE[grad.dtype])
         nvec = -(-n // vec)
-        grid = max(1, min(-(-nvec // _THREADS), _wave(kern, device, tn.elementwise_waves)))
-        return _Plan(kern, (grid,), _THREADS, 0, (np.int64(n),), tn, [])
+        return _Plan(kern, (_elementwise_grid(kern, nvec, _THREADS, device, tn),), _THREADS, 0, (np.int64(n),), tn, [])
 
     plan = _plan(("bwd", n, grad.dtype, dtype, device, g.data_ptr() % 16 == 0, id(tn)), tn, make)
     _run(plan, (g.data_ptr(), m.data_ptr(), dx.data_ptr()), device)
@@ -825,7 +829,7 @@ def fake_quantize_backward_(grad: torch.Tensor, mask: torch.Tensor, tuning: Opti
 
     def make() -> _Plan:
         kern = _get("fake_quant.cu", "fq_backward_inplace", _DTYPE_CODE[grad.dtype], 1, device, tn)
-        grid = max(1, min(-(-reference.mask_words(n) // _THREADS), _wave(kern, device, tn.elementwise_waves)))
+        grid = _elementwise_grid(kern, reference.mask_words(n), _THREADS, device, tn)
         return _Plan(kern, (grid,), _THREADS, 0, (np.int64(n),), tn, [])
 
     plan = _plan(("bwd_", n, grad.dtype, device, id(tn)), tn, make)
@@ -1084,8 +1088,7 @@ def _mx_args(x, element, block_size, block_scale, scale, axis):
 
 
 def _mx_grid(kern, n: int, device: int, tn: KernelTuning) -> int:
-    nwarps = -(-n // 32)
-    return max(1, min(-(-nwarps // (_THREADS // 32)), _wave(kern, device, tn.elementwise_waves)))
+    return _elementwise_grid(kern, -(-n // 32), _THREADS // 32, device, tn)
 
 
 def microscaling_forward(x, element, block_size, block_scale, scale=None, axis=None, tuning=None):
