@@ -341,7 +341,12 @@ def _fq_backward(grad, mask, dtype):
     # out of place: the gradient an autograd formula is given may be a view of one element (the
     # backward of a sum), or the same tensor another formula reads (an add's), so it is not ours to
     # write (QuantLinear's eager node writes the products it makes itself: BoundQuant.backward, owned)
-    return _FQ_BWD(grad, mask, dtype) if _traced(grad) else _backend(grad).fake_quantize_backward(grad, mask, dtype)
+    if _traced(grad):
+        # in the gradient's dtype, then a cast the compiler fuses into the consumer of dx (a float32
+        # layer norm's backward under autocast): no float32 copy of a 16-bit gradient in memory
+        dx = _FQ_BWD(grad, mask, None)
+        return dx if dtype is None or dtype == dx.dtype else dx.to(dtype)
+    return _backend(grad).fake_quantize_backward(grad, mask, dtype)
 
 
 class _FakeQuantizeFn(torch.autograd.Function):
