@@ -210,14 +210,47 @@ def backend_name(device: torch.device | str) -> str:
 _LIB = torch.library.Library("qat", "FRAGMENT")
 
 
-def _op(schema: str, kernel, fake):
+def _op(schema: str, kernel, fake, runtime_twin: bool = False):
     """Define ``qat::<schema>`` with ``kernel`` on every device and ``fake`` as its shape function;
-    returns the op's overload (what a traced graph calls)."""
+    returns the op's overload (what a traced graph calls). ``runtime_twin``: also ``qat::<name>_impl``,
+    the same op without the autograd that _register_traced_autograd gives this one: what a graph
+    that Inductor compiles calls at run time (_inductor_calls_twins)."""
     name = schema.split("(", 1)[0]
-    _LIB.define(schema)
-    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"qat::{name}", fake, lib=_LIB)
-    return getattr(torch.ops.qat, name).default
+    for n, sch in ((name, schema), (f"{name}_impl", f"{name}_impl(" + schema.split("(", 1)[1])):
+        _LIB.define(sch)
+        _LIB.impl(n, kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"qat::{n}", fake, lib=_LIB)
+        if not runtime_twin:
+            break
+    op = getattr(torch.ops.qat, name).default
+    if runtime_twin:
+        _TWINS[op] = getattr(torch.ops.qat, f"{name}_impl").default
+    return op
+
+
+# An op with a Python autograd kernel (register_autograd, below) pays for it at every call, also in a
+# compiled graph, whose autograd is compiled already: the boxed redispatch, ~16 us a call on a CPU,
+# milliseconds a step, on a host that a default torch.compile step is bound by. Inductor therefore
+# decomposes each such op into its twin without autograd (Inductor's decomposition table, which its
+# AOT stage applies below autograd: the registered formula still makes the backward). Registered from
+# the ops' fake implementations, the first time a trace runs one (Inductor is imported then anyway).
+_TWINS: dict = {}
+_TWINS_REGISTERED = [False]
+
+
+def _inductor_calls_twins() -> None:
+    if _TWINS_REGISTERED[0]:
+        return
+    _TWINS_REGISTERED[0] = True
+    try:
+        from torch._inductor import decomposition
+    except ImportError:  # no Inductor: the ops themselves run
+        return
+    for op, twin in _TWINS.items():
+        decomposition.decompositions[op] = twin
+    cached = getattr(decomposition, "fast_random_decomps", None)  # a cached copy of the table (torch 2.x)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
 
 
 def _mask_like(x: Tensor) -> Tensor:
@@ -234,12 +267,14 @@ def _like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 
 
 def _fq_fake(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype):
+    _inductor_calls_twins()
     _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, values=False)
     _check_out_dtype("fake_quantize", out_dtype)
     return _like(x, out_dtype), _mask_like(x)
 
 
 def _lsq_fake(x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, round_mode, out_dtype):
+    _inductor_calls_twins()
     _check_grad_factor(grad_factor)
     _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, op="fake_quantize_lsq", lsq=True, values=False)
     _check_out_dtype("fake_quantize_lsq", out_dtype)
@@ -247,12 +282,14 @@ def _lsq_fake(x, scale, zero_point, qmin, qmax, axis, group_size, grad_factor, r
 
 
 def _pact_fake(x, alpha, qmin, qmax, round_mode, out_dtype):
+    _inductor_calls_twins()
     _check_pact(x, alpha, qmin, qmax, round_mode, values=False)
     _check_out_dtype("fake_quantize_pact", out_dtype)
     return _like(x, out_dtype)
 
 
 def _minmax_fake(x, row, qmin, qmax, round_mode, state, out_dtype):
+    _inductor_calls_twins()
     _check_minmax(x, row, qmin, qmax, round_mode, state)
     _check_out_dtype("fake_quantize_minmax", out_dtype)
     return _like(x, out_dtype), _mask_like(x)
@@ -263,6 +300,7 @@ _FQ = _op(
     "SymInt? group_size, str round_mode, ScalarType? out_dtype) -> (Tensor, Tensor)",
     lambda x, *a: _backend(x).fake_quantize_forward(x, *a),
     _fq_fake,
+    runtime_twin=True,
 )
 _FQ_BWD = _op(
     "fake_quantize_backward(Tensor grad, Tensor mask, ScalarType? dtype) -> Tensor",
@@ -275,6 +313,7 @@ _LSQ = _op(  # grad_factor: for the backward only (the traced autograd below rea
     lambda x, s, z, qmin, qmax, axis, gs, gf, rm, out_dtype: _backend(x).fake_quantize_lsq_forward(
         x, s, z, qmin, qmax, axis, gs, rm, out_dtype),
     _lsq_fake,
+    runtime_twin=True,
 )
 _LSQ_BWD = _op(
     "fake_quantize_lsq_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, "
@@ -286,6 +325,7 @@ _PACT = _op(
     "fake_quantize_pact(Tensor x, Tensor alpha, SymInt qmin, SymInt qmax, str round_mode, ScalarType? out_dtype) -> Tensor",
     lambda x, *a: _backend(x).fake_quantize_pact_forward(x, *a),
     _pact_fake,
+    runtime_twin=True,
 )
 _PACT_BWD = _op(
     "fake_quantize_pact_backward(Tensor grad, Tensor x, Tensor alpha) -> (Tensor, Tensor)",
@@ -298,6 +338,7 @@ _MM = _op(
     lambda x, row, qmin, qmax, sym, f16, rm, out_dtype: _backend(x).fake_quantize_minmax_forward(
         x, row, qmin, qmax, sym, f16, rm, None, out_dtype),
     lambda x, row, qmin, qmax, sym, f16, rm, out_dtype: _minmax_fake(x, row, qmin, qmax, rm, None, out_dtype),
+    runtime_twin=True,
 )
 _MMO = _op(
     "fake_quantize_minmax_observe(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) seen, "
@@ -307,6 +348,7 @@ _MMO = _op(
         x, row, qmin, qmax, sym, f16, rm, (mn, mx, seen, s, z), out_dtype),
     lambda x, mn, mx, seen, s, z, row, qmin, qmax, sym, f16, rm, out_dtype: _minmax_fake(
         x, row, qmin, qmax, rm, (mn, mx, seen, s, z), out_dtype),
+    runtime_twin=True,
 )
 _FF = _op(
     "fake_quantize_float(Tensor x, Tensor? scale, str element, SymInt block_size, str block_scale, SymInt? axis) "

@@ -194,3 +194,33 @@ def test_traced_call_checks_arguments_as_eager_does(bad, match):
     with pytest.raises(Exception, match=match):
         torch.compile(lambda t: fake_quantize(t, **kw), backend="eager", fullgraph=True)(x)
     torch._dynamo.reset()
+
+
+def test_inductor_graph_calls_the_ops_without_their_python_autograd():
+    """A graph Inductor compiles calls each forward op's twin without the Python autograd kernel (the
+    registered formula still gives the backward): a compiled step pays no boxed redispatch per op."""
+    from torch._inductor.utils import run_and_get_code
+
+    from qat.kernels import fake_quantize_lsq, fake_quantize_minmax
+
+    x = torch.randn(4, 64, requires_grad=True)
+    s = torch.full((4, 2), 0.1, requires_grad=True)
+    z = torch.zeros(4, 2)
+
+    def fn(t):
+        y = fake_quantize_lsq(t, s, z, -8, 7, group_size=32, grad_factor=0.1)
+        return fake_quantize_minmax(y, 64, 0, 255).square().sum()
+
+    fn(x).backward()
+    want = x.grad.clone(), s.grad.clone()
+    x.grad = s.grad = None
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True):
+            _, codes = run_and_get_code(lambda: torch.compile(fn)(x).backward())
+    finally:
+        torch._dynamo.reset()
+    code = "\n".join(codes)
+    assert "qat.fake_quantize_lsq_impl.default(" in code and "qat.fake_quantize_minmax_impl.default(" in code
+    assert "qat.fake_quantize_lsq.default(" not in code and "qat.fake_quantize_minmax.default(" not in code
+    assert torch.equal(x.grad, want[0]) and torch.equal(s.grad, want[1])
