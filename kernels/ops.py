@@ -266,7 +266,7 @@ def _like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 # implementation runs natively), so a traced call fails with the eager call's message.
 
 
-def _fq_fake(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype):
+def _fq_fake(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, out_dtype, owned_grad=False):
     _inductor_calls_twins()
     _check(x, scale, zero_point, qmin, qmax, axis, group_size, round_mode, values=False)
     _check_out_dtype("fake_quantize", out_dtype)
@@ -297,8 +297,9 @@ def _minmax_fake(x, row, qmin, qmax, round_mode, state, out_dtype):
 
 _FQ = _op(
     "fake_quantize(Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, SymInt? axis, "
-    "SymInt? group_size, str round_mode, ScalarType? out_dtype) -> (Tensor, Tensor)",
-    lambda x, *a: _backend(x).fake_quantize_forward(x, *a),
+    "SymInt? group_size, str round_mode, ScalarType? out_dtype, bool owned_grad=False) -> (Tensor, Tensor)",
+    lambda x, s, z, qmin, qmax, axis, gs, rm, out_dtype, owned=False: _backend(x).fake_quantize_forward(
+        x, s, z, qmin, qmax, axis, gs, rm, out_dtype),
     _fq_fake,
     runtime_twin=True,
 )
@@ -306,6 +307,13 @@ _FQ_BWD = _op(
     "fake_quantize_backward(Tensor grad, Tensor mask, ScalarType? dtype) -> Tensor",
     lambda grad, *a: _backend(grad).fake_quantize_backward(grad, *a),
     lambda grad, mask, dtype: _like(grad, dtype),
+)
+def _fq_backward_inplace(grad: Tensor, mask: Tensor) -> None:
+    _backend(grad).fake_quantize_backward_(grad, mask)
+
+
+_FQ_BWD_ = _op(  # in place, for a gradient the formula owns (owned_grad)
+    "fake_quantize_backward_(Tensor(a!) grad, Tensor mask) -> ()", _fq_backward_inplace, lambda grad, mask: None
 )
 _LSQ = _op(  # grad_factor: for the backward only (the traced autograd below reads it from the inputs)
     "fake_quantize_lsq(Tensor x, Tensor scale, Tensor zero_point, SymInt qmin, SymInt qmax, SymInt? axis, "
@@ -334,19 +342,19 @@ _PACT_BWD = _op(
 )
 _MM = _op(
     "fake_quantize_minmax(Tensor x, SymInt row, SymInt qmin, SymInt qmax, bool symmetric, bool scale_f16, "
-    "str round_mode, ScalarType? out_dtype) -> (Tensor, Tensor)",
-    lambda x, row, qmin, qmax, sym, f16, rm, out_dtype: _backend(x).fake_quantize_minmax_forward(
+    "str round_mode, ScalarType? out_dtype, bool owned_grad=False) -> (Tensor, Tensor)",
+    lambda x, row, qmin, qmax, sym, f16, rm, out_dtype, owned=False: _backend(x).fake_quantize_minmax_forward(
         x, row, qmin, qmax, sym, f16, rm, None, out_dtype),
-    lambda x, row, qmin, qmax, sym, f16, rm, out_dtype: _minmax_fake(x, row, qmin, qmax, rm, None, out_dtype),
+    lambda x, row, qmin, qmax, sym, f16, rm, out_dtype, owned=False: _minmax_fake(x, row, qmin, qmax, rm, None, out_dtype),
     runtime_twin=True,
 )
 _MMO = _op(
     "fake_quantize_minmax_observe(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) seen, "
     "Tensor(d!) scale, Tensor(e!) zero_point, SymInt row, SymInt qmin, SymInt qmax, bool symmetric, "
-    "bool scale_f16, str round_mode, ScalarType? out_dtype) -> (Tensor, Tensor)",
-    lambda x, mn, mx, seen, s, z, row, qmin, qmax, sym, f16, rm, out_dtype: _backend(x).fake_quantize_minmax_forward(
-        x, row, qmin, qmax, sym, f16, rm, (mn, mx, seen, s, z), out_dtype),
-    lambda x, mn, mx, seen, s, z, row, qmin, qmax, sym, f16, rm, out_dtype: _minmax_fake(
+    "bool scale_f16, str round_mode, ScalarType? out_dtype, bool owned_grad=False) -> (Tensor, Tensor)",
+    lambda x, mn, mx, seen, s, z, row, qmin, qmax, sym, f16, rm, out_dtype, owned=False: _backend(
+        x).fake_quantize_minmax_forward(x, row, qmin, qmax, sym, f16, rm, (mn, mx, seen, s, z), out_dtype),
+    lambda x, mn, mx, seen, s, z, row, qmin, qmax, sym, f16, rm, out_dtype, owned=False: _minmax_fake(
         x, row, qmin, qmax, rm, (mn, mx, seen, s, z), out_dtype),
     runtime_twin=True,
 )
@@ -379,14 +387,19 @@ def _fq_forward(x, *args):
     return _FQ(x, *args) if _traced(x) else _backend(x).fake_quantize_forward(x, *args)
 
 
-def _fq_backward(grad, mask, dtype):
-    # out of place: the gradient an autograd formula is given may be a view of one element (the
-    # backward of a sum), or the same tensor another formula reads (an add's), so it is not ours to
-    # write (QuantLinear's eager node writes the products it makes itself: BoundQuant.backward, owned)
+def _fq_backward(grad, mask, dtype, owned=False):
+    # The gradient an autograd formula is given may be a view of one element (the backward of a sum),
+    # or the same tensor another formula reads (an add's): not the formula's to write, unless the
+    # caller said the result feeds only a matmul or convolution (owned_grad: its gradient is a fresh
+    # tensor, e.g. traced QuantLinear; eager QuantLinear writes the products it makes itself).
     if _traced(grad):
+        if owned and grad.is_contiguous():  # (a view of one element is not contiguous)
+            _FQ_BWD_(grad, mask)  # zeroes the clipped elements: no pass over the gradient
+            dx = grad
+        else:
+            dx = _FQ_BWD(grad, mask, None)
         # in the gradient's dtype, then a cast the compiler fuses into the consumer of dx (a float32
         # layer norm's backward under autocast): no float32 copy of a 16-bit gradient in memory
-        dx = _FQ_BWD(grad, mask, None)
         return dx if dtype is None or dtype == dx.dtype else dx.to(dtype)
     return _backend(grad).fake_quantize_backward(grad, mask, dtype)
 
@@ -404,7 +417,7 @@ class _FakeQuantizeFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (mask,) = ctx.saved_tensors
-        return _fq_backward(grad_y, mask, ctx.x_dtype), *(None,) * 8
+        return _fq_backward(grad_y, mask, ctx.x_dtype, getattr(ctx, "owned", False)), *(None,) * 8
 
 
 class _LSQFn(torch.autograd.Function):
@@ -460,7 +473,7 @@ class _MinMaxFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (mask,) = ctx.saved_tensors
-        return _fq_backward(grad_y, mask, ctx.x_dtype), *(None,) * (7 + ctx.n_state)
+        return _fq_backward(grad_y, mask, ctx.x_dtype, getattr(ctx, "owned", False)), *(None,) * (7 + ctx.n_state)
 
 
 class _MaskedSTE(torch.autograd.Function):
@@ -505,6 +518,7 @@ def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_d
 def _save_mask(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.x_dtype = inputs[0].dtype
+    ctx.owned = inputs[-1]  # owned_grad
     ctx.n_state = 0  # _MinMaxFn.backward's count of state tensors (fake_quantize_minmax has none)
 
 
@@ -527,10 +541,10 @@ def _register_traced_autograd() -> bool:
     """Register the traced ops' autograd; returns whether the observer's op has its own (else a trace
     runs it through _MinMaxFn)."""
     def fq(ctx, grad_y, grad_mask):
-        return _FakeQuantizeFn.backward(ctx, grad_y)
+        return *_FakeQuantizeFn.backward(ctx, grad_y), None  # owned_grad: none
 
     def minmax(ctx, grad_y, grad_mask):
-        return _MinMaxFn.backward(ctx, grad_y)
+        return *_MinMaxFn.backward(ctx, grad_y), None
 
     torch.library.register_autograd("qat::fake_quantize", fq, setup_context=_save_mask, lib=_LIB)
     torch.library.register_autograd("qat::fake_quantize_minmax", minmax, setup_context=_save_mask, lib=_LIB)
@@ -602,8 +616,11 @@ class BoundQuant:
         docstring says when): what a caller re-using a bound op runs at each use, since learned
         parameters move."""
 
-    def apply(self, x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-        """The fake-quantized ``x`` (in ``out_dtype``), differentiable as the public function's."""
+    def apply(self, x: Tensor, out_dtype: Optional[torch.dtype] = None, owned_grad: bool = False) -> Tensor:
+        """The fake-quantized ``x`` (in ``out_dtype``), differentiable as the public function's.
+        ``owned_grad``: the caller feeds the result only to a matmul or convolution, whose gradient is
+        a fresh tensor that nothing else reads, so in a traced graph the clipped STE may zero its
+        clipped elements in place (no pass over the gradient); ignored in eager mode."""
         raise NotImplementedError
 
     def forward(self, x: Tensor, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, tuple]:
@@ -624,12 +641,12 @@ class _BoundFQ(BoundQuant):  # (scale, zero_point); (qmin, qmax, axis, group_siz
         if _checks_values(x):
             _check_values("fake_quantize", *self.tensors, *self.args[:2], lsq=False)
 
-    def apply(self, x, out_dtype=None):
+    def apply(self, x, out_dtype=None, owned_grad=False):
         out_dtype = None if out_dtype == x.dtype else out_dtype
         if _traced(x):
             if _COMPILE_ROUTE == "inductor":
                 return _fake_quantize_inductor(x, *self.tensors, *self.args, out_dtype)
-            return _FQ(x, *self.tensors, *self.args, out_dtype)[0]
+            return _FQ(x, *self.tensors, *self.args, out_dtype, owned_grad)[0]
         return _FakeQuantizeFn.apply(x, *self.tensors, *self.args, out_dtype)
 
     def forward(self, x, out_dtype=None):
@@ -648,15 +665,15 @@ class _BoundMinMax(_BoundFQ):  # observer state (5) or (); (row, qmin, qmax, sym
     def check_values(self, x):
         pass  # the range comes from x
 
-    def apply(self, x, out_dtype=None):
+    def apply(self, x, out_dtype=None, owned_grad=False):
         out_dtype = None if out_dtype == x.dtype else out_dtype
         if _traced(x):
             if _COMPILE_ROUTE == "inductor":
                 return _minmax_inductor(x, *self.args, out_dtype, self.tensors or None)
             if not self.tensors:
-                return _MM(x, *self.args, out_dtype)[0]
+                return _MM(x, *self.args, out_dtype, owned_grad)[0]
             if _OBSERVE_AUTOGRAD:
-                return _MMO(x, *self.tensors, *self.args, out_dtype)[0]
+                return _MMO(x, *self.tensors, *self.args, out_dtype, owned_grad)[0]
         return _MinMaxFn.apply(x, *self.args, out_dtype, *self.tensors)
 
     def forward(self, x, out_dtype=None):
@@ -685,7 +702,7 @@ class _BoundLSQ(_BoundLearned):  # (scale, zero_point); (qmin, qmax, axis, group
     def _check(self):
         _check_values("fake_quantize_lsq", *self.tensors, *self.args[:2], lsq=True)
 
-    def apply(self, x, out_dtype=None):
+    def apply(self, x, out_dtype=None, owned_grad=False):
         # the opaque op on both compile routes: LSQ's math as PyTorch ops gave Inductor wrong gradients
         # on CUDA (right on the CPU); benchmarks/compile_grad_check.py shows it
         out_dtype = None if out_dtype == x.dtype else out_dtype
@@ -710,7 +727,7 @@ class _BoundPACT(_BoundLearned):  # (alpha,); (qmin, qmax, round_mode)
     def _check(self):
         _check_alpha(self.tensors[0], *self.args[:2])
 
-    def apply(self, x, out_dtype=None):
+    def apply(self, x, out_dtype=None, owned_grad=False):
         # the opaque op on both compile routes, as LSQ
         out_dtype = None if out_dtype == x.dtype else out_dtype
         if _traced(x):
@@ -728,7 +745,7 @@ class _BoundPACT(_BoundLearned):  # (alpha,); (qmin, qmax, round_mode)
 class _BoundIdentity(BoundQuant):
     __slots__ = ()
 
-    def apply(self, x, out_dtype=None):
+    def apply(self, x, out_dtype=None, owned_grad=False):
         return _cast(x, out_dtype)
 
     def forward(self, x, out_dtype=None):

@@ -114,7 +114,14 @@ class _QuantLinearFn(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, *dlx, *dlw
 
 
-def _run(q: FakeQuantizer, t: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _run(q: FakeQuantizer, t: torch.Tensor, out_dtype: Optional[torch.dtype], owned: bool = False) -> torch.Tensor:
+    # owned: the result feeds only this layer's matmul / convolution, whose gradient is a fresh
+    # tensor: in a traced graph the quantizer's bound op may write its gradient in place
+    # (BoundQuant.apply's owned_grad); a quantizer with hooks runs as a module, as in eager mode
+    if owned and not _eager(t) and _fusable(q) and not (_global_forward_hooks or _global_forward_pre_hooks):
+        b = q.bind(t)
+        if b is not None:
+            return b.apply(t, out_dtype, owned_grad=True)
     # a quantizer with forward hooks (telemetry) keeps t's dtype, so they see the quantization alone
     # and not autocast's rounding as well
     return q(t) if out_dtype is None or q._forward_hooks else q(t, out_dtype)
@@ -168,27 +175,29 @@ class QuantModuleMixin:
             wq.init_from(self.latent_weight())
         return wq.is_initialized
 
-    def quantized_weight(self, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def quantized_weight(self, out_dtype: Optional[torch.dtype] = None, *, _owned: bool = False) -> torch.Tensor:
         """The weight as the forward pass sees it (fake-quantized when a weight spec is set; its
         input channels multiplied by ``input_smooth`` first when the layer is smoothed), in
         ``out_dtype`` when given (:meth:`FakeQuantizer.forward`)."""
         w = self.latent_weight()
         if self.weight_quantizer is None:
             return w
-        y = _run(self.weight_quantizer, w, out_dtype)
+        y = _run(self.weight_quantizer, w, out_dtype, _owned)
         return y if y.dim() == self.weight.dim() else y.view_as(self.weight)  # (O, I*k) -> (O, I, *k)
 
-    def quantize_input(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def quantize_input(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None, *, _owned: bool = False) -> torch.Tensor:
         """The input as the layer computes with it: divided by ``input_smooth`` when smoothed, then
         fake-quantized (in ``out_dtype`` when given)."""
         if self.input_smooth is not None:
             x = x / self.input_smooth
-        return x if self.input_quantizer is None else _run(self.input_quantizer, x, out_dtype)
+        return x if self.input_quantizer is None else _run(self.input_quantizer, x, out_dtype, _owned)
 
     def autocast_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input, weight)`` as the matmul / convolution takes them: fake-quantized, and in
-        autocast's dtype where autocast would cast them (written so by the quantizers)."""
-        return self.quantize_input(x, _autocast_dtype(x)), self.quantized_weight(_autocast_dtype(self.weight))
+        autocast's dtype where autocast would cast them (written so by the quantizers). The caller
+        feeds them to its matmul / convolution alone (their gradients are the caller's own)."""
+        return (self.quantize_input(x, _autocast_dtype(x), _owned=True),
+                self.quantized_weight(_autocast_dtype(self.weight), _owned=True))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint of a smoothed layer (qat.smooth_inputs) holds input_smooth: make room for it

@@ -91,10 +91,11 @@ def _markers(layers):
     # nothing of the fake quantization itself is traced
     for k, (_, mod) in enumerate(layers):
 
-        def weight(out_dtype=None, *, k=k, mod=mod):  # the layer's signatures (out_dtype: autocast's, unused)
+        # the layer's signatures (out_dtype: autocast's; _owned: the traced clipped STE's; both unused)
+        def weight(out_dtype=None, *, _owned=False, k=k, mod=mod):
             return _Marker.apply(mod.weight.detach(), "Weight", k)
 
-        def quant_in(x, out_dtype=None, *, k=k, mod=mod):
+        def quant_in(x, out_dtype=None, *, _owned=False, k=k, mod=mod):
             return _Marker.apply(x, "Input", k) if _active(mod.input_quantizer) else x
 
         if _active(mod.weight_quantizer):

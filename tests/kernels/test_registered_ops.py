@@ -22,6 +22,7 @@ def _cases():
         (Q.fake_quantize.default, (x, s, z, -8, 7, None, 32, "half_even", torch.bfloat16)),
         (Q.fake_quantize.default, (x, torch.full((4,), 0.1), torch.zeros(4), 0, 15, 0, None, "half_away", None)),
         (Q.fake_quantize_backward.default, (torch.randn(4, 64, dtype=torch.bfloat16), mask, torch.float32)),
+        (Q.fake_quantize_backward_.default, (torch.randn(4, 64, dtype=torch.bfloat16), mask)),
         (Q.fake_quantize_lsq.default, (x, s, z, -8, 7, None, 32, 0.1, "half_even", None)),
         (Q.fake_quantize_lsq_backward.default, (torch.randn(4, 64), x, s, z, -8, 7, None, 32, 0.1, "half_even")),
         (Q.fake_quantize_pact.default, (x, torch.tensor([1.5]), 0, 15, "half_even", None)),
@@ -224,3 +225,40 @@ def test_inductor_graph_calls_the_ops_without_their_python_autograd():
     assert "qat.fake_quantize_lsq_impl.default(" in code and "qat.fake_quantize_minmax_impl.default(" in code
     assert "qat.fake_quantize_lsq.default(" not in code and "qat.fake_quantize_minmax.default(" not in code
     assert torch.equal(x.grad, want[0]) and torch.equal(s.grad, want[1])
+
+
+def test_traced_quant_linear_writes_its_own_gradients_in_place():
+    """In a compiled QuantLinear the quantizers' results feed its matmul alone, whose gradients are
+    fresh tensors: the clipped STE zeroes their clipped elements in place (no pass over them), and
+    the gradients are eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from qat import prepare
+
+    plan = {"rules": [{"match": "*", "types": ["Linear"],
+                       "weight": {"bits": 4, "symmetric": True, "granularity": "per_group", "group_size": 32},
+                       "input": {"bits": 8, "signed": False, "symmetric": False, "granularity": "per_token",
+                                 "dynamic": True}}]}
+    torch.manual_seed(0)
+    eager = prepare(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)), plan)
+    model = prepare(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)), plan)
+    model.load_state_dict(eager.state_dict())
+    x = torch.randn(4, 5, 64) * 3
+    eager(x).square().sum().backward()
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True):
+            _, codes = run_and_get_code(lambda: torch.compile(model)(x).square().sum().backward())
+    finally:
+        torch._dynamo.reset()
+    code = "\n".join(codes)
+    # both weights and the second layer's input (the first layer's input, the data, takes no gradient)
+    assert code.count("qat.fake_quantize_backward_.default(") == 3
+    assert "qat.fake_quantize_backward.default(" not in code
+    model.zero_grad(set_to_none=True)
+    try:  # the same graph without Inductor's own numerics (its fused GELU): eager's gradients, bit for bit
+        torch.compile(model, backend="aot_eager")(x).square().sum().backward()
+    finally:
+        torch._dynamo.reset()
+    for (n, p1), p2 in zip(eager.named_parameters(), model.parameters()):
+        assert torch.equal(p2.grad, p1.grad), n
