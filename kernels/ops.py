@@ -2,9 +2,10 @@
 a traced graph calls.
 
 Each backend function is also one registered ``torch.library`` op (``torch.ops.qat.*``): one opaque
-node for ``torch.compile`` / ``torch.export``, with a fake implementation for the output shapes. The
-gradients have one definition, the autograd Functions below: in eager mode they call the backend
-directly (no dispatcher), in a trace the registered ops. The backend is chosen per call from the input's device:
+node for ``torch.compile`` / ``torch.export``, with a fake implementation for the output shapes (and
+the argument checks). The gradients have one definition, the autograd Functions' backward methods:
+in eager mode the Functions call the backend directly (no dispatcher); in a trace the forward ops
+carry those formulas as their own autograd (``torch.library.register_autograd``). The backend is chosen per call from the input's device:
 
 * CUDA tensor and CuPy importable -> :mod:`qat.kernels.cupy_backend` (fused CUDA kernels);
 * anything else -> :mod:`qat.kernels.reference` (PyTorch).
@@ -198,14 +199,13 @@ def backend_name(device: torch.device | str) -> str:
 
 # ----------------------------------------------------------------------------- the registered ops
 # Each qat:: op below is one backend function as one opaque node for torch.compile / torch.export (its
-# fake implementation gives the output shapes). The ops carry no autograd of their own: the autograd
-# Functions further down are the one definition of every gradient, in eager mode (they call the backend
-# directly) and in a traced graph (they call these ops; Dynamo traces the Function's forward and
-# backward). They are registered with torch.library.Library rather than torch.library.custom_op, and
-# without a Python autograd kernel: a call then skips the custom op's Python autograd and redispatch
-# layers (15 us a forward + backward pair on a CPU, benchmarks/results/op_overhead.md), which a compiled
-# training step pays at every quantizer. The observer's op updates its state in place (the
-# schema says so), so a compiled step neither copies the state nor allocates a new one.
+# fake implementation gives the output shapes and checks the arguments). The forward ops get their
+# autograd under "traced autograd" below; eager mode calls the backend directly. They are registered
+# with torch.library.Library rather than torch.library.custom_op: a call skips the custom op's Python
+# layers (15 us a forward + backward pair on a CPU, benchmarks/results/op_overhead.md), and a graph
+# that Inductor compiles calls twins without the Python autograd kernel (_inductor_calls_twins). The
+# observer's op updates its state in place (the schema says so), so a compiled step neither copies the
+# state nor allocates a new one.
 
 _LIB = torch.library.Library("qat", "FRAGMENT")
 
@@ -215,16 +215,15 @@ def _op(schema: str, kernel, fake, runtime_twin: bool = False):
     returns the op's overload (what a traced graph calls). ``runtime_twin``: also ``qat::<name>_impl``,
     the same op without the autograd that _register_traced_autograd gives this one: what a graph
     that Inductor compiles calls at run time (_inductor_calls_twins)."""
-    name = schema.split("(", 1)[0]
-    for n, sch in ((name, schema), (f"{name}_impl", f"{name}_impl(" + schema.split("(", 1)[1])):
-        _LIB.define(sch)
+    name, rest = schema.split("(", 1)
+    names = (name, f"{name}_impl") if runtime_twin else (name,)
+    for n in names:
+        _LIB.define(f"{n}({rest}")
         _LIB.impl(n, kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(f"qat::{n}", fake, lib=_LIB)
-        if not runtime_twin:
-            break
     op = getattr(torch.ops.qat, name).default
     if runtime_twin:
-        _TWINS[op] = getattr(torch.ops.qat, f"{name}_impl").default
+        _TWINS[op] = getattr(torch.ops.qat, names[1]).default
     return op
 
 
@@ -511,8 +510,8 @@ def _minmax_inductor(x, row, qmin, qmax, symmetric, scale_f16, round_mode, out_d
 # (torch.library.register_autograd): Dynamo traces one op call per quantizer, ~1 ms on a CPU, where an
 # autograd.Function costs ~12 ms to trace (both of its bodies are speculated), seconds of compile
 # warm-up on a model of a hundred quantizers. Each formula saves what the Function's forward saves and
-# calls the Function's backward: one definition of every gradient. (In a compiled graph the registered
-# autograd layer costs ~2.5 us a forward op call on the host, grad mode off; none under CUDA graphs.)
+# calls the Function's backward: one definition of every gradient. (At run time a graph Inductor
+# compiles calls each op's twin without this Python layer: _inductor_calls_twins.)
 
 
 def _save_mask(ctx, inputs, output):
